@@ -1,0 +1,4 @@
+from dicom_node.cli import main
+
+if __name__ == "__main__":
+    main()
