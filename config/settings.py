@@ -1,0 +1,298 @@
+"""The one settings model of the node (DESIGN.md "Configuration", contract).
+
+Sources, strongest first: keyword arguments (tests), environment variables
+``SPINE_NODE_<SECTION>__<KEY>`` (e.g. ``SPINE_NODE_SCHEDULER__STABLE_SECONDS=5``; lists and
+tables as JSON, e.g. ``SPINE_NODE_NODE__ALLOWED_CALLING_AES='["CT1","CT2"]'``), the TOML file
+(``--config FILE`` or the file named by ``SPINE_NODE_CONFIG``), then the embedded defaults
+(SQLite and the file store under ``./var``).
+
+Every problem is reported as :class:`ConfigError`, one line per bad key, naming the key and the
+value: ``scheduler.stable_seconds: -1 is not valid: must be >= 0``.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict, SettingsError)
+
+#: Environment variable naming the TOML file when ``--config`` is not given.
+CONFIG_ENV = "SPINE_NODE_CONFIG"
+ENV_PREFIX = "SPINE_NODE_"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names each bad key and its value."""
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not _AE_RE.match(stripped):
+        raise ValueError("an AE title is 1-16 printable ASCII characters without a backslash")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NodeSettings(_Section):
+    """The DICOM listener (Storage SCP)."""
+
+    ae_title: str = "SPINENODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    #: Empty: any calling AE may associate; otherwise only these (rejected at association).
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    #: Empty: any peer address; otherwise only these IP addresses.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    #: Largest P-DATA PDU we accept (bytes); 0 = unlimited. Larger PDUs mean fewer Python loops.
+    max_pdu: int = Field(262144, ge=0)
+    max_associations: int = Field(16, ge=1)
+    #: Storage SOP classes accepted besides CT Image Storage and Enhanced CT Image Storage.
+    extra_storage_sop_classes: list[str] = Field(default_factory=list)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _aes(cls, values: list[str]) -> list[str]:
+        return [_check_ae(v) for v in values]
+
+    @field_validator("extra_storage_sop_classes")
+    @classmethod
+    def _uids(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if len(v) > 64 or not _UID_RE.match(v):
+                raise ValueError(f"{v!r} is not a SOP Class UID")
+        return values
+
+
+class StorageSettings(_Section):
+    """The index (database) and the storage area (files)."""
+
+    root: Path = Path("./var")
+    #: Default: ``sqlite:///<root>/spine-node.db``; any SQLAlchemy URL (postgresql://...) works.
+    database_url: str = ""
+    #: Below this much free disk the SCP answers Out of Resources (0xA700) and /health is 503.
+    min_free_mb: int = Field(1024, ge=0)
+    #: fsync every instance file and its directory before answering Success.
+    fsync: bool = True
+    #: SQLite only: PRAGMA synchronous (FULL survives power loss, NORMAL only process crashes).
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+    @model_validator(mode="after")
+    def _default_url(self) -> "StorageSettings":
+        if not self.database_url:
+            object.__setattr__(self, "database_url",
+                               f"sqlite:///{(self.root / 'spine-node.db').as_posix()}")
+        return self
+
+
+class SchedulerSettings(_Section):
+    """When a series counts as complete."""
+
+    stable_seconds: float = Field(10, ge=0)
+    poll_seconds: float = Field(2, gt=0)
+
+
+class SelectionSettings(_Section):
+    """Which complete series become jobs; the others become ``skipped`` jobs with the reason."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    min_slices: int = Field(20, ge=1)
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [v.strip().upper() for v in values]
+
+
+class PipelineSettings(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class WorkerSettings(_Section):
+    """Job workers inside ``serve`` (``spine-node worker`` runs more elsewhere)."""
+
+    count: int = Field(1, ge=0)
+    poll_seconds: float = Field(1.0, gt=0)
+    #: A job found ``running`` after this many crashed attempts ends ``failed`` instead.
+    max_attempts: int = Field(3, ge=1)
+    #: On SIGTERM, how long a running job may take to finish before it is re-queued.
+    drain_seconds: float = Field(30.0, ge=0)
+
+
+class HttpSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class ExporterSettings(_Section):
+    """Sending results to the destinations (C-STORE SCU), retried with exponential backoff."""
+
+    backoff_start_s: float = Field(30.0, gt=0)
+    backoff_factor: float = Field(2.0, ge=1)
+    backoff_max_s: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(10, ge=1)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    poll_seconds: float = Field(2.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: One JSON object per line (default) or plain text.
+    json_format: bool = True
+
+
+ResultObject = Literal["seg", "sr", "key_image"]
+
+
+class Destination(_Section):
+    """A peer that receives our results by C-STORE."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: Port
+    objects: list[ResultObject] = Field(default_factory=lambda: ["seg", "sr", "key_image"])
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+
+class Settings(BaseSettings):
+    """All settings of a node; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      extra="forbid", validate_assignment=True)
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    exporter: ExporterSettings = Field(default_factory=ExporterSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, values: list[Destination]) -> list[Destination]:
+        names = [d.name for d in values]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique, repeated: {', '.join(dupes)}")
+        return values
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        toml = _TomlSource(settings_cls, _toml_data.get())
+        return (init_settings, _EnvSource(settings_cls), toml)
+
+
+# The TOML content travels to the source through a context variable, so that loading is
+# re-entrant (tests build several settings objects in one process).
+_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_toml_data",
+                                                                             default={})
+
+
+class _EnvSource(EnvSettingsSource):
+    """Environment source that also takes lists as plain comma-separated text (``CT1,CT2``)."""
+
+    def decode_complex_value(self, field_name, field, value):
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            if isinstance(value, str) and not value.lstrip().startswith(("[", "{")):
+                return [item.strip() for item in value.split(",") if item.strip()]
+            raise
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls, data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ is used
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (in {source})")
+            continue
+        msg = err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        msg = re.sub(r"^Input should be greater than or equal to (.*)$", r"must be >= \1", msg)
+        msg = re.sub(r"^Input should be greater than (.*)$", r"must be > \1", msg)
+        msg = re.sub(r"^Input should be less than or equal to (.*)$", r"must be <= \1", msg)
+        msg = re.sub(r"^Input should be ", "must be ", msg)
+        value = err.get("input")
+        shown = value if isinstance(value, str) and value.strip() else repr(value)
+        lines.append(f"{key}: {shown} is not valid: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the TOML file, the environment and the defaults.
+
+    ``config_file`` None: the file named by ``SPINE_NODE_CONFIG``, or none (embedded defaults).
+    Raises :class:`ConfigError` naming each bad key and value.
+    """
+    if config_file is None:
+        config_file = os.environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    source = "defaults and environment"
+    if config_file is not None:
+        path = Path(config_file)
+        source = f"{path} or the environment"
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"configuration file {path} cannot be read: {exc}") from None
+    token = _toml_data.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"environment {ENV_PREFIX}*: {exc}") from None
+    finally:
+        _toml_data.reset(token)

@@ -1,0 +1,184 @@
+"""Administration: ``studies``, ``jobs``, ``rerun``, ``resend``, ``echo``, ``db upgrade``.
+
+``studies`` and ``jobs`` read the database directly, so they work while ``serve`` runs and
+while it is down. Actions (rerun, resend, db upgrade) are written to the audit trail.
+"""
+from __future__ import annotations
+
+import getpass
+import importlib
+import json
+import re
+import time
+from pathlib import Path
+
+import typer
+
+from dicom_node.context import CONFIG_OPTION, NodeContext, settings_or_exit
+from storage.uids import InvalidUIDError, validate_uid
+
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001
+        return "cli"
+
+
+def _open(config: Path | None, upgrade: bool = True) -> NodeContext:
+    return NodeContext.open(settings_or_exit(config), upgrade=upgrade)
+
+
+def _study_uid(value: str) -> str:
+    try:
+        return validate_uid(value, "Study Instance UID")
+    except InvalidUIDError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def studies(config: Path = CONFIG_OPTION,
+            as_json: bool = typer.Option(False, "--json", help="JSON (DESIGN.md contract)")
+            ) -> None:
+    """List the studies held, with their series, instance counts and states."""
+    ctx = _open(config)
+    try:
+        data = ctx.index.studies()
+    finally:
+        ctx.close()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    if not data:
+        typer.echo("no studies")
+    for study in data:
+        typer.echo(study["study_instance_uid"])
+        for s in study["series"]:
+            typer.echo(f"  {s['series_instance_uid']}  {s['modality'] or '-':4} "
+                       f"{s['instances']:5d} instances  {s['state']}")
+
+
+def jobs(config: Path = CONFIG_OPTION,
+         as_json: bool = typer.Option(False, "--json", help="JSON (DESIGN.md contract)"),
+         study: str = typer.Option(None, "--study", help="only this study")) -> None:
+    """List the jobs: state, error, attempts."""
+    ctx = _open(config)
+    try:
+        rows = ctx.index.jobs(study)
+    finally:
+        ctx.close()
+    if as_json:
+        typer.echo(json.dumps([{"id": j.id, "study_instance_uid": j.study_instance_uid,
+                                "series_instance_uid": j.series_instance_uid,
+                                "state": j.state, "error": j.error, "attempts": j.attempts}
+                               for j in rows], indent=2))
+        return
+    if not rows:
+        typer.echo("no jobs")
+    for j in rows:
+        typer.echo(f"{j.id:5d} v{j.version} {j.state:8} attempts={j.attempts} "
+                   f"{j.series_instance_uid}" + (f"\n      {j.error}" if j.error else ""))
+
+
+def rerun(study_uid: str = typer.Argument(..., help="Study Instance UID"),
+          config: Path = CONFIG_OPTION) -> None:
+    """Queue a new job version for every series of the study."""
+    uid = _study_uid(study_uid)
+    ctx = _open(config)
+    try:
+        created = ctx.index.rerun_study(uid)
+        ctx.index.audit("rerun", _actor(), "success" if created else "nothing",
+                        {"study_instance_uid": uid, "jobs": [j.id for j in created]})
+    finally:
+        ctx.close()
+    if not created:
+        typer.echo(f"no series of study {uid} to rerun (unknown study, or jobs already queued)",
+                   err=True)
+        raise typer.Exit(1)
+    for j in created:
+        typer.echo(f"queued job {j.id} (version {j.version}) for series {j.series_instance_uid}")
+
+
+def resend(study_uid: str = typer.Argument(..., help="Study Instance UID"),
+           config: Path = CONFIG_OPTION) -> None:
+    """Send the study's results to the destinations again."""
+    uid = _study_uid(study_uid)
+    ctx = _open(config)
+    try:
+        n = None
+        try:
+            deliveries = importlib.import_module("storage.deliveries")
+        except ModuleNotFoundError as exc:
+            if exc.name != "storage.deliveries":
+                raise
+            deliveries = None
+        fn = getattr(deliveries, "requeue_study", None) if deliveries else None
+        if fn is not None:
+            n = fn(ctx.db, uid, ctx.settings)
+        if n is None:
+            n = ctx.index.requeue_deliveries(uid)
+        ctx.index.audit("resend", _actor(), "success" if n else "nothing",
+                        {"study_instance_uid": uid, "deliveries": n})
+    finally:
+        ctx.close()
+    if not n:
+        typer.echo(f"no results of study {uid} to send", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{n} deliveries queued for study {uid}")
+
+
+_PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
+
+
+def echo(peer: str = typer.Argument(..., metavar="AE@HOST:PORT"),
+         config: Path = CONFIG_OPTION,
+         timeout: float = typer.Option(10.0, "--timeout", help="seconds")) -> None:
+    """C-ECHO a DICOM peer, calling as node.ae_title."""
+    m = _PEER_RE.match(peer)
+    if not m:
+        raise typer.BadParameter(f"{peer!r} is not AE@HOST:PORT")
+    settings = settings_or_exit(config)
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=settings.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    host = m["host"].strip("[]")
+    start = time.perf_counter()
+    assoc = ae.associate(host, int(m["port"]), ae_title=m["ae"])
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
+            "no connection"
+        typer.echo(f"C-ECHO {peer}: association {why}", err=True)
+        raise typer.Exit(1)
+    status = assoc.send_c_echo()
+    assoc.release()
+    ms = (time.perf_counter() - start) * 1000
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        typer.echo(f"C-ECHO {peer}: failed (status {code})", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"C-ECHO {peer}: Success (0x0000) in {ms:.0f} ms")
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: Path = CONFIG_OPTION) -> None:
+    """Create or migrate the database schema to the newest revision."""
+    ctx = _open(config, upgrade=False)
+    try:
+        revision = ctx.db.upgrade()
+        ctx.index.audit("db_upgrade", _actor(), "success", {"revision": revision})
+    finally:
+        ctx.close()
+    typer.echo(f"database at revision {revision}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("studies")(studies)
+    app.command("jobs")(jobs)
+    app.command("rerun")(rerun)
+    app.command("resend")(resend)
+    app.command("echo")(echo)
+    app.add_typer(db_app, name="db")

@@ -1,0 +1,139 @@
+"""``spine-node process`` and ``spine-node evaluate`` (DESIGN.md, "Command line", contract)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+DEFAULT_DEVICE = os.environ.get("SPINE_NODE_PIPELINE__DEVICE", "auto")
+
+
+def dicom_files(directory: Path) -> list[Path]:
+    """The DICOM instance files under ``directory`` (recursively), DICOMDIR and others left out."""
+    import pydicom
+
+    out = []
+    for p in sorted(directory.rglob("*")):
+        if not p.is_file() or p.name.startswith(".") or p.name.upper() == "DICOMDIR":
+            continue
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except Exception:  # noqa: BLE001 - not DICOM: a README, a NIfTI, ...
+            continue
+        if "SOPClassUID" in ds:
+            out.append(p)
+    return out
+
+
+def _device(config: Optional[Path], device: Optional[str]) -> str:
+    if device:
+        return device
+    if config is not None or os.environ.get("SPINE_NODE_CONFIG"):
+        try:
+            from config import load_settings  # the configuration engineer's loader
+
+            return str(load_settings(config).pipeline.device)
+        except Exception:  # noqa: BLE001 - fall back to the environment / auto
+            pass
+    return DEFAULT_DEVICE
+
+
+def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> dict:
+    """Load, analyse and write ``summary.json`` (+ SEG/SR/key image where pipeline.outputs exists)."""
+    from pipeline.run import analyse
+    from pipeline.series_loader import load_series
+
+    t0 = time.perf_counter()
+    files = dicom_files(dicom_dir)
+    if not files:
+        raise typer.BadParameter(f"no DICOM files under {dicom_dir}", param_hint="DICOM_DIR")
+    series = load_series(files)
+    t_load = time.perf_counter() - t0
+    result = analyse(series, device=device)
+    result.timings_s = {"load": t_load, **result.timings_s}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        from pipeline.outputs import build_outputs  # the results engineer's module; optional
+    except ImportError:
+        build_outputs = None
+    if build_outputs is not None:
+        t = time.perf_counter()
+        objs = build_outputs(series, result)
+        for name in ("seg", "sr", "key_image"):
+            ds = getattr(objs, name, None)
+            if ds is not None:
+                path = out_dir / f"{name}.dcm"
+                ds.save_as(path, enforce_file_format=True) if _has_enforce() else ds.save_as(path)
+                written.append(path.name)
+        result.timings_s["outputs"] = time.perf_counter() - t
+    result.timings_s["total"] = time.perf_counter() - t0
+    summary = result.summary()
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out_dir / "summary.json")
+    return {"summary": summary, "files": ["summary.json", *written]}
+
+
+def _has_enforce() -> bool:
+    import inspect
+
+    from pydicom.dataset import Dataset
+
+    return "enforce_file_format" in inspect.signature(Dataset.save_as).parameters
+
+
+def _parse_seeds(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("process")
+    def process(
+        dicom_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="folder of one CT series"),
+        out: Path = typer.Option(..., "--out", help="output folder (summary.json, SEG, SR, key image)"),
+        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
+        config: Optional[Path] = typer.Option(None, "--config", help="configuration TOML ([pipeline] device)"),
+    ) -> None:
+        """Run the whole pipeline on one series offline and write its results."""
+        from pipeline.series_loader import SeriesLoadError
+
+        try:
+            res = process_directory(dicom_dir, out, _device(config, device))
+        except SeriesLoadError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+        s = res["summary"]
+        for v in s["vertebrae"]:
+            h = v["heights_mm"] or {}
+            typer.echo(f"{v['name']:>4}  grade {v['genant_grade']}  {v['morphology']:<9}  "
+                       f"{'FRACTURED' if v['fractured'] else 'normal   '}  "
+                       f"HA {h.get('anterior', float('nan')):5.1f}  HM {h.get('middle', float('nan')):5.1f}  "
+                       f"HP {h.get('posterior', float('nan')):5.1f} mm")
+        typer.echo(f"{len(s['vertebrae'])} vertebrae in {s['timings_s'].get('total', 0):.1f} s; wrote "
+                   + ", ".join(str(out / f) for f in res["files"]))
+
+    @app.command("evaluate")
+    def evaluate(
+        seeds: str = typer.Option(..., "--seeds", help="phantom seeds, e.g. 9001-9010"),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
+        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
+    ) -> None:
+        """Phantoms with these seeds through the pipeline; metrics against their ground truth."""
+        from pipeline import evaluate as ev
+
+        metrics = ev.evaluate_seeds(_parse_seeds(seeds), device=_device(None, device))
+        text = json.dumps(metrics, indent=2)
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(text + "\n")
+        sys.stdout.write(text + "\n")

@@ -1,0 +1,131 @@
+"""``spine-node serve`` (the whole node) and ``spine-node worker`` (job workers only, to scale
+out on more machines sharing one PostgreSQL database and store)."""
+from __future__ import annotations
+
+import importlib
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+from dicom_node import metrics
+from dicom_node.context import CONFIG_OPTION, NodeContext, settings_or_exit
+from dicom_node.logging import get_logger, setup_logging
+from storage.queue import host_prefix
+
+log = get_logger("spine_node.serve")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum, _frame):  # noqa: ANN001
+        log.info("signal received, draining", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _recover(ctx: NodeContext) -> None:
+    """After a crash: drop half-written temporaries, re-queue jobs left ``running``."""
+    removed = ctx.store.remove_temporaries()
+    # On SQLite the node is alone; on a shared PostgreSQL queue only this host's serve jobs.
+    prefix = None if ctx.db.is_sqlite else f"{host_prefix()}%:serve:"
+    requeued, failed = ctx.queue.requeue_running(
+        max_attempts=ctx.settings.worker.max_attempts, claimed_by_prefix=prefix)
+    if removed or requeued or failed:
+        log.warning("recovered after an unclean stop",
+                    extra={"temporaries_removed": removed, "jobs_requeued": requeued,
+                           "jobs_failed": failed})
+
+
+def _exporter(ctx: NodeContext):
+    """``dicom_node.exporter.Exporter`` if that module exists in this checkout."""
+    try:
+        module = importlib.import_module("dicom_node.exporter")
+    except ModuleNotFoundError as exc:
+        if exc.name != "dicom_node.exporter":
+            raise
+        return None
+    return module.Exporter(ctx.settings, ctx.db, ctx.store)
+
+
+def _make_worker(ctx: NodeContext, kind: str):
+    from dicom_node.worker import Worker
+    from storage.queue import new_worker_id
+    return lambda: Worker(ctx.settings, ctx.index, ctx.queue, ctx.store,
+                          worker_id=new_worker_id(kind))
+
+
+def serve(config: Path = CONFIG_OPTION) -> None:
+    """Run the node: SCP, scheduler, workers, exporter, HTTP /health and /metrics, until
+    SIGTERM (which drains cleanly)."""
+    settings = settings_or_exit(config)
+    setup_logging(settings.logging.level, settings.logging.json_format)
+    from dicom_node.http import HttpServer
+    from dicom_node.scheduler import Scheduler
+    from dicom_node.scp import StorageSCP
+    from dicom_node.worker import drain_workers, start_worker_threads
+
+    stop = _stop_on_signals()
+    ctx = NodeContext.open(settings, upgrade=True)
+    _recover(ctx)
+    metrics.register_jobs_collector(ctx.index)
+
+    http = None
+    if settings.http.enabled:
+        http = HttpServer(settings.http.host, settings.http.port, ctx.db, ctx.store)
+        http.start()
+    scp = StorageSCP(settings, ctx.index, ctx.store)
+    scp.start()
+    scheduler = Scheduler(ctx.index, settings)
+    scheduler.start()
+    workers = start_worker_threads(_make_worker(ctx, "serve"), settings.worker.count)
+    exporter = _exporter(ctx)
+    if exporter is not None:
+        exporter.start()
+    ctx.index.audit("node_started", settings.node.ae_title, "success",
+                    {"port": scp.port, "workers": settings.worker.count})
+    log.info("node ready", extra={"ae_title": settings.node.ae_title, "port": scp.port})
+
+    stop.wait()
+    # Drain: no new associations (open ones finish), no new jobs, running jobs get
+    # worker.drain_seconds and are otherwise re-queued for the next start.
+    scp.drain(timeout_s=settings.node.dimse_timeout_s)
+    scheduler.stop()
+    drain_workers(workers, ctx.queue, settings.worker.drain_seconds)
+    if exporter is not None:
+        exporter.stop()
+    if http is not None:
+        http.stop()
+    ctx.index.audit("node_stopped", settings.node.ae_title, "success", {})
+    ctx.close()
+    log.info("node stopped")
+
+
+def worker(config: Path = CONFIG_OPTION,
+           count: int = typer.Option(None, "--count", "-n", min=1,
+                                     help="worker threads (default: worker.count)")) -> None:
+    """Run job workers only (no SCP, no scheduler), e.g. on a second machine."""
+    settings = settings_or_exit(config)
+    setup_logging(settings.logging.level, settings.logging.json_format)
+    from dicom_node.worker import drain_workers, start_worker_threads
+
+    stop = _stop_on_signals()
+    ctx = NodeContext.open(settings, upgrade=True)
+    if not ctx.db.is_sqlite:  # on SQLite, `serve` recovers every job at its start
+        ctx.queue.requeue_running(max_attempts=settings.worker.max_attempts,
+                                  claimed_by_prefix=f"{host_prefix()}%:worker:")
+    workers = start_worker_threads(_make_worker(ctx, "worker"),
+                                   count or max(1, settings.worker.count))
+    stop.wait()
+    drain_workers(workers, ctx.queue, settings.worker.drain_seconds)
+    ctx.close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("worker")(worker)

@@ -1,0 +1,81 @@
+"""``spine-node train localization|segmentation|keypoints``: train a model of the pipeline.
+
+One typer sub-app, :data:`train_app`. This module defines ``localization``; the other models
+add their subcommand from their own module: ``dicom_node/commands/train_<model>.py`` with a
+``register(train_app)`` function, listed in :data:`TRAIN_MODULES` (a module not written yet is
+skipped). Shared option parsing lives here (:func:`seeds_option`).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+train_app = typer.Typer(help="Train a model of the pipeline (phantom or VerSe data).", no_args_is_help=True)
+
+#: Modules that add a ``train`` subcommand through ``register(train_app)``.
+TRAIN_MODULES = ("train_segmentation", "train_keypoints")
+
+
+def seeds_option(spec: str) -> list[int]:
+    """``"1-40"`` / ``"1,3,5-9"`` -> seeds; refuses the evaluation seeds 9001-9010."""
+    from pipeline.evaluate import parse_seeds
+
+    seeds = parse_seeds(spec)
+    bad = [s for s in seeds if 9001 <= s <= 9010]
+    if bad:
+        raise typer.BadParameter(f"seeds {bad} are evaluation seeds (9001-9010); train on others")
+    return seeds
+
+
+@train_app.command("localization")
+def localization(
+    data: str = typer.Option("phantom", help="'phantom' or a directory in VerSe layout."),
+    seeds: str = typer.Option("1-40", help="Phantom training seeds, e.g. 1-40 (never 9001-9010)."),
+    val_seeds: str = typer.Option("8001-8003", help="Phantom validation seeds."),
+    iterations: int = typer.Option(2000, help="Training iterations (batches)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
+    out: Path = typer.Option(Path("runs/localization"), help="Run directory (checkpoints, log)."),
+    variant: str = typer.Option("mscn", help="mscn | scn | ln | gn | lngn (ablation arms)."),
+    spacing_mm: float = typer.Option(4.0, help="Isotropic grid of the network (mm)."),
+    patch: str = typer.Option("64,48,48", help="Training/inference patch z,y,x (voxels)."),
+    batch: int = typer.Option(4, help="Batch size."),
+    optimizer: str = typer.Option("adam", help="adam | sgd (the paper's)."),
+    lr: float = typer.Option(1e-3, help="Learning rate (paper: SGD 1e-4)."),
+    base: int = typer.Option(8, help="Channels of the first LN level."),
+    val_every: int = typer.Option(100, help="Validate every N iterations."),
+    time_limit_min: Optional[float] = typer.Option(None, help="Stop (and validate) after this many minutes."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    seed: int = typer.Option(0, help="Seed of initialisation and sampling."),
+    install: bool = typer.Option(False, "--install", help="Install the best weights into pipeline/weights."),
+) -> None:
+    """Train the M-SCN vertebra localisation network (paper section 2.2)."""
+    from pipeline.localization.train import TrainConfig, train
+    from pipeline.registry import install_weights
+
+    cfg = TrainConfig(
+        out_dir=out, data=data, seeds=seeds_option(seeds) if data == "phantom" else (),
+        val_seeds=seeds_option(val_seeds) if data == "phantom" else (), iterations=iterations,
+        resume=resume, variant=variant, spacing_mm=spacing_mm,
+        patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr,
+        base=base, val_every=val_every, threads=threads, seed=seed,
+        time_limit_s=None if time_limit_min is None else 60 * time_limit_min)
+    best = train(cfg, log=typer.echo)
+    typer.echo(f"best weights: {best}")
+    if install:
+        dest = install_weights("localization", best)
+        typer.echo(f"installed {dest} (SHA-256 recorded in the manifest)")
+
+
+def register(app: typer.Typer) -> None:
+    for name in TRAIN_MODULES:
+        try:
+            module = importlib.import_module(f"dicom_node.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"dicom_node.commands.{name}":
+                raise
+            continue
+        module.register(train_app)
+    app.add_typer(train_app, name="train")

@@ -1,0 +1,117 @@
+"""Publishing one job's results: build SEG, SR and key image, store them, queue their delivery.
+
+Called by the worker after the analysis (docs/internal-interfaces.md)::
+
+    publish(job=job, series=series, result=result, index=index, store=store, settings=settings)
+
+1. :func:`pipeline.outputs.build_outputs` with ``version = job.version``: each object in its own
+   new series ("spine-node v2 ..." after a rerun), UIDs derived from the source series and the
+   version, so a publish repeated after a crash rebuilds the same instances;
+2. each object is written atomically to ``results/<study>/<series>/v<version>-job<id>/<kind>.dcm``
+   (:meth:`storage.files.BlobStore.write_atomic`); earlier versions live in their own folders
+   and are never touched;
+3. one transaction records the result rows and one delivery per object and configured
+   destination that wants it (``[[destinations]] objects``);
+4. the exporter is woken, so delivery starts at once; it runs in its own threads, so neither a
+   slow nor a dead destination holds the worker.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydicom import Dataset
+from pydicom.filewriter import dcmwrite
+
+from dicom_node.logging import get_logger
+from pipeline.outputs import AlgorithmInfo, ResultObjects, build_outputs
+from storage.deliveries import DeliveryQueue, DestinationWants, NewResult
+
+if TYPE_CHECKING:
+    from storage.files import BlobStore
+
+log = get_logger("spine_node.results")
+
+
+@dataclass(frozen=True)
+class PublishedObject:
+    kind: str
+    result_id: int
+    path: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Published:
+    """What :func:`publish` recorded."""
+
+    version: int
+    objects: list[PublishedObject]
+    outputs: ResultObjects
+
+
+def encode(ds: Dataset) -> bytes:
+    """The dataset as a DICOM Part 10 file (preamble, File Meta, dataset)."""
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def weights_digest() -> str | None:
+    """Short digest of the installed model weights (``pipeline/weights/manifest.json``)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import pipeline
+
+    manifest = Path(pipeline.__file__).resolve().parent / "weights" / "manifest.json"
+    try:
+        entries = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    text = ";".join(f"{name}:{e.get('sha256', '')}" for name, e in sorted(entries.items())
+                    if isinstance(e, dict))
+    return hashlib.sha256(text.encode()).hexdigest()[:12] if text else None
+
+
+def algorithm_info(settings: Any) -> AlgorithmInfo:
+    """The algorithm identity of this node: package version, weights digest, node AE title."""
+    digest = weights_digest()
+    extra = (f"weights {digest}",) if digest else ()
+    return AlgorithmInfo(device_serial_number=settings.node.ae_title, extra_versions=extra)
+
+
+def publish(*, job: Any, series: Any, result: Any, index: Any, store: "BlobStore",
+            settings: Any, algorithm: AlgorithmInfo | None = None, **_ignored: Any) -> Published:
+    """Build, store and queue the SEG, SR and key image of ``job`` (a ``storage.queue.JobRef``).
+
+    ``series``: ``pipeline.series_loader.LoadedSeries``; ``result``:
+    ``pipeline.run.AnalysisResult``; ``index``: ``storage.index.Index`` (its database is used);
+    ``settings``: ``config.Settings``. Raises ``ValueError`` when there is nothing to build
+    (no vertebra found); the worker turns that into a failed job with the message.
+    """
+    algorithm = algorithm or algorithm_info(settings)
+    outputs = build_outputs(series, result, version=int(job.version), algorithm=algorithm)
+    new: list[NewResult] = []
+    meta: list[tuple[str, str, str, str]] = []
+    for kind, ds in outputs.items():
+        relpath = store.result_relpath(job.study_instance_uid, job.series_instance_uid,
+                                       job.version, job.id, f"{kind.value}.dcm")
+        store.write_atomic(relpath, encode(ds))
+        new.append(NewResult(kind=kind.value, path=relpath,
+                             sop_instance_uid=str(ds.SOPInstanceUID),
+                             series_instance_uid=str(ds.SeriesInstanceUID)))
+        meta.append((kind.value, relpath, str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)))
+    queue = DeliveryQueue(index.db)
+    ids = queue.add_results(job.id, new, DestinationWants.from_settings(settings.destinations))
+    objects = [PublishedObject(k, rid, p, sop, ser) for (k, p, sop, ser), rid in zip(meta, ids)]
+    log.info("results published", extra={
+        "job_id": job.id, "version": job.version, "series_uid": job.series_instance_uid,
+        "objects": ",".join(o.kind for o in objects),
+        "destinations": ",".join(d.name for d in settings.destinations) or "-"})
+    from dicom_node import exporter
+    exporter.wake()
+    return Published(version=int(job.version), objects=objects, outputs=outputs)

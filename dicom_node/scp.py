@@ -1,0 +1,273 @@
+"""Storage SCP: receives CT by C-STORE and answers Success only once the instance is durable.
+
+The C-STORE handler stays small (STYLE.md, pynetdicom): validate the UIDs and SOP class from
+the header (pixel data is never decoded here), write the encoded bytes exactly as received
+(no re-encoding) through :class:`storage.files.BlobStore` (temp file, fsync, rename, fsync dir),
+index it, and only then answer Success. A SOP Instance UID already held is answered Success
+without a second copy. Below the free-space floor the answer is Out of Resources (0xA700) and
+nothing is written.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from io import BytesIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (UID, HTJ2K, JPEG2000, DeflatedExplicitVRLittleEndian,
+                         ExplicitVRBigEndian, ExplicitVRLittleEndian, HTJ2KLossless,
+                         HTJ2KLosslessRPCL, ImplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+                         JPEGLSLossless, JPEGLSNearLossless, RLELossless)
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage,
+                                  Verification)
+
+from config import Settings
+from dicom_node import metrics
+from dicom_node.logging import get_logger
+from storage.files import BlobStore, OutOfSpaceError
+from storage.index import Index, InstanceRecord
+from storage.uids import InvalidUIDError, clean_uid, validate_uid
+
+log = get_logger("spine_node.scp")
+
+# pynetdicom must not log identifiers from requests.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+#: Transfer syntaxes we accept, and store exactly as received.
+TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,  # JPEGLossless = P14
+    JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000,
+    RLELossless,
+    HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K,
+]
+
+CT_STORAGE_CLASSES: list[str] = [CTImageStorage, EnhancedCTImageStorage]
+
+#: Header tags the index needs; parsing stops before the pixel data.
+_HEADER_TAGS = [0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x0020000E, 0x00200013,
+                0x00280008]
+
+
+class StoreStatus(enum.IntEnum):
+    """C-STORE response statuses we send (PS3.4 B.2.3, Storage Service Class)."""
+
+    SUCCESS = 0x0000
+    REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+    PROCESSING_FAILURE = 0x0110
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+
+
+def _response(status: StoreStatus, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = int(status)
+    if comment:
+        # ErrorComment is LO: 64 characters, no backslash.
+        ds.ErrorComment = comment.replace("\\", "/")[:64]
+    return ds
+
+
+class _AssocStats:
+    __slots__ = ("calling_ae", "host", "stored", "duplicates", "refused", "bytes", "started")
+
+    def __init__(self, calling_ae: str, host: str):
+        self.calling_ae, self.host = calling_ae, host
+        self.stored = self.duplicates = self.refused = self.bytes = 0
+        self.started = time.monotonic()
+
+
+class StorageSCP:
+    """The listener: ``start()`` returns at once, ``drain()`` stops it cleanly."""
+
+    def __init__(self, settings: Settings, index: Index, store: BlobStore):
+        self.settings = settings
+        self.index = index
+        self.store = store
+        node = settings.node
+        self.allowed_aes = {ae.strip() for ae in node.allowed_calling_aes}
+        self.allowed_hosts = set(node.allowed_hosts)
+        self.storage_classes = set(CT_STORAGE_CLASSES) | set(node.extra_storage_sop_classes)
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+        self.server = None
+
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_pdu_size = node.max_pdu
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        for sop_class in sorted(self.storage_classes):
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                                ExplicitVRBigEndian])
+        self.ae = ae
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        handlers = [(evt.EVT_REQUESTED, self._on_requested),
+                    (evt.EVT_ACCEPTED, self._on_accepted),
+                    (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_CONN_CLOSE, self._on_close)]
+        node = self.settings.node
+        self.server = self.ae.start_server((node.host, node.port), block=False,
+                                           evt_handlers=handlers)
+        log.info("storage SCP listening", extra={"ae_title": node.ae_title, "host": node.host,
+                                                 "port": node.port})
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1] if self.server else self.settings.node.port
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting associations, let the open ones finish, abort what is left."""
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+        server.shutdown()
+        deadline = time.monotonic() + timeout_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            log.warning("aborting association at shutdown",
+                        extra={"calling_ae": assoc.requestor.ae_title})
+            assoc.abort()
+
+    # -- association -----------------------------------------------------------------------
+    def _on_requested(self, event) -> None:  # noqa: ANN001
+        assoc = event.assoc
+        calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
+        host = assoc.requestor.address
+        reason = None
+        if self.allowed_aes and calling not in self.allowed_aes:
+            reason, diagnostic = "calling AE title not in node.allowed_calling_aes", 0x03
+        elif self.allowed_hosts and host not in self.allowed_hosts:
+            reason, diagnostic = "peer address not in node.allowed_hosts", 0x01
+        if reason is None:
+            return
+        # Rejected permanent, by the service user, with the diagnostic above (PS3.8 9.3.4).
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        metrics.ASSOCIATIONS.labels("rejected").inc()
+        log.warning("association rejected", extra={"calling_ae": calling, "peer": host,
+                                                   "reason": reason})
+        try:
+            self.index.audit("association", f"{calling}@{host}", "rejected", {"reason": reason})
+        except Exception:  # noqa: BLE001 - auditing must not break the listener
+            log.exception("audit write failed")
+
+    def _on_accepted(self, event) -> None:  # noqa: ANN001
+        assoc = event.assoc
+        metrics.ASSOCIATIONS.labels("accepted").inc()
+        with self._lock:
+            self._stats[id(assoc)] = _AssocStats(assoc.requestor.ae_title.strip(),
+                                                 assoc.requestor.address)
+
+    def _on_close(self, event) -> None:  # noqa: ANN001
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None or not (stats.stored or stats.duplicates or stats.refused):
+            return
+        details = {"stored": stats.stored, "duplicates": stats.duplicates,
+                   "refused": stats.refused, "bytes": stats.bytes,
+                   "seconds": round(time.monotonic() - stats.started, 3)}
+        log.info("association closed", extra={"calling_ae": stats.calling_ae, **details})
+        try:
+            self.index.audit("instances_received", f"{stats.calling_ae}@{stats.host}",
+                             "success" if not stats.refused else "partial", details)
+        except Exception:  # noqa: BLE001
+            log.exception("audit write failed")
+
+    def _on_echo(self, event) -> int:  # noqa: ANN001
+        return int(StoreStatus.SUCCESS)
+
+    # -- C-STORE ---------------------------------------------------------------------------
+    def _on_store(self, event) -> Dataset | int:  # noqa: ANN001
+        start = time.perf_counter()
+        stats = self._stats.get(id(event.assoc))
+        status, comment, label = self._store(event, stats)
+        metrics.INSTANCES.labels(label).inc()
+        metrics.STORE_SECONDS.observe(time.perf_counter() - start)
+        if status is StoreStatus.SUCCESS:
+            return int(status)
+        if stats is not None:
+            stats.refused += 1
+        log.warning("C-STORE refused", extra={"status": f"0x{int(status):04X}",
+                                              "reason": comment})
+        return _response(status, comment)
+
+    def _store(self, event, stats) -> tuple[StoreStatus, str, str]:  # noqa: ANN001
+        req = event.request
+        sop_class = clean_uid(req.AffectedSOPClassUID)
+        if sop_class not in self.storage_classes:
+            return (StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED,
+                    f"SOP class {sop_class[:40]} not accepted", "refused")
+        data = event.encoded_dataset()
+        try:
+            header = dcmread(BytesIO(data), stop_before_pixels=True,
+                             specific_tags=_HEADER_TAGS)
+            study = validate_uid(header.get("StudyInstanceUID"), "Study Instance UID")
+            series = validate_uid(header.get("SeriesInstanceUID"), "Series Instance UID")
+            sop = validate_uid(header.get("SOPInstanceUID"), "SOP Instance UID")
+            validate_uid(req.AffectedSOPInstanceUID, "Affected SOP Instance UID")
+        except InvalidUIDError as exc:
+            return StoreStatus.CANNOT_UNDERSTAND, str(exc), "refused"
+        except Exception as exc:  # noqa: BLE001 - any parse error: the data set is unreadable
+            return StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set: {exc}", "refused"
+        if sop != clean_uid(req.AffectedSOPInstanceUID):
+            return (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "SOP Instance UID differs from the C-STORE request", "refused")
+        if clean_uid(header.get("SOPClassUID")) != sop_class:
+            return (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "SOP Class UID differs from the C-STORE request", "refused")
+
+        if self.index.has_instance(sop):
+            if stats is not None:
+                stats.duplicates += 1
+            return StoreStatus.SUCCESS, "", "duplicate"
+        relpath = self.store.instance_relpath(study, series, sop)
+        try:
+            self.store.write_atomic(relpath, data)
+        except OutOfSpaceError as exc:
+            return StoreStatus.OUT_OF_RESOURCES, str(exc), "out_of_resources"
+        except OSError as exc:
+            log.error("instance write failed", extra={"error": str(exc)})
+            return StoreStatus.OUT_OF_RESOURCES, f"write failed: {exc.strerror}", \
+                "out_of_resources"
+        frames = header.get("NumberOfFrames")
+        number = header.get("InstanceNumber")
+        try:
+            number = int(number) if number not in (None, "") else None
+            frames = int(frames) if frames not in (None, "") else 1
+        except (TypeError, ValueError):
+            number, frames = None, 1
+        record = InstanceRecord(
+            study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
+            sop_class_uid=sop_class, transfer_syntax_uid=str(event.context.transfer_syntax),
+            modality=str(header.get("Modality", "") or "").strip(), path=relpath,
+            size_bytes=len(data), instance_number=number, frames=frames,
+            calling_ae=stats.calling_ae if stats else "")
+        try:
+            self.index.add_instance(record)
+        except Exception as exc:  # noqa: BLE001 - the SCU must hear "not stored"
+            log.exception("indexing failed")
+            return StoreStatus.PROCESSING_FAILURE, f"index failed: {type(exc).__name__}", \
+                "error"
+        metrics.BYTES.inc(len(data))
+        if stats is not None:
+            stats.stored += 1
+            stats.bytes += len(data)
+        return StoreStatus.SUCCESS, "", "success"
+
+
+def transfer_syntax_names() -> list[str]:
+    return [UID(ts).name for ts in TRANSFER_SYNTAXES]

@@ -1,0 +1,171 @@
+"""Worker: claims queued jobs, loads the series, runs the analysis, stores the results.
+
+Per job (docs/internal-interfaces.md): ``pipeline.series_loader.load_series`` ->
+``pipeline.run.analyse(series, device=...)`` -> ``summary.json`` in the store (a ``summary``
+result row) -> ``dicom_node.results.publish(...)`` (SEG, SR, key image and their deliveries).
+Any failure ends the job ``failed`` with a sentence a person understands; the worker goes on.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from config import Settings
+from dicom_node import metrics
+from dicom_node.logging import get_logger
+from storage.files import BlobStore
+from storage.index import Index
+from storage.models import JobState, ResultKind
+from storage.queue import JobQueue, JobRef, new_worker_id
+
+log = get_logger("spine_node.worker")
+
+MAX_ERROR_CHARS = 2000
+
+
+class JobFailed(Exception):
+    """A job cannot be completed; the message goes to ``jobs.error`` as it is."""
+
+
+def _import_optional(module: str, attr: str, what: str):
+    """``module.attr``, or None if ``module`` itself does not exist (not built yet)."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name in (module, module.rsplit(".", 1)[0]):
+            return None
+        raise JobFailed(f"{what} cannot be imported: {exc}") from exc
+    except ImportError as exc:
+        raise JobFailed(f"{what} cannot be imported: {exc}") from exc
+    fn = getattr(mod, attr, None)
+    if fn is None:
+        raise JobFailed(f"{what}: {module}.{attr} does not exist")
+    return fn
+
+
+class Worker:
+    """One job at a time; :meth:`run` loops until ``stop`` is set."""
+
+    def __init__(self, settings: Settings, index: Index, queue: JobQueue, store: BlobStore, *,
+                 analyse: Callable[..., Any] | None = None,
+                 publish: Callable[..., Any] | None = None, worker_id: str | None = None):
+        self.settings = settings
+        self.index = index
+        self.queue = queue
+        self.store = store
+        self._analyse = analyse
+        self._publish = publish
+        self.worker_id = worker_id or new_worker_id()
+        self.current: JobRef | None = None
+        self.stop = threading.Event()
+
+    # -- loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        log.info("worker started", extra={"worker": self.worker_id})
+        while not self.stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable
+                log.exception("worker loop error")
+                busy = False
+            if not busy:
+                self.stop.wait(self.settings.worker.poll_seconds)
+        log.info("worker stopped", extra={"worker": self.worker_id})
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when the queue was empty."""
+        job = self.queue.claim(self.worker_id)
+        if job is None:
+            return False
+        self.current = job
+        try:
+            self.process(job)
+        finally:
+            self.current = None
+        return True
+
+    # -- one job ---------------------------------------------------------------------------
+    def process(self, job: JobRef) -> JobState:
+        started = time.monotonic()
+        log.info("job started", extra={"job_id": job.id, "version": job.version,
+                                       "series_uid": job.series_instance_uid,
+                                       "attempt": job.attempts})
+        state, error = JobState.DONE, None
+        try:
+            self._run(job)
+        except JobFailed as exc:
+            state, error = JobState.FAILED, str(exc)
+        except Exception as exc:  # noqa: BLE001 - never crash the worker
+            log.exception("job raised", extra={"job_id": job.id})
+            state, error = JobState.FAILED, f"unexpected error: {type(exc).__name__}: {exc}"
+        if error and len(error) > MAX_ERROR_CHARS:
+            error = error[:MAX_ERROR_CHARS - 3] + "..."
+        if not self.queue.finish(job.id, state, error, worker_id=self.worker_id):
+            log.warning("job was taken from this worker (re-queued); result not recorded",
+                        extra={"job_id": job.id})
+        seconds = time.monotonic() - started
+        metrics.JOB_SECONDS.labels(state.value).observe(seconds)
+        log.info("job finished", extra={"job_id": job.id, "state": state.value,
+                                        "seconds": round(seconds, 3), "error": error})
+        return state
+
+    def _run(self, job: JobRef) -> None:
+        from pipeline.series_loader import SeriesLoadError, load_series
+
+        instances = self.index.series_instances(job.series_instance_uid)
+        if not instances:
+            raise JobFailed("the series has no stored instances")
+        paths = [self.store.path(inst.path) for inst in instances]
+        try:
+            series = load_series(paths)
+        except SeriesLoadError as exc:
+            raise JobFailed(f"cannot load the series: {exc}") from exc
+
+        analyse = self._analyse or _import_optional("pipeline.run", "analyse",
+                                                    "the analysis pipeline (pipeline.run)")
+        if analyse is None:
+            raise JobFailed("the analysis pipeline is not installed: "
+                            "No module named 'pipeline.run'")
+        result = analyse(series, device=self.settings.pipeline.device)
+
+        summary = result.summary() if hasattr(result, "summary") else dict(result)
+        relpath = self.store.result_relpath(job.study_instance_uid, job.series_instance_uid,
+                                            job.version, job.id, "summary.json")
+        self.store.write_atomic(relpath, json.dumps(summary, indent=2).encode())
+        self.index.add_result(job.id, ResultKind.SUMMARY.value, relpath,
+                              series_instance_uid=job.series_instance_uid)
+
+        publish = self._publish or _import_optional("dicom_node.results", "publish",
+                                                    "result publishing (dicom_node.results)")
+        if publish is not None:
+            publish(job=job, series=series, result=result, index=self.index,
+                    store=self.store, settings=self.settings)
+
+
+def start_worker_threads(worker_factory: Callable[[], Worker], count: int) -> list[
+        tuple[Worker, threading.Thread]]:
+    out = []
+    for k in range(count):
+        worker = worker_factory()
+        thread = threading.Thread(target=worker.run, name=f"worker-{k}", daemon=True)
+        thread.start()
+        out.append((worker, thread))
+    return out
+
+
+def drain_workers(workers: list[tuple[Worker, threading.Thread]], queue: JobQueue,
+                  timeout_s: float) -> None:
+    """Ask the workers to stop; a job still running after ``timeout_s`` is re-queued."""
+    for worker, _ in workers:
+        worker.stop.set()
+    deadline = time.monotonic() + timeout_s
+    for worker, thread in workers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        job = worker.current
+        if thread.is_alive() and job is not None:
+            queue.requeue(job.id, "")
+            log.warning("job re-queued at shutdown", extra={"job_id": job.id})

@@ -1,0 +1,228 @@
+"""Genant semi-quantitative grading of vertebral bodies (paper section 2.3.3, eq. 17-18; DESIGN.md).
+
+Heights (eq. 17): HA = |A1 A2|, HM = |M1 M2|, HP = |P1 P2| in mm, from the six keypoints of the
+mid-sagittal plane, or measured directly on the segmentation mask (:func:`heights_from_mask`).
+
+Height loss and grade (DESIGN.md, step 4):
+- within the vertebra: ``loss = 1 - min(HA, HM, HP) / max(HA, HM, HP)`` (eq. 18 gives
+  ``G = 1 - loss``); the smallest height names the morphology: anterior -> wedge,
+  middle -> biconcave, posterior -> crush;
+- against the neighbouring normal vertebrae, for crush fractures where the whole body is lower
+  and eq. 18 alone sees nothing: ``loss = 1 - max(HA, HM, HP) / reference``, with the reference
+  the mean of the largest heights of the nearest normal vertebra above and below
+  (:func:`reference_heights`; C1 and C2 never serve). The loss reported is the larger of the
+  two, and the morphology is crush when the reference loss is the larger;
+- grade (:meth:`GenantGrade.from_height_loss`): 0 below 20 %, 1 = 20-25 %, 2 = 25-40 %, 3 above.
+  The paper's two-class cut (G < 0.74 moderate/severe, 0.74-0.8 mild) is a special case.
+
+:func:`grade_spine` grades every finding of a spine, compares the keypoint grade with the mask
+grade and notes where they differ by more than one grade and which one decided.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.findings import GenantGrade, Heights, Morphology, VertebraFinding
+
+#: A height loss at or above this counts as a fracture (Genant grade 1 starts at 20 %).
+FRACTURE_LOSS = 0.20
+#: Levels whose shape makes them no reference for a neighbour's height (C1 has no body, C2 a dens).
+NO_REFERENCE = ("C1", "C2")
+#: Where the anterior and posterior heights are measured on the mask: this fraction of the body's
+#: half depth in front of and behind its centre, near the corners where Genant measures (the
+#: phantom's keypoints sit at the same fraction).
+MASK_EDGE_FRACTION = 0.88
+_LOSS_DECIMALS = 9
+
+
+@dataclass(frozen=True)
+class GenantAssessment:
+    """Grade, morphology and height loss of one vertebra.
+
+    Attributes:
+        grade: Genant grade 0-3.
+        morphology: which height is reduced; ``NORMAL`` when the grade is 0.
+        height_loss: the loss that decided the grade (0..1).
+        within_loss: ``1 - min/max`` of the vertebra's own heights (eq. 18).
+        reference_loss: loss of the mean height against the neighbouring normal vertebrae,
+            ``None`` without a reference.
+    """
+
+    grade: GenantGrade
+    morphology: Morphology
+    height_loss: float
+    within_loss: float
+    reference_loss: float | None = None
+
+    @property
+    def fractured(self) -> bool:
+        return self.grade >= GenantGrade.MILD
+
+
+def _dist(a: Sequence[float], b: Sequence[float]) -> float:
+    return float(math.dist([float(v) for v in a], [float(v) for v in b]))
+
+
+def heights_from_keypoints(keypoints_mm: Mapping[str, Sequence[float]]) -> Heights:
+    """HA, HM, HP in mm as Euclidean distances of the keypoint pairs (paper eq. 17)."""
+    return Heights(anterior=_dist(keypoints_mm["A1"], keypoints_mm["A2"]),
+                   middle=_dist(keypoints_mm["M1"], keypoints_mm["M2"]),
+                   posterior=_dist(keypoints_mm["P1"], keypoints_mm["P2"]))
+
+
+def within_loss(h: Heights) -> tuple[float, Morphology]:
+    """``1 - min/max`` of the three heights (eq. 18) and the morphology the smallest one names."""
+    values = (h.anterior, h.middle, h.posterior)
+    hmax = max(values)
+    if hmax <= 0:
+        return 0.0, Morphology.NORMAL
+    k = int(np.argmin(values))
+    return 1.0 - values[k] / hmax, (Morphology.WEDGE, Morphology.BICONCAVE, Morphology.CRUSH)[k]
+
+
+def assess(h: Heights, reference_mm: float | None = None) -> GenantAssessment:
+    """Grade one vertebra from its heights and, for crush, the neighbours' reference height.
+
+    ``reference_mm`` is the largest height a normal vertebra has at this level, from
+    :func:`reference_heights`; without it only the within-vertebra loss counts.
+    """
+    loss_in, shape = within_loss(h)
+    loss_ref = None
+    loss, morph = loss_in, shape
+    if reference_mm is not None and reference_mm > 0:
+        loss_ref = max(0.0, 1.0 - max(h.anterior, h.middle, h.posterior) / reference_mm)
+        # A whole-body reduction (crush) is the one the within-vertebra ratio cannot see; it wins
+        # when the body as a whole lost more than any one part lost against the others.
+        if loss_ref >= FRACTURE_LOSS and loss_ref > loss_in:
+            loss, morph = loss_ref, Morphology.CRUSH
+    # Round off floating-point noise so that a loss of exactly 20 % (1 - 20/25 = 0.19999...96)
+    # is graded as 20 %, as a radiologist would.
+    loss = round(loss, _LOSS_DECIMALS)
+    grade = GenantGrade.from_height_loss(loss)
+    if grade == GenantGrade.NORMAL:
+        morph = Morphology.NORMAL
+    return GenantAssessment(grade=grade, morphology=morph, height_loss=float(loss),
+                            within_loss=round(float(loss_in), _LOSS_DECIMALS),
+                            reference_loss=None if loss_ref is None else round(loss_ref, _LOSS_DECIMALS))
+
+
+def reference_heights(orders: Sequence[int], heights: Sequence[Heights | None],
+                      names: Sequence[str] | None = None) -> list[float | None]:
+    """The normal-neighbour reference (mm) of each vertebra of a spine, for crush fractures.
+
+    The mean of the largest heights of the nearest normal vertebra above and of the nearest
+    below (one side only at the ends of the scan). ``orders`` are the levels' anatomical orders
+    (:attr:`pipeline.levels.Level.order`). A vertebra is "normal" when its own heights show less
+    than 20 % within-vertebra loss and its largest height is not itself 20 % below its own
+    reference (a crushed neighbour would lower the reference); ``names`` in
+    :data:`NO_REFERENCE` never serve.
+    """
+    tops = [None if h is None else max(h.anterior, h.middle, h.posterior) for h in heights]
+    ok = [t is not None and within_loss(h)[0] < FRACTURE_LOSS for t, h in zip(tops, heights)]
+    if names is not None:
+        ok = [o and n not in NO_REFERENCE for o, n in zip(ok, names)]
+
+    def refs_of(ok_: list[bool]) -> list[float | None]:
+        out: list[float | None] = []
+        for i, oi in enumerate(orders):
+            above = [(oi - orders[j], tops[j]) for j in range(len(orders)) if ok_[j] and orders[j] < oi]
+            below = [(orders[j] - oi, tops[j]) for j in range(len(orders)) if ok_[j] and orders[j] > oi]
+            sides = [min(side)[1] for side in (above, below) if side]
+            out.append(float(np.mean(sides)) if sides else None)
+        return out
+
+    refs = refs_of(ok)
+    # A crushed vertebra passes the within-vertebra test: drop those 20 % below their own
+    # reference, then take the references again without them.
+    crushed = [o and r is not None and tops[i] < (1.0 - FRACTURE_LOSS) * r for i, (o, r) in enumerate(zip(ok, refs))]
+    if any(crushed):
+        refs = refs_of([o and not c for o, c in zip(ok, crushed)])
+    return refs
+
+
+def heights_from_mask(prob_rc: np.ndarray, spacing_mm: float, threshold: float = 0.5,
+                      edge_fraction: float = MASK_EDGE_FRACTION) -> Heights | None:
+    """HA, HM, HP in mm measured directly on the mid-sagittal plane of one vertebra's mask.
+
+    ``prob_rc`` is the vertebra's foreground probability (or a 0/1 mask) on a
+    :class:`pipeline.keypoints.plane.SagittalPlane`: rows along the spine axis, columns
+    anterior -> posterior, square pixels of ``spacing_mm``. The vertebral body is the largest
+    connected part of the thresholded plane (the canal separates it from the posterior
+    elements in the mid-sagittal plane). Heights are taken, like the keypoints, at
+    ``-edge_fraction``, 0 and ``+edge_fraction`` of the body's half depth from its centre; each
+    is the sum of the probability down that column inside the (slightly dilated) body, so that
+    partial-volume edges count by their fraction. ``None`` when no body is found.
+    """
+    from scipy import ndimage
+
+    prob = np.clip(np.asarray(prob_rc, dtype=np.float64), 0.0, 1.0)
+    m = prob > threshold
+    if m.sum() < 4:
+        return None
+    lab, n = ndimage.label(m)
+    sizes = ndimage.sum(m, lab, index=np.arange(1, n + 1))
+    body = lab == (int(np.argmax(sizes)) + 1)
+    cols = np.nonzero(body.any(axis=0))[0]
+    cmin, cmax = float(cols.min()), float(cols.max())
+    centre, half = (cmin + cmax) / 2.0, (cmax - cmin + 1.0) / 2.0
+    region = ndimage.binary_dilation(body, iterations=2)
+    column_len = (prob * region).sum(axis=0) * spacing_mm
+    out = []
+    for f in (-edge_fraction, 0.0, edge_fraction):
+        c = centre + f * half
+        c0 = int(np.clip(np.floor(c), 0, len(column_len) - 1))
+        c1 = min(c0 + 1, len(column_len) - 1)
+        w = c - c0
+        out.append(float((1 - w) * column_len[c0] + w * column_len[c1]))
+    return Heights(anterior=out[0], middle=out[1], posterior=out[2])
+
+
+def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> None:
+    """Grade every finding of one spine in place.
+
+    Uses ``heights_mm`` (keypoints) where present, else ``mask_heights_mm``. When both exist and
+    their grades differ by more than one, the finding says so in ``notes``; the keypoint grade
+    decides unless the keypoints are implausible (a height under 3 mm, or a keypoint height
+    outside 0.5x-1.5x of the mask height), in which case the mask decides
+    (``grading_source = "mask"``).
+    """
+    kp = [f.heights_mm for f in findings]
+    mk = [f.mask_heights_mm for f in findings]
+    names = [f.name for f in findings]
+    ref_kp = reference_heights(orders, kp, names)
+    ref_mk = reference_heights(orders, mk, names)
+    for f, hk, hm, rk, rm in zip(findings, kp, mk, ref_kp, ref_mk):
+        a_kp = assess(hk, rk) if hk is not None else None
+        a_mk = assess(hm, rm) if hm is not None else None
+        chosen, source = a_kp, "keypoints"
+        if a_kp is None or (a_mk is not None and not _plausible(hk, hm)):
+            chosen, source = a_mk, "mask"
+        if chosen is None:
+            f.notes.append("no heights: neither keypoints nor a mask slice were usable")
+            continue
+        if a_kp is not None and a_mk is not None and abs(int(a_kp.grade) - int(a_mk.grade)) > 1:
+            f.notes.append(
+                f"keypoint grade {int(a_kp.grade)} and mask grade {int(a_mk.grade)} differ by more "
+                f"than one; the {source} decided")
+        f.genant_grade = chosen.grade
+        f.morphology = chosen.morphology
+        f.height_loss = chosen.height_loss
+        f.grading_source = source
+        if source == "mask":
+            f.heights_mm = hm
+
+
+def _plausible(hk: Heights | None, hm: Heights | None) -> bool:
+    if hk is None:
+        return False
+    vals = (hk.anterior, hk.middle, hk.posterior)
+    if min(vals) < 3.0:
+        return False
+    if hm is None:
+        return True
+    mvals = (hm.anterior, hm.middle, hm.posterior)
+    return all(0.5 * m <= k <= 1.5 * m for k, m in zip(vals, mvals) if m > 0)

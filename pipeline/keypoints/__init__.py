@@ -1,0 +1,14 @@
+"""Genant keypoints on the mid-sagittal plane of each vertebra (paper section 2.3.3, eq. 14-16).
+
+A 2D M-SCN (:class:`pipeline.nets.MSCN` with ``spatial_dims=2``, the localization model's code)
+regresses six heatmaps, one per keypoint of :data:`pipeline.findings.KEYPOINT_NAMES`
+(A1 A2 M1 M2 P1 P2), from two channels of the sagittal plane through the vertebra's centroid:
+the CT (z-scored) and the vertebra's segmentation (foreground probability; the paper's
+``s_i = Y_i[:, y_coord, :]`` takes the mask). ``l_coord = argmax`` (eq. 16), refined to
+sub-pixel by a parabola through the log-heatmap around the peak.
+"""
+from pipeline.keypoints.plane import PLANE_SIZE, PLANE_SPACING_MM, SagittalPlane, sagittal_plane
+from pipeline.keypoints.infer import decode_heatmaps, predict_keypoints
+
+__all__ = ["PLANE_SIZE", "PLANE_SPACING_MM", "SagittalPlane", "sagittal_plane", "decode_heatmaps",
+           "predict_keypoints"]

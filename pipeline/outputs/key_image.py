@@ -1,0 +1,220 @@
+"""The key image: a Secondary Capture of the mid-sagittal plane (DESIGN.md "Outputs").
+
+Many PACS and viewers show neither SEG nor SR; every one shows an RGB Secondary Capture
+(PS3.3 A.8.1 Secondary Capture Image IOD). The image is the mid-sagittal plane of the CT in a
+bone window (W 1800 / L 400), reformatted on a curve that follows the vertebrae's mean
+left-right position so that a scoliotic spine stays in the plane; fractured vertebrae are
+tinted red, normal ones white, and each level's name, Genant grade and morphology are written
+beside it. A banner burns in "NOT FOR PRIMARY DIAGNOSIS"; Burned In Annotation is YES, and
+the Image Comments say the same (PS3.3 C.7.6.1, C.8.6.2).
+
+Display convention (as a radiologist reads a sagittal spine): head up, anterior left; the
+Patient Orientation is therefore P\\F (rows run towards posterior, columns towards the feet).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import highdicom as hd
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.uid import ExplicitVRLittleEndian
+from scipy import ndimage
+
+from pipeline.findings import GenantGrade, VertebraFinding
+from pipeline.outputs.common import AlgorithmInfo, OutputIdentity
+from pipeline.outputs.enums import BurnedInAnnotation
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+#: Bone window (Hounsfield units).
+WINDOW_CENTER = 400.0
+WINDOW_WIDTH = 1800.0
+#: Height in pixels of the longer side of the reformatted plane.
+TARGET_PIXELS = 768
+NOT_FOR_DIAGNOSIS = "NOT FOR PRIMARY DIAGNOSIS"
+
+_RED = np.array([255, 40, 40], dtype=np.float32)
+_WHITE = np.array([255, 255, 255], dtype=np.float32)
+_GRADE_WORD = {GenantGrade.NORMAL: "normal", GenantGrade.MILD: "mild",
+               GenantGrade.MODERATE: "moderate", GenantGrade.SEVERE: "severe"}
+
+
+def _physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    size = np.array(image.GetSize())
+    corners = [image.TransformContinuousIndexToPhysicalPoint(
+        [float(c) for c in (np.array(bits) * (size - 1))]) for bits in np.ndindex(2, 2, 2)]
+    pts = np.array(corners)
+    return pts.min(axis=0), pts.max(axis=0)
+
+
+def _sample(image: sitk.Image, points: np.ndarray, order: int, cval: float) -> np.ndarray:
+    """Values of ``image`` at LPS ``points`` (..., 3), linear (order 1) or nearest (order 0)."""
+    origin = np.array(image.GetOrigin())
+    spacing = np.array(image.GetSpacing())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    idx = (np.linalg.inv(direction) @ (points.reshape(-1, 3) - origin).T) / spacing[:, None]  # (i,j,k)
+    arr = sitk.GetArrayViewFromImage(image)  # (k, j, i)
+    out = ndimage.map_coordinates(arr, idx[::-1], order=order, mode="constant", cval=cval)
+    return out.reshape(points.shape[:-1])
+
+
+def reformat_sagittal(
+    image: sitk.Image, label_map: sitk.Image, findings: Sequence[VertebraFinding]
+) -> tuple[np.ndarray, np.ndarray, float, tuple[float, float]]:
+    """Sagittal CT (HU) and label planes, head up and anterior left.
+
+    Returns ``(hu, labels, pixel_mm, (z_top, y_left))``: the two planes (rows, columns), the
+    isotropic pixel size, and the LPS z of the first row and y of the first column (to place
+    annotations: row = (z_top - z) / pixel_mm).
+    """
+    lo, hi = _physical_bounds(image)
+    extent_y, extent_z = hi[1] - lo[1], hi[2] - lo[2]
+    pixel_mm = max(extent_y, extent_z) / TARGET_PIXELS
+    n_rows = max(1, int(round(extent_z / pixel_mm)))
+    n_cols = max(1, int(round(extent_y / pixel_mm)))
+    z = hi[2] - (np.arange(n_rows) + 0.5) * pixel_mm  # superior (head) first
+    y = lo[1] + (np.arange(n_cols) + 0.5) * pixel_mm  # anterior first (LPS: +y is posterior)
+    if findings:
+        cz = np.array([f.centroid_mm[2] for f in findings], dtype=float)
+        cx = np.array([f.centroid_mm[0] for f in findings], dtype=float)
+        order = np.argsort(cz)
+        x_of_z = np.interp(z, cz[order], cx[order])
+    else:
+        x_of_z = np.full_like(z, (lo[0] + hi[0]) / 2.0)
+    points = np.empty((n_rows, n_cols, 3))
+    points[..., 0] = x_of_z[:, None]
+    points[..., 1] = y[None, :]
+    points[..., 2] = z[:, None]
+    hu = _sample(sitk.Cast(image, sitk.sitkFloat32), points, order=1, cval=-1024.0)
+    labels = _sample(label_map, points, order=0, cval=0).astype(np.int32)
+    return hu, labels, float(pixel_mm), (float(hi[2]), float(lo[1]))
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def draw_width(font: ImageFont.ImageFont, text: str) -> float:
+    left, _top, right, _bottom = font.getbbox(text)
+    return float(right - left)
+
+
+def _caption(f: VertebraFinding) -> str:
+    grade = GenantGrade(f.genant_grade)
+    text = f"{f.name}  G{int(grade)} {_GRADE_WORD[grade]}"
+    if f.fractured and f.morphology.value != "normal":
+        text += f" {f.morphology.value}"
+    if f.partial:
+        text += " (partial)"
+    return text
+
+
+def render(
+    hu: np.ndarray, labels: np.ndarray, findings: Sequence[VertebraFinding], pixel_mm: float,
+    z_top: float, banner: str,
+) -> tuple[np.ndarray, int]:
+    """The RGB key image (rows, columns, 3) uint8: windowed CT, tinted vertebrae, captions.
+
+    Returns the image and the row at which the plane starts (a banner is above it; the plane
+    fills columns ``0 .. hu.shape[1] - 1``, the captions are to its right).
+    """
+    gray = np.clip((hu - (WINDOW_CENTER - WINDOW_WIDTH / 2)) / WINDOW_WIDTH, 0.0, 1.0) * 255.0
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    for f in findings:
+        mask = labels == f.label
+        if not mask.any():
+            continue
+        colour, alpha = (_RED, 0.55) if f.fractured else (_WHITE, 0.30)
+        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
+        edge = mask & ~ndimage.binary_erosion(mask)
+        rgb[edge] = colour
+    plane = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+    h, w = hu.shape
+    size = max(12, int(round(h / 40)))
+    font, small = _font(size), _font(max(10, int(size * 0.8)))
+    captions = {f.label: _caption(f) for f in findings}
+    widest = max((draw_width(font, c) for c in captions.values()), default=0)
+    panel_w = int(widest + size * 1.5)
+    top = int(size * 3.2)
+    bottom = int(size * 1.8)
+    canvas = Image.new("RGB", (w + panel_w, h + top + bottom), (0, 0, 0))
+    canvas.paste(plane, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((size // 2, size // 4), NOT_FOR_DIAGNOSIS, fill=(255, 220, 0), font=font)
+    draw.text((size // 2, int(size * 1.6)), banner, fill=(200, 200, 200), font=small)
+    draw.text((size // 2, top + h + size // 4), "Automatic result, not verified by a physician",
+              fill=(200, 200, 200), font=small)
+    draw.text((4, top + h // 2), "A", fill=(255, 220, 0), font=small)
+    draw.text((w - size, top + h // 2), "P", fill=(255, 220, 0), font=small)
+
+    # Captions at the height of each centroid, pushed apart so that neighbours never overlap.
+    placed: list[tuple[float, VertebraFinding]] = []
+    for f in sorted(findings, key=lambda v: -v.centroid_mm[2]):  # cranial first
+        row = top + (z_top - f.centroid_mm[2]) / pixel_mm
+        if placed:
+            row = max(row, placed[-1][0] + size * 1.15)
+        placed.append((row, f))
+    for row, f in placed:
+        colour = (255, 60, 60) if f.fractured else (255, 255, 255)
+        true_row = top + (z_top - f.centroid_mm[2]) / pixel_mm
+        draw.line([(w + 2, true_row), (w + size // 2, row)], fill=colour, width=max(1, size // 10))
+        draw.text((w + size // 2 + 4, row - size * 0.55), captions[f.label], fill=colour, font=font)
+    return np.asarray(canvas, dtype=np.uint8).copy(), top
+
+
+def build_key_image(
+    image: sitk.Image,
+    label_map: sitk.Image,
+    findings: Sequence[VertebraFinding],
+    reference: "Dataset",
+    identity: OutputIdentity,
+    algorithm: AlgorithmInfo,
+) -> hd.sc.SCImage:
+    """The Secondary Capture instance (RGB, single frame) in the source's Patient and Study."""
+    hu, labels, pixel_mm, (z_top, _) = reformat_sagittal(image, label_map, findings)
+    n_fractured = sum(1 for f in findings if f.fractured)
+    banner = (f"{identity.series_description} | {len(findings)} vertebrae, "
+              f"{n_fractured} fractured | {algorithm.model_name} {algorithm.version}")
+    pixels, _top = render(hu, labels, findings, pixel_mm, z_top, banner)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=reference,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=identity.series_instance_uid,
+        series_number=identity.series_number,
+        sop_instance_uid=identity.sop_instance_uid,
+        instance_number=identity.instance_number,
+        manufacturer=algorithm.manufacturer,
+        manufacturer_model_name=algorithm.model_name,
+        software_versions=algorithm.software_versions,
+        device_serial_number=algorithm.device_serial_number,
+        pixel_spacing=(pixel_mm, pixel_mm),
+        patient_orientation=("P", "F"),
+        series_description=identity.series_description,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[algorithm.contributing_equipment()],
+    )
+    # SC Equipment: synthesised on a workstation, not digitised from an interface (C.8.6.1).
+    sc.ConversionType = "WSD"
+    # General Series: what is shown is the spine, an unpaired part, so Laterality (Type 2C,
+    # paired parts only) stays absent.
+    sc.BodyPartExamined = "SPINE"
+    sc.BurnedInAnnotation = BurnedInAnnotation.YES.value
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    sc.ImageComments = (f"{NOT_FOR_DIAGNOSIS}. Automatic vertebral fracture result "
+                        f"({algorithm.name} {algorithm.version}), not verified by a physician.")
+    sc.DerivationDescription = (
+        f"Curved mid-sagittal reformat of series {reference.SeriesInstanceUID}, bone window "
+        f"W{WINDOW_WIDTH:.0f}/L{WINDOW_CENTER:.0f}; fractured vertebrae red, normal white")[:1024]
+    return sc

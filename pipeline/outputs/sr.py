@@ -1,0 +1,202 @@
+"""The fracture report: Comprehensive 3D SR, TID 1500 Measurement Report (DESIGN.md "Outputs").
+
+Content tree (PS3.16 TID 1500, built with :class:`highdicom.sr.MeasurementReport`):
+
+- TID 1001 Observation Context: the algorithm as Device observer (TID 1004), the patient subject;
+- Procedure Reported: LN 25045-6 "CT unspecified body region" (CID 100), i.e. the source CT;
+- TID 1411 Volumetric ROI Measurements and Qualitative Evaluations, one group per vertebra with a
+  segment in the SEG: Tracking Identifier/UID (same as the SEG segment's), Referenced Segment,
+  Finding = the SEG segment's property type, Finding Site = the vertebra's code, Algorithm
+  Identification (TID 4019), and
+
+  - TID 300 measurements: DCM 121207 "Height" of the body with the topographical modifier SCT
+    255549009 anterior / 26216008 central / 255551008 posterior (HA, HM, HP, in mm), and the
+    height loss 1 - min/max in % (private code, DESIGN.md "Pipeline" step 4);
+  - qualitative evaluations: SCT 72704001 "Fracture" = Present / Absent, the Genant grade and
+    the morphology (private codes, declared in the Coding Scheme Identification Sequence);
+- a vertebra reported without voxels in the label map (cannot happen with the current pipeline,
+  kept for robustness) gets a TID 1501 group with the same content but no region reference.
+
+IHE AI Results: Verification Flag UNVERIFIED (no person has verified it), Completion Flag
+COMPLETE, Contributing Equipment naming the algorithm.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import highdicom as hd
+from highdicom.sr import (
+    AlgorithmIdentification,
+    FindingSite,
+    Measurement,
+    QualitativeEvaluation,
+    TrackingIdentifier,
+)
+
+from pipeline.findings import GenantGrade, Morphology, VertebraFinding
+from pipeline.levels import level
+from pipeline.outputs import codes
+from pipeline.outputs.common import AlgorithmInfo, OutputIdentity
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
+    from pipeline.outputs.seg import PlannedSegment
+
+
+def _algorithm_id(algorithm: AlgorithmInfo) -> AlgorithmIdentification:
+    return AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, manufacturer=algorithm.manufacturer,
+        family=codes.ARTIFICIAL_INTELLIGENCE)
+
+
+def _group_content(f: VertebraFinding, algorithm: AlgorithmInfo) -> dict:
+    """Finding, site, measurements and evaluations of one vertebra (shared by TID 1411/1501)."""
+    vertebra = codes.vertebra_code(level(f.label))
+    measurements: list[Measurement] = []
+    if f.heights_mm is not None:
+        for modifier, value in (
+            (codes.ANTERIOR, f.heights_mm.anterior),
+            (codes.MIDDLE, f.heights_mm.middle),
+            (codes.POSTERIOR, f.heights_mm.posterior),
+        ):
+            measurements.append(Measurement(
+                name=codes.HEIGHT, value=round(float(value), 2), unit=codes.MILLIMETER,
+                finding_sites=[FindingSite(vertebra, topographical_modifier=modifier)]))
+    if f.height_loss is not None:
+        measurements.append(Measurement(
+            name=codes.HEIGHT_LOSS, value=round(100.0 * float(f.height_loss), 1), unit=codes.PERCENT,
+            finding_sites=[FindingSite(vertebra)]))
+    evaluations = [
+        QualitativeEvaluation(codes.FRACTURE, codes.PRESENT if f.fractured else codes.ABSENT),
+        QualitativeEvaluation(codes.GENANT_GRADE, codes.GENANT_GRADE_CODES[GenantGrade(f.genant_grade)]),
+        QualitativeEvaluation(codes.FRACTURE_MORPHOLOGY, codes.MORPHOLOGY_CODES[Morphology(f.morphology)]),
+    ]
+    return dict(
+        finding_type=codes.FRACTURE if f.fractured else vertebra,
+        finding_category=(codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE if f.fractured
+                          else codes.ANATOMICAL_STRUCTURE),
+        finding_sites=[FindingSite(vertebra)],
+        algorithm_id=_algorithm_id(algorithm),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _tracking(f: VertebraFinding, uid: str) -> TrackingIdentifier:
+    return TrackingIdentifier(uid=uid, identifier=f"{f.name} vertebra")
+
+
+def build_sr(
+    headers: Sequence["Dataset"],
+    seg: "Dataset",
+    segments: Sequence["PlannedSegment"],
+    unsegmented: Sequence[tuple[VertebraFinding, str]],
+    identity: OutputIdentity,
+    algorithm: AlgorithmInfo,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR instance; ``unsegmented`` are (finding, tracking UID) of vertebrae without voxels."""
+    groups: list = []
+    for s in segments:
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(s.finding, s.tracking_uid),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, s.number),
+            **_group_content(s.finding, algorithm)))
+    for f, uid in unsegmented:
+        content = _group_content(f, algorithm)
+        content.pop("finding_category")
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(f, uid), **content))
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DEVICE_OBSERVER,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm.device_uid, name=algorithm.name, manufacturer_name=algorithm.manufacturer,
+            model_name=algorithm.model_name, serial_number=algorithm.device_serial_number),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.CT_PROCEDURE,
+        imaging_measurements=groups,
+        title=codes.IMAGING_MEASUREMENT_REPORT,
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*headers, seg],
+        content=report[0],
+        series_instance_uid=identity.series_instance_uid,
+        series_number=identity.series_number,
+        sop_instance_uid=identity.sop_instance_uid,
+        instance_number=identity.instance_number,
+        manufacturer=algorithm.manufacturer,
+        manufacturer_model_name=algorithm.model_name,
+        software_versions=algorithm.software_versions,
+        device_serial_number=algorithm.device_serial_number,
+        series_description=identity.series_description,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        coding_schemes=[codes.private_coding_scheme()],
+        contributing_equipment=[algorithm.contributing_equipment()],
+    )
+
+
+@dataclass(frozen=True)
+class ReportedVertebra:
+    """One vertebra as our SR says it (what a receiving system reads back)."""
+
+    name: str
+    fractured: bool
+    genant_grade: GenantGrade
+    morphology: Morphology
+    heights_mm: dict[str, float]
+    height_loss_percent: float | None
+    referenced_segment_number: int | None
+    tracking_uid: str
+
+
+def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
+    """Read the per-vertebra groups of one of our SRs back with highdicom.
+
+    The level comes from the Finding Site code (the generic vertebra code of T13/L6 falls back
+    to the Tracking Identifier "T13 vertebra").
+    """
+    from pipeline.levels import LEVELS
+
+    by_code = {lv.sct_code: lv.name for lv in LEVELS if lv.sct_code}
+    sr = hd.sr.Comprehensive3DSR.from_dataset(dataset, copy=True)
+    report = sr.content
+    groups = [*report.get_volumetric_roi_measurement_groups(),
+              *report.get_image_measurement_groups()]
+    topo = {codes.ANTERIOR.value: "anterior", codes.MIDDLE.value: "middle",
+            codes.POSTERIOR.value: "posterior"}
+    out = []
+    for g in groups:
+        site = g.finding_sites[0].value
+        name = by_code.get(site.value) or str(g.tracking_identifier).removesuffix(" vertebra")
+        evaluations = {(q.name.value, q.name.scheme_designator): q.value
+                       for q in g.get_qualitative_evaluations()}
+        fracture = evaluations[(codes.FRACTURE.value, "SCT")]
+        grade = evaluations[(codes.GENANT_GRADE.value, codes.PRIVATE_SCHEME)]
+        morph = evaluations[(codes.FRACTURE_MORPHOLOGY.value, codes.PRIVATE_SCHEME)]
+        heights: dict[str, float] = {}
+        for m in g.get_measurements(name=codes.HEIGHT):
+            modifier = m.finding_sites[0].topographical_modifier
+            if modifier is not None:
+                heights[topo[modifier.value]] = float(m.value)
+        losses = g.get_measurements(name=codes.HEIGHT_LOSS)
+        segment = None
+        if isinstance(g, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
+            segment = int(g.referenced_segment.referenced_segment_numbers[0])
+        out.append(ReportedVertebra(
+            name=name,
+            fractured=fracture.value == codes.PRESENT.value,
+            genant_grade=codes.GRADE_BY_CODE[grade.value],
+            morphology=codes.MORPHOLOGY_BY_CODE[morph.value],
+            heights_mm=heights,
+            height_loss_percent=float(losses[0].value) if losses else None,
+            referenced_segment_number=segment,
+            tracking_uid=str(g.tracking_uid),
+        ))
+    return out

@@ -1,0 +1,178 @@
+"""The pipeline's one entry point: a loaded series in, findings and a label map out.
+
+``analyse`` runs the paper's steps (DESIGN.md "Pipeline"): localization (M-SCN) ->
+per-vertebra segmentation (3D U-Net, :mod:`pipeline.segmentation`) -> Genant keypoints on the
+mid-sagittal plane (2D M-SCN, :mod:`pipeline.keypoints`) -> grading (:mod:`pipeline.genant`).
+``process``, the ``serve`` worker and ``evaluate`` all call it, so they report the same thing.
+
+The fractured flag of a vertebra is its Genant grade (>= 1: a height loss of 20 % or more, the
+definition of a vertebral fracture in DESIGN.md); the segmentation network's own
+normal/fractured vote is kept as a note where it disagrees.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.findings import GenantGrade, Morphology, VertebraFinding
+from pipeline.levels import BY_LABEL
+
+
+@dataclass
+class AnalysisResult:
+    """What ``analyse`` found in one series (docs/internal-interfaces.md)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    vertebrae: list[VertebraFinding]
+    label_map: sitk.Image
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json (DESIGN.md, contract)."""
+        return {
+            "study_instance_uid": self.study_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "vertebrae": [v.summary() for v in self.vertebrae],
+            "timings_s": {k: round(float(v), 3) for k, v in self.timings_s.items()},
+        }
+
+
+def _localize(image: sitk.Image, device: str, model=None):
+    try:
+        from pipeline.localization import localize
+    except ImportError:  # the package may export it only from its module
+        from pipeline.localization.inference import localize
+    return localize(image, device, model=model)
+
+
+def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
+            centroids: list | None = None) -> AnalysisResult:
+    """Run the whole pipeline on ``series`` (a :class:`pipeline.series_loader.LoadedSeries`).
+
+    Args:
+        device: ``auto`` | ``cpu`` | ``cuda``.
+        models: optional preloaded models by name (``localization``, ``segmentation``,
+            ``keypoints``); the others come from :func:`pipeline.registry.load_model`.
+        centroids: skip localization and use these (objects with ``label``, ``centroid_mm`` and
+            optionally ``partial``), e.g. ground truth for evaluating later steps alone.
+    """
+    import torch
+
+    from pipeline.genant import grade_spine, heights_from_keypoints, heights_from_mask
+    from pipeline.keypoints.infer import plane_input, predict_keypoints
+    from pipeline.keypoints.plane import body_centre, sagittal_plane, spine_axes
+    from pipeline.registry import load_model, resolve_device
+    from pipeline.segmentation.crops import array_image
+    from pipeline.segmentation.infer import segment
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    models = dict(models or {})
+    dev = resolve_device(device)
+    image = series.image
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+
+    t = time.perf_counter()
+    for name in ("segmentation", "keypoints") + (() if centroids is not None else ("localization",)):
+        if name not in models:
+            models[name] = load_model(name, str(dev))
+    timings["load_models"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if centroids is None:
+        with torch.inference_mode():
+            found = _localize(image, str(dev), models["localization"])
+    else:
+        found = list(centroids)
+    found = sorted(found, key=lambda v: BY_LABEL[int(v.label)].order)
+    timings["localization"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    seg_meta = getattr(models["segmentation"], "meta", {})
+    seg = segment(image, [(int(v.label), tuple(v.centroid_mm)) for v in found], models["segmentation"],
+                  dev, size=int(seg_meta.get("crop_size", 64)),
+                  spacing_mm=float(seg_meta.get("crop_spacing_mm", 2.0)))
+    timings["segmentation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    orders = [BY_LABEL[int(v.label)].order for v in found]
+    ups = spine_axes(orders, [v.centroid_mm for v in found])
+    kp_meta = getattr(models["keypoints"], "meta", {})
+    size = int(kp_meta.get("plane_size", 96))
+    spacing = float(kp_meta.get("plane_spacing_mm", 0.75))
+    planes, inputs, mask_heights = [], [], []
+    for sv, up in zip(seg.vertebrae, ups):
+        fg = array_image(sv.foreground, sv.crop)
+        plane = sagittal_plane(body_centre(fg, sv.centroid_mm, up), up, size, spacing)
+        x = plane_input(image, fg, plane)
+        planes.append(plane)
+        inputs.append(x)
+        mask_heights.append(heights_from_mask(x[1], spacing))
+    keypoints = predict_keypoints(models["keypoints"], np.stack(inputs), planes, dev) if inputs else []
+    timings["keypoints"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    z_lo, z_hi = _z_extent(image)
+    findings = []
+    for v, sv, kp, mh in zip(found, seg.vertebrae, keypoints, mask_heights):
+        lv = BY_LABEL[int(v.label)]
+        f = VertebraFinding(label=lv.label, name=lv.name,
+                            centroid_mm=tuple(float(c) for c in v.centroid_mm),
+                            keypoints_mm=kp, heights_mm=heights_from_keypoints(kp), mask_heights_mm=mh)
+        f.partial = bool(getattr(v, "partial", False)) or _cut_by_fov(sv, z_lo, z_hi)
+        if sv.voxels == 0:
+            f.notes.append("the segmentation found no voxels of this vertebra")
+        findings.append((f, sv))
+    grade_spine([f for f, _ in findings], orders)
+    for f, sv in findings:
+        if f.partial:
+            # A vertebra cut by the field of view has no measurable heights: never graded.
+            f.notes.append("cut by the field of view: heights not measurable, not graded")
+            f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
+        f.fractured = f.genant_grade >= GenantGrade.MILD
+        seg_says = sv.fracture_score > 0.5
+        if not f.partial and seg_says != f.fractured:
+            f.notes.append(f"the segmentation network calls it {'fractured' if seg_says else 'normal'} "
+                           f"(score {sv.fracture_score:.2f}); the Genant grade decided")
+    timings["genant"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    return AnalysisResult(study_instance_uid=series.study_instance_uid,
+                          series_instance_uid=series.series_instance_uid,
+                          vertebrae=[f for f, _ in findings], label_map=seg.label_map, timings_s=timings)
+
+
+def _z_extent(image: sitk.Image) -> tuple[float, float]:
+    """Lowest and highest patient z of the volume's voxel centres."""
+    size = image.GetSize()
+    zs = [image.TransformIndexToPhysicalPoint((i, j, k))[2]
+          for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)]
+    return min(zs), max(zs)
+
+
+def _cut_by_fov(sv, z_lo: float, z_hi: float, fraction: float = 0.4) -> bool:
+    """The vertebra's segmentation runs into the first or last slice: ``fraction`` or more of its
+    crop foreground row at the volume's z limit is still vertebra."""
+    fg = sv.foreground
+    if fg.max() <= 0.5:
+        return False
+    ref = sv.crop
+    spacing = ref.GetSpacing()[2]
+    z0 = ref.GetOrigin()[2]
+    zs = z0 + np.arange(fg.shape[0]) * spacing
+    inside = (zs >= z_lo) & (zs <= z_hi)
+    rows = (fg > 0.5).reshape(fg.shape[0], -1).sum(axis=1)
+    if rows.max() == 0:
+        return False
+    idx = np.nonzero(rows)[0]
+    top, bottom = idx.max(), idx.min()
+    # foreground reaching the last row inside the volume means the vertebra continues beyond it
+    inside_idx = np.nonzero(inside)[0]
+    if len(inside_idx) == 0:
+        return True
+    return bool(top >= inside_idx.max() or bottom <= inside_idx.min())

@@ -1,0 +1,152 @@
+"""Training samples of the segmentation network: one crop per vertebra of a phantom or VerSe case.
+
+A sample is cut exactly as at inference (:func:`pipeline.segmentation.crops.ct_crop`, from the
+study's own acquisition grid), but ``margin`` voxels larger on each side so that training can
+draw random translations (the localization error the network must tolerate). Its target is the
+*occupancy* of the centre vertebra in each 2 mm voxel (0..8 eighths, from the labels at 1 mm):
+trained on soft targets, the network's probability is a partial-volume estimate, so that its
+linear resampling back onto a fine source grid puts the 0.5 boundary within a voxel, not on the
+2 mm staircase. Neighbouring vertebrae are background (the paper's "only the current vertebra").
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.segmentation.crops import ct_crop, reference_grid, resample
+from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+
+#: Seeds reserved for evaluation (DESIGN.md, issues 4-5): never used for training or validation.
+EVALUATION_SEEDS = range(9001, 9011)
+#: Extra voxels on each side of a training crop: random shifts up to +-MARGIN voxels (2 mm each).
+MARGIN = 4
+
+
+@dataclass
+class Sample:
+    ct_hu: np.ndarray        # float16 [n, n, n], n = CROP_SIZE + 2 MARGIN
+    occupancy: np.ndarray    # uint8 [n, n, n] 0..8 eighths of the voxel inside the centre vertebra
+    fractured: bool
+    label: int
+    name: str
+
+
+def occupancy(labels: sitk.Image, label: int, centre_mm: Sequence[float], size: int,
+              spacing_mm: float) -> np.ndarray:
+    """Eighths (0..8) of each ``spacing_mm`` voxel of the crop that belong to ``label``."""
+    fine = reference_grid(centre_mm, 2 * size, spacing_mm / 2.0)
+    lab = resample(labels, fine, linear=False, default=0, pixel_type=sitk.sitkUInt8) == label
+    return lab.reshape(size, 2, size, 2, size, 2).sum(axis=(1, 3, 5)).astype(np.uint8)
+
+
+def case_samples(name: str, ct: sitk.Image, labels: sitk.Image, vertebrae: Iterable[dict],
+                 size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM,
+                 margin: int = MARGIN) -> list[Sample]:
+    """One :class:`Sample` per vertebra (gt dicts with ``label``, ``centroid_mm``, ``fractured``)."""
+    n = size + 2 * margin
+    out = []
+    for v in vertebrae:
+        c = v["centroid_mm"]
+        out.append(Sample(ct_hu=ct_crop(ct, c, n, spacing_mm).astype(np.float16),
+                          occupancy=occupancy(labels, int(v["label"]), c, n, spacing_mm),
+                          fractured=bool(v.get("fractured", False)), label=int(v["label"]),
+                          name=f"{name}/{v.get('name', v['label'])}"))
+    return out
+
+
+def phantom_samples(seed: int, spacing_mm: float | None = None, keypoint_path: Path | None = None,
+                    n_keypoint_aug: int = 6) -> list[Sample]:
+    """Samples of phantom ``seed`` on its randomised acquisition grid (``spacing_mm=None``).
+
+    With ``keypoint_path``, the keypoint network's samples of the same phantom are written there
+    too (one phantom generation for both models).
+    """
+    if seed in EVALUATION_SEEDS:
+        raise ValueError(f"seed {seed} is an evaluation seed (9001-9010); do not train on it")
+    from pipeline.phantom import generate
+
+    ph = generate(seed, spacing_mm=spacing_mm)
+    verts = ph.gt["vertebrae"]
+    samples = case_samples(f"phantom-{seed}", ph.ct, ph.labels, verts)
+    if keypoint_path is not None:
+        from pipeline.keypoints.dataset import keypoint_samples, save_keypoint_samples
+        from pipeline.segmentation.crops import array_image
+
+        n = samples[0].occupancy.shape[0] if samples else 0
+        fgs = [array_image(sm.occupancy.astype(np.float32) / 8.0,
+                           reference_grid(v["centroid_mm"], n, CROP_SPACING_MM))
+               for sm, v in zip(samples, verts)]
+        kps = keypoint_samples(ph.ct, verts, fgs, np.random.default_rng(seed), n_keypoint_aug,
+                               f"phantom-{seed}")
+        save_keypoint_samples(kps, keypoint_path)
+    return samples
+
+
+def save_samples(samples: Sequence[Sample], path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, ct=np.stack([s.ct_hu for s in samples]), occ=np.stack([s.occupancy for s in samples]),
+             fractured=np.array([s.fractured for s in samples]), label=np.array([s.label for s in samples]),
+             name=np.array([s.name for s in samples]))
+    tmp.replace(path)
+
+
+def load_samples(path: Path) -> list[Sample]:
+    z = np.load(path)
+    return [Sample(z["ct"][i], z["occ"][i], bool(z["fractured"][i]), int(z["label"][i]), str(z["name"][i]))
+            for i in range(len(z["label"]))]
+
+
+def keypoint_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = None) -> Path:
+    tag = "acq" if spacing_mm is None else f"{spacing_mm:g}mm"
+    return Path(cache_dir) / f"kp-phantom-{seed}-{tag}.npz"
+
+
+def cached_phantom_samples(seeds: Iterable[int], cache_dir: Path, spacing_mm: float | None = None,
+                           log=print) -> list[Sample]:
+    """Samples of several phantoms, each generated once and cached under ``cache_dir``."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out: list[Sample] = []
+    tag = "acq" if spacing_mm is None else f"{spacing_mm:g}mm"
+    for seed in seeds:
+        path = cache_dir / f"seg-phantom-{seed}-{tag}.npz"
+        if not path.exists():
+            save_samples(phantom_samples(seed, spacing_mm, keypoint_cache_path(cache_dir, seed, spacing_mm)), path)
+            log(f"cached {path.name}")
+        out.extend(load_samples(path))
+    return out
+
+
+def augmented_batch(samples: Sequence[Sample], rng: np.random.Generator, size: int = CROP_SIZE,
+                    shift: bool = True, flip: bool = True, intensity: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A batch ``(x [b,1,n,n,n] z-scored, target [b,3,n,n,n] soft class probabilities)``.
+
+    Augmentation (paper section 3.2): random translation (the crop's offset, up to the margin),
+    left-right flip (an antero-posterior or cranio-caudal flip makes anatomy that never occurs),
+    and a small random HU gain/offset for scanner calibration.
+    """
+    from pipeline.segmentation.crops import normalise
+
+    xs, ts = [], []
+    for s in samples:
+        full = s.ct_hu.shape[0]
+        m = (full - size) // 2
+        o = rng.integers(0, full - size + 1, size=3) if shift else np.array([m, m, m])
+        sl = tuple(slice(int(a), int(a) + size) for a in o)
+        hu = s.ct_hu[sl].astype(np.float32)
+        occ = s.occupancy[sl].astype(np.float32) / 8.0
+        if flip and rng.random() < 0.5:
+            hu, occ = hu[:, :, ::-1], occ[:, :, ::-1]
+        if intensity:
+            hu = hu * rng.uniform(0.92, 1.08) + rng.uniform(-30, 30)
+        x = normalise(hu)
+        t = np.stack([1.0 - occ, occ * (not s.fractured), occ * s.fractured])
+        xs.append(x[None])
+        ts.append(t)
+    return np.ascontiguousarray(np.stack(xs), np.float32), np.ascontiguousarray(np.stack(ts), np.float32)

@@ -1,0 +1,180 @@
+"""The storage area: a blob store that writes atomically under paths built from validated UIDs.
+
+Orthanc's split (STYLE.md): :mod:`storage.index` knows what exists, this module holds the bytes.
+A write goes to a temporary file in the destination directory, is fsynced, renamed into place
+and the directory fsynced, so a crash (even ``kill -9`` or power loss) leaves either the whole
+file or nothing under its final name. Only :func:`storage.uids.validate_uid` output and our own
+fixed names ever become path components, so no path from a dataset reaches the file system.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from storage.uids import validate_uid
+
+TMP_PREFIX = ".tmp-"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class OutOfSpaceError(OSError):
+    """Free disk space would fall below the configured floor (answer 0xA700)."""
+
+
+class UnsafePathError(ValueError):
+    """A path component that is not a validated UID or a plain file name."""
+
+
+def _safe_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        raise UnsafePathError(f"{name!r} is not a safe file name")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Files of one node under ``root``: ``instances/<study>/<series>/<sop>.dcm`` and
+    ``results/<study>/<series>/v<version>-job<id>/<name>``."""
+
+    def __init__(self, root: str | os.PathLike[str], *, min_free_mb: int = 0,
+                 fsync: bool = True):
+        self.root = Path(root).resolve()
+        self.min_free_bytes = int(min_free_mb) * 1024 * 1024
+        self.fsync = fsync
+        self._known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    # -- paths ---------------------------------------------------------------------------
+    def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        parts = (validate_uid(study_uid, "Study Instance UID"),
+                 validate_uid(series_uid, "Series Instance UID"),
+                 validate_uid(sop_uid, "SOP Instance UID"))
+        return f"instances/{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+
+    def result_relpath(self, study_uid: str, series_uid: str, version: int, job_id: int,
+                       name: str) -> str:
+        study = validate_uid(study_uid, "Study Instance UID")
+        series = validate_uid(series_uid, "Series Instance UID")
+        return f"results/{study}/{series}/v{int(version)}-job{int(job_id)}/{_safe_name(name)}"
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a stored relative path; refuses anything that leaves the root."""
+        rel = Path(relpath)
+        if rel.is_absolute() or any(p in ("..", "") for p in rel.parts):
+            raise UnsafePathError(f"{relpath!r} is not a path inside the store")
+        for part in rel.parts:
+            if part.startswith(TMP_PREFIX):
+                raise UnsafePathError(f"{relpath!r} names a temporary file")
+        return self.root / rel
+
+    # -- space ---------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        probe = self.root
+        while not probe.exists():
+            probe = probe.parent
+        return shutil.disk_usage(probe).free
+
+    def check_space(self, incoming: int = 0) -> None:
+        if self.min_free_bytes and self.free_bytes() - incoming < self.min_free_bytes:
+            raise OutOfSpaceError(
+                f"free disk below storage.min_free_mb = {self.min_free_bytes // 2**20}")
+
+    # -- writing -------------------------------------------------------------------------
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        missing = []
+        probe = directory
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            # New directory entries must be durable too, from the parent that existed down.
+            for new in reversed(missing):
+                _fsync_dir(new.parent)
+        with self._lock:
+            self._known_dirs.add(directory)
+
+    def write_atomic(self, relpath: str, data: bytes | Iterable[bytes]) -> Path:
+        """Write ``data`` to ``relpath`` atomically; returns the final path.
+
+        On any error nothing is left under the final name and the temporary file is removed.
+        """
+        final = self.path(relpath)
+        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
+        self.check_space(size)
+        self._ensure_dir(final.parent)
+        tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            with os.fdopen(fd, "wb", closefd=True) as fh:
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    fh.write(data)
+                else:
+                    for chunk in data:
+                        fh.write(chunk)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        if self.fsync:
+            _fsync_dir(final.parent)
+        return final
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return self.path(relpath).read_bytes()
+
+    def exists(self, relpath: str) -> bool:
+        return self.path(relpath).is_file()
+
+    def delete(self, relpath: str) -> None:
+        try:
+            self.path(relpath).unlink()
+        except FileNotFoundError:
+            pass
+
+    def remove_temporaries(self) -> int:
+        """Delete temporary files a crash left behind (called on start); returns how many."""
+        removed = 0
+        for sub in ("instances", "results"):
+            base = self.root / sub
+            if not base.exists():
+                continue
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    if name.startswith(TMP_PREFIX):
+                        try:
+                            os.unlink(os.path.join(dirpath, name))
+                            removed += 1
+                        except FileNotFoundError:
+                            pass
+        return removed
+
+    def check_writable(self) -> None:
+        """Raise OSError unless a file can be created, synced and removed under the root."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f"{TMP_PREFIX}health-{uuid.uuid4().hex}"
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()

@@ -1,0 +1,282 @@
+"""The index: what the node holds (studies, series, instances), the jobs made of them, their
+results, and the audit trail. A narrow API over :mod:`storage.models` (Orthanc's "index" beside
+the "storage area" of :mod:`storage.files`), so the rest of the node never writes SQL.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from storage.db import Database, utcnow
+from storage.models import (AuditEvent, Delivery, DeliveryState, Instance, Job, JobState,
+                            Result, Series, SeriesState, Study)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the SCP learned about one received instance (UIDs already validated)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    path: str
+    size_bytes: int
+    instance_number: int | None = None
+    frames: int = 1
+    calling_ae: str = ""
+
+
+@dataclass(frozen=True)
+class StableSeries:
+    id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    instances: int
+    frames: int
+    last_received_at: dt.datetime
+
+
+def _insert(db: Database):
+    if db.is_sqlite:
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    return insert
+
+
+class Index:
+    """Index operations; each method is one short transaction."""
+
+    _CACHE_MAX = 4096
+
+    def __init__(self, db: Database):
+        self.db = db
+        self._insert = _insert(db)
+        self._study_ids: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- receiving -------------------------------------------------------------------------
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self.db.session() as s:
+            return s.scalar(select(Instance.id).where(
+                Instance.sop_instance_uid == sop_instance_uid)) is not None
+
+    def instance_path(self, sop_instance_uid: str) -> str | None:
+        with self.db.session() as s:
+            return s.scalar(select(Instance.path).where(
+                Instance.sop_instance_uid == sop_instance_uid))
+
+    def add_instance(self, rec: InstanceRecord) -> bool:
+        """Index a stored instance; True if it is new (False: the SOP Instance UID was known).
+
+        Any instance re-opens its series (state ``receiving``), so that an instance arriving
+        after processing leads to a new job version, never to a silent split.
+        """
+        now = utcnow()
+        ins = self._insert
+        with self.db.session() as s, s.begin():
+            study_id = self._study_ids.get(rec.study_instance_uid)
+            if study_id is None:
+                s.execute(ins(Study).values(study_instance_uid=rec.study_instance_uid,
+                                            created_at=now, updated_at=now)
+                          .on_conflict_do_nothing(index_elements=["study_instance_uid"]))
+                study_id = s.scalar(select(Study.id).where(
+                    Study.study_instance_uid == rec.study_instance_uid))
+                with self._lock:
+                    if len(self._study_ids) > self._CACHE_MAX:
+                        self._study_ids.clear()
+                    self._study_ids[rec.study_instance_uid] = study_id
+            s.execute(ins(Series).values(
+                study_id=study_id, series_instance_uid=rec.series_instance_uid,
+                modality=rec.modality[:16], state=SeriesState.RECEIVING.value,
+                first_received_at=now, last_received_at=now, updated_at=now)
+                .on_conflict_do_nothing(index_elements=["series_instance_uid"]))
+            series_id = s.scalar(select(Series.id).where(
+                Series.series_instance_uid == rec.series_instance_uid))
+            result = s.execute(ins(Instance).values(
+                series_id=series_id, sop_instance_uid=rec.sop_instance_uid,
+                sop_class_uid=rec.sop_class_uid, transfer_syntax_uid=rec.transfer_syntax_uid,
+                instance_number=rec.instance_number, frames=max(1, int(rec.frames or 1)),
+                path=rec.path, size_bytes=rec.size_bytes, calling_ae=rec.calling_ae[:16],
+                received_at=now).on_conflict_do_nothing(index_elements=["sop_instance_uid"]))
+            is_new = bool(result.rowcount)
+            if is_new:
+                s.execute(update(Series).where(Series.id == series_id).values(
+                    last_received_at=now, updated_at=now, state=SeriesState.RECEIVING.value))
+        return is_new
+
+    # -- reading ---------------------------------------------------------------------------
+    def series_instances(self, series_instance_uid: str) -> list[Instance]:
+        """The series' instances, in instance-number order (the loader sorts by position)."""
+        with self.db.session() as s:
+            return list(s.scalars(
+                select(Instance).join(Series, Series.id == Instance.series_id)
+                .where(Series.series_instance_uid == series_instance_uid)
+                .order_by(Instance.instance_number, Instance.id)))
+
+    def studies(self, study_instance_uid: str | None = None) -> list[dict[str, Any]]:
+        """``studies --json`` (DESIGN.md contract)."""
+        with self.db.session() as s:
+            counts = dict(s.execute(select(Instance.series_id, func.count(Instance.id))
+                                    .group_by(Instance.series_id)).all())
+            q = (select(Study.study_instance_uid, Series.id, Series.series_instance_uid,
+                        Series.modality, Series.state)
+                 .join(Series, Series.study_id == Study.id)
+                 .order_by(Study.id, Series.id))
+            if study_instance_uid:
+                q = q.where(Study.study_instance_uid == study_instance_uid)
+            out: dict[str, dict[str, Any]] = {}
+            for study_uid, series_id, series_uid, modality, state in s.execute(q):
+                entry = out.setdefault(study_uid, {"study_instance_uid": study_uid,
+                                                   "series": []})
+                entry["series"].append({"series_instance_uid": series_uid,
+                                        "modality": modality,
+                                        "instances": int(counts.get(series_id, 0)),
+                                        "state": state})
+            return list(out.values())
+
+    def jobs(self, study_instance_uid: str | None = None) -> list[Job]:
+        with self.db.session() as s:
+            q = select(Job).order_by(Job.id)
+            if study_instance_uid:
+                q = q.where(Job.study_instance_uid == study_instance_uid)
+            return list(s.scalars(q))
+
+    def job(self, job_id: int) -> Job | None:
+        with self.db.session() as s:
+            return s.get(Job, job_id)
+
+    def job_counts(self) -> dict[str, int]:
+        with self.db.session() as s:
+            rows = s.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all()
+        counts = {state.value: 0 for state in JobState}
+        counts.update({state: int(n) for state, n in rows})
+        return counts
+
+    # -- scheduling ------------------------------------------------------------------------
+    def stable_series(self, received_before: dt.datetime) -> list[StableSeries]:
+        """Series still ``receiving`` whose last instance arrived before ``received_before``."""
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Series.id, Study.study_instance_uid, Series.series_instance_uid,
+                       Series.modality, func.count(Instance.id),
+                       func.coalesce(func.sum(Instance.frames), 0), Series.last_received_at)
+                .join(Study, Study.id == Series.study_id)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Series.state == SeriesState.RECEIVING.value,
+                       Series.last_received_at <= received_before)
+                .group_by(Series.id, Study.study_instance_uid, Series.series_instance_uid,
+                          Series.modality, Series.last_received_at)
+                .order_by(Series.last_received_at)).all()
+        return [StableSeries(*row) for row in rows]
+
+    def schedule_series(self, series: StableSeries, *, skip_reason: str | None) -> Job | None:
+        """Turn a stable series into a job: ``queued``, or ``skipped`` with ``skip_reason``.
+
+        If a job of the series is still queued (not started) it already covers the new
+        instances and is kept. Returns the new job, or None when nothing was created (a new
+        instance arrived meanwhile, another scheduler won, or a queued job is kept).
+        """
+        now = utcnow()
+        try:
+            with self.db.session() as s, s.begin():
+                queued = s.scalar(select(Job).where(Job.series_id == series.id,
+                                                    Job.state == JobState.QUEUED.value))
+                new_state = (SeriesState.SKIPPED if skip_reason and queued is None
+                             else SeriesState.QUEUED)
+                flipped = s.execute(update(Series).where(
+                    Series.id == series.id, Series.state == SeriesState.RECEIVING.value,
+                    Series.last_received_at == series.last_received_at).values(
+                        state=new_state.value, updated_at=now)).rowcount
+                if not flipped or queued is not None:
+                    if queued is not None:
+                        queued.instances = series.instances
+                        queued.updated_at = now
+                    return None
+                version = (s.scalar(select(func.max(Job.version))
+                                    .where(Job.series_id == series.id)) or 0) + 1
+                job = Job(series_id=series.id, study_instance_uid=series.study_instance_uid,
+                          series_instance_uid=series.series_instance_uid, version=version,
+                          state=(JobState.SKIPPED if skip_reason else JobState.QUEUED).value,
+                          error=skip_reason, attempts=0, instances=series.instances,
+                          created_at=now, updated_at=now,
+                          finished_at=now if skip_reason else None)
+                s.add(job)
+            return job
+        except IntegrityError:  # another scheduler created this version first
+            return None
+
+    def rerun_study(self, study_instance_uid: str) -> list[Job]:
+        """A new queued job version for every series of the study that has instances."""
+        now = utcnow()
+        created = []
+        with self.db.session() as s, s.begin():
+            rows = s.execute(
+                select(Series, func.count(Instance.id))
+                .join(Study, Study.id == Series.study_id)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Study.study_instance_uid == study_instance_uid)
+                .group_by(Series.id).order_by(Series.id)).all()
+            for series, n in rows:
+                if s.scalar(select(Job.id).where(Job.series_id == series.id,
+                                                 Job.state == JobState.QUEUED.value)):
+                    continue
+                version = (s.scalar(select(func.max(Job.version))
+                                    .where(Job.series_id == series.id)) or 0) + 1
+                job = Job(series_id=series.id, study_instance_uid=study_instance_uid,
+                          series_instance_uid=series.series_instance_uid, version=version,
+                          state=JobState.QUEUED.value, attempts=0, instances=int(n),
+                          created_at=now, updated_at=now)
+                s.add(job)
+                series.state = SeriesState.QUEUED.value
+                series.updated_at = now
+                created.append(job)
+        return created
+
+    # -- results and deliveries ------------------------------------------------------------
+    def add_result(self, job_id: int, kind: str, path: str, *,
+                   sop_instance_uid: str | None = None,
+                   series_instance_uid: str | None = None) -> int:
+        with self.db.session() as s, s.begin():
+            row = Result(job_id=job_id, kind=kind, path=path, sop_instance_uid=sop_instance_uid,
+                         series_instance_uid=series_instance_uid, created_at=utcnow())
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def results(self, job_id: int) -> list[Result]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Result).where(Result.job_id == job_id)
+                                  .order_by(Result.id)))
+
+    def requeue_deliveries(self, study_instance_uid: str) -> int:
+        """Make every delivery of the study's results pending and due now; returns how many."""
+        now = utcnow()
+        with self.db.session() as s, s.begin():
+            result_ids = select(Result.id).join(Job, Job.id == Result.job_id).where(
+                Job.study_instance_uid == study_instance_uid)
+            return s.execute(update(Delivery).where(Delivery.result_id.in_(result_ids)).values(
+                state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=now,
+                last_error=None, updated_at=now)).rowcount
+
+    # -- audit -----------------------------------------------------------------------------
+    def audit(self, event_type: str, actor: str, outcome: str,
+              details: dict[str, Any] | None = None) -> None:
+        """Append an audit event. ``details`` must not carry patient names or IDs."""
+        with self.db.session() as s, s.begin():
+            s.add(AuditEvent(ts=utcnow(), event_type=event_type, actor=actor[:128],
+                             outcome=outcome, details=details or {}))
+
+    def audit_events(self, limit: int = 100) -> list[AuditEvent]:
+        with self.db.session() as s:
+            return list(s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())
+                                  .limit(limit)))

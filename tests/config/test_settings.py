@@ -1,0 +1,122 @@
+"""The settings model: defaults from DESIGN.md, TOML file, environment overrides, and errors
+that name the bad key and value."""
+from __future__ import annotations
+
+import pytest
+
+from config import ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    import os
+    for key in list(os.environ):
+        if key.startswith("SPINE_NODE_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_are_the_design_card_values():
+    s = load_settings()
+    assert (s.node.ae_title, s.node.host, s.node.port) == ("SPINENODE", "0.0.0.0", 11112)
+    assert s.node.allowed_calling_aes == []
+    assert str(s.storage.root) == "var"
+    assert s.storage.database_url == "sqlite:///var/spine-node.db"
+    assert s.storage.min_free_mb == 1024
+    assert (s.scheduler.stable_seconds, s.scheduler.poll_seconds) == (10, 2)
+    assert (s.selection.modalities, s.selection.min_slices) == (["CT"], 20)
+    assert s.pipeline.device == "auto"
+    assert (s.http.host, s.http.port) == ("127.0.0.1", 8080)
+    assert s.destinations == []
+
+
+def test_toml_file_and_destinations(tmp_path):
+    cfg = tmp_path / "n.toml"
+    cfg.write_text("""
+[node]
+ae_title = "NODE1"
+allowed_calling_aes = ["CT1", "CT2"]
+[storage]
+root = "/data/spine"
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = 4242
+[[destinations]]
+name = "viewer"
+ae_title = "VIEW"
+host = "10.0.0.2"
+port = 104
+objects = ["key_image"]
+""")
+    s = load_settings(cfg)
+    assert s.node.ae_title == "NODE1"
+    assert s.node.allowed_calling_aes == ["CT1", "CT2"]
+    assert s.storage.database_url == "sqlite:////data/spine/spine-node.db"
+    assert [d.name for d in s.destinations] == ["pacs", "viewer"]
+    assert s.destinations[0].objects == ["seg", "sr", "key_image"]
+    assert s.destinations[1].objects == ["key_image"]
+
+
+def test_environment_overrides_file(tmp_path, monkeypatch):
+    cfg = tmp_path / "n.toml"
+    cfg.write_text("[scheduler]\nstable_seconds = 30\n")
+    monkeypatch.setenv("SPINE_NODE_CONFIG", str(cfg))
+    assert load_settings().scheduler.stable_seconds == 30
+    monkeypatch.setenv("SPINE_NODE_SCHEDULER__STABLE_SECONDS", "5")
+    monkeypatch.setenv("SPINE_NODE_NODE__ALLOWED_CALLING_AES", "CT1, CT2")
+    monkeypatch.setenv("SPINE_NODE_SELECTION__MODALITIES", '["ct", "PT"]')
+    s = load_settings()
+    assert s.scheduler.stable_seconds == 5
+    assert s.node.allowed_calling_aes == ["CT1", "CT2"]
+    assert s.selection.modalities == ["CT", "PT"]
+
+
+@pytest.mark.parametrize("env, expected", [
+    (("SPINE_NODE_SCHEDULER__STABLE_SECONDS", "-1"),
+     "scheduler.stable_seconds: -1 is not valid: must be >= 0"),
+    (("SPINE_NODE_NODE__PORT", "70000"), "node.port: 70000 is not valid"),
+    (("SPINE_NODE_PIPELINE__DEVICE", "tpu"), "pipeline.device: tpu is not valid"),
+    (("SPINE_NODE_NODE__AE_TITLE", "A" * 17), "node.ae_title:"),
+    (("SPINE_NODE_SELECTION__MIN_SLICES", "zero"), "selection.min_slices: zero is not valid"),
+])
+def test_bad_environment_value_names_key_and_value(monkeypatch, env, expected):
+    monkeypatch.setenv(*env)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert expected in str(err.value)
+
+
+def test_unknown_key_and_bad_file(tmp_path):
+    cfg = tmp_path / "n.toml"
+    cfg.write_text("[node]\nae_tilte = \"X\"\n")
+    with pytest.raises(ConfigError, match=r"node\.ae_tilte: unknown key"):
+        load_settings(cfg)
+    cfg.write_text("[node\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_destination_errors_name_the_entry(tmp_path):
+    cfg = tmp_path / "n.toml"
+    cfg.write_text('[[destinations]]\nname = "p"\nae_title = "O"\nhost = "h"\nport = 0\n'
+                   '[[destinations]]\nname = "p"\nae_title = "O"\nhost = "h"\nport = 1\n'
+                   'objects = ["pdf"]\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    text = str(err.value)
+    assert "destinations.0.port: 0 is not valid" in text
+    assert "destinations.1.objects.0: pdf is not valid" in text
+
+
+def test_cli_reports_configuration_error_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+    cfg = tmp_path / "n.toml"
+    cfg.write_text("[scheduler]\nstable_seconds = -1\n")
+    res = subprocess.run([sys.executable, "-m", "dicom_node", "jobs", "--config", str(cfg)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2
+    assert "scheduler.stable_seconds: -1 is not valid: must be >= 0" in res.stderr

@@ -1,0 +1,110 @@
+"""Genant grading arithmetic (paper eq. 17-18, DESIGN.md step 4) on known heights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.findings import GenantGrade, Heights, Morphology, VertebraFinding
+from pipeline.genant import assess, grade_spine, heights_from_keypoints, heights_from_mask, reference_heights
+
+
+def test_heights_are_euclidean_distances_of_the_keypoint_pairs():
+    kp = {"A1": (0, 0, 30), "A2": (0, 0, 10), "M1": (0, 15, 28), "M2": (0, 15, 13),
+          "P1": (0, 30, 30), "P2": (0, 27, 26)}
+    h = heights_from_keypoints(kp)
+    assert (h.anterior, h.middle, h.posterior) == (20.0, 15.0, 5.0)
+
+
+@pytest.mark.parametrize("low, grade", [
+    (25.0, GenantGrade.NORMAL),      # 0 % loss
+    (20.1, GenantGrade.NORMAL),      # 19.6 %
+    (20.0, GenantGrade.MILD),        # exactly 20 % -> grade 1
+    (18.8, GenantGrade.MILD),        # 24.8 %
+    (18.75, GenantGrade.MODERATE),   # exactly 25 % -> grade 2
+    (15.0, GenantGrade.MODERATE),    # exactly 40 % -> still grade 2
+    (14.9, GenantGrade.SEVERE),      # 40.4 %
+    (5.0, GenantGrade.SEVERE),
+])
+def test_grade_boundaries_of_the_within_vertebra_loss(low, grade):
+    a = assess(Heights(anterior=low, middle=25.0, posterior=25.0))
+    assert a.grade == grade
+    assert a.height_loss == pytest.approx(1 - low / 25.0)
+    assert a.morphology == (Morphology.NORMAL if grade == 0 else Morphology.WEDGE)
+    assert a.fractured == (grade >= 1)
+
+
+def test_the_smallest_height_names_the_morphology():
+    assert assess(Heights(25, 15, 25)).morphology == Morphology.BICONCAVE
+    assert assess(Heights(15, 25, 25)).morphology == Morphology.WEDGE
+    assert assess(Heights(25, 25, 15)).morphology == Morphology.CRUSH
+
+
+def test_crush_is_judged_against_the_neighbours_reference():
+    crushed = Heights(17.0, 16.5, 17.0)     # uniform: eq. 18 sees nothing
+    assert assess(crushed).grade == GenantGrade.NORMAL
+    a = assess(crushed, reference_mm=25.0)  # largest height 32 % below the neighbours' (gt rule)
+    assert a.morphology == Morphology.CRUSH and a.grade == GenantGrade.MODERATE
+    assert a.height_loss == pytest.approx(0.32)
+    # A wedge with a normal posterior height keeps its within-vertebra grade and shape.
+    w = assess(Heights(15.0, 22.0, 25.0), reference_mm=25.0)
+    assert w.morphology == Morphology.WEDGE and w.height_loss == pytest.approx(0.4)
+
+
+def test_reference_is_the_mean_of_the_nearest_normal_neighbours_largest_heights():
+    hs = [Heights(20, 19, 20), Heights(12, 12, 12), Heights(24, 23, 24), Heights(10, 20, 20)]
+    refs = reference_heights([10, 11, 12, 13], hs, ["T3", "T4", "T5", "T6"])
+    assert refs[1] == pytest.approx(22.0)      # mean of 20 (above) and 24 (below)
+    assert refs[0] == pytest.approx(24.0)      # the crushed T4 is no one's reference
+    assert refs[2] == pytest.approx(20.0)      # T4 crushed, T6 wedge: only T3
+    # C2 never serves as a reference
+    assert reference_heights([1, 2], [Heights(15, 15, 15), Heights(14, 14, 14)], ["C2", "C3"])[1] is None
+
+
+def test_grade_spine_notes_a_disagreement_of_more_than_one_grade_and_who_decided():
+    orders = [0, 1, 2]
+    fs = [VertebraFinding(label=20 + i, name=f"L{i + 1}", centroid_mm=(0, 0, 0)) for i in range(3)]
+    for f in fs:
+        f.heights_mm = Heights(25, 25, 25)
+        f.mask_heights_mm = Heights(25, 25, 25)
+    fs[1].heights_mm = Heights(14, 24, 25)       # keypoints: 44 % wedge, grade 3
+    fs[1].mask_heights_mm = Heights(24, 24, 25)  # mask: grade 0
+    grade_spine(fs, orders)
+    assert fs[1].genant_grade == GenantGrade.SEVERE and fs[1].grading_source == "keypoints"
+    assert any("differ by more than one" in n and "keypoints decided" in n for n in fs[1].notes)
+    assert fs[0].genant_grade == GenantGrade.NORMAL and not fs[0].notes
+
+
+def test_implausible_keypoints_hand_the_decision_to_the_mask():
+    fs = [VertebraFinding(label=20, name="L1", centroid_mm=(0, 0, 0))]
+    fs[0].heights_mm = Heights(2.0, 24, 25)      # a collapsed keypoint pair
+    fs[0].mask_heights_mm = Heights(24, 24, 25)
+    grade_spine(fs, [0])
+    assert fs[0].grading_source == "mask" and fs[0].genant_grade == GenantGrade.NORMAL
+    assert "mask decided" in fs[0].notes[0]
+
+
+def test_mask_heights_of_a_rectangle_body_with_a_separate_arch():
+    # 0.5 mm pixels; body 24 mm high (48 rows) x 36 mm deep (72 cols); arch behind a 10 mm canal
+    m = np.zeros((80, 160))
+    m[10:58, 10:82] = 1.0
+    m[20:40, 102:130] = 1.0                     # posterior elements, separated by the canal
+    h = heights_from_mask(m, 0.5)
+    assert (h.anterior, h.middle, h.posterior) == (pytest.approx(24.0), pytest.approx(24.0), pytest.approx(24.0))
+
+
+def test_mask_heights_count_partial_volume_edges_by_their_fraction():
+    m = np.zeros((80, 160))
+    m[10:58, 10:82] = 1.0
+    m[58, 10:82] = 0.4                          # a 0.2 mm partial edge
+    h = heights_from_mask(m, 0.5)
+    assert h.middle == pytest.approx(24.2)
+
+
+def test_mask_heights_see_an_anterior_wedge():
+    m = np.zeros((80, 160))
+    for col in range(10, 82):
+        top = 58 - int(round(24 + 24 * (col - 10) / 71))   # 12 mm anterior -> 24 mm posterior
+        m[top:58, col] = 1.0
+    h = heights_from_mask(m, 0.5)
+    assert h.anterior < 0.7 * h.posterior
+    assert assess(h).morphology == Morphology.WEDGE

@@ -1,0 +1,164 @@
+"""Vertebra localisation: M-SCN variants, targets, sampling, inference, plausibility, training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from pipeline.levels import BY_LABEL, BY_NAME, LEVELS, N_LEVELS
+from pipeline.localization.dataset import Case, PatchSampler, make_case
+from pipeline.localization.heatmaps import channel_peaks, gaussian_heatmaps
+from pipeline.localization.inference import decode, plausible_chain, predict_heatmaps
+from pipeline.localization.train import TrainConfig, heatmap_loss, train
+from pipeline.nets import VARIANTS, MSCN
+from pipeline.preprocess import prepare
+from pipeline.registry import build_from_checkpoint
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dims,shape", [(3, (1, 1, 20, 17, 24)), (2, (2, 1, 40, 36))])
+def test_every_ablation_variant_is_dimension_generic(variant, dims, shape):
+    model = MSCN(spatial_dims=dims, out_channels=6, base=4, variant=variant)
+    y = model(torch.randn(*shape))
+    assert y.shape == (shape[0], 6) + shape[2:]
+    assert MSCN(**model.config).config == model.config
+
+
+def test_mscn_switches_override_the_variant():
+    m = MSCN(out_channels=3, base=2, variant="lngn", attention=True)
+    assert m.config["attention"] and not m.config["multi_filter"]
+    with pytest.raises(ValueError):
+        MSCN(variant="ln", multi_filter=True)
+
+
+def test_subvoxel_peak_recovers_gaussian_centres():
+    centres = np.array([[5.3, 7.71, 9.5], [np.nan] * 3, [2.0, 3.2, 12.9]])
+    h = gaussian_heatmaps((12, 14, 16), centres, sigma=1.5).numpy()
+    pos, val = channel_peaks(h)
+    assert np.allclose(pos[[0, 2]], centres[[0, 2]], atol=1e-3)
+    assert val[1] == 0 and val[0] > 0.8
+
+
+def test_plausibility_keeps_anatomical_order_and_one_level_per_vertebra():
+    k = lambda n: BY_NAME[n].order
+    # T12, L1, L2 caudal 30 mm apart; a spurious L4 above T12; a second "L3" on the L2 body.
+    orders = [k("T12"), k("L1"), k("L2"), k("L4"), k("L3")]
+    pos = np.array([[0, 0, 90.0], [0, 0, 60.0], [0, 0, 30.0], [0, 0, 120.0], [0, 2, 28.0]])
+    keep = plausible_chain(orders, pos, [1.0, 0.9, 0.95, 0.5, 0.4])
+    assert [orders[i] for i in keep] == [k("T12"), k("L1"), k("L2")]
+
+
+def test_plausibility_lets_transitional_levels_be_absent():
+    k = lambda n: BY_NAME[n].order
+    orders = [k("T11"), k("T12"), k("L1"), k("L2")]  # T13 absent: T12 -> L1 is one step
+    pos = np.array([[0, 0, 100.0], [0, 0, 75.0], [0, 0, 45.0], [0, 0, 12.0]])
+    assert len(plausible_chain(orders, pos, [1, 1, 1, 1])) == 4
+
+
+def _toy_volume(n_vert=5, spacing=4.0, seed=0):
+    """A toy spine on a 4 mm grid: bright blocks 7 voxels apart, labelled from T10 down."""
+    rng = np.random.default_rng(seed)
+    a = np.full((8 * n_vert + 6, 24, 24), -1000.0, np.float32)
+    a[:, 4:20, 4:20] = 0.0
+    centres = {}
+    first = BY_NAME["T10"].order
+    for i in range(n_vert):
+        z = a.shape[0] - 6 - 8 * i  # cranial first (z grows cranially)
+        a[z - 2:z + 3, 10:15, 9 + i % 2:14 + i % 2] = 500 + 50 * i
+        centres[LEVELS[first + i].label] = (z, 12.0, 11.0 + i % 2)
+    a += rng.normal(0, 20, a.shape).astype(np.float32)
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing((spacing,) * 3)
+    mm = {lab: img.TransformContinuousIndexToPhysicalPoint((x, y, z)) for lab, (z, y, x) in centres.items()}
+    return img, mm
+
+
+def test_make_case_maps_centroids_to_grid_indices():
+    img, mm = _toy_volume()
+    case = make_case("toy", img, mm, 4.0, partial_labels=[BY_NAME["T10"].label])
+    k = BY_NAME["T11"].order
+    assert np.allclose(case.centers[k], [case.array.shape[0] - 14, 12, 12], atol=1e-6)
+    assert case.partial[BY_NAME["T10"].order] and not case.partial[k]
+    assert np.isnan(case.centers[0]).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_augmented_patch_and_target_stay_aligned(seed):
+    """Rotation, scaling, flip and translation move image and target heatmap together."""
+    a = np.zeros((40, 40, 40), np.float32)
+    centre = np.array([18.0, 22.0, 15.0])
+    zz, yy, xx = np.mgrid[0:40, 0:40, 0:40]
+    a = np.exp(-((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2) / (2 * 2.0 ** 2))
+    centers = np.full((N_LEVELS, 3), np.nan)
+    centers[3] = centre
+    case = Case("blob", a.astype(np.float32), centers, np.zeros(N_LEVELS, bool), 0.0, 4.0)
+    sampler = PatchSampler([case], (24, 24, 24), 2.0, seed, rotate_deg=20, intensity=0.0, spine_bias=1.0)
+    x, y = sampler.sample()
+    img_peak = np.unravel_index(int(x[0].argmax()), x.shape[1:])
+    tgt_peak = np.unravel_index(int(y[3].argmax()), y.shape[1:])
+    assert np.abs(np.array(img_peak) - np.array(tgt_peak)).max() <= 1
+    assert float(y[0].abs().max()) == 0.0
+
+
+class _Echo(torch.nn.Module):
+    def forward(self, x):
+        return torch.cat([x, 2 * x], dim=1)
+
+
+def test_overlapping_patches_blend_back_to_the_whole_volume():
+    a = np.random.default_rng(1).normal(size=(37, 29, 41)).astype(np.float32)
+    h = predict_heatmaps(_Echo(), a, (16, 16, 16), pad_value=0.0, overlap=0.25)
+    assert h.shape == (2,) + a.shape
+    assert np.allclose(h[0], a, atol=1e-5) and np.allclose(h[1], 2 * a, atol=1e-5)
+
+
+def test_decode_reports_lps_millimetres_and_drops_weak_channels():
+    img, mm = _toy_volume()
+    prep = prepare(img, 4.0)
+    centres = np.full((N_LEVELS, 3), np.nan)
+    for lab, p in mm.items():
+        centres[BY_LABEL[lab].order] = prep.mm_to_index([p])[0]
+    h = gaussian_heatmaps(prep.array.shape, centres, 1.5).numpy()
+    h[BY_NAME["T11"].order] *= 0.1  # below the presence threshold
+    found = decode(h, prep, threshold=0.3)
+    names = [v.name for v in found]
+    assert names == ["T10", "T12", "T13", "L1"]  # the toy spine has a T13
+    for v in found:
+        assert np.allclose(v.centroid_mm, mm[v.label], atol=0.05)
+
+
+def test_loss_is_zero_for_a_perfect_heatmap():
+    y = torch.rand(2, 3, 4, 5, 6)
+    assert heatmap_loss(y, y).item() == 0.0
+    assert heatmap_loss(y + 0.1, y).item() > 0.0
+
+
+def test_smoke_training_writes_resumable_checkpoints_and_shippable_weights(tmp_path):
+    cases = []
+    for s in range(2):
+        img, mm = _toy_volume(seed=s)
+        cases.append(make_case(f"toy{s}", img, mm, 4.0))
+    cfg = TrainConfig(out_dir=tmp_path / "run", patch=(16, 16, 16), base=2, batch=1, iterations=3, val_every=3,
+                      log_every=1, lr=1e-3)
+    best = train(cfg, log=lambda s: None, train_cases=cases)
+    assert best.exists() and (tmp_path / "run" / "last.pt").exists()
+    model = build_from_checkpoint(torch.load(best, weights_only=True))
+    assert model.meta["spacing_mm"] == 4.0 and model.meta["patch"] == [16, 16, 16]
+    cfg.iterations, cfg.resume = 5, True
+    train(cfg, log=lambda s: None, train_cases=cases)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "resumed from" in log and "it 5/5" in log
+
+
+def test_localize_runs_end_to_end_with_a_given_model():
+    from pipeline.localization.inference import localize
+
+    img, _ = _toy_volume()
+    model = MSCN(out_channels=N_LEVELS, base=2)
+    model.meta = {"spacing_mm": 4.0, "patch": [16, 16, 16], "threshold": 0.3}
+    timings = {}
+    found = localize(img, device="cpu", model=model, timings=timings)
+    assert isinstance(found, list) and set(timings) == {"load_model", "preprocess", "network", "decode"}

@@ -1,0 +1,91 @@
+"""The TID 1500 fracture report (DESIGN.md "Outputs", contract): read back, it names every
+vertebra with its grade as summary.json does, references the SEG segments, and is valid."""
+from __future__ import annotations
+
+import highdicom as hd
+import pytest
+
+from pipeline.outputs import build_outputs, codes
+from pipeline.outputs.sr import read_vertebrae
+from tests import synthetic_results as synth
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    paths, _study, _series = synth.write_series(tmp_path_factory.mktemp("ct"))
+    series = synth.load(paths)
+    result = synth.analysis(series)
+    return series, result, build_outputs(series, result, version=1)
+
+
+def test_sr_passes_dciodvfy_without_errors(case, tmp_path):
+    errors, output = synth.dciodvfy_errors(case[2].sr, tmp_path / "sr.dcm")
+    assert errors == [], output
+
+
+def test_sr_read_back_names_every_vertebra_with_its_grade_as_the_summary(case):
+    _series, result, out = case
+    reported = {v.name: v for v in read_vertebrae(out.sr)}
+    summary = result.summary()["vertebrae"]
+    assert sorted(reported) == sorted(v["name"] for v in summary)
+    for v in summary:
+        r = reported[v["name"]]
+        assert (r.fractured, int(r.genant_grade), r.morphology.value) == \
+            (v["fractured"], v["genant_grade"], v["morphology"]), v["name"]
+        assert r.heights_mm == pytest.approx(v["heights_mm"], abs=0.01)
+        assert r.height_loss_percent == pytest.approx(100 * v["height_loss"], abs=0.1)
+
+
+def test_each_group_references_the_seg_segment_of_its_vertebra(case):
+    _series, _result, out = case
+    segments = {s.SegmentNumber: s for s in out.seg.SegmentSequence}
+    sr = hd.sr.Comprehensive3DSR.from_dataset(out.sr, copy=True)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(segments)
+    for g, v in zip(groups, read_vertebrae(out.sr)):
+        assert g.referenced_segment[0].referenced_sop_instance_uid == out.seg.SOPInstanceUID
+        segment = segments[v.referenced_segment_number]
+        assert segment.SegmentLabel == v.name
+        assert segment.TrackingUID == v.tracking_uid
+        site = g.finding_sites[0].value
+        assert site.value == segment.get("AnatomicRegionSequence", segment.SegmentedPropertyTypeCodeSequence)[0].CodeValue
+    evidence = {item.ReferencedSOPInstanceUID
+                for study in out.sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert out.seg.SOPInstanceUID in evidence
+
+
+def test_private_codes_are_declared_and_ai_result_conventions_hold(case):
+    series, _result, out = case
+    sr = out.sr
+    declared = [i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence]
+    assert codes.PRIVATE_SCHEME in declared
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.CompletionFlag == "COMPLETE"
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True).content
+    assert report[0].ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    procedure = [i for i in report[0].ContentSequence
+                 if i.ConceptNameCodeSequence[0].CodeValue == "121058"]  # Procedure reported
+    assert procedure[0].ConceptCodeSequence[0].CodeValue == codes.CT_PROCEDURE.value
+    equipment = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == "spine-node project"]
+    assert equipment and equipment[0].ManufacturerModelName and equipment[0].SoftwareVersions
+    assert sr.StudyInstanceUID == series.study_instance_uid
+
+
+def test_vertebra_without_voxels_is_still_reported(case, tmp_path):
+    series, result, _out = case
+    import SimpleITK as sitk
+    labels = sitk.GetArrayFromImage(result.label_map)
+    labels[labels == 23] = 0                     # L4 reported, but no voxels
+    lm = sitk.GetImageFromArray(labels)
+    lm.CopyInformation(result.label_map)
+    partial = synth.SyntheticResult(result.study_instance_uid, result.series_instance_uid,
+                                    result.vertebrae, lm)
+    out = build_outputs(series, partial)
+    reported = {v.name: v for v in read_vertebrae(out.sr)}
+    assert reported["L4"].referenced_segment_number is None
+    assert "L4" not in {s.SegmentLabel for s in out.seg.SegmentSequence}
+    assert len(reported) == len(result.vertebrae)
+    errors, output = synth.dciodvfy_errors(out.sr, tmp_path / "sr.dcm")
+    assert errors == [], output

@@ -1,0 +1,186 @@
+"""Schema (Alembic = models), the index, and job claims on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from storage.db import Database, utcnow
+from storage.index import Index, InstanceRecord
+from storage.models import Base, JobState
+from storage.queue import JobQueue
+
+
+def _record(k: int, series: str = "1.2.3.1", study: str = "1.2.3", modality: str = "CT"):
+    return InstanceRecord(study_instance_uid=study, series_instance_uid=series,
+                          sop_instance_uid=f"{series}.{k}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                          transfer_syntax_uid="1.2.840.10008.1.2.1", modality=modality,
+                          path=f"instances/{study}/{series}/{series}.{k}.dcm", size_bytes=100,
+                          instance_number=k)
+
+
+@pytest.fixture
+def sqlite_db(tmp_path):
+    db = Database(f"sqlite:///{tmp_path}/index.db")
+    db.upgrade()
+    yield db
+    db.dispose()
+
+
+def _exercise(db: Database) -> None:
+    index, queue = Index(db), JobQueue(db)
+    assert index.add_instance(_record(1))
+    assert not index.add_instance(_record(1))  # duplicate SOP Instance UID: stored once
+    for k in range(2, 26):
+        index.add_instance(_record(k))
+    [series] = index.stable_series(utcnow() + dt.timedelta(seconds=1))
+    assert series.instances == 25
+    job = index.schedule_series(series, skip_reason=None)
+    assert job.state == "queued" and job.version == 1
+    assert index.stable_series(utcnow() + dt.timedelta(seconds=1)) == []
+    claimed = queue.claim("w1")
+    assert claimed.id == job.id and claimed.attempts == 1
+    assert queue.claim("w2") is None
+    assert index.studies()[0]["series"][0]["state"] == "processing"
+    # A late instance re-opens the series: a new job version, not a split.
+    index.add_instance(_record(99))
+    assert queue.finish(claimed.id, JobState.DONE, worker_id="w1")
+    assert index.studies()[0]["series"][0]["state"] == "receiving"
+    [series] = index.stable_series(utcnow() + dt.timedelta(seconds=1))
+    job2 = index.schedule_series(series, skip_reason=None)
+    assert job2.version == 2 and job2.instances == 26
+    # Crash recovery: running -> queued, and failed after max attempts.
+    c2 = queue.claim("w1")
+    assert queue.requeue_running(max_attempts=3) == (1, 0)
+    queue.claim("w1")
+    queue.requeue_running(max_attempts=3)
+    assert queue.claim("w1").attempts == 3
+    assert queue.requeue_running(max_attempts=3) == (0, 1)
+    assert "stopped during this job 3 times" in index.job(c2.id).error
+    counts = index.job_counts()
+    assert counts["done"] == 1 and counts["failed"] == 1
+    index.audit("test", "pytest", "success", {"n": 1})
+    assert index.audit_events()[0].details == {"n": 1}
+    with pytest.raises(Exception, match="append-only"):
+        with db.engine.begin() as conn:
+            conn.execute(text("DELETE FROM audit_events"))
+
+
+def test_migration_matches_models(sqlite_db):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    with sqlite_db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
+                                Base.metadata)
+        assert diff == []
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    assert sqlite_db.upgrade() == "0001"  # idempotent
+
+
+def test_index_and_queue_on_sqlite(sqlite_db):
+    _exercise(sqlite_db)
+
+
+def test_skipped_series_and_queued_job_kept(sqlite_db):
+    index = Index(sqlite_db)
+    for k in range(3):
+        index.add_instance(_record(k, series="1.5.1", modality="MR"))
+    [series] = index.stable_series(utcnow() + dt.timedelta(seconds=1))
+    job = index.schedule_series(series, skip_reason="modality MR is not selected")
+    assert job.state == "skipped" and job.error == "modality MR is not selected"
+    assert index.studies()[0]["series"][0]["state"] == "skipped"
+
+
+def test_concurrent_claimers_take_each_job_once(tmp_path):
+    db = Database(f"sqlite:///{tmp_path}/index.db")
+    db.upgrade()
+    index, queue = Index(db), JobQueue(db)
+    for s in range(12):
+        index.add_instance(_record(1, series=f"1.2.3.{s + 1}"))
+    for series in index.stable_series(utcnow() + dt.timedelta(seconds=1)):
+        index.schedule_series(series, skip_reason=None)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claimer(name):
+        other = JobQueue(Database(f"sqlite:///{tmp_path}/index.db"))
+        while (job := other.claim(name)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 12
+    db.dispose()
+
+
+# -- PostgreSQL (a throw-away cluster on a Unix socket) -----------------------------------------
+def _pg_bin() -> Path | None:
+    base = Path("/usr/lib/postgresql")
+    if not base.exists():
+        return None
+    versions = sorted(base.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 0)
+    for v in reversed(versions):
+        if (v / "bin" / "initdb").exists():
+            return v / "bin"
+    return None
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    """A PostgreSQL server of its own (initdb + pg_ctl, socket only); skipped without it."""
+    pytest.importorskip("psycopg2")
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="spine-node-pg-"))  # postgres must reach it
+    base.chmod(0o755)
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U",
+                    "spine", "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l",
+                    str(base / "pg.log"), "-o", f"-k {sock} -c listen_addresses='' -F",
+                    "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://spine@/postgres?host={sock}"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_index_and_queue_on_postgresql(postgres_url):
+    db = Database(postgres_url)
+    assert db.upgrade() == "0001"
+    try:
+        _exercise(db)
+        # SKIP LOCKED: a claim while another transaction holds the only queued row gets None.
+        index, queue = Index(db), JobQueue(db)
+        index.add_instance(_record(1, series="1.9.1"))
+        [series] = [s for s in index.stable_series(utcnow() + dt.timedelta(seconds=1))
+                    if s.series_instance_uid == "1.9.1"]
+        index.schedule_series(series, skip_reason=None)
+        with db.engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT id FROM jobs WHERE state = 'queued' FOR UPDATE"))
+            assert queue.claim("w-other") is None
+        assert queue.claim("w-other") is not None
+    finally:
+        db.dispose()
