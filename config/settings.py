@@ -128,6 +128,9 @@ class SelectionSettings(_Section):
 
 class PipelineSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: ``module:function`` the worker calls as ``analyse(series, device=...)``.
+    entry_point: str = Field("pipeline.run:analyse",
+                             pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class WorkerSettings(_Section):

@@ -17,7 +17,8 @@ import time
 import weakref
 from collections.abc import Sequence
 
-from prometheus_client import Counter
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import GaugeMetricFamily
 
 from dicom_node.logging import get_logger
 from dicom_node.scu import Peer, StoreError, Timeouts, store_files
@@ -29,6 +30,41 @@ log = get_logger("spine_node.exporter")
 
 DELIVERIES = Counter("spine_node_deliveries", "Delivery attempts by outcome",
                      ["destination", "outcome"])  # delivered | retry | dead
+
+
+
+class DeliveriesCollector:
+    """``spine_node_deliveries_by_state{state=...}``, read from the database at scrape time
+    (right across processes and restarts; a dead delivery needs a person: alert on it)."""
+
+    def __init__(self, queue: DeliveryQueue):
+        self.queue = queue
+
+    def collect(self):
+        family = GaugeMetricFamily("spine_node_deliveries_by_state", "Deliveries by state",
+                                   labels=["state"])
+        try:
+            counts = self.queue.counts()
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is down
+            counts = {}
+        for state in ("pending", "delivered", "dead"):
+            family.add_metric([state], counts.get(state, 0))
+        yield family
+
+
+_collector: DeliveriesCollector | None = None
+
+
+def _register_collector(queue: DeliveryQueue) -> None:
+    global _collector
+    if _collector is not None:
+        try:
+            REGISTRY.unregister(_collector)
+        except KeyError:
+            pass
+    _collector = DeliveriesCollector(queue)
+    REGISTRY.register(_collector)
+
 
 #: Deliveries sent per association (one job's SEG, SR and key image fit in one).
 BATCH = 8
@@ -70,6 +106,7 @@ class Exporter:
             t.start()
             self._threads.append(t)
         _running.add(self)
+        _register_collector(self.queue)
         log.info("exporter started", extra={"destinations": ",".join(self.peers) or "-"})
         return self
 

@@ -136,11 +136,15 @@ class StorageSCP:
         server, self.server = self.server, None
         server.shutdown()
         deadline = time.monotonic() + timeout_s
-        while server.active_associations and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            # Connections that never sent an A-ASSOCIATE-RQ (port probes) are not waited for.
+            if not any(a.is_established for a in server.active_associations):
+                break
             time.sleep(0.05)
         for assoc in server.active_associations:
-            log.warning("aborting association at shutdown",
-                        extra={"calling_ae": assoc.requestor.ae_title})
+            if assoc.is_established:
+                log.warning("aborting association at shutdown",
+                            extra={"calling_ae": assoc.requestor.ae_title})
             assoc.abort()
 
     # -- association -----------------------------------------------------------------------
@@ -157,6 +161,7 @@ class StorageSCP:
             return
         # Rejected permanent, by the service user, with the diagnostic above (PS3.8 9.3.4).
         assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
         metrics.ASSOCIATIONS.labels("rejected").inc()
         log.warning("association rejected", extra={"calling_ae": calling, "peer": host,
                                                    "reason": reason})

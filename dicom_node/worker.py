@@ -125,12 +125,16 @@ class Worker:
         except SeriesLoadError as exc:
             raise JobFailed(f"cannot load the series: {exc}") from exc
 
-        analyse = self._analyse or _import_optional("pipeline.run", "analyse",
-                                                    "the analysis pipeline (pipeline.run)")
+        module, _, attr = self.settings.pipeline.entry_point.partition(":")
+        analyse = self._analyse or _import_optional(module, attr,
+                                                    f"the analysis pipeline ({module})")
         if analyse is None:
-            raise JobFailed("the analysis pipeline is not installed: "
-                            "No module named 'pipeline.run'")
-        result = analyse(series, device=self.settings.pipeline.device)
+            raise JobFailed(f"the analysis pipeline is not installed: No module named "
+                            f"'{module}'")
+        try:
+            result = analyse(series, device=self.settings.pipeline.device)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise JobFailed(f"analysis failed: {type(exc).__name__}: {exc}") from exc
 
         summary = result.summary() if hasattr(result, "summary") else dict(result)
         relpath = self.store.result_relpath(job.study_instance_uid, job.series_instance_uid,
@@ -142,8 +146,11 @@ class Worker:
         publish = self._publish or _import_optional("dicom_node.results", "publish",
                                                     "result publishing (dicom_node.results)")
         if publish is not None:
-            publish(job=job, series=series, result=result, index=self.index,
-                    store=self.store, settings=self.settings)
+            try:
+                publish(job=job, series=series, result=result, index=self.index,
+                        store=self.store, settings=self.settings)
+            except ValueError as exc:  # e.g. nothing to build: no vertebra found
+                raise JobFailed(f"results not published: {exc}") from exc
 
 
 def start_worker_threads(worker_factory: Callable[[], Worker], count: int) -> list[

@@ -176,28 +176,37 @@ def localization_report(cases: Sequence[CaseLocalization]) -> dict[str, Any]:
     return report
 
 
-def evaluate_localization(seeds: Iterable[int], device: str = "auto", model: Any = None,
-                          log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Phantoms of ``seeds`` (their randomised acquisition grid) through :func:`localize`."""
+def compare_localization(seeds: Iterable[int], models: dict[str, Any], device: str = "auto",
+                         log: Callable[[str], None] = lambda s: None) -> dict[str, dict[str, Any]]:
+    """Phantoms of ``seeds`` (their randomised acquisition grid) through :func:`localize` with
+    each of ``models`` (name -> module with ``.meta``, or ``None`` for the shipped weights);
+    each phantom is generated once. Returns name -> localization report."""
     from pipeline.localization.inference import localize
     from pipeline.phantom import generate
 
-    cases = []
+    cases: dict[str, list[CaseLocalization]] = {name: [] for name in models}
     for seed in seeds:
         ph = generate(seed)
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        found = localize(ph.ct, device=device, model=model, timings=timings)
-        runtime = time.perf_counter() - t0
-        case = localization_case(ph.gt["vertebrae"], found, seed)
-        case.runtime_s = round(runtime, 3)
-        case.extra = {"size": list(ph.ct.GetSize()), "spacing": [round(s, 3) for s in ph.ct.GetSpacing()],
-                      "timings_s": {k: round(v, 3) for k, v in timings.items()}}
-        log(f"seed {seed}: {case.identified}/{case.n_required} identified, "
-            f"mean error {np.mean(list(case.errors_mm.values())) if case.errors_mm else float('nan'):.2f} mm, "
-            f"fp {case.false_positives}, {runtime:.2f} s")
-        cases.append(case)
-    return localization_report(cases)
+        for name, model in models.items():
+            timings: dict[str, float] = {}
+            t0 = time.perf_counter()
+            found = localize(ph.ct, device=device, model=model, timings=timings)
+            runtime = time.perf_counter() - t0
+            case = localization_case(ph.gt["vertebrae"], found, seed)
+            case.runtime_s = round(runtime, 3)
+            case.extra = {"size": list(ph.ct.GetSize()), "spacing": [round(s, 3) for s in ph.ct.GetSpacing()],
+                          "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+            log(f"{name} seed {seed}: {case.identified}/{case.n_required} identified, mean error "
+                f"{np.mean(list(case.errors_mm.values())) if case.errors_mm else float('nan'):.2f} mm, "
+                f"missed {case.missed}, fp {case.false_positives}, {runtime:.2f} s")
+            cases[name].append(case)
+    return {name: localization_report(c) for name, c in cases.items()}
+
+
+def evaluate_localization(seeds: Iterable[int], device: str = "auto", model: Any = None,
+                          log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Phantoms of ``seeds`` through :func:`localize` (``model``: default the shipped weights)."""
+    return compare_localization(seeds, {"localization": model}, device, log)["localization"]
 
 
 def evaluate(seeds: Iterable[int], device: str = "auto", json_path: Path | None = None,
@@ -210,14 +219,221 @@ def evaluate(seeds: Iterable[int], device: str = "auto", json_path: Path | None 
     return report
 
 
+# ---- segmentation and grading (issue 5; paper section 3.3, eq. 20-26) ------------------------------
+#
+# Per vertebra, on the study's own acquisition grid (the label map that ``process`` writes):
+# - ``dice`` (eq. 20), ``precision`` (eq. 21) and ``recall`` (eq. 22) are the paper's voxel
+#   overlaps of each true vertebra with the predicted vertebra of the same label; the localization
+#   report's detection precision/recall move to ``detection_precision`` / ``detection_recall``.
+# - ``assd_mm`` (eq. 23-24) and ``mssd_mm`` (eq. 25-26): surface distances in mm (surface = the
+#   mask's voxels with a 6-neighbour outside), by Euclidean distance transforms with the grid's
+#   spacing. A true vertebra without a prediction of its label counts Dice 0 and has no distance.
+# Means first over the case's non-partial vertebrae, then over cases (DESIGN.md).
+# - ``fracture_sensitivity`` / ``fracture_specificity``: per vertebra, pooled over all cases (a
+#   case without a fracture has no sensitivity of its own); a missed true vertebra counts as
+#   called normal.
+# - ``genant_exact``: share of vertebrae whose grade equals the truth; ``genant_weighted_kappa``:
+#   Cohen's kappa with QUADRATIC weights over grades 0-3, pooled (``genant_weighted_kappa_linear``
+#   beside it). Partial vertebrae are left out of all of these.
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Sequence[float]) -> tuple[float, float] | None:
+    """(ASSD, MSSD) in mm of two boolean masks (eq. 23-26); ``None`` if either is empty."""
+    from scipy import ndimage
+
+    if not pred.any() or not gt.any():
+        return None
+    sp, sg = _surface(pred), _surface(gt)
+    dg = ndimage.distance_transform_edt(~sg, sampling=spacing_zyx)
+    dp = ndimage.distance_transform_edt(~sp, sampling=spacing_zyx)
+    a, b = dg[sp], dp[sg]
+    return float((a.sum() + b.sum()) / (len(a) + len(b))), float(max(a.max(), b.max()))
+
+
+def segmentation_case(pred_labels: np.ndarray, gt_labels: np.ndarray, spacing_zyx: Sequence[float],
+                      gt_vertebrae: Sequence[dict]) -> dict[str, Any]:
+    """Per-vertebra Dice, precision, recall, ASSD, MSSD of one case (arrays ``[z, y, x]``)."""
+    per: dict[str, dict[str, float | None]] = {}
+    for v in gt_vertebrae:
+        if v.get("partial"):
+            continue
+        lab = int(v["label"])
+        g = gt_labels == lab
+        if not g.any():
+            continue
+        idx = np.argwhere(g | (pred_labels == lab))
+        lo = np.maximum(idx.min(0) - 3, 0)
+        hi = idx.max(0) + 4
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        gb, pb = gt_labels[box] == lab, pred_labels[box] == lab
+        tp, fp, fn = int((gb & pb).sum()), int((~gb & pb).sum()), int((gb & ~pb).sum())
+        dist = surface_distances(pb, gb, spacing_zyx)
+        per[v["name"]] = {"dice": 2 * tp / (2 * tp + fp + fn), "precision": tp / (tp + fp) if tp + fp else 0.0,
+                          "recall": tp / (tp + fn), "assd_mm": None if dist is None else dist[0],
+                          "mssd_mm": None if dist is None else dist[1]}
+    return per
+
+
+def weighted_kappa(truth: Sequence[int], pred: Sequence[int], n: int = 4, weights: str = "quadratic") -> float | None:
+    """Cohen's weighted kappa of two gradings in 0..n-1 (``quadratic`` or ``linear`` weights)."""
+    if not truth:
+        return None
+    obs = np.zeros((n, n))
+    for a, b in zip(truth, pred):
+        obs[int(a), int(b)] += 1
+    obs /= obs.sum()
+    exp = np.outer(obs.sum(1), obs.sum(0))
+    i, j = np.mgrid[0:n, 0:n]
+    w = ((i - j) ** 2 if weights == "quadratic" else np.abs(i - j)) / ((n - 1) ** 2 if weights == "quadratic" else n - 1)
+    den = (w * exp).sum()
+    return float(1.0 - (w * obs).sum() / den) if den > 0 else 1.0
+
+
+def grading_pairs(gt_vertebrae: Sequence[dict], findings: Sequence[Any]) -> list[dict[str, Any]]:
+    """(truth, prediction) per non-partial true vertebra; a vertebra not found is normal, grade 0."""
+    by_label = {int(_field(f, "label")): f for f in findings}
+    out = []
+    for v in gt_vertebrae:
+        if v.get("partial"):
+            continue
+        f = by_label.get(int(v["label"]))
+        out.append({"name": v["name"], "gt_fractured": bool(v["fractured"]), "gt_grade": int(v["genant_grade"]),
+                    "gt_morphology": v.get("morphology"),
+                    "fractured": bool(f.fractured) if f is not None else False,
+                    "grade": int(f.genant_grade) if f is not None else 0,
+                    "morphology": f.morphology.value if f is not None else None,
+                    "found": f is not None,
+                    "gt_heights_mm": v.get("heights_mm"),
+                    "heights_mm": f.heights_mm.as_dict() if f is not None and f.heights_mm else None,
+                    "source": f.grading_source if f is not None else None})
+    return out
+
+
+def segmentation_grading_report(seg_cases: Sequence[dict], grade_cases: Sequence[list]) -> dict[str, Any]:
+    def case_mean(key: str) -> float | None:
+        return _mean(_mean(v[key] for v in c.values()) for c in seg_cases if c)
+
+    pairs = [p for c in grade_cases for p in c]
+    pos = [p for p in pairs if p["gt_fractured"]]
+    neg = [p for p in pairs if not p["gt_fractured"]]
+    t = [p["gt_grade"] for p in pairs]
+    g = [p["grade"] for p in pairs]
+    return {
+        "dice": case_mean("dice"), "assd_mm": case_mean("assd_mm"), "mssd_mm": case_mean("mssd_mm"),
+        "precision": case_mean("precision"), "recall": case_mean("recall"),
+        "fracture_sensitivity": sum(p["fractured"] for p in pos) / len(pos) if pos else None,
+        "fracture_specificity": sum(not p["fractured"] for p in neg) / len(neg) if neg else None,
+        "genant_exact": sum(a == b for a, b in zip(t, g)) / len(t) if t else None,
+        "genant_weighted_kappa": weighted_kappa(t, g, weights="quadratic"),
+        "genant_weighted_kappa_linear": weighted_kappa(t, g, weights="linear"),
+        "genant_kappa_weights": "quadratic",
+        "vertebrae_graded": len(pairs), "fractured_vertebrae": len(pos),
+        "dice_min": min((v["dice"] for c in seg_cases for v in c.values()), default=None),
+    }
+
+
+def evaluate_pipeline(seeds: Iterable[int], device: str = "auto", json_path: Path | None = None,
+                      gt_centroids: bool = False, models: dict[str, Any] | None = None,
+                      log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Phantoms of ``seeds`` through :func:`pipeline.run.analyse` (the whole pipeline, as
+    ``process`` runs it, on the phantom's acquisition grid in memory); every contract key.
+
+    ``gt_centroids``: start from the true centroids instead of the localization (evaluates the
+    segmentation and grading alone; the localization keys are then those of the truth).
+    """
+    import SimpleITK as sitk
+
+    from pipeline.phantom import generate
+    from pipeline.run import analyse
+
+    seeds = list(seeds)
+    loc_cases, seg_cases, grade_cases, runtimes = [], [], [], []
+    for seed in seeds:
+        ph = generate(seed)
+        series = _PhantomSeries(ph)
+        cents = None
+        if gt_centroids:
+            cents = [_Centroid(int(v["label"]), tuple(v["centroid_mm"]), bool(v.get("partial")))
+                     for v in ph.gt["vertebrae"]]
+        t0 = time.perf_counter()
+        result = analyse(series, device=device, models=models, centroids=cents)
+        runtime = time.perf_counter() - t0
+        runtimes.append(runtime)
+        loc = localization_case(ph.gt["vertebrae"], result.vertebrae, seed)
+        loc.runtime_s = round(runtime, 3)
+        loc_cases.append(loc)
+        pred = sitk.GetArrayFromImage(result.label_map)
+        gt = sitk.GetArrayFromImage(ph.labels)
+        seg = segmentation_case(pred, gt, ph.ct.GetSpacing()[::-1], ph.gt["vertebrae"])
+        seg_cases.append(seg)
+        pairs = grading_pairs(ph.gt["vertebrae"], result.vertebrae)
+        grade_cases.append(pairs)
+        loc.extra = {"segmentation": seg, "grading": pairs,
+                     "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()}}
+        dices = [v["dice"] for v in seg.values()]
+        log(f"seed {seed}: {loc.identified}/{loc.n_required} identified, dice "
+            f"{np.mean(dices) if dices else float('nan'):.4f}, grades "
+            f"{[(p['name'], p['gt_grade'], p['grade']) for p in pairs if p['gt_grade'] or p['grade']]}, "
+            f"{runtime:.1f} s")
+    report = localization_report(loc_cases)
+    report["detection_precision"] = report["precision"]
+    report["detection_recall"] = report["recall"]
+    report.update(segmentation_grading_report(seg_cases, grade_cases))
+    report["timings_s"] = {"analyse_mean": _mean(runtimes), "analyse_max": max(runtimes) if runtimes else None}
+    report["seeds"] = seeds
+    report["centroids"] = "ground truth" if gt_centroids else "localization"
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+@dataclass
+class _Centroid:
+    label: int
+    centroid_mm: tuple[float, float, float]
+    partial: bool = False
+
+
+class _PhantomSeries:
+    """The in-memory phantom as :func:`pipeline.run.analyse` expects a loaded series."""
+
+    def __init__(self, ph: Any) -> None:
+        import SimpleITK as sitk
+
+        self.image = sitk.Cast(ph.ct, sitk.sitkFloat32)
+        self.study_instance_uid = ph.gt.get("study_instance_uid", "")
+        self.series_instance_uid = ph.gt.get("series_instance_uid", "")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="evaluate the pipeline on phantom seeds")
     ap.add_argument("--seeds", default="9001-9010")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--models", nargs="*", type=Path,
+                    help="localization weight files to compare (e.g. the ablation arms) instead of the shipped model")
     args = ap.parse_args(argv)
+    keys = REPORT_KEYS + ("errors_over_mm", "false_positive_vertebrae", "timings_s")
+    if args.models:
+        import torch
+
+        from pipeline.registry import build_from_checkpoint
+
+        models = {str(p): build_from_checkpoint(torch.load(p, map_location="cpu", weights_only=True))
+                  for p in args.models}
+        reports = compare_localization(parse_seeds(args.seeds), models, args.device, log=print)
+        if args.json:
+            args.json.write_text(json.dumps(reports, indent=2) + "\n")
+        print(json.dumps({n: {k: r[k] for k in keys} for n, r in reports.items()}, indent=2))
+        return
     report = evaluate(parse_seeds(args.seeds), args.device, args.json, log=print)
-    print(json.dumps({k: report[k] for k in REPORT_KEYS + ("errors_over_mm", "false_positive_vertebrae", "timings_s")}, indent=2))
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
 
 
 if __name__ == "__main__":

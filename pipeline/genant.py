@@ -150,22 +150,22 @@ def heights_from_mask(prob_rc: np.ndarray, spacing_mm: float, threshold: float =
 
     ``prob_rc`` is the vertebra's foreground probability (or a 0/1 mask) on a
     :class:`pipeline.keypoints.plane.SagittalPlane`: rows along the spine axis, columns
-    anterior -> posterior, square pixels of ``spacing_mm``. The vertebral body is the largest
-    connected part of the thresholded plane (the canal separates it from the posterior
-    elements in the mid-sagittal plane). Heights are taken, like the keypoints, at
+    anterior -> posterior, square pixels of ``spacing_mm``. The vertebral body is the most anterior
+    large connected part of the thresholded plane (the canal separates it from the posterior
+    elements in the mid-sagittal plane; :func:`pipeline.keypoints.plane.body_mask`). Heights are taken, like the keypoints, at
     ``-edge_fraction``, 0 and ``+edge_fraction`` of the body's half depth from its centre; each
     is the sum of the probability down that column inside the (slightly dilated) body, so that
     partial-volume edges count by their fraction. ``None`` when no body is found.
     """
     from scipy import ndimage
 
+    from pipeline.keypoints.plane import body_mask
+
     prob = np.clip(np.asarray(prob_rc, dtype=np.float64), 0.0, 1.0)
     m = prob > threshold
     if m.sum() < 4:
         return None
-    lab, n = ndimage.label(m)
-    sizes = ndimage.sum(m, lab, index=np.arange(1, n + 1))
-    body = lab == (int(np.argmax(sizes)) + 1)
+    body = body_mask(m)
     cols = np.nonzero(body.any(axis=0))[0]
     cmin, cmax = float(cols.min()), float(cols.max())
     centre, half = (cmin + cmax) / 2.0, (cmax - cmin + 1.0) / 2.0

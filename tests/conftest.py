@@ -218,6 +218,7 @@ class NodeProcess:
     log_path: Path
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
+    _log_offset: int = 0
 
     @property
     def port(self) -> int:
@@ -236,6 +237,7 @@ class NodeProcess:
         return Path(self.config["storage"]["root"])
 
     def start(self, timeout: float = 60.0) -> "NodeProcess":
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
@@ -252,12 +254,10 @@ class NodeProcess:
         raise TimeoutError("spine-node serve did not become ready:\n" + self.log())
 
     def _ready(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                pass
-        except OSError:
-            return False
-        return True
+        # "node ready" is logged once SCP, scheduler, workers and HTTP are all up.
+        with open(self.log_path, "rb") as fh:
+            fh.seek(self._log_offset)
+            return b"node ready" in fh.read()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

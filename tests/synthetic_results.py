@@ -156,7 +156,17 @@ def write_series(out_dir: Path, *, seed: int = 0) -> tuple[list[Path], str, str]
     return paths, study_uid, series_uid
 
 
-def load(paths: list[Path]) -> SyntheticSeries:
+def load(paths: list[Path]):
+    """The series as ``pipeline.series_loader.load_series`` gives it (a stand-in reader where
+    that module is not in the checkout)."""
+    try:
+        from pipeline.series_loader import load_series
+    except ImportError:
+        return _load(paths)
+    return load_series(paths)
+
+
+def _load(paths: list[Path]) -> SyntheticSeries:
     """Read the series back like the series loader does (sorted along z, HU float32)."""
     dsets = sorted((pydicom.dcmread(p) for p in paths), key=lambda d: float(d.ImagePositionPatient[2]))
     arr = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept)

@@ -38,11 +38,11 @@ function OnStableSeries(seriesId, tags, metadata)
     return
   end
 
-  local job = ParseJson(RestApiPost('/modalities/' .. TARGET .. '/store', DumpJson({
+  local answer = RestApiPost('/modalities/' .. TARGET .. '/store', DumpJson({
     Resources = { seriesId },
     Asynchronous = true,
-    Priority = 0,
-  }, true)))
+  }))
+  local job = (answer and ParseJson(answer)) or {}
   print('spine-node routing: series ' .. (tags['SeriesInstanceUID'] or seriesId) ..
-        ' (' .. modality .. ') -> ' .. TARGET .. ', job ' .. (job['ID'] or '?'))
+        ' (' .. modality .. ') -> ' .. TARGET .. ', job ' .. (job['ID'] or 'not created'))
 end

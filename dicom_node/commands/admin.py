@@ -6,7 +6,6 @@ while it is down. Actions (rerun, resend, db upgrade) are written to the audit t
 from __future__ import annotations
 
 import getpass
-import importlib
 import json
 import re
 import time
@@ -106,18 +105,15 @@ def resend(study_uid: str = typer.Argument(..., help="Study Instance UID"),
     uid = _study_uid(study_uid)
     ctx = _open(config)
     try:
-        n = None
         try:
-            deliveries = importlib.import_module("storage.deliveries")
+            from storage.deliveries import DeliveryQueue, DestinationWants
         except ModuleNotFoundError as exc:
             if exc.name != "storage.deliveries":
                 raise
-            deliveries = None
-        fn = getattr(deliveries, "requeue_study", None) if deliveries else None
-        if fn is not None:
-            n = fn(ctx.db, uid, ctx.settings)
-        if n is None:
             n = ctx.index.requeue_deliveries(uid)
+        else:
+            n = DeliveryQueue(ctx.db).resend(
+                uid, DestinationWants.from_settings(ctx.settings.destinations))
         ctx.index.audit("resend", _actor(), "success" if n else "nothing",
                         {"study_instance_uid": uid, "deliveries": n})
     finally:

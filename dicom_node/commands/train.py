@@ -33,11 +33,12 @@ def seeds_option(spec: str) -> list[int]:
 @train_app.command("localization")
 def localization(
     data: str = typer.Option("phantom", help="'phantom' or a directory in VerSe layout."),
-    seeds: str = typer.Option("1-40", help="Phantom training seeds, e.g. 1-40 (never 9001-9010)."),
-    val_seeds: str = typer.Option("8001-8003", help="Phantom validation seeds."),
+    seeds: str = typer.Option("1-200", help="Phantom training seeds (never 9001-9010)."),
+    val_seeds: str = typer.Option("8001-8004", help="Phantom validation seeds."),
     iterations: int = typer.Option(2000, help="Training iterations (batches)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
     out: Path = typer.Option(Path("runs/localization"), help="Run directory (checkpoints, log)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache of prepared phantom volumes (default: OUT/../cache)."),
     variant: str = typer.Option("mscn", help="mscn | scn | ln | gn | lngn (ablation arms)."),
     spacing_mm: float = typer.Option(4.0, help="Isotropic grid of the network (mm)."),
     patch: str = typer.Option("64,48,48", help="Training/inference patch z,y,x (voxels)."),
@@ -45,6 +46,7 @@ def localization(
     optimizer: str = typer.Option("adam", help="adam | sgd (the paper's)."),
     lr: float = typer.Option(1e-3, help="Learning rate (paper: SGD 1e-4)."),
     base: int = typer.Option(8, help="Channels of the first LN level."),
+    fg_weight: float = typer.Option(0.0, help="Foreground weight of the loss (0: the paper's plain Smooth-L1)."),
     val_every: int = typer.Option(100, help="Validate every N iterations."),
     time_limit_min: Optional[float] = typer.Option(None, help="Stop (and validate) after this many minutes."),
     threads: int = typer.Option(1, help="torch CPU threads."),
@@ -56,11 +58,11 @@ def localization(
     from pipeline.registry import install_weights
 
     cfg = TrainConfig(
-        out_dir=out, data=data, seeds=seeds_option(seeds) if data == "phantom" else (),
+        out_dir=out, cache_dir=cache_dir, data=data, seeds=seeds_option(seeds) if data == "phantom" else (),
         val_seeds=seeds_option(val_seeds) if data == "phantom" else (), iterations=iterations,
         resume=resume, variant=variant, spacing_mm=spacing_mm,
         patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr,
-        base=base, val_every=val_every, threads=threads, seed=seed,
+        base=base, fg_weight=fg_weight, val_every=val_every, threads=threads, seed=seed,
         time_limit_s=None if time_limit_min is None else 60 * time_limit_min)
     best = train(cfg, log=typer.echo)
     typer.echo(f"best weights: {best}")

@@ -117,17 +117,37 @@ def body_centre(fg_image: sitk.Image, centroid_mm: Sequence[float], up: Sequence
                 ) -> tuple[float, float, float]:
     """Centre of the vertebral body on the mid-sagittal plane of a foreground map.
 
-    The body is the largest connected part of the thresholded plane (the posterior
-    elements are separated from it by the canal). Falls back to the centroid when nothing is found.
+    The body is the most anterior of the large connected parts of the thresholded plane (the
+    canal separates it from the posterior elements, and a thoracic spinous process can be the
+    larger part of the mid-sagittal slice). Falls back to the centroid when nothing is found.
     """
-    from scipy import ndimage
-
     n = int(round(field_mm / spacing_mm))
     plane = sagittal_plane(centroid_mm, up, n, spacing_mm)
-    m = plane.sample(fg_image) > threshold
-    lab, k = ndimage.label(m)
-    if k == 0:
+    rc = body_component_centre(plane.sample(fg_image) > threshold)
+    if rc is None:
         return tuple(float(v) for v in centroid_mm)
-    sizes = ndimage.sum(m, lab, index=np.arange(1, k + 1))
-    rr, cc = np.nonzero(lab == int(np.argmax(sizes)) + 1)
-    return plane.to_mm((float(rr.mean()), float(cc.mean())))
+    return plane.to_mm(rc)
+
+
+def body_mask(mask_rc: np.ndarray, min_share: float = 0.3) -> np.ndarray | None:
+    """The vertebral body in a mid-sagittal mask (rows up the spine, columns anterior -> posterior):
+    of the connected parts at least ``min_share`` as large as the largest, the most anterior."""
+    from scipy import ndimage
+
+    lab, k = ndimage.label(mask_rc)
+    if k == 0:
+        return None
+    sizes = ndimage.sum(mask_rc, lab, index=np.arange(1, k + 1))
+    cols = ndimage.mean(np.broadcast_to(np.arange(mask_rc.shape[1]), mask_rc.shape), lab,
+                        index=np.arange(1, k + 1))
+    big = [i for i in range(k) if sizes[i] >= min_share * sizes.max()]
+    best = min(big, key=lambda i: cols[i])
+    return lab == best + 1
+
+
+def body_component_centre(mask_rc: np.ndarray) -> tuple[float, float] | None:
+    body = body_mask(mask_rc)
+    if body is None:
+        return None
+    rr, cc = np.nonzero(body)
+    return float(rr.mean()), float(cc.mean())

@@ -101,8 +101,7 @@ def verse_cases(root: Path, spacing_mm: float) -> Iterator[Case]:
     from pipeline.verse import iter_verse_cases
 
     for i, vc in enumerate(iter_verse_cases(Path(root))):
-        name = getattr(vc, "name", None) or f"verse-{i}"
-        yield make_case(str(name), vc.ct, vc.centroids_mm, spacing_mm)
+        yield make_case(vc.case_id or f"verse-{i}", vc.ct, vc.centroids_mm, spacing_mm)
 
 
 def cached_phantom_cases(seeds: Iterable[int], spacing_mm: float, cache_dir: Path,
@@ -143,7 +142,7 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence[Case], patch: Sequence[int], sigma_vox: float, seed: int,
                  rotate_deg: float = 10.0, scale: float = 0.1, flip: bool = True,
-                 intensity: float = 0.1, spine_bias: float = 0.9) -> None:
+                 intensity: float = 0.1, spine_bias: float = 0.9, amplitude: float = 1.0) -> None:
         if not cases:
             raise ValueError("no training cases")
         self.cases = list(cases)
@@ -152,6 +151,7 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
         self.rotate = math.radians(rotate_deg)
         self.scale, self.flip, self.intensity, self.spine_bias = scale, flip, intensity, spine_bias
+        self.amplitude = float(amplitude)
         grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in self.patch], indexing="ij")
         self._out = torch.stack(grids, -1).reshape(-1, 3)  # output voxel indices [z, y, x]
         self._out_center = (np.array(self.patch) - 1) / 2
@@ -179,7 +179,7 @@ class PatchSampler:
             x = x * rng.uniform(1 - self.intensity, 1 + self.intensity) + rng.uniform(-self.intensity, self.intensity)
         inv = np.linalg.inv(a)
         centers = (case.centers - c_in) @ inv.T + self._out_center
-        return x, gaussian_heatmaps(self.patch, centers, self.sigma)
+        return x, gaussian_heatmaps(self.patch, centers, self.sigma, self.amplitude)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*(self.sample() for _ in range(n)))

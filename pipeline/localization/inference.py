@@ -40,7 +40,7 @@ class LocalizedVertebra:
         label: VerSe label number.
         name: level name (``"L1"``).
         centroid_mm: patient LPS millimetres.
-        score: peak height of the heatmap (about 1 for a confident detection).
+        score: peak height of the heatmap in units of the target peak (about 1 when confident).
         partial: the vertebra seems cut by the field of view (its centroid lies within half a
             vertebra of the first or last slice).
     """
@@ -191,7 +191,7 @@ def localize(image: sitk.Image, device: str = "auto", model: torch.nn.Module | N
     prep = prepare(image, float(meta.get("spacing_mm", 4.0)))
     t2 = time.perf_counter()
     heatmaps = predict_heatmaps(model, prep.array, meta.get("patch", (64, 64, 64)), prep.pad_value,
-                                float(meta.get("overlap", 0.25)), dev)
+                                float(meta.get("overlap", 0.25)), dev) / float(meta.get("amplitude", 1.0))
     t3 = time.perf_counter()
     found = decode(heatmaps, prep, float(meta.get("threshold", 0.3)))
     if timings is not None:

@@ -40,12 +40,14 @@ ID_RADIUS_MM = 20.0
 class TrainConfig:
     out_dir: Path
     data: str = "phantom"                   # "phantom" or a VerSe-layout directory
-    seeds: Sequence[int] = tuple(range(1, 41))
-    val_seeds: Sequence[int] = (8001, 8002, 8003)
+    seeds: Sequence[int] = tuple(range(1, 201))
+    val_seeds: Sequence[int] = (8001, 8002, 8003, 8004)
     cache_dir: Path | None = None           # default: out_dir/../cache
     spacing_mm: float = 4.0
     patch: Sequence[int] = (64, 48, 48)     # z, y, x voxels
     sigma_mm: float = 6.0
+    amplitude: float = 1.0                  # peak of the target Gaussians
+    fg_weight: float = 0.0                  # foreground weighting of the loss (0: the paper's)
     variant: str = "mscn"
     base: int = 8
     iterations: int = 2000
@@ -75,13 +77,24 @@ class TrainConfig:
         return d
 
 
-def heatmap_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 (eq. 9, sigma 1), summed over channels and voxels, mean over the batch."""
-    return F.smooth_l1_loss(pred, target, reduction="sum", beta=1.0) / pred.shape[0]
+def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, fg_weight: float = 0.0) -> torch.Tensor:
+    """Smooth-L1 (eq. 9, sigma 1), summed over channels and voxels, mean over the batch.
+
+    ``fg_weight`` > 0 weighs each voxel by ``1 + fg_weight * target / max(target)``: the few voxels
+    near a centroid count more than the sea of background, which shortens the phase in which
+    an all-zero output is the network's best answer (the paper's loss: 0).
+    """
+    loss = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0)
+    if fg_weight:
+        loss = loss * (1 + fg_weight * target / target.amax().clamp_min(1e-6))
+    return loss.sum() / pred.shape[0]
 
 
 def case_detections(heatmaps: np.ndarray, case: Case, threshold: float) -> dict[int, np.ndarray]:
-    """Decoded detections of a case in grid millimetres: level order -> [x, y, z] (z cranial)."""
+    """Decoded detections of a case in grid millimetres: level order -> [x, y, z] (z cranial).
+
+    ``heatmaps`` in units of the target peak (divided by the amplitude).
+    """
     positions, values = channel_peaks(heatmaps)
     orders = [k for k in range(len(values)) if values[k] >= threshold]
     if not orders:
@@ -113,7 +126,7 @@ def case_score(found: dict[int, np.ndarray], case: Case) -> dict[str, float]:
 
 def validate(model: torch.nn.Module, cases: Sequence[Case], cfg: TrainConfig) -> dict[str, Any]:
     """Whole-volume inference on the validation cases; the threshold with the lowest penalty."""
-    maps = [predict_heatmaps(model, c.array, cfg.patch, c.pad_value, cfg.overlap) for c in cases]
+    maps = [predict_heatmaps(model, c.array, cfg.patch, c.pad_value, cfg.overlap) / cfg.amplitude for c in cases]
     best = None
     for t in THRESHOLDS:
         scores = [case_score(case_detections(h, c, t), c) for h, c in zip(maps, cases)]
@@ -178,7 +191,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=cfg.plateau_factor,
                                                        patience=cfg.plateau_patience)
     sigma_vox = cfg.sigma_mm / cfg.spacing_mm
-    sampler = PatchSampler(train_cases, cfg.patch, sigma_vox, cfg.seed, rotate_deg=cfg.rotate_deg)
+    sampler = PatchSampler(train_cases, cfg.patch, sigma_vox, cfg.seed, rotate_deg=cfg.rotate_deg,
+                           amplitude=cfg.amplitude)
     start, history, best_score = 0, [], math.inf
     last = out / "last.pt"
     if cfg.resume and last.exists():
@@ -196,7 +210,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
 
     def meta(threshold: float) -> dict[str, Any]:
         return {"spacing_mm": cfg.spacing_mm, "patch": list(cfg.patch), "overlap": cfg.overlap,
-                "sigma_mm": cfg.sigma_mm, "threshold": threshold, "levels": [lv.name for lv in LEVELS],
+                "sigma_mm": cfg.sigma_mm, "amplitude": cfg.amplitude, "threshold": threshold, "levels": [lv.name for lv in LEVELS],
                 "variant": cfg.variant, "trained_iterations": it, "data": cfg.data,
                 "train_seeds": list(cfg.seeds) if cfg.data == "phantom" else None}
 
@@ -206,7 +220,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
     model.train()
     while it < cfg.iterations:
         x, y = sampler.batch(cfg.batch)
-        loss = heatmap_loss(model(x), y)
+        loss = heatmap_loss(model(x), y, cfg.fg_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)

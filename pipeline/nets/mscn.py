@@ -235,6 +235,24 @@ class MSCN(nn.Module):
             dec = self.local.channels[::-1]
             self.glob = GlobalNet(spatial_dims, out_channels, out_channels, gn_channels, gn_kernels,
                                   norm, multi_filter, dec)
+        self._init_heads()
+
+    def _init_heads(self) -> None:
+        """Heatmap heads start near zero (the background), the global factor near tanh(1).
+
+        With both factors of ``H_L * tanh(H_G)`` near zero each one's gradient would vanish (a
+        saddle); starting ``tanh(H_G)`` at ~0.76 lets the LN learn from the first step and the GN
+        modulate it as it learns.
+        """
+        heads = [m.head for m in (self.local, self.glob) if m is not None]
+        if self.spatial is not None:
+            heads.append(self.spatial.head)
+        for head in heads:
+            nn.init.normal_(head.weight, std=1e-3)
+            nn.init.zeros_(head.bias)
+        factor = self.spatial if self.spatial is not None else (self.glob if self.variant != "gn" else None)
+        if factor is not None and self.local is not None:
+            nn.init.constant_(factor.head.bias, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.variant == "gn":

@@ -34,14 +34,16 @@ __all__ = ["AlgorithmInfo", "OutputIdentity", "ResultKind", "ResultObjects", "bu
 class ResultObjects:
     """The three DICOM results of one version of one analysis."""
 
-    seg: Dataset
+    #: None when no vertebra has voxels (a SEG needs at least one segment).
+    seg: Dataset | None
     sr: Dataset
     key_image: Dataset
     version: int = 1
 
     def items(self) -> Iterator[tuple[ResultKind, Dataset]]:
         """(kind, dataset) in delivery order: the SEG before the SR that references it."""
-        yield ResultKind.SEG, self.seg
+        if self.seg is not None:
+            yield ResultKind.SEG, self.seg
         yield ResultKind.SR, self.sr
         yield ResultKind.KEY_IMAGE, self.key_image
 
@@ -56,6 +58,18 @@ def _reported(findings: list[VertebraFinding]) -> list[VertebraFinding]:
     return sorted(findings, key=lambda f: level(f.label).order)
 
 
+def _present_labels(label_map) -> set[int]:  # noqa: ANN001 - SimpleITK.Image
+    """Labels with at least one voxel (bincount: linear time, no sort of the whole volume)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayViewFromImage(label_map)
+    if arr.dtype.kind not in "ui" or (arr.dtype.kind == "i" and arr.min() < 0):
+        return {int(v) for v in np.unique(arr) if v > 0}
+    counts = np.bincount(arr.ravel().astype(np.intp, copy=False))
+    return {int(v) for v in np.flatnonzero(counts) if v > 0}
+
+
 def build_outputs(
     series: "LoadedSeries",
     result: "AnalysisResult",
@@ -66,15 +80,13 @@ def build_outputs(
 
     Each object is in its own new series of the source study ("spine-node vN ..."); see
     :func:`pipeline.outputs.common.output_identity` for how the UIDs are made.
-    Raises ``ValueError`` when no vertebra was found (there is nothing to segment or report) or
-    when the label map is not on the source grid.
+    When no vertebra was found there is no SEG (it needs a segment); the SR (one "no vertebra
+    found" group) and the key image (no overlay) still say that the series was analysed.
+    Raises ``ValueError`` when the label map is not on the source grid.
     """
     from pipeline.outputs.key_image import build_key_image
     from pipeline.outputs.seg import build_seg, plan_segments
     from pipeline.outputs.sr import build_sr
-
-    import numpy as np
-    import SimpleITK as sitk
 
     algorithm = algorithm or AlgorithmInfo()
     headers = list(series.headers)
@@ -82,18 +94,18 @@ def build_outputs(
         raise ValueError("the series has no instances")
     source_uid = str(series.series_instance_uid)
     findings = _reported(list(result.vertebrae))
-    if not findings:
-        raise ValueError("no vertebra was found: no SEG/SR/key image to build")
     salt = algorithm.uid_salt
     tracks = {f.name: tracking_uid(source_uid, version, f.name, salt) for f in findings}
-    present = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(result.label_map)) if v}
+    present = _present_labels(result.label_map)
     segments = plan_segments(findings, present, tracks)
     unsegmented = [(f, tracks[f.name]) for f in findings if f.label not in present]
 
     seg = build_seg(headers, result.label_map, segments,
-                    output_identity(source_uid, version, ResultKind.SEG, salt), algorithm)
+                    output_identity(source_uid, version, ResultKind.SEG, salt),
+                    algorithm) if segments else None
     sr = build_sr(headers, seg, segments, unsegmented,
                   output_identity(source_uid, version, ResultKind.SR, salt), algorithm)
     key = build_key_image(series.image, result.label_map, findings, headers[0],
-                          output_identity(source_uid, version, ResultKind.KEY_IMAGE, salt), algorithm)
+                          output_identity(source_uid, version, ResultKind.KEY_IMAGE, salt),
+                          algorithm)
     return ResultObjects(seg=seg, sr=sr, key_image=key, version=version)

@@ -24,6 +24,7 @@ MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically Ab
 FRACTURE = Code("72704001", "SCT", "Fracture")
 #: The generic vertebra (T13, L6: no level-specific code).
 VERTEBRA = Code(VERTEBRA_SCT, "SCT", "Vertebra")
+SPINE = Code("421060004", "SCT", "Spine")
 #: Topographical modifiers of the three body heights (DESIGN.md: HA, HM, HP).
 ANTERIOR = Code("255549009", "SCT", "Anterior")
 MIDDLE = Code("26216008", "SCT", "Central")

@@ -7,12 +7,12 @@ naming the algorithm (IHE AI Results, "Contributing Equipment").
 from __future__ import annotations
 
 import datetime as _dt
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 
 from highdicom import ContributingEquipment
 from pydicom.sr.codedict import codes as _codes
-import uuid
 
 from pipeline.outputs.enums import ResultKind
 
@@ -63,7 +63,7 @@ class AlgorithmInfo:
     @property
     def uid_salt(self) -> str:
         """What, besides the source series and the version, the result UIDs derive from."""
-        return f"{self.device_serial_number}|{self.version}"
+        return "|".join([self.device_serial_number, *self.software_versions])
 
     def contributing_equipment(self) -> ContributingEquipment:
         """Contributing Equipment item naming the algorithm (PS3.3 C.12.1, IHE AIR)."""

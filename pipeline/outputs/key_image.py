@@ -89,7 +89,9 @@ def reformat_sagittal(
     points[..., 0] = x_of_z[:, None]
     points[..., 1] = y[None, :]
     points[..., 2] = z[:, None]
-    hu = _sample(sitk.Cast(image, sitk.sitkFloat32), points, order=1, cval=-1024.0)
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkInt16, sitk.sitkFloat64):
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    hu = _sample(image, points, order=1, cval=-1024.0).astype(np.float32)
     labels = _sample(label_map, points, order=0, cval=0).astype(np.int32)
     return hu, labels, float(pixel_mm), (float(hi[2]), float(lo[1]))
 
@@ -101,7 +103,7 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def draw_width(font: ImageFont.ImageFont, text: str) -> float:
+def _text_width(font: ImageFont.ImageFont, text: str) -> float:
     left, _top, right, _bottom = font.getbbox(text)
     return float(right - left)
 
@@ -141,7 +143,7 @@ def render(
     size = max(12, int(round(h / 40)))
     font, small = _font(size), _font(max(10, int(size * 0.8)))
     captions = {f.label: _caption(f) for f in findings}
-    widest = max((draw_width(font, c) for c in captions.values()), default=0)
+    widest = max((_text_width(font, c) for c in captions.values()), default=0)
     panel_w = int(widest + size * 1.5)
     top = int(size * 3.2)
     bottom = int(size * 1.8)
@@ -156,12 +158,18 @@ def render(
     draw.text((w - size, top + h // 2), "P", fill=(255, 220, 0), font=small)
 
     # Captions at the height of each centroid, pushed apart so that neighbours never overlap.
+    gap = size * 1.15
     placed: list[tuple[float, VertebraFinding]] = []
     for f in sorted(findings, key=lambda v: -v.centroid_mm[2]):  # cranial first
         row = top + (z_top - f.centroid_mm[2]) / pixel_mm
         if placed:
-            row = max(row, placed[-1][0] + size * 1.15)
+            row = max(row, placed[-1][0] + gap)
         placed.append((row, f))
+    # ... and pulled back up where the push ran past the bottom of the plane.
+    limit = top + h - size * 0.6
+    for i in range(len(placed) - 1, -1, -1):
+        row, f = placed[i]
+        placed[i] = (max(top + size * 0.6, min(row, limit - (len(placed) - 1 - i) * gap)), f)
     for row, f in placed:
         colour = (255, 60, 60) if f.fractured else (255, 255, 255)
         true_row = top + (z_top - f.centroid_mm[2]) / pixel_mm
@@ -181,8 +189,9 @@ def build_key_image(
     """The Secondary Capture instance (RGB, single frame) in the source's Patient and Study."""
     hu, labels, pixel_mm, (z_top, _) = reformat_sagittal(image, label_map, findings)
     n_fractured = sum(1 for f in findings if f.fractured)
-    banner = (f"{identity.series_description} | {len(findings)} vertebrae, "
-              f"{n_fractured} fractured | {algorithm.model_name} {algorithm.version}")
+    found = (f"{len(findings)} vertebrae, {n_fractured} fractured" if findings
+             else "no vertebra found")
+    banner = f"{identity.series_description} | {found} | {algorithm.model_name} {algorithm.version}"
     pixels, _top = render(hu, labels, findings, pixel_mm, z_top, banner)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference,

@@ -65,7 +65,7 @@ def segment_description(seg: PlannedSegment, algorithm: AlgorithmInfo) -> hd.seg
             codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE, codes.FRACTURE, [vertebra], _RED)
     else:
         category, prop_type, regions, colour = codes.ANATOMICAL_STRUCTURE, vertebra, None, _BONE
-    return hd.seg.SegmentDescription(
+    item = hd.seg.SegmentDescription(
         segment_number=seg.number,
         segment_label=f.name,
         segmented_property_category=category,
@@ -82,6 +82,11 @@ def segment_description(seg: PlannedSegment, algorithm: AlgorithmInfo) -> hd.seg
         anatomic_regions=regions,
         display_color=colour,
     )
+    # Segment Description (0062,0006): what a viewer shows beside the label.
+    item.SegmentDescription = (
+        f"{f.name}: fracture, Genant grade {int(f.genant_grade)}, {f.morphology.value}"
+        if f.fractured else f"{f.name}: no fracture")
+    return item
 
 
 def label_frames(label_map: sitk.Image, headers: Sequence["Dataset"]) -> np.ndarray:
@@ -98,7 +103,8 @@ def label_frames(label_map: sitk.Image, headers: Sequence["Dataset"]) -> np.ndar
             raise ValueError(
                 f"label map slices are {arr.shape[2]}x{arr.shape[1]}, source instance "
                 f"{h.SOPInstanceUID} is {h.Columns}x{h.Rows}: not the source grid")
-        idx = label_map.TransformPhysicalPointToContinuousIndex([float(v) for v in h.ImagePositionPatient])
+        idx = label_map.TransformPhysicalPointToContinuousIndex(
+            [float(v) for v in h.ImagePositionPatient])
         k = int(round(idx[2]))
         if max(abs(idx[0]), abs(idx[1]), abs(idx[2] - k)) > 0.25 or not 0 <= k < arr.shape[0]:
             raise ValueError(
@@ -119,12 +125,16 @@ def build_seg(
     if not segments:
         raise ValueError("no vertebra has voxels in the label map: nothing to segment")
     frames = label_frames(label_map, headers)
+    if frames.dtype.kind == "f":
+        frames = np.rint(frames).astype(np.int32)
+    if frames.dtype.kind == "i":
+        np.clip(frames, 0, None, out=frames)
     # VerSe label -> segment number; voxels of vertebrae that were not reported become background.
-    lut = np.zeros(max(int(frames.max()), max(s.finding.label for s in segments)) + 1, dtype=np.uint16)
+    top = max(int(frames.max()), max(s.finding.label for s in segments))
+    lut = np.zeros(top + 1, dtype=np.uint8 if len(segments) < 256 else np.uint16)
     for s in segments:
         lut[s.finding.label] = s.number
     seg_frames = lut[frames]
-    seg_frames = seg_frames.astype(np.uint8 if len(segments) < 256 else np.uint16)
     return hd.seg.Segmentation(
         source_images=list(headers),
         pixel_array=seg_frames,

@@ -14,6 +14,7 @@ Content tree (PS3.16 TID 1500, built with :class:`highdicom.sr.MeasurementReport
     height loss 1 - min/max in % (private code, DESIGN.md "Pipeline" step 4);
   - qualitative evaluations: SCT 72704001 "Fracture" = Present / Absent, the Genant grade and
     the morphology (private codes, declared in the Coding Scheme Identification Sequence);
+- no vertebra at all: one TID 1501 group, Finding Site "Spine", "Vertebra" = Absent;
 - a vertebra reported without voxels in the label map (cannot happen with the current pipeline,
   kept for robustness) gets a TID 1501 group with the same content but no region reference.
 
@@ -38,7 +39,7 @@ from highdicom.sr import (
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
 from pipeline.levels import level
 from pipeline.outputs import codes
-from pipeline.outputs.common import AlgorithmInfo, OutputIdentity
+from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, derived_uid
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -67,12 +68,15 @@ def _group_content(f: VertebraFinding, algorithm: AlgorithmInfo) -> dict:
                 finding_sites=[FindingSite(vertebra, topographical_modifier=modifier)]))
     if f.height_loss is not None:
         measurements.append(Measurement(
-            name=codes.HEIGHT_LOSS, value=round(100.0 * float(f.height_loss), 1), unit=codes.PERCENT,
+            name=codes.HEIGHT_LOSS, value=round(100.0 * float(f.height_loss), 1),
+            unit=codes.PERCENT,
             finding_sites=[FindingSite(vertebra)]))
     evaluations = [
         QualitativeEvaluation(codes.FRACTURE, codes.PRESENT if f.fractured else codes.ABSENT),
-        QualitativeEvaluation(codes.GENANT_GRADE, codes.GENANT_GRADE_CODES[GenantGrade(f.genant_grade)]),
-        QualitativeEvaluation(codes.FRACTURE_MORPHOLOGY, codes.MORPHOLOGY_CODES[Morphology(f.morphology)]),
+        QualitativeEvaluation(codes.GENANT_GRADE,
+                              codes.GENANT_GRADE_CODES[GenantGrade(f.genant_grade)]),
+        QualitativeEvaluation(codes.FRACTURE_MORPHOLOGY,
+                              codes.MORPHOLOGY_CODES[Morphology(f.morphology)]),
     ]
     return dict(
         finding_type=codes.FRACTURE if f.fractured else vertebra,
@@ -91,13 +95,17 @@ def _tracking(f: VertebraFinding, uid: str) -> TrackingIdentifier:
 
 def build_sr(
     headers: Sequence["Dataset"],
-    seg: "Dataset",
+    seg: "Dataset | None",
     segments: Sequence["PlannedSegment"],
     unsegmented: Sequence[tuple[VertebraFinding, str]],
     identity: OutputIdentity,
     algorithm: AlgorithmInfo,
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR instance; ``unsegmented`` are (finding, tracking UID) of vertebrae without voxels."""
+    """The SR instance; ``unsegmented`` are (finding, tracking UID) of vertebrae without voxels.
+
+    With no vertebra at all the report has one "no vertebra found" group: it still records
+    that the series was analysed and nothing was found.
+    """
     groups: list = []
     for s in segments:
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -109,6 +117,17 @@ def build_sr(
         content.pop("finding_category")
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(f, uid), **content))
+
+    if not groups:
+        # TID 1500 needs one group: "no vertebra found" as a spine-level evaluation.
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=derived_uid(identity.sop_instance_uid, "no-vertebra"),
+                identifier="no vertebra found"),
+            finding_type=codes.VERTEBRA,
+            finding_sites=[FindingSite(codes.SPINE)],
+            algorithm_id=_algorithm_id(algorithm),
+            qualitative_evaluations=[QualitativeEvaluation(codes.VERTEBRA, codes.ABSENT)]))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DEVICE_OBSERVER,
@@ -123,7 +142,7 @@ def build_sr(
         title=codes.IMAGING_MEASUREMENT_REPORT,
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[*headers, seg],
+        evidence=[*headers, seg] if seg is not None else list(headers),
         content=report[0],
         series_instance_uid=identity.series_instance_uid,
         series_number=identity.series_number,
@@ -177,6 +196,8 @@ def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
         name = by_code.get(site.value) or str(g.tracking_identifier).removesuffix(" vertebra")
         evaluations = {(q.name.value, q.name.scheme_designator): q.value
                        for q in g.get_qualitative_evaluations()}
+        if (codes.FRACTURE.value, "SCT") not in evaluations:
+            continue  # not a vertebra group (the "no vertebra found" group)
         fracture = evaluations[(codes.FRACTURE.value, "SCT")]
         grade = evaluations[(codes.GENANT_GRADE.value, codes.PRIVATE_SCHEME)]
         morph = evaluations[(codes.FRACTURE_MORPHOLOGY.value, codes.PRIVATE_SCHEME)]

@@ -114,27 +114,43 @@ def draw_acquisition(rng: np.random.Generator) -> Acquisition:
     )
 
 
-def blur(vol: np.ndarray, grid: Grid, fwhm_xy: float, thickness: float) -> None:
-    """In-place Gaussian PSF: in-plane resolution and slice profile (both in mm)."""
+def psf_sigmas(grid: Grid, fwhm_xy: float, thickness: float) -> tuple[float, float, float]:
+    """Gaussian PSF standard deviations in voxels along (z, y, x)."""
     sig_xy = fwhm_xy / 2.355
     sig_z = 0.35 * thickness
     sx, sy, sz = grid.spacing
-    for axis, sig_mm, sp in ((2, sig_xy, sx), (1, sig_xy, sy), (0, sig_z, sz)):
-        s = sig_mm / sp
-        if s >= 0.25 and vol.shape[axis] > 1:
-            gaussian_filter1d(vol, s, axis=axis, output=vol, mode="nearest", truncate=3.0)
+    return sig_z / sz, sig_xy / sy, sig_xy / sx
 
 
-def add_noise(vol: np.ndarray, rng: np.random.Generator, sigma: float, corr_px: float,
-              slab: int = 24) -> None:
-    """Correlated (in-plane low-passed) Gaussian noise with standard deviation ``sigma``, in place."""
-    if sigma <= 0:
-        return
-    # a Gaussian low-pass of white noise with std s (px) keeps 1/(2 sqrt(pi) s) of the variance per axis
-    gain = 2.0 * np.sqrt(np.pi) * corr_px if corr_px > 0.3 else 1.0
-    for z0 in range(0, vol.shape[0], slab):
-        n = rng.standard_normal((min(slab, vol.shape[0] - z0),) + vol.shape[1:], dtype=np.float32)
-        if corr_px > 0.3:
-            gaussian_filter(n, (0, corr_px, corr_px), output=n, mode="wrap", truncate=3.0)
-        n *= np.float32(sigma * gain)
-        vol[z0:z0 + n.shape[0]] += n
+def blur_and_noise(vol: np.ndarray, grid: Grid, fwhm_xy: float, thickness: float,
+                   rng: np.random.Generator, sigma: float, min_corr_px: float = 0.6,
+                   slab: int = 32) -> None:
+    """Reconstruction in place: Gaussian PSF (in-plane resolution, slice profile) and noise.
+
+    The noise is added before the in-plane blur, so the reconstruction kernel correlates it as on
+    a scanner (one filter pass for both); its amplitude is set so that the final standard
+    deviation is ``sigma`` HU. White noise is drawn once for a block of slices and reused with
+    random shifts and flips (a large saving on 2 cores; nobody can see the repetition).
+    """
+    s = list(psf_sigmas(grid, fwhm_xy, thickness))
+    s[1] = max(s[1], min_corr_px)
+    s[2] = max(s[2], min_corr_px)
+    used = [x if (x >= 0.25 and vol.shape[a] > 1) else 0.0 for a, x in enumerate(s)]
+    gain = 1.0
+    for x in used:
+        if x > 0:
+            gain *= np.sqrt(2.0 * np.sqrt(np.pi) * x)
+    if sigma > 0:
+        nb = min(slab, vol.shape[0])
+        block = rng.standard_normal((nb,) + vol.shape[1:], dtype=np.float32)
+        block *= np.float32(sigma * gain)
+        for z0 in range(0, vol.shape[0], nb):
+            n = min(nb, vol.shape[0] - z0)
+            dy, dx = (int(v) for v in rng.integers(0, 1 << 16, 2))
+            b = np.roll(block[:n], (dy % vol.shape[1], dx % vol.shape[2]), axis=(1, 2))
+            if rng.random() < 0.5:
+                b = b[:, ::-1]
+            vol[z0:z0 + n] += b
+    for axis in (2, 1, 0):
+        if used[axis] > 0:
+            gaussian_filter1d(vol, used[axis], axis=axis, output=vol, mode="nearest", truncate=3.0)

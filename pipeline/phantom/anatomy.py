@@ -276,6 +276,7 @@ class SoftTissue:
     organ_hu: float
     table: dict | None
     gas: list                  # (x, y, z, r) bowel gas pockets
+    extras: dict = field(default_factory=dict)  # liver, kidneys, psoas, retroperitoneal fat, trachea
 
 
 @dataclass
@@ -352,7 +353,7 @@ def make_vertebra(lv: Level, rng: np.random.Generator, scale: float, low_density
         tp_len, tp_ang = _interp_level(name, {"T1": 20.0, "T6": 18.0, "T12": 10.0, "T13": 9.0}), np.radians(30.0)
         tilt = _interp_level(name, {"T1": 0.5, "T7": 1.8, "T12": 0.8, "T13": 0.6}) * jit(0.1)
     else:
-        canal_l, canal_p, arch_t = 11.0, 8.0, 6.0
+        canal_l, canal_p, arch_t = 11.0, 8.0, 7.5
         sp_len, sp_ang, sp_h = rng.uniform(28, 34), np.radians(rng.uniform(5, 15)), 9.0
         tp_len, tp_ang = _interp_level(name, {"L1": 17.0, "L3": 24.0, "L5": 16.0, "L6": 15.0}), np.radians(5.0)
         tilt = _interp_level(name, {"L1": 0.3, "L3": -0.5, "L5": -1.5, "L6": -1.5}) * jit(0.1)

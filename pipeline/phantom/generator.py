@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from pipeline.levels import BY_NAME, level_range
 from pipeline.phantom import render as R
-from pipeline.phantom.acquisition import Acquisition, Grid, add_noise, blur, draw_acquisition
+from pipeline.phantom.acquisition import Acquisition, Grid, blur_and_noise, draw_acquisition
 from pipeline.phantom.anatomy import (
     _DISC,
     Anatomy,
@@ -34,6 +34,8 @@ from pipeline.phantom.fractures import apply_fracture, choose_auto, parse_fractu
 from pipeline.phantom.gt import genant_from_heights, label_centroids, reference_height, rounded
 
 UID_ROOT = "2.25."
+#: Bumped whenever the same seed starts to give a different phantom (key training caches on it).
+PHANTOM_VERSION = 2
 STREAM_ANATOMY, STREAM_ACQ, STREAM_FRACTURE, STREAM_NOISE, STREAM_EXTRA = 1, 2, 3, 4, 5
 
 
@@ -110,6 +112,11 @@ def _soft_tissue(rng: np.random.Generator, verts: list[VertebraSpec], habitus: f
         y_back = v.center[1] + back
         rows.append((v.center[2], v.center[0], y_back - ay, ax, ay, v.center[0], v.center[1], v.depth))
     rows = np.array(rows)[order]
+    # the body outline varies smoothly along the spine (no kinks at every vertebra)
+    if len(rows) >= 5:
+        k = np.ones(5) / 5.0
+        for c in (1, 2, 3, 4):
+            rows[:, c] = np.convolve(np.pad(rows[:, c], 2, mode="edge"), k, mode="valid")
     # extend the knots beyond the ends of the spine
     top = rows[-1].copy()
     top[0] += 150.0
@@ -185,7 +192,26 @@ def _soft_tissue(rng: np.random.Generator, verts: list[VertebraSpec], habitus: f
             v = lum[int(rng.integers(0, len(lum)))]
             gas.append((v.center[0] + rng.uniform(-90, 90), v.center[1] - v.depth / 2 - rng.uniform(35, 85),
                         v.center[2] + rng.uniform(-20, 20), rng.uniform(5, 18)))
+    zc = {n: v.center[2] for n, v in by_name.items()}
+    dep = {n: v.depth for n, v in by_name.items()}
+    lum_depth = dep.get("L3", 34.0)
+    kid_hu = float(rng.uniform(140, 200) if contrast else rng.uniform(28, 38))
+    extras = {
+        "liver": {"z_top": base + 5.0, "z_bot": zc["L2"], "dx": -60.0 * habitus, "dy": -0.5 * lum_depth - 30.0,
+                  "ax": 100.0 * habitus, "ay": 80.0 * habitus, "hu": float(rng.uniform(52, 66))},
+        "kidneys": [
+            {"zc": zc["L1"] - 12.0 * s_, "dz": float(rng.uniform(48, 60)), "dx": s_ * (0.65 * lum_depth + 48.0),
+             "dy": 0.2 * lum_depth, "ax": float(rng.uniform(24, 30)), "ay": float(rng.uniform(20, 26)), "hu": kid_hu}
+            for s_ in (-1.0, 1.0)
+        ],
+        "psoas": {"z_top": zc["T12"], "z_bot": zc["L5"] - 25.0, "r_top": 5.0, "r_bot": float(rng.uniform(20, 27)) * habitus,
+                  "hu": float(rng.uniform(45, 58))},
+        "retro_fat": {"z_top": zc["T12"] + 10.0, "z_bot": zc["L5"] - 20.0, "ax": 0.65 * lum_depth + 70.0 * habitus,
+                      "ay": 0.5 * lum_depth + 22.0 * habitus},
+        "trachea": {"z_top": zc["C5"], "z_bot": zc["T4"] + 5.0, "r": float(rng.uniform(8, 11))},
+    }
     return SoftTissue(
+        extras=extras,
         z_knots=zk, body_cx=rows[:, 1], body_cy=rows[:, 2], body_ax=rows[:, 3], body_ay=rows[:, 4],
         fat_mm=fat, spine_x=rows[:, 5], spine_y=rows[:, 6], spine_depth=rows[:, 7],
         lung_top=lung_top, lung_bottom_l=base - 12.0, lung_bottom_r=base,
@@ -209,7 +235,11 @@ class Scene:
 
 def build_scene(seed: int, levels: str | None, fractures: str | None, acq: Acquisition) -> Scene:
     rng = np.random.default_rng([seed, STREAM_ANATOMY])
-    want = [lv.name for lv in level_range(levels)] if levels else []
+    want = []
+    if levels:
+        # T13 and L6 only when the range names them (level_range lists them as possible levels)
+        ends = {lv.name for lv in (level_range(levels)[0], level_range(levels)[-1])}
+        want = [lv.name for lv in level_range(levels) if lv.name not in ("T13", "L6") or lv.name in ends]
     t13 = rng.random() < 0.06
     l6 = (not t13) and rng.random() < 0.05
     if "T13" in want:
@@ -313,7 +343,7 @@ def build_scene(seed: int, levels: str | None, fractures: str | None, acq: Acqui
 def acquisition_grid(scene: Scene, acq: Acquisition, n_slices: int | None = None) -> Grid:
     z_bot, z_top = scene.z_range
     ss = acq.slice_spacing
-    nz = n_slices or max(int(np.floor((z_top - z_bot) / ss)) + 1, 1)
+    nz = n_slices or max(int(np.ceil((z_top - z_bot) / ss - 1e-6)) + 1, 1)
     if n_slices:
         mid = 0.5 * (z_top + z_bot)
         z_top = mid + 0.5 * (nz - 1) * ss
@@ -382,8 +412,8 @@ def generate(seed: int, levels: str | None = None, fractures: str | None = "auto
         sigma = acq.noise_sigma * float(np.sqrt(v_acq / float(spacing_mm) ** 3))
         corr = 0.6
     vol, lab, boxes = R.render(scene.anatomy, grid)
-    blur(vol, grid, acq.psf_fwhm, thickness)
-    add_noise(vol, np.random.default_rng([seed, STREAM_NOISE]), sigma, corr)
+    blur_and_noise(vol, grid, acq.psf_fwhm, thickness, np.random.default_rng([seed, STREAM_NOISE]),
+                   sigma, min_corr_px=corr)
     lo, hi = (-1024.0, 3071.0) if not acq.signed else (-1024.0, 8191.0)
     np.clip(vol, lo, hi, out=vol)
     ct = np.rint(vol).astype(np.int16)
@@ -438,6 +468,7 @@ def build_gt(seed: int, scene: Scene, grid: Grid, lab: np.ndarray, boxes: dict, 
             "cement": bool(v.fracture is not None and v.fracture.cement),
         })
     return {
+        "phantom_version": PHANTOM_VERSION,
         "seed": seed,
         "study_instance_uid": uids["study_instance_uid"],
         "series_instance_uid": uids["series_instance_uid"],

@@ -32,7 +32,13 @@ def _centerline(gt: dict, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     vs = [v for v in gt["vertebrae"] if v.get("voxels", 1) > 0]
     if not vs:
         return np.zeros_like(z), np.zeros_like(z)
-    c = np.array(sorted((v["centroid_mm"] for v in vs), key=lambda p: p[2]))
+    def body_centre(v):
+        kp = v.get("keypoints_mm")
+        if kp:  # the middle of the body (the label centroid lies behind it, in the arch)
+            return list(np.mean([kp["M1"], kp["M2"]], axis=0))
+        return v["centroid_mm"]
+
+    c = np.array(sorted((body_centre(v) for v in vs), key=lambda p: p[2]))
     if len(c) >= 4:  # smooth a little: centroids of partial end vertebrae wobble
         k = np.ones(3) / 3.0
         cx = np.convolve(np.pad(c[:, 0], 1, mode="edge"), k, mode="valid")
@@ -84,13 +90,15 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, gt: dict, height_px: int 
         rgb = np.repeat(g[..., None], 3, axis=2).astype(np.uint8)
         edge = np.zeros(lb.shape, bool)
         edge[:-1] |= lb[:-1] != lb[1:]
+        edge[1:] |= lb[1:] != lb[:-1]
         edge[:, :-1] |= lb[:, :-1] != lb[:, 1:]
+        edge[:, 1:] |= lb[:, 1:] != lb[:, :-1]
         edge &= lb > 0
         for lab in np.unique(lb[edge]):
             rgb[edge & (lb == lab)] = _palette(int(lab))
         im = Image.fromarray(rgb)
-        scale = height_px / im.height
-        im = im.resize((max(int(im.width * scale), 1), height_px), Image.BILINEAR)
+        scale = min(height_px / im.height, 3.0)
+        im = im.resize((max(int(im.width * scale), 1), max(int(im.height * scale), 1)), Image.BILINEAR)
         d = ImageDraw.Draw(im)
         font = ImageFont.load_default()
         # level names beside the centroids
@@ -114,7 +122,7 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, gt: dict, height_px: int 
         d.text((4, 4), f"{key} (curved)", fill=(255, 255, 0), font=font)
         tiles.append(im)
     W = sum(t.width for t in tiles) + 10 * (len(tiles) - 1)
-    canvas = Image.new("RGB", (W, height_px + 22), (0, 0, 0))
+    canvas = Image.new("RGB", (max(W, 520), max(t.height for t in tiles) + 22), (0, 0, 0))
     xoff = 0
     for t in tiles:
         canvas.paste(t, (xoff, 22))

@@ -142,7 +142,7 @@ def _primitives(v: VertebraSpec):
     d = np.array([0.0, np.cos(a), -np.sin(a)])
     start = np.array([0.0, pc + cp + 0.5 * t, -0.05 * H])
     ln = v.spinous_len
-    lat = 2.2 if v.name.startswith("C") else 3.0
+    lat = 2.2 if v.name.startswith("C") else 3.6 if v.name.startswith("L") else 3.0
     ax = np.stack([d, [1.0, 0, 0], np.cross(d, [1.0, 0, 0])])
     half = np.array([ln / 2 + t / 2, lat, v.spinous_h])
     cen = start + d * ln / 2
@@ -155,7 +155,7 @@ def _primitives(v: VertebraSpec):
         d = np.array([sg * np.cos(b), np.sin(b), 0.0])
         st = np.array([sg * (cl + 0.5 * t), pc - 0.2 * cp, (0.1 if v.name.startswith("T") else 0.0) * H])
         if v.name.startswith("L"):
-            hp, hu_ = 2.6, 4.5
+            hp, hu_ = 3.4, 5.0
         elif v.name.startswith("C"):
             hp, hu_ = 3.0, 3.0
         elif v.sacrum:
@@ -388,8 +388,31 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
         f = np.float32(st.fat_mm)
         qi = ((x[None, None, :] - cx) / np.maximum(bx - f, 5)) ** 2 + ((y[None, :, None] - cy) / np.maximum(by - f, 5)) ** 2
         sy = ip(st.spine_y, zz)[:, None, None]
-        tissue = np.where(y[None, :, None] > sy, np.float32(st.muscle_hu), np.float32(st.organ_hu))
-        np.copyto(out, tissue, where=qi <= 1.0)
+        sdp = ip(st.spine_depth, zz)[:, None, None]
+        sxs = ip(st.spine_x, zz)[:, None, None]
+        out[qi <= 1.0] = st.organ_hu
+        # body wall muscles (a ring inside the fat) and the paraspinal muscles behind the spine
+        wall = 9.0 + 0.05 * f
+        qw = ((x[None, None, :] - cx) / np.maximum(bx - f - wall, 4)) ** 2 + \
+            ((y[None, :, None] - cy) / np.maximum(by - f - wall, 4)) ** 2
+        out[(qi <= 1.0) & (qw > 1.0)] = st.muscle_hu
+        qp = ((x[None, None, :] - sxs) / (1.3 * sdp + 22.0)) ** 2 + \
+            ((y[None, :, None] - (sy + 0.5 * sdp + 40.0)) / (0.5 * sdp + 30.0)) ** 2
+        out[(qi <= 1.0) & (qp <= 1.0)] = st.muscle_hu
+        liver = st.extras.get("liver")
+        if liver is not None:
+            kl = np.nonzero((zz < liver["z_top"]) & (zz > liver["z_bot"]))[0]
+            if len(kl):
+                zl = zz[kl]
+                lx = ip(st.spine_x, zl)[:, None, None] + np.float32(liver["dx"])
+                ly = ip(st.spine_y, zl)[:, None, None] + np.float32(liver["dy"])
+                # the liver tapers towards its lower tip
+                t = np.clip((zl - liver["z_bot"]) / 60.0, 0.2, 1.0).astype(np.float32)[:, None, None]
+                m = ((x[None, None, :] - lx) / (liver["ax"] * t)) ** 2 + ((y[None, :, None] - ly) / (liver["ay"] * t)) ** 2 <= 1.0
+                m &= qi[kl] <= 1.0
+                sub = out[kl]
+                sub[m] = liver["hu"]
+                out[kl] = sub
         # lungs
         in_lung = (zz > lung_zmin) & (zz < st.lung_top)
         if in_lung.any() and np.max(st.cage_ax) > 0:
@@ -410,6 +433,8 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
                 cage = (xa / cax[:, None, None]) ** 2 + ((ya - ccy[:, None, None]) / cay[:, None, None]) ** 2 <= 1.0
                 med = (np.abs(xa - 6.0) < (22.0 + 0.25 * sd[:, None, None])) & (ya < scy[:, None, None] + 0.3 * sd[:, None, None])
                 spine = (xa / (0.9 * sd[:, None, None] + 14.0)) ** 2 + ((ya - scy[:, None, None]) / (0.5 * sd[:, None, None] + 14.0)) ** 2 <= 1.0
+                # no lung behind the vertebral bodies near the midline (canal, laminae, muscles)
+                spine |= (np.abs(xa) < 0.75 * sd[:, None, None] + 16.0) & (ya > scy[:, None, None] - 0.3 * sd[:, None, None])
                 heart_c = ccy - 0.3 * cay
                 heart = ((xa - 0.2 * cax[:, None, None]) / (0.42 * cax[:, None, None])) ** 2 + \
                     ((ya - heart_c[:, None, None]) / (0.42 * cay[:, None, None])) ** 2 <= 1.0
@@ -419,23 +444,7 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
                 sub = out[ks]
                 sub[lung] = -850.0
                 out[ks] = sub
-        # aorta
-        in_ao = (zz > st.aorta_bottom) & (zz < st.aorta_top)
-        if in_ao.any():
-            for k in np.nonzero(in_ao)[0]:
-                zc = zz[k]
-                sx_ = float(np.interp(zc, zk, st.spine_x))
-                sy_ = float(np.interp(zc, zk, st.spine_y))
-                sd_ = float(np.interp(zc, zk, st.spine_depth))
-                acx = sx_ + 0.45 * sd_ + 4.0
-                acy = sy_ - 0.5 * sd_ - st.aorta_r - 2.0
-                bx_ = grid.index_slice(0, acx - st.aorta_r - 1, acx + st.aorta_r + 1)
-                by_ = grid.index_slice(1, acy - st.aorta_r - 1, acy + st.aorta_r + 1)
-                if bx_.stop <= bx_.start or by_.stop <= by_.start:
-                    continue
-                d2 = (x[bx_][None, :] - acx) ** 2 + (y[by_][:, None] - acy) ** 2
-                s2 = out[k, by_, bx_]
-                s2[d2 <= st.aorta_r ** 2] = st.aorta_hu
+    _small_organs(st, grid, vol, x, y, z)
     if st.table:
         t = st.table
         for y0, y1, hu in ((t["y"], t["y"] + 2.0, 250.0), (t["y"] + 2.0, t["y"] + t["thick"] - 2.0, -750.0),
@@ -456,6 +465,60 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
         vb[m] = -900.0
 
 
+def _ellipse(out2d: np.ndarray, grid: Grid, x, y, cx, cy, ax, ay, hu, only=None) -> None:
+    """Paint an axis-aligned ellipse into one slice, touching only its bounding box."""
+    if ax <= 0.5 or ay <= 0.5:
+        return
+    bx = grid.index_slice(0, cx - ax, cx + ax)
+    by = grid.index_slice(1, cy - ay, cy + ay)
+    if bx.stop <= bx.start or by.stop <= by.start:
+        return
+    m = ((x[bx][None, :] - cx) / ax) ** 2 + ((y[by][:, None] - cy) / ay) ** 2 <= 1.0
+    sub = out2d[by, bx]
+    if only is not None:
+        m &= only(sub)
+    sub[m] = hu
+
+
+def _small_organs(st: SoftTissue, grid: Grid, vol: np.ndarray, x, y, z) -> None:
+    """Retroperitoneal fat, psoas, kidneys (with perirenal fat), aorta and trachea, slice by slice."""
+    zk = st.z_knots
+    ex = st.extras
+    soft = lambda a: (a > -300) & (a < 120)  # noqa: E731  (inside the body, not lung/bone)
+    for k, zc in enumerate(z):
+        sx = float(np.interp(zc, zk, st.spine_x))
+        sy = float(np.interp(zc, zk, st.spine_y))
+        sd = float(np.interp(zc, zk, st.spine_depth))
+        sl = vol[k]
+        rf = ex.get("retro_fat")
+        if rf and rf["z_bot"] < zc < rf["z_top"]:
+            _ellipse(sl, grid, x, y, sx, sy - 0.1 * sd, rf["ax"], rf["ay"], st.fat_hu,
+                     only=lambda a: np.abs(a - st.organ_hu) < 0.5)
+        ps = ex.get("psoas")
+        if ps and ps["z_bot"] < zc < ps["z_top"]:
+            f = (ps["z_top"] - zc) / max(ps["z_top"] - ps["z_bot"], 1.0)
+            r = ps["r_top"] + (ps["r_bot"] - ps["r_top"]) * np.sin(np.pi / 2 * min(f * 1.3, 1.0))
+            for sg in (-1.0, 1.0):
+                cx = sx + sg * (0.62 * sd + 0.8 * r)
+                _ellipse(sl, grid, x, y, cx, sy - 0.05 * sd, r, 0.85 * r, ps["hu"], only=soft)
+        for kd in ex.get("kidneys", ()):
+            u = (zc - kd["zc"]) / kd["dz"]
+            if abs(u) < 1.0:
+                f = float(np.sqrt(1.0 - u * u))
+                cx, cy = sx + kd["dx"], sy + kd["dy"]
+                _ellipse(sl, grid, x, y, cx, cy, kd["ax"] * f + 7.0, kd["ay"] * f + 6.0, st.fat_hu, only=soft)
+                _ellipse(sl, grid, x, y, cx, cy, kd["ax"] * f, kd["ay"] * f, kd["hu"], only=soft)
+        if st.aorta_bottom < zc < st.aorta_top:
+            r = st.aorta_r
+            _ellipse(sl, grid, x, y, sx + 0.45 * sd + 4.0, sy - 0.5 * sd - r - 2.0, r, r, st.aorta_hu,
+                     only=lambda a: a > -300)
+        tr = ex.get("trachea")
+        if tr and tr["z_bot"] < zc < tr["z_top"]:
+            cy = sy - 0.5 * sd - 14.0 - tr["r"]
+            _ellipse(sl, grid, x, y, sx, cy, tr["r"] + 1.5, tr["r"] + 1.5, 90.0, only=lambda a: a > -300)
+            _ellipse(sl, grid, x, y, sx, cy, tr["r"], tr["r"], -980.0)
+
+
 # --------------------------------------------------------------------------------------------
 # metal: screws and their streaks
 # --------------------------------------------------------------------------------------------
@@ -471,8 +534,10 @@ def render_screws(screws, grid: Grid, vol: np.ndarray, h: float, streak_amp: flo
     zmin = min(min(s["start"][2], s["end"][2]) for s in screws) - 2
     zmax = max(max(s["start"][2], s["end"][2]) for s in screws) + 2
     rng = np.random.default_rng([rng_seed, 11])
-    nlines = int(rng.integers(10, 24))
-    phase = float(rng.uniform(0, np.pi))
+    nlines = int(rng.integers(6, 14))
+    angles = rng.uniform(0, np.pi, nlines)          # a streak runs through the metal both ways
+    amps = rng.uniform(0.3, 1.0, nlines) * rng.choice([-1.0, 1.0], nlines)
+    widths = rng.uniform(0.015, 0.04, nlines)       # radians
     for k in np.nonzero((z >= zmin) & (z <= zmax))[0]:
         pts = []
         for s in screws:
@@ -487,8 +552,11 @@ def render_screws(screws, grid: Grid, vol: np.ndarray, h: float, streak_amp: flo
         dy = y[:, None] - np.float32(c[1])
         r = np.sqrt(dx * dx + dy * dy) + 1.0
         th = np.arctan2(dy, dx)
-        pat = np.cos(nlines * th + phase) ** 7 * np.exp(-r / 90.0) * np.clip((r - 6.0) / 6.0, 0, 1)
-        pat = pat * np.float32(streak_amp)
+        pat = np.zeros(r.shape, np.float32)
+        for ang, amp, w in zip(angles, amps, widths):
+            d = np.abs(((th - ang) + np.pi / 2) % np.pi - np.pi / 2)  # angular distance to the line
+            pat += np.float32(amp) * np.exp(-(d / np.float32(w)) ** 2)
+        pat *= np.exp(-r / 60.0) * np.clip((r - 6.0) / 6.0, 0, 1) * np.float32(streak_amp)
         if len(pts) >= 2:
             # the dark band between two metal objects (photon starvation)
             p0, p1 = pts[0][:2], pts[1][:2]

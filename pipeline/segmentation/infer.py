@@ -1,8 +1,8 @@
 """Per-vertebra segmentation and its merge onto the source grid (paper section 2.3.1, eq. 10-11).
 
 For each centroid a crop of ``size^3`` voxels of ``spacing_mm`` (LPS-aligned) goes through the 3D
-U-Net; its foreground probability (normal + fractured) is resampled linearly back onto the source
-grid, where every voxel goes to the vertebra whose crop gives it the highest probability, if that
+U-Net; its foreground probability (normal + fractured), refined at 1 mm where the model carries
+a refiner (:mod:`pipeline.segmentation.refine`), is resampled linearly back onto the source grid, where every voxel goes to the vertebra whose crop gives it the highest probability, if that
 is above 0.5 ("overlaps between neighbouring crops": each crop only ever labels the vertebra in
 its centre, so the neighbour's crop is the one that claims a neighbour's voxel). Each vertebra
 then keeps its largest 6-connected component. The fractured flag of a vertebra is the share of its
@@ -37,6 +37,8 @@ class SegmentedVertebra:
         voxels: voxels of the vertebra in the merged label map.
         foreground: foreground probability on the crop grid ``[z, y, x]`` (float32).
         crop: the crop grid (an empty image with the geometry).
+        fine: the foreground probability the label map was made from (the 1 mm refinement
+            where the model has a refiner, else the crop's), as an image with its geometry.
     """
 
     label: int
@@ -45,6 +47,7 @@ class SegmentedVertebra:
     voxels: int
     foreground: np.ndarray
     crop: sitk.Image
+    fine: sitk.Image | None = None
 
 
 @dataclass
@@ -82,8 +85,21 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
         if centroids else np.zeros((0, size, size, size), np.float32)
     probs = predict_crops(model, crops, device)
 
+    refiner = getattr(model, "refiner", None)
+    fines: list[sitk.Image] = []
+    for k, ref in enumerate(refs):
+        fg = (probs[k, NORMAL] + probs[k, FRACTURED]).astype(np.float32)
+        fine = array_image(fg, ref)
+        if refiner is not None:
+            from pipeline.segmentation.refine import refine
+
+            r = refine(refiner, image, fg, ref, device)
+            if r is not None:
+                fine = array_image(r[0].astype(np.float32), r[1])
+        fines.append(fine)
+
     full = np.array(image.GetSize())
-    boxes = [source_box(image, r, margin=0) for r in refs]
+    boxes = [source_box(image, f, margin=0) for f in fines]
     present = [b for b in boxes if b is not None]
     label_arr = np.zeros(full[::-1], np.uint8)
     vertebrae: list[SegmentedVertebra] = []
@@ -94,14 +110,12 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
         shape = tuple((roi_hi - roi_lo)[::-1])
         best = np.zeros(shape, np.float16)
         owner = np.zeros(shape, np.uint8)
-        for k, ((lab, _), ref, box) in enumerate(zip(centroids, refs, boxes)):
+        for k, (fine, box) in enumerate(zip(fines, boxes)):
             if box is None:
                 continue
             lo, hi = box
-            fg = probs[k, NORMAL] + probs[k, FRACTURED]
             sub = _sub_grid(image, lo, hi)
-            p = sitk.GetArrayFromImage(sitk.Resample(array_image(fg.astype(np.float32), ref), sub,
-                                                     sitk.Transform(), sitk.sitkLinear, 0.0,
+            p = sitk.GetArrayFromImage(sitk.Resample(fine, sub, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                      sitk.sitkFloat32)).astype(np.float16)
             a, b = lo - roi_lo, hi - roi_lo
             sl = (slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0]))
@@ -123,7 +137,7 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
         score = float(probs[k, FRACTURED][sel].sum() / max(fg[sel].sum(), 1e-6)) if sel.any() else 0.0
         vertebrae.append(SegmentedVertebra(label=int(lab), centroid_mm=tuple(float(v) for v in c),
                                            fracture_score=score, voxels=int(counts[k + 1]),
-                                           foreground=fg.astype(np.float32), crop=ref))
+                                           foreground=fg.astype(np.float32), crop=ref, fine=fines[k]))
     label_map = sitk.GetImageFromArray(label_arr)
     label_map.CopyInformation(image)
     return SegmentationResult(label_map=label_map, vertebrae=vertebrae)

@@ -166,19 +166,25 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     return out / "best.pt"
 
 
-def install(best: Path, half: bool = False) -> Path:
-    """Install a ``best.pt`` as the shipped ``segmentation`` weights (registry + manifest)."""
+def install(best: Path, refiner: Path | None = None, half: bool = False) -> Path:
+    """Install a ``best.pt`` (and the refiner's ``best.pt``) as the shipped ``segmentation`` weights."""
     from pipeline.registry import install_weights, weights_payload
     from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+    from pipeline.segmentation.model import SegmentationModel
 
     ck = torch.load(best, map_location="cpu", weights_only=False)
-    model = UNet3D(**ck["config"])
-    model.load_state_dict(ck["state_dict"])
+    rk = torch.load(refiner, map_location="cpu", weights_only=False) if refiner else None
+    model = SegmentationModel(ck["config"], rk["config"] if rk else None)
+    model.coarse.load_state_dict(ck["state_dict"])
+    if rk:
+        model.refiner.load_state_dict(rk["state_dict"])
     meta = {"crop_size": CROP_SIZE, "crop_spacing_mm": CROP_SPACING_MM, "classes": ["background", "normal", "fractured"],
             "step": ck.get("step"), "val": ck.get("val"), "train_seeds": ck["train"]["train_seeds"],
-            "val_seeds": ck["train"]["val_seeds"]}
+            "val_seeds": ck["train"]["val_seeds"],
+            "refiner": None if not rk else {"step": rk.get("step"), "val": rk.get("val"),
+                                            "train_seeds": rk["train"]["train_seeds"]}}
     tmp = Path(best).with_name("segmentation.pt")
-    torch.save(weights_payload(model, "pipeline.segmentation.model:UNet3D", meta, half=half), tmp)
+    torch.save(weights_payload(model, "pipeline.segmentation.model:build_segmentation", meta, half=half), tmp)
     return install_weights("segmentation", tmp, trained_steps=ck.get("step"))
 
 

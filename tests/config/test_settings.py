@@ -120,3 +120,29 @@ def test_cli_reports_configuration_error_and_exits_2(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 2
     assert "scheduler.stable_seconds: -1 is not valid: must be >= 0" in res.stderr
+
+
+def _all_keys():
+    from config.settings import Destination, Settings
+    keys = []
+    for section, field in Settings.model_fields.items():
+        if section == "destinations":
+            keys += [f"destinations.{k}" for k in Destination.model_fields]
+            continue
+        keys += [f"{section}.{k}" for k in field.annotation.model_fields]
+    return keys
+
+
+def test_example_config_and_readme_document_every_key():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    example = root / "deploy" / "spine-node.example.toml"
+    load_settings(example)  # loads as it is
+    text = example.read_text()
+    readme = (root / "README.md").read_text()
+    for key in _all_keys():
+        section, name = key.split(".")
+        assert f"{name} =" in text or f"# {name} =" in text, f"{key} not in {example.name}"
+        if section != "destinations":
+            assert f"`{key}" in readme or f"`{section}.{name}`" in readme or \
+                f"{section}.{name}" in readme, f"{key} not in README.md"

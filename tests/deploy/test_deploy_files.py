@@ -331,3 +331,20 @@ def test_stunnel_front_connects_to_the_nodes_plain_port_and_the_tls_destination(
     pacs = next(d for d in settings.destinations if d.name == "pacs")
     assert sections["pacs-tls"]["accept"] == f"{pacs.host}:{pacs.port}"
     assert sections["pacs-tls"]["client"] == "yes"
+
+
+# --- stopping in time --------------------------------------------------------------------------
+
+def _drain_bound_s(settings) -> float:
+    """Longest clean stop of ``serve``: open associations, then running jobs, then the rest."""
+    return settings.node.dimse_timeout_s + settings.worker.drain_seconds + 10
+
+
+def test_service_managers_wait_for_a_clean_drain():
+    production = load_settings(DEPLOY / "spine-node.production.toml")
+    (stop,) = _unit_values("TimeoutStopSec")
+    assert float(stop.rstrip("s")) >= _drain_bound_s(production)
+
+    compose = load_settings(DEPLOY / "spine-node.compose.toml")
+    grace = _compose()["services"]["spine-node"]["stop_grace_period"]
+    assert float(grace.rstrip("s")) >= _drain_bound_s(compose)

@@ -44,13 +44,16 @@ def analysed(tmp_path_factory):
 class Node:
     """The parts of a node the exporter needs: settings, database, store."""
 
-    def __init__(self, root: Path, destinations: list[dict], **exporter):
-        self.root = root
-        self.settings = load_settings(
+    def __init__(self, settings):  # noqa: ANN001 - config.Settings
+        self.settings = settings
+        self.open()
+
+    @classmethod
+    def make(cls, root: Path, destinations: list[dict], **exporter) -> "Node":
+        return cls(load_settings(
             None, node={"ae_title": "SPINENODE", "port": free_port()},
             storage={"root": str(root / "store"), "min_free_mb": 0, "fsync": False},
-            exporter={**FAST_RETRY, **exporter}, destinations=destinations)
-        self.open()
+            exporter={**FAST_RETRY, **exporter}, destinations=destinations))
 
     def open(self) -> None:
         """(Re)open the database and store, as a restarted process would."""
@@ -163,7 +166,7 @@ def _dest(name: str, orthanc_or_port, ae: str = "ORTHANC", objects=None) -> dict
 
 def test_seg_sr_and_key_image_arrive_in_orthanc(tmp_path, analysed, orthancs):
     pacs = orthancs("pacs").start()
-    node = Node(tmp_path, [_dest("pacs", pacs)])
+    node = Node.make(tmp_path, [_dest("pacs", pacs)])
     exporter = node.exporter()
     try:
         published = node.publish(analysed)
@@ -191,7 +194,7 @@ def test_seg_sr_and_key_image_arrive_in_orthanc(tmp_path, analysed, orthancs):
 def test_destination_down_while_the_job_finishes_gets_everything_once_up_across_a_restart(
         tmp_path, analysed, orthancs):
     pacs = orthancs("pacs")                        # configured, not running yet
-    node = Node(tmp_path, [_dest("pacs", pacs)])
+    node = Node.make(tmp_path, [_dest("pacs", pacs)])
     exporter = node.exporter()
     study = analysed[0].study_instance_uid
     try:
@@ -224,7 +227,7 @@ def test_refusing_or_hanging_destinations_block_neither_the_worker_nor_the_other
         tmp_path, analysed, orthancs, hanging_peer):
     hang_port, held = hanging_peer
     pacs = orthancs("pacs", check_called_aet=True).start()
-    node = Node(tmp_path, [
+    node = Node.make(tmp_path, [
         _dest("hung", hang_port, ae="HUNG"),
         _dest("refusing", pacs, ae="NOTORTHANC"),        # Orthanc rejects the called AE
         _dest("closed", free_port(), ae="NOBODY"),        # nothing listens: refused at once
@@ -244,24 +247,42 @@ def test_refusing_or_hanging_destinations_block_neither_the_worker_nor_the_other
         # The good destination gets everything while the hung one is still hanging.
         wait_for(lambda: pacs.has(*uids), 60, "results in the working Orthanc",
                  lambda: str(node.deliveries.for_study(study)))
-        by_dest = {}
-        for r in node.deliveries.for_study(study):
-            by_dest.setdefault(r["destination"], []).append(r)
-        assert len(by_dest["keyonly"]) == 2 and {r["kind"] for r in by_dest["keyonly"]} == \
-            {"key_image"}
+        keyonly = [r for r in node.deliveries.for_study(study) if r["destination"] == "keyonly"]
+        assert [r["kind"] for r in keyonly] == ["key_image", "key_image"]
         # Refusals and time-outs end dead after max_attempts, with the reason.
         for name, reason in (("refusing", "rejected"), ("closed", "connection refused"),
                              ("hung", "did not accept the association within 2 s")):
             wait_for(lambda n=name: set(node.states(study, n)) == {"dead"}, 60,
-                     f"{name} deliveries dead",
-                     lambda: str(node.deliveries.for_study(study)))
-            errors = {r["last_error"] for r in by_dest[name] or []} | {
-                r["last_error"] for r in node.deliveries.for_study(study)
-                if r["destination"] == name}
-            assert all(e for e in errors if e is not None)
-            if reason:
-                assert any(reason in (e or "") for e in errors), (name, errors)
+                     f"{name} deliveries dead", lambda: str(node.deliveries.for_study(study)))
+            rows = [r for r in node.deliveries.for_study(study) if r["destination"] == name]
+            assert all(reason in r["last_error"] and r["attempts"] == 3 for r in rows), rows
         assert set(node.states(study, "pacs")) == {"delivered"}
     finally:
         exporter.stop(timeout_s=5)
         node.close()
+
+
+def test_serve_delivers_what_was_queued_while_the_pacs_was_down_even_after_kill_9(
+        tmp_path, analysed, orthancs, node_factory):
+    """The exporter inside ``spine-node serve``: results recorded (as the worker does) while
+    the PACS is down are delivered once it is up, after the node was killed and restarted."""
+    pacs = orthancs("pacs")
+    node = node_factory(destinations=[_dest("pacs", pacs)], exporter=FAST_RETRY)
+    helper = Node(load_settings(node.config_path))     # the worker's view of the same node
+    study = analysed[0].study_instance_uid
+    try:
+        published = helper.publish(analysed)
+        node.start()
+        node.wait_for(lambda: all(r["attempts"] >= 1 for r in helper.deliveries.for_study(study)),
+                      timeout=60, what="attempts by the node's exporter")
+        node.kill9()
+        pacs.start()
+        node.start()
+        uids = [o.sop_instance_uid for o in published.objects]
+        node.wait_for(lambda: pacs.has(*uids), timeout=60, what="results in Orthanc")
+        node.wait_for(lambda: helper.states(study) == ["delivered"] * 3, timeout=20,
+                      what="delivered rows")
+        status, body = node.http_get("/metrics")
+        assert status == 200 and b'spine_node_deliveries_by_state{state="delivered"} 3.0' in body
+    finally:
+        helper.close()

@@ -2,7 +2,6 @@
 fractured vertebrae red, normal white, marked not for primary diagnosis."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding

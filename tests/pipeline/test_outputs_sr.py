@@ -89,3 +89,19 @@ def test_vertebra_without_voxels_is_still_reported(case, tmp_path):
     assert len(reported) == len(result.vertebrae)
     errors, output = synth.dciodvfy_errors(out.sr, tmp_path / "sr.dcm")
     assert errors == [], output
+
+
+def test_no_vertebra_found_gives_an_empty_report_and_key_image_but_no_seg(case, tmp_path):
+    series, result, _out = case
+    import SimpleITK as sitk
+    empty = sitk.Image(result.label_map.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(result.label_map)
+    nothing = synth.SyntheticResult(result.study_instance_uid, result.series_instance_uid, [],
+                                    empty)
+    out = build_outputs(series, nothing)
+    assert out.seg is None
+    assert [k.value for k, _ in out.items()] == ["sr", "key_image"]
+    assert read_vertebrae(out.sr) == []
+    for name, ds in (("sr", out.sr), ("key", out.key_image)):
+        errors, output = synth.dciodvfy_errors(ds, tmp_path / f"{name}.dcm")
+        assert errors == [], output

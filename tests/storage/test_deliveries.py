@@ -9,7 +9,7 @@ import pytest
 
 from storage.db import Database, utcnow
 from storage.deliveries import Backoff, DeliveryQueue, DestinationWants, NewResult
-from storage.models import Delivery, Job, JobState, Series, Study
+from storage.models import Job, JobState, Series, Study
 
 
 @pytest.fixture

@@ -1,0 +1,136 @@
+"""Boundary refinement at 1 mm of the 2 mm segmentation (why: measured in MODEL_CARD.md).
+
+The 3D U-Net works on 64^3 crops at 2 mm (the paper's 128^3 at 1 mm costs 7.8 s per training
+step on the 2-core CPU). Even a perfect 2 mm occupancy map, resampled linearly to the source grid,
+reaches only a Dice of about 0.91-0.93 per vertebra on the phantom (measured on seed 8001): the
+vertebra's processes are a few voxels thick at 2 mm; a fixed HU threshold in the uncertain band
+does no better (the PSF spreads the cortex outward). So a small 1 mm network
+(:class:`pipeline.segmentation.model.ShallowRefiner`; 2 input channels: the CT at 1 mm and the
+coarse foreground probability upsampled to 1 mm) corrects the coarse map at 1 mm inside the box
+where the coarse map is positive or uncertain. (A 3-level U-Net there takes ~8 s per vertebra
+on this CPU: too slow for the 60 s budget of a whole study.)
+
+Training needs no coarse network: the prior is simulated from the ground truth (the 2 mm
+occupancy upsampled, shifted by up to a voxel and thickened or thinned), so both networks train
+at the same time.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from pipeline.segmentation.crops import array_image, reference_grid, resample
+
+#: Grid of the refinement (mm) and the margin around the coarse foreground it covers (mm).
+REFINE_SPACING_MM = 1.0
+REFINE_MARGIN_MM = 4.0
+#: Fixed HU scaling of the refiner's CT channel (patches are too small for a stable z-score).
+HU_CENTRE, HU_SCALE = 100.0, 400.0
+
+
+def ct_channel(hu: np.ndarray) -> np.ndarray:
+    return ((np.clip(hu, -1000.0, 2000.0) - HU_CENTRE) / HU_SCALE).astype(np.float32)
+
+
+def refine_grid(fg: np.ndarray, crop: sitk.Image, threshold: float = 0.02,
+                spacing_mm: float = REFINE_SPACING_MM, margin_mm: float = REFINE_MARGIN_MM,
+                multiple: int = 4) -> sitk.Image | None:
+    """An LPS-aligned 1 mm grid over the coarse foreground (``fg > threshold``) plus a margin;
+    its size a multiple of ``multiple`` (the refiner's pooling)."""
+    idx = np.argwhere(fg > threshold)
+    if len(idx) == 0:
+        return None
+    cs = np.array(crop.GetSpacing())
+    lo_mm = np.array(crop.TransformContinuousIndexToPhysicalPoint(idx.min(0)[::-1].astype(float).tolist())) - margin_mm - cs / 2
+    hi_mm = np.array(crop.TransformContinuousIndexToPhysicalPoint(idx.max(0)[::-1].astype(float).tolist())) + margin_mm + cs / 2
+    size = np.ceil((hi_mm - lo_mm) / spacing_mm).astype(int)
+    size = ((size + multiple - 1) // multiple) * multiple
+    centre = (lo_mm + hi_mm) / 2.0
+    return reference_grid(centre.tolist(), size.tolist(), spacing_mm)
+
+
+@torch.no_grad()
+def refine(model: torch.nn.Module, image: sitk.Image, fg: np.ndarray, crop: sitk.Image,
+           device: str | torch.device = "cpu") -> tuple[np.ndarray, sitk.Image] | None:
+    """The refined foreground probability ``[z, y, x]`` on its 1 mm grid, and the grid."""
+    grid = refine_grid(fg, crop)
+    if grid is None:
+        return None
+    prior = resample(array_image(fg.astype(np.float32), crop), grid, True, 0.0)
+    hu = resample(image, grid, True, -1024.0)
+    x = torch.from_numpy(np.stack([ct_channel(hu), prior])[None]).to(device)
+    p = torch.sigmoid(model(x)[0, 0].float()).cpu().numpy()
+    return p, grid
+
+
+def simulated_prior(occ_fine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What the 2 mm network would give, from the 1 mm occupancy (0..1) of the ground truth:
+    block-averaged to 2 mm, trilinearly back to 1 mm, shifted by up to one 1 mm voxel and
+    thickened or thinned by a random power (the coarse network's bias)."""
+    import torch.nn.functional as F
+
+    n = occ_fine.shape
+    t = torch.from_numpy(occ_fine[None, None].astype(np.float32))
+    coarse = F.avg_pool3d(t, 2, ceil_mode=True)
+    up = F.interpolate(coarse, size=n, mode="trilinear", align_corners=False)[0, 0].numpy()
+    shift = rng.integers(-1, 2, 3)
+    up = np.roll(up, tuple(int(s) for s in shift), axis=(0, 1, 2))
+    gamma = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
+    return np.clip(up, 0.0, 1.0) ** gamma
+
+
+def fine_occupancy(labels: sitk.Image, label: int, centre_mm: Sequence[float], size: int,
+                   spacing_mm: float = REFINE_SPACING_MM) -> np.ndarray:
+    """Fraction (0..1, in eighths) of each ``spacing_mm`` voxel inside ``label`` (labels at half spacing)."""
+    from pipeline.segmentation.dataset import occupancy
+
+    return occupancy(labels, label, centre_mm, size, spacing_mm).astype(np.float32) / 8.0
+
+
+# ---- training ----------------------------------------------------------------------------------
+#: Side of the 1 mm training crop around each centroid, and of the patches drawn from it.
+REFINE_CROP = 96
+REFINE_PATCH = 40
+
+
+def refine_samples(ct: sitk.Image, labels: sitk.Image, vertebrae, size: int = REFINE_CROP
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(ct int16 [n, s, s, s], occupancy uint8 eighths [n, s, s, s])`` at 1 mm per vertebra."""
+    from pipeline.segmentation.crops import ct_crop
+    from pipeline.segmentation.dataset import occupancy
+
+    cts, occs = [], []
+    for v in vertebrae:
+        c = v["centroid_mm"]
+        cts.append(np.clip(ct_crop(ct, c, size, REFINE_SPACING_MM), -32768, 32767).astype(np.int16))
+        occs.append(occupancy(labels, int(v["label"]), c, size, REFINE_SPACING_MM))
+    return np.stack(cts), np.stack(occs)
+
+
+def refine_batch(cts: np.ndarray, occs: np.ndarray, rng: np.random.Generator, batch: int,
+                 patch: int = REFINE_PATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Patches centred near the vertebra's surface (where refinement matters), with a simulated
+    prior: ``x [b, 2, p, p, p]``, target ``[b, 1, p, p, p]`` (occupancy 0..1)."""
+    xs, ts = [], []
+    s = cts.shape[1]
+    for _ in range(batch):
+        i = int(rng.integers(len(cts)))
+        occ = occs[i].astype(np.float32) / 8.0
+        surf = np.argwhere((occ > 0.05) & (occ < 0.95))
+        if len(surf) == 0:
+            surf = np.array([[s // 2] * 3])
+        c = surf[int(rng.integers(len(surf)))] + rng.integers(-patch // 4, patch // 4 + 1, 3)
+        o = np.clip(c - patch // 2, 0, s - patch)
+        sl = tuple(slice(int(a), int(a) + patch) for a in o)
+        prior = simulated_prior(occ, rng)[sl]
+        hu = cts[i][sl].astype(np.float32) * float(rng.uniform(0.93, 1.07)) + float(rng.uniform(-20, 20))
+        x = np.stack([ct_channel(hu), prior])
+        t = occ[sl][None]
+        if rng.random() < 0.5:
+            x, t = x[..., ::-1], t[..., ::-1]
+        xs.append(x)
+        ts.append(t)
+    return np.ascontiguousarray(np.stack(xs)), np.ascontiguousarray(np.stack(ts))
