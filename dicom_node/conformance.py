@@ -101,13 +101,13 @@ def render_scp_sop_classes(contexts: list[AcceptedContext]) -> str:
 
 def render_scp_transfer_syntaxes(contexts: list[AcceptedContext]) -> str:
     """One table per distinct list of transfer syntaxes, naming the SOP classes it applies to."""
-    groups: dict[tuple[str, ...], list[str]] = {}
+    groups: dict[tuple[str, ...], list[AcceptedContext]] = {}
     for cx in contexts:
-        groups.setdefault(cx.transfer_syntaxes, []).append(cx.sop_class_uid)
+        groups.setdefault(cx.transfer_syntaxes, []).append(cx)
     parts = []
-    for syntaxes, names in sorted(groups.items(), key=lambda g: -len(g[0])):
-        classes = ", ".join(f"{name} (`{uid}`)" for uid, name in sorted(
-            (cx.sop_class_uid, cx.name) for cx in contexts if cx.transfer_syntaxes == syntaxes))
+    for syntaxes, members in sorted(groups.items(), key=lambda g: -len(g[0])):
+        classes = ", ".join(f"{cx.name} (`{cx.sop_class_uid}`)"
+                            for cx in sorted(members, key=lambda c: c.sop_class_uid))
         parts.append(f"Accepted for {classes}:\n\n" + _uid_table(syntaxes, "Transfer Syntax"))
     return "\n\n".join(parts)
 
@@ -118,18 +118,19 @@ def render_association_policy(settings: Settings | None = None) -> str:
     settings = settings or default_settings()
     node = settings.node
     ae = StorageSCP(settings, index=None, store=None).ae
+    # Read back from the AE that the SCP configured: what it does, not what it was asked to do.
     rows = [
         ("Implementation Class UID", f"`{ae.implementation_class_uid}`"),
         ("Implementation Version Name", f"`{ae.implementation_version_name}`"),
-        ("AE Title (`node.ae_title`)", f"`{node.ae_title}`"),
+        ("AE Title (`node.ae_title`)", f"`{ae.ae_title}`"),
         ("Listening TCP port (`node.port`)", f"{node.port}"),
         ("Maximum PDU size received (`node.max_pdu`, bytes)",
-         f"{node.max_pdu}" if node.max_pdu else "unlimited"),
+         f"{ae.maximum_pdu_size}" if ae.maximum_pdu_size else "unlimited"),
         ("Maximum number of simultaneous associations (`node.max_associations`)",
-         f"{node.max_associations}"),
-        ("ACSE timeout (`node.acse_timeout_s`, s)", f"{node.acse_timeout_s:g}"),
-        ("DIMSE timeout (`node.dimse_timeout_s`, s)", f"{node.dimse_timeout_s:g}"),
-        ("Network timeout (`node.network_timeout_s`, s)", f"{node.network_timeout_s:g}"),
+         f"{ae.maximum_associations}"),
+        ("ACSE timeout (`node.acse_timeout_s`, s)", f"{ae.acse_timeout:g}"),
+        ("DIMSE timeout (`node.dimse_timeout_s`, s)", f"{ae.dimse_timeout:g}"),
+        ("Network timeout (`node.network_timeout_s`, s)", f"{ae.network_timeout:g}"),
         ("Calling AE titles accepted (`node.allowed_calling_aes`)",
          ", ".join(f"`{ae}`" for ae in node.allowed_calling_aes) or "any"),
         ("Peer addresses accepted (`node.allowed_hosts`)",
@@ -163,6 +164,36 @@ def render_store_statuses() -> str:
         meaning = _STORE_STATUS_MEANING.get(status.name, "see `dicom_node/scp.py`")
         title = status.name.replace("_", " ").capitalize().replace(" sop ", " SOP ")
         rows.append(f"| {title} | `{int(status):04X}H` | {meaning} |")
+    return "\n".join(rows)
+
+
+#: The configurable parameters the statement lists in 4.4.2, by settings key.
+_PARAMETERS = [
+    ("Additional storage SOP classes accepted", ["node.extra_storage_sop_classes"]),
+    ("Free disk below which C-STORE is refused (A700H), MB", ["storage.min_free_mb"]),
+    ("Seconds without a new instance before a series is complete", ["scheduler.stable_seconds"]),
+    ("Modalities and minimum number of slices analysed",
+     ["selection.modalities", "selection.min_slices"]),
+    ("ACSE / DIMSE timeouts (SCU), s", ["exporter.acse_timeout_s", "exporter.dimse_timeout_s"]),
+    ("Retry backoff (SCU): first delay s, factor, longest delay s, attempts",
+     ["exporter.backoff_start_s", "exporter.backoff_factor", "exporter.backoff_max_s",
+      "exporter.max_attempts"]),
+]
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def render_parameters(settings: Settings | None = None) -> str:
+    settings = settings or default_settings()
+    rows = ["| Parameter | Key | Default |", "|---|---|---|"]
+    for title, keys in _PARAMETERS:
+        values = [getattr(getattr(settings, k.split(".")[0]), k.split(".")[1]) for k in keys]
+        rows.append(f"| {title} | {', '.join(f'`{k}`' for k in keys)} | "
+                    f"{'; '.join(_show(v) for v in values)} |")
     return "\n".join(rows)
 
 
@@ -349,6 +380,7 @@ def render_blocks(examples: Mapping[str, Dataset] | None = None,
         "scp-transfer-syntaxes": render_scp_transfer_syntaxes(contexts),
         "association-policy": render_association_policy(settings),
         "scp-store-statuses": render_store_statuses(),
+        "parameters": render_parameters(settings),
         "created-sop-classes": render_created_sop_classes(),
     }
     if examples:

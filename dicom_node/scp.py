@@ -16,7 +16,7 @@ from io import BytesIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import (UID, HTJ2K, JPEG2000, DeflatedExplicitVRLittleEndian,
+from pydicom.uid import (HTJ2K, JPEG2000, DeflatedExplicitVRLittleEndian,
                          ExplicitVRBigEndian, ExplicitVRLittleEndian, HTJ2KLossless,
                          HTJ2KLosslessRPCL, ImplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
@@ -273,6 +273,3 @@ class StorageSCP:
             stats.bytes += len(data)
         return StoreStatus.SUCCESS, "", "success"
 
-
-def transfer_syntax_names() -> list[str]:
-    return [UID(ts).name for ts in TRANSFER_SYNTAXES]

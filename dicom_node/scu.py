@@ -12,7 +12,6 @@ uncompressed ones, so that a peer which only takes Implicit VR Little Endian sti
 """
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE, build_context
 from pynetdicom.status import code_to_category
-
-log = logging.getLogger("spine_node.scu")
 
 #: Our PDU size: big PDUs mean fewer Python round trips for a multi-MB SEG.
 MAX_PDU = 262144

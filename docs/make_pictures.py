@@ -6,10 +6,10 @@
 
 Both ways a phantom study is written (``spine-node phantom``) and the node's own builders make
 the SEG and the key image (``pipeline.outputs.build_outputs``); with ``--ground-truth`` the
-findings and label map are the phantom's truth instead of a model's output (for a checkout without
-trained weights). The key image is the Secondary Capture's pixels as a PACS shows them; the SEG
-overlay is read back from the SEG (highdicom) and drawn on a sagittal plane of the CT, with each
-segment's recommended display colour. Writes docs/images/key-image.png and
+findings and label map are the phantom's truth instead of a model's output (for a checkout
+without trained weights; tests/deploy/groundtruth_pipeline.py). The key image is the Secondary
+Capture's pixels as a PACS shows them; the SEG overlay is read back from the SEG (highdicom) and
+drawn on a sagittal plane of the CT, with each segment's recommended display colour. Writes docs/images/key-image.png and
 docs/images/seg-overlay.png, and prints how they were made.
 """
 from __future__ import annotations
@@ -33,28 +33,6 @@ def _phantom(out: Path):
     phantom = generate(SEED, levels=LEVELS, fractures=FRACTURES)
     write_study(phantom, out)
     return phantom
-
-
-def _ground_truth_analysis(series, phantom):
-    """An AnalysisResult built from the phantom's truth (label map resampled to the series)."""
-    import SimpleITK as sitk
-
-    from pipeline.findings import GenantGrade, Heights, Morphology, VertebraFinding
-    from pipeline.run import AnalysisResult
-
-    labels = sitk.Resample(phantom.labels, series.image, sitk.Transform(),
-                           sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    findings = []
-    for v in phantom.gt["vertebrae"]:
-        h = v["heights_mm"]
-        findings.append(VertebraFinding(
-            label=v["label"], name=v["name"], centroid_mm=tuple(v["centroid_mm"]),
-            fractured=v["fractured"], genant_grade=GenantGrade(v["genant_grade"]),
-            morphology=Morphology(v["morphology"]),
-            heights_mm=Heights(h["anterior"], h["middle"], h["posterior"]),
-            height_loss=v.get("height_loss"), partial=v["partial"]))
-    return AnalysisResult(series.study_instance_uid, series.series_instance_uid, findings,
-                          labels)
 
 
 def _rgb(ds) -> np.ndarray:
@@ -121,7 +99,8 @@ def make(ground_truth: bool) -> dict:
         phantom = _phantom(Path(tmp))
         series = load_series(sorted((Path(tmp) / "dicom").glob("*.dcm")))
         if ground_truth:
-            result = _ground_truth_analysis(series, phantom)
+            from tests.deploy.groundtruth_pipeline import from_ground_truth
+            result = from_ground_truth(series, phantom.gt, phantom.labels)
         else:
             from pipeline.run import analyse
             result = analyse(series)

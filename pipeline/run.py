@@ -113,7 +113,9 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
         x = plane_input(image, fg, plane)
         planes.append(plane)
         inputs.append(x)
-        mask_heights.append(heights_from_mask(x[1], spacing))
+        # Heights on the mask: from the finest foreground the segmentation has (1 mm if refined).
+        fine = sv.fine if sv.fine is not None else fg
+        mask_heights.append(heights_from_mask(plane.sample(fine, True, 0.0), spacing))
     keypoints = predict_keypoints(models["keypoints"], np.stack(inputs), planes, dev) if inputs else []
     timings["keypoints"] = time.perf_counter() - t
 
@@ -155,9 +157,9 @@ def _z_extent(image: sitk.Image) -> tuple[float, float]:
     return min(zs), max(zs)
 
 
-def _cut_by_fov(sv, z_lo: float, z_hi: float, fraction: float = 0.4) -> bool:
-    """The vertebra's segmentation runs into the first or last slice: ``fraction`` or more of its
-    crop foreground row at the volume's z limit is still vertebra."""
+def _cut_by_fov(sv, z_lo: float, z_hi: float) -> bool:
+    """The vertebra's crop foreground reaches the first or last slice of the volume: the
+    vertebra continues beyond the field of view."""
     fg = sv.foreground
     if fg.max() <= 0.5:
         return False

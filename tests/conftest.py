@@ -341,6 +341,62 @@ def node_factory(tmp_path_factory):
             node.kill9()
 
 
+# -- PostgreSQL --------------------------------------------------------------------------------
+def _pg_bindir() -> Path | None:
+    base = Path("/usr/lib/postgresql")
+    if not base.exists():
+        return None
+    for version in sorted(base.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 0,
+                          reverse=True):
+        if (version / "bin" / "initdb").exists():
+            return version / "bin"
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server of its own for the session (initdb + pg_ctl, Unix socket only, no
+    TCP port): ``postgresql+psycopg2://spine@/postgres?host=<socket dir>``. Each user of the
+    fixture should create its own database (:func:`create_pg_database`). Skipped without the
+    server binaries (apt-get install postgresql) or psycopg2."""
+    import tempfile
+    pytest.importorskip("psycopg2")
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    base = Path(tempfile.mkdtemp(prefix="spine-node-pg-"))  # the postgres user must reach it
+    base.chmod(0o755)
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(base, "postgres")
+        shutil.chown(sock, "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U",
+                    "spine", "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l",
+                    str(base / "pg.log"), "-o", f"-k {sock} -c listen_addresses='' -F",
+                    "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://spine@/postgres?host={sock}"
+    finally:
+        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def create_pg_database(server_url: str, name: str) -> str:
+    """Create database ``name`` on the ``postgres_url`` server; returns its URL."""
+    from sqlalchemy import create_engine, text
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return server_url.replace("@/postgres?", f"@/{name}?")
+
+
 def storescu(node: NodeProcess, files: Sequence[Path] | Path, *options: str,
              calling_ae: str = "STORESCU", timeout: float = 300
              ) -> subprocess.CompletedProcess:

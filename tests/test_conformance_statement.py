@@ -51,7 +51,7 @@ def test_generated_tables_equal_what_the_code_renders(statement, examples):
 
 def test_every_generated_block_has_content(statement):
     blocks = conformance.generated_blocks(statement)
-    assert {"overview", "scp-sop-classes", "scp-transfer-syntaxes", "association-policy",
+    assert {"overview", "parameters", "scp-sop-classes", "scp-transfer-syntaxes", "association-policy",
             "scp-store-statuses", "created-sop-classes", "scu-contexts", "modules-seg",
             "modules-sr", "modules-key-image", "coding-schemes", "private-codes"} <= set(blocks)
     assert all(body.strip() for body in blocks.values())

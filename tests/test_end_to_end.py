@@ -7,7 +7,9 @@ vertebra with its grade, as summary.json does. With the destination down (and an
 hanging) while the job finishes, the objects arrive once it comes up, across a restart of the
 node, without anyone acting; reception and analysis go on meanwhile.
 
-Needs trained weights (``pipeline/weights/manifest.json``); skipped without them.
+Each test runs twice: "ground-truth", where the phantom's truth stands in for the models
+(tests/deploy/groundtruth_pipeline.py, so everything else is real and it takes seconds), and
+"models", the trained models (skipped without ``pipeline/weights/manifest.json``; slow).
 """
 from __future__ import annotations
 
@@ -26,7 +28,10 @@ import pytest
 from tests.conftest import REPO, storescu
 from tests.orthanc_server import Orthanc
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
+
+ANALYSES = ["ground-truth", pytest.param("models", marks=pytest.mark.slow)]
+GROUND_TRUTH = "tests.deploy.groundtruth_pipeline:analyse"
 
 FAST_RETRY = {"backoff_start_s": 0.5, "backoff_factor": 2.0, "backoff_max_s": 2.0,
               "max_attempts": 1000, "poll_seconds": 0.5, "acse_timeout_s": 3.0,
@@ -35,7 +40,9 @@ FAST_RETRY = {"backoff_start_s": 0.5, "backoff_factor": 2.0, "backoff_max_s": 2.
 JOB_TIMEOUT_S = 1500
 
 
-def _require_weights() -> None:
+def _require_weights(analysis: str) -> None:
+    if analysis != "models":
+        return
     manifest = REPO / "pipeline" / "weights" / "manifest.json"
     try:
         entries = json.loads(manifest.read_text())
@@ -48,15 +55,27 @@ def _require_weights() -> None:
 
 @pytest.fixture(scope="module")
 def phantom_study(tmp_path_factory) -> Path:
-    _require_weights()
     out = tmp_path_factory.mktemp("phantom")
     res = subprocess.run([sys.executable, "-m", "dicom_node", "phantom", "--seed", "11",
                           "--out", str(out), "--levels", "T10-L4",
                           "--fractures", "L1:2:wedge"],
                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    if res.returncode != 0 and "No such command" in res.stderr:
+        pytest.skip("`spine-node phantom` is not in this checkout yet")
     if res.returncode != 0:
         pytest.fail(f"spine-node phantom failed:\n{res.stdout}\n{res.stderr}")
     return out
+
+
+def _make_node(node_factory, analysis: str, phantom: Path, destinations: list[dict]):
+    _require_weights(analysis)
+    sections = {"destinations": destinations, "exporter": FAST_RETRY}
+    if analysis == "ground-truth":
+        sections["pipeline"] = {"entry_point": GROUND_TRUTH}
+    node = node_factory(**sections)
+    if analysis == "ground-truth":
+        node.env["GROUND_TRUTH_PHANTOM_DIR"] = str(phantom)
+    return node
 
 
 def _orthanc_dest(orthanc: Orthanc) -> dict:
@@ -121,11 +140,13 @@ def _check_delivered(orthanc: Orthanc, files: dict[str, Path], summary: dict,
         assert (int(r.genant_grade), r.fractured) == (v["genant_grade"], v["fractured"]), v
 
 
+@pytest.mark.parametrize("analysis", ANALYSES)
 def test_storescu_to_serve_to_orthanc_delivers_valid_seg_sr_and_key_image(
-        tmp_path, node_factory, phantom_study):
-    orthanc = Orthanc(root=tmp_path / "orthanc").start()
+        tmp_path, node_factory, phantom_study, analysis):
+    orthanc = Orthanc(root=tmp_path / "orthanc")
+    node = _make_node(node_factory, analysis, phantom_study, [_orthanc_dest(orthanc)])
+    orthanc.start()
     try:
-        node = node_factory(destinations=[_orthanc_dest(orthanc)], exporter=FAST_RETRY)
         node.start()
         _send(node, phantom_study)
         job = _done_job(node, "the phantom's job to finish")
@@ -167,21 +188,22 @@ class _HungPeer:
         self.srv.close()
 
 
+@pytest.mark.parametrize("analysis", ANALYSES)
 def test_destination_down_during_the_job_gets_the_results_after_a_restart_without_anyone(
-        tmp_path, node_factory, phantom_study):
+        tmp_path, node_factory, phantom_study, analysis):
     orthanc = Orthanc(root=tmp_path / "orthanc")           # configured, not yet running
     hung = _HungPeer()
     try:
-        node = node_factory(destinations=[
+        node = _make_node(node_factory, analysis, phantom_study, [
             _orthanc_dest(orthanc),
             {"name": "hung", "ae_title": "HUNG", "host": "127.0.0.1", "port": hung.port},
-        ], exporter=FAST_RETRY)
+        ])
         node.start()
         seconds = _send(node, phantom_study)
         job = _done_job(node, "the job to finish while the destinations fail")
         # The SCP answered and the worker finished while one destination hung, one was down.
         assert seconds < 120
-        # A second study is still received at once.
+        # Receiving is still answered at once while the hung peer holds its exporter thread.
         again = _send(node, phantom_study)
         assert again < 120
         node.stop()

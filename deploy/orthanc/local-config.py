@@ -4,7 +4,7 @@
 It is deploy/orthanc/orthanc.json (the compose stack's PACS) with the container's names and
 paths replaced: the node is reached on loopback, the Lua routing script is taken from this
 folder, the storage goes to ``--out``, and the DICOMweb plugin is loaded from the Debian package
-``orthanc-dicomweb`` when it is installed. docs/operations.md ("Without containers") uses it,
+``orthanc-dicomweb`` when it is installed. docs/operations.md (section 1, without containers) uses it,
 and so does tests/deploy/test_orthanc_routing.py, so the documented commands are the tested ones.
 
     python3 deploy/orthanc/local-config.py --out var/orthanc

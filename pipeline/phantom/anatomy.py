@@ -288,6 +288,7 @@ class Anatomy:
     low_density: bool
     screws: list                        # (label, start(3), end(3), radius) world
     texture_seed: int
+    pelvis: list = field(default_factory=list)  # iliac wings (see render.render_pelvis)
 
     def by_label(self) -> dict[int, VertebraSpec]:
         return {v.label: v for v in self.vertebrae if not v.sacrum}
@@ -392,6 +393,8 @@ def sacrum_segments(rng: np.random.Generator, scale: float, l5: VertebraSpec) ->
         s.width = l5.width * f * (1.0 if k else 1.05)
         s.depth = l5.depth * (0.95 if k == 0 else 0.7 * f + 0.2)
         s.tilt = 0.0
+        s.concavity = 0.3 if k == 0 else 0.0   # fused: no endplates between S1-S3
+        s.waist = 0.0
         s.spinous_len = 12.0 * f
         s.spinous_h = 6.0
         s.tp_len = 30.0 * f          # the alae
@@ -426,7 +429,7 @@ def draw_curve_params(rng: np.random.Generator) -> CurveParams:
     scol = rng.uniform(0, 4) if rng.random() < 0.75 else rng.uniform(8, 25)
     return CurveParams(
         cervical=rng.uniform(6, 16), thoracic=rng.uniform(18, 40), lumbar=rng.uniform(14, 30),
-        sacral=rng.uniform(25, 45), tilt=rng.uniform(-0.06, 0.06),
+        sacral=rng.uniform(50, 75), tilt=rng.uniform(-0.06, 0.06),
         scol_amp=scol, scol_period=rng.uniform(250, 500), scol_phase=rng.uniform(0, 2 * np.pi),
         rot_gain=rng.uniform(0.3, 0.8), rot_noise=rng.normal(0, np.radians(2.0), 8),
         x0=rng.uniform(-15, 15), y0=rng.uniform(10, 50), z0=rng.uniform(-300, 300),
@@ -467,7 +470,7 @@ def place_vertebrae(verts: list[VertebraSpec], discs: list[float], cp: CurvePara
     y += cp.thoracic * np.sin(np.pi * seg((s_c1 + s_t1) / 2, (s_t_end + s_l0) / 2))
     y -= cp.lumbar * np.sin(np.pi * seg((s_t_end + s_l0) / 2, s_l_end + 10.0))
     # sacrum: posterior-inferior sweep (sacral kyphosis)
-    y += cp.sacral * seg(s_l_end + 10.0, total + 80.0) ** 1.5
+    y += cp.sacral * seg(s_l_end + 5.0, total + 40.0) ** 1.15
     y += cp.tilt * ss
     x = cp.scol_amp * np.sin(2 * np.pi * ss / cp.scol_period + cp.scol_phase)
     x *= seg(s_c1 - 40, s_t1 + 30) * (1 - seg(s_l_end - 20, s_l_end + 30))

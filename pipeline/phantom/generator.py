@@ -35,7 +35,7 @@ from pipeline.phantom.gt import genant_from_heights, label_centroids, reference_
 
 UID_ROOT = "2.25."
 #: Bumped whenever the same seed starts to give a different phantom (key training caches on it).
-PHANTOM_VERSION = 2
+PHANTOM_VERSION = 3
 STREAM_ANATOMY, STREAM_ACQ, STREAM_FRACTURE, STREAM_NOISE, STREAM_EXTRA = 1, 2, 3, 4, 5
 
 
@@ -74,9 +74,7 @@ def _extent_z(v: VertebraSpec) -> tuple[float, float]:
     vol = np.zeros(shape, np.float32)
     lab = np.zeros(shape, np.uint8)
     tex = np.zeros((R.TEX_N,) * 3, np.float32)
-    keep = v.fracture
     box = R.render_vertebra(v, g, vol, lab, tex, 1.0, write_label=True) if v.label else None
-    v.fracture = keep
     if box is None or not (lab == v.label).any():
         return float(wlo[2]), float(whi[2])
     ks = np.nonzero((lab == v.label).any(axis=(1, 2)))[0]
@@ -131,7 +129,9 @@ def _soft_tissue(rng: np.random.Generator, verts: list[VertebraSpec], habitus: f
     fx = [0.42, 0.58, 0.68, 0.76, 0.83, 0.88, 0.92, 0.95, 0.97, 0.97, 0.95, 0.92, 0.9]
     fy = [0.55, 0.7, 0.8, 0.87, 0.92, 0.96, 0.98, 1.0, 1.0, 1.0, 0.98, 0.96, 0.95]
     end = [0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.82, 0.8, 0.78, 0.62, 0.5, 0.4]
-    drop = [22, 32, 42, 50, 56, 60, 62, 62, 60, 55, 45, 35, 30]
+    # how far each rib descends from its head to its anterior end (the 7th rib ends about four
+    # vertebrae lower than it starts; the costal margin reaches L2-L3)
+    drop = [25, 40, 55, 65, 75, 85, 95, 100, 105, 100, 80, 60, 50]
     for k, v in enumerate(thor):
         z = v.center[2]
         bax = float(np.interp(z, zk, rows[:, 3]))
@@ -184,7 +184,8 @@ def _soft_tissue(rng: np.random.Generator, verts: list[VertebraSpec], habitus: f
         y_table = float(np.max(rows[1:-1, 2] + rows[1:-1, 4])) + float(rng.uniform(0.5, 6.0))
         half = float(rng.uniform(190, 240))
         table = {"y": y_table, "thick": float(rng.uniform(25, 45)),
-                 "x0": float(np.mean(rows[:, 1])) - half, "x1": float(np.mean(rows[:, 1])) + half}
+                 "x0": float(np.mean(rows[:, 1])) - half, "x1": float(np.mean(rows[:, 1])) + half,
+                 "curve": float(rng.uniform(0.0, 3e-4))}  # mm of rise per mm^2 off the centre
     gas = []
     lum = [v for v in verts if v.name.startswith("L")]
     if lum:
@@ -224,6 +225,34 @@ def _soft_tissue(rng: np.random.Generator, verts: list[VertebraSpec], habitus: f
     )
 
 
+def _pelvis(rng: np.random.Generator, verts: list[VertebraSpec], scale: float) -> list[dict]:
+    """Iliac wings: curved plates (cylindrical shell sectors about a vertical axis) from the
+    sacro-iliac joints up to the crest at about the L4-L5 disc."""
+    sac = [v for v in verts if v.sacrum]
+    l5 = [v for v in verts if not v.sacrum][-1]
+    if not sac:
+        return []
+    s1, s2 = sac[0], sac[min(1, len(sac) - 1)]
+    out = []
+    for sg in (1.0, -1.0):
+        # the wing is concave towards the front and the midline (iliac fossa): its axis lies
+        # antero-medially, at the side of the sacrum
+        si = s1.to_world(np.array([sg * (s1.width / 2 + 6.0), 0.25 * s1.depth, 0.0]))
+        c = np.array([s1.center[0] + sg * 0.55 * s1.width, s1.center[1] - 40.0 * scale])
+        d = si[:2] - c
+        r0 = float(np.hypot(*d))
+        phi0 = float(np.arctan2(sg * d[0], d[1]))
+        out.append({
+            "side": sg, "cx": float(c[0]), "cy": float(c[1]),
+            "r_bot": r0, "r_top": r0 + float(rng.uniform(38, 52)) * scale,
+            "z_top": float(l5.center[2] + 0.35 * l5.height + rng.uniform(-5, 8)),
+            "z_bot": float(s2.center[2] - 15.0),
+            "phi0": phi0 - 0.1, "phi1_top": float(np.radians(rng.uniform(125, 145))),
+            "phi1_bot": phi0 + 1.0, "thick": float(rng.uniform(6.0, 9.0)) * scale,
+        })
+    return out
+
+
 @dataclass
 class Scene:
     anatomy: Anatomy
@@ -257,7 +286,7 @@ def build_scene(seed: int, levels: str | None, fractures: str | None, acq: Acqui
         if a.name == "C1":
             discs.append(1.0)
         elif a.sacrum and b.sacrum:
-            discs.append(-3.0)
+            discs.append(-6.0)  # fused
         elif b.sacrum:
             discs.append(10.0 * scale)
         else:
@@ -269,7 +298,8 @@ def build_scene(seed: int, levels: str | None, fractures: str | None, acq: Acqui
             raise ValueError(f"level {w} is not in this phantom's spine")
     # covered range
     if want:
-        covered = want
+        # the range of *this* spine: T13 is inside T10-L2 when this patient has one
+        covered = names[names.index(want[0]):names.index(want[-1]) + 1]
     else:
         n = min(acq.n_levels, len(names))
         start = int(np.floor(acq.first_level_fraction * (len(names) - n + 1)))
@@ -309,7 +339,7 @@ def build_scene(seed: int, levels: str | None, fractures: str | None, acq: Acqui
             en = np.array([sg * 0.1 * v.width, -0.25 * v.depth, 0.05 * v.height])
             screws.append({"label": v.label, "start": v.to_world(st), "end": v.to_world(en), "radius": rad})
     anatomy = Anatomy(seed=seed, vertebrae=verts, ribs=ribs, soft=soft, low_density=low_density,
-                      screws=screws, texture_seed=seed)
+                      screws=screws, texture_seed=seed, pelvis=_pelvis(rng, verts, scale))
     # z range of the scan
     first, last = byname[covered[0]], byname[covered[-1]]
     ft_lo, ft_hi = _extent_z(first)
@@ -320,6 +350,8 @@ def build_scene(seed: int, levels: str | None, fractures: str | None, acq: Acqui
     else:
         z_top = first.center[2] + acq.top_margin * 1.2 * (ft_hi - first.center[2])
         z_bot = last.center[2] - acq.bottom_margin * 1.2 * (last.center[2] - lt_lo)
+        if last.name in ("L5", "L6") and acq.bottom_margin > 0.4:
+            z_bot -= (acq.bottom_margin - 0.4) * 110.0  # lumbar scans usually reach into the sacrum
     cov = [byname[n] for n in covered]
     sx = float(np.mean([v.center[0] for v in cov]))
     sy = float(np.mean([v.center[1] for v in cov]))

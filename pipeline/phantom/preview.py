@@ -60,9 +60,11 @@ def reformats(ct: sitk.Image, labels: sitk.Image, gt: dict, step: float = 1.0):
     patient right->left) planes through the spine centreline; HU and labels."""
     lo, hi = _bounds(ct)
     z = np.arange(hi[2], lo[2] - 1e-6, -step)
-    y = np.arange(lo[1], hi[1] + 1e-6, step)
-    x = np.arange(lo[0], hi[0] + 1e-6, step)
     sx, sy = _centerline(gt, z)
+    # crop around the spine: 170 mm anterior to 120 mm posterior, 150 mm to each side
+    my, mx = float(np.median(sy)), float(np.median(sx))
+    y = np.arange(max(lo[1], my - 170.0), min(hi[1], my + 120.0) + 1e-6, step)
+    x = np.arange(max(lo[0], mx - 150.0), min(hi[0], mx + 150.0) + 1e-6, step)
     arr = sitk.GetArrayViewFromImage(ct)
     lab = sitk.GetArrayViewFromImage(labels)
     out = {}
@@ -101,14 +103,21 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, gt: dict, height_px: int 
         im = im.resize((max(int(im.width * scale), 1), max(int(im.height * scale), 1)), Image.BILINEAR)
         d = ImageDraw.Draw(im)
         font = ImageFont.load_default()
-        # level names beside the centroids
+        # level names beside the vertebral bodies (their middle, from the gt keypoints)
         for lab in np.unique(lb):
             if lab == 0 or lab not in names:
                 continue
-            rows, cs = np.nonzero(lb == lab)
-            r = rows.mean() * scale
-            c = cs.min() * scale if key == "sagittal" else cs.max() * scale
             v = names[int(lab)]
+            kp = v.get("keypoints_mm")
+            if not kp:
+                continue
+            zc = 0.5 * (kp["M1"][2] + kp["M2"][2])
+            r = (z[0] - zc) / (z[0] - z[-1] if len(z) > 1 else 1.0) * (len(z) - 1) * scale
+            if key == "sagittal":
+                front = min(kp["A1"][1], kp["A2"][1])
+                c = (front - cols[0]) / (cols[1] - cols[0]) * scale
+            else:
+                c = float(np.max(np.nonzero(lb == lab)[1])) * scale
             text = v["name"]
             colour = (255, 255, 255)
             if v["fractured"]:
@@ -132,7 +141,7 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, gt: dict, height_px: int 
     sp = gt.get("grid", {}).get("spacing_mm", [0, 0, 0])
     d.text((4, 4), f"phantom seed {gt.get('seed')}  levels {gt['levels'][0]}-{gt['levels'][-1]}  "
                    f"spacing {sp[0]:.2f}x{sp[1]:.2f}x{sp[2]:.2f} mm  "
-                   f"{'HF' if a.get('head_first', True) else 'FF'}  W{int(width)} L{int(level)}",
+                   f"{'FF' if gt.get('grid', {}).get('direction', [1] * 9)[8] < 0 else 'HF'}  W{int(width)} L{int(level)}",
            fill=(200, 200, 200), font=ImageFont.load_default())
     return canvas
 

@@ -127,7 +127,7 @@ def _primitives(v: VertebraSpec):
     pc, cl, cp, t = v.canal_center_p, v.canal_l, v.canal_p, v.arch_t
     is_c1 = v.name == "C1"
     u_hi, u_lo = (0.45 * H, -0.45 * H) if is_c1 else (0.38 * H, -0.42 * H)
-    join = -1e3 if is_c1 else hd * 0.7
+    join = -1e3 if is_c1 else hd * 0.93  # behind the posterior Genant keypoints (P1, P2)
 
     def ring(l, p, u):
         dp = p - np.float32(pc)
@@ -147,8 +147,6 @@ def _primitives(v: VertebraSpec):
     half = np.array([ln / 2 + t / 2, lat, v.spinous_h])
     cen = start + d * ln / 2
     prims.append(_box_prim(cen, ax, half))
-    if v.sacrum:
-        pass
     # transverse processes
     for sg in (1.0, -1.0):
         b = v.tp_angle
@@ -352,6 +350,42 @@ def render_rib(rib: RibSpec, grid: Grid, vol: np.ndarray, h: float, tex: np.ndar
                            shell_mm=0.9, tex=tex)
 
 
+def render_pelvis(wings: list[dict], grid: Grid, vol: np.ndarray, h: float, tex: np.ndarray,
+                  cortical: float, marrow: float) -> None:
+    """Iliac wings as cylindrical shell sectors (radius and angular extent vary with z)."""
+    for w in wings:
+        rmax = w["r_top"] + w["thick"]
+        lo = np.array([w["cx"] - rmax, w["cy"] - rmax, w["z_bot"]]) - 2
+        hi = np.array([w["cx"] + rmax, w["cy"] + rmax, w["z_top"]]) + 2
+        box = grid.box(lo, hi)
+        if box is None:
+            continue
+        x, y, z = _axes(grid, box)
+        dx = (x - w["cx"]).astype(np.float32)[None, None, :]
+        dy = (y - w["cy"]).astype(np.float32)[None, :, None]
+        t = np.clip((z - w["z_bot"]) / (w["z_top"] - w["z_bot"]), 0, 1).astype(np.float32)[:, None, None]
+        r = np.sqrt(dx * dx + dy * dy)
+        R = w["r_bot"] + (w["r_top"] - w["r_bot"]) * t ** 0.7
+        phi = np.arctan2(np.float32(w["side"]) * dx, dy)
+        phi1 = w["phi1_bot"] + (w["phi1_top"] - w["phi1_bot"]) * t ** 0.5
+        sdf = np.abs(r - R) - np.float32(w["thick"] / 2)
+        sdf = np.maximum(sdf, (np.float32(w["phi0"]) - phi) * R)
+        sdf = np.maximum(sdf, (phi - phi1) * R)
+        zz = z.astype(np.float32)[:, None, None]
+        # the crest is rounded: it sinks towards both ends of the wing
+        mid = 0.5 * (w["phi0"] + w["phi1_top"])
+        crest = np.float32(w["z_top"]) - 12.0 * ((phi - mid) / (w["phi1_top"] - w["phi0"])) ** 2 * 4.0
+        sdf = np.maximum(sdf, zz - crest)
+        sdf = np.maximum(sdf, np.float32(w["z_bot"]) - zz)
+        m = sdf < h
+        if not m.any():
+            continue
+        inner = np.clip(0.5 - (sdf + 1.4) / h, 0.0, 1.0)
+        core = marrow + 40.0 * sample_texture(tex, x[None, None, :], y[None, :, None], z[:, None, None])
+        hu = np.float32(cortical) + (core - np.float32(cortical)) * inner
+        _paint(vol[box], sdf, h, hu.astype(np.float32))
+
+
 # --------------------------------------------------------------------------------------------
 # soft tissue: body outline, fat, muscle, lungs, aorta, table, bowel gas
 # --------------------------------------------------------------------------------------------
@@ -446,13 +480,19 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
                 out[ks] = sub
     _small_organs(st, grid, vol, x, y, z)
     if st.table:
+        # a (slightly curved) carbon-fibre table top: two thin dense skins around a foam core
         t = st.table
-        for y0, y1, hu in ((t["y"], t["y"] + 2.0, 250.0), (t["y"] + 2.0, t["y"] + t["thick"] - 2.0, -750.0),
-                           (t["y"] + t["thick"] - 2.0, t["y"] + t["thick"], 250.0)):
-            sy_ = grid.index_slice(1, y0, y1)
-            sx_ = grid.index_slice(0, t["x0"], t["x1"])
-            if sy_.stop > sy_.start and sx_.stop > sx_.start:
-                vol[:, sy_, sx_] = hu
+        xc = 0.5 * (t["x0"] + t["x1"])
+        lift = t.get("curve", 0.0) * (x - xc) ** 2              # per column
+        sy_ = grid.index_slice(1, t["y"] - float(lift.max()) - 1.0, t["y"] + t["thick"] + 1.0)
+        if sy_.stop > sy_.start:
+            yr = y[sy_][:, None] - (t["y"] - lift[None, :])      # depth below the top skin
+            inx = ((x >= t["x0"]) & (x <= t["x1"]))[None, :]
+            skin = inx & (((yr >= 0) & (yr < 2.0)) | ((yr >= t["thick"] - 2.0) & (yr < t["thick"])))
+            foam = inx & (yr >= 2.0) & (yr < t["thick"] - 2.0)
+            sub = vol[:, sy_, :]
+            sub[:, foam] = -750.0
+            sub[:, skin] = 250.0
     for gx, gy, gz, gr in st.gas:
         c = np.array([gx, gy, gz])
         box = grid.box(c - gr - 1, c + gr + 1)
@@ -492,7 +532,8 @@ def _small_organs(st: SoftTissue, grid: Grid, vol: np.ndarray, x, y, z) -> None:
         sl = vol[k]
         rf = ex.get("retro_fat")
         if rf and rf["z_bot"] < zc < rf["z_top"]:
-            _ellipse(sl, grid, x, y, sx, sy - 0.1 * sd, rf["ax"], rf["ay"], st.fat_hu,
+            t = float(np.sin(np.pi * (zc - rf["z_bot"]) / (rf["z_top"] - rf["z_bot"]))) ** 0.5
+            _ellipse(sl, grid, x, y, sx, sy - 0.1 * sd, rf["ax"] * t, rf["ay"] * (0.5 + 0.5 * t), st.fat_hu,
                      only=lambda a: np.abs(a - st.organ_hu) < 0.5)
         ps = ex.get("psoas")
         if ps and ps["z_bot"] < zc < ps["z_top"]:
@@ -593,6 +634,7 @@ def render(anatomy: Anatomy, grid: Grid, spinal_labels: bool = True) -> tuple[np
     marrow = float(np.mean([v.cancellous_hu for v in verts]))
     for rib in anatomy.ribs:
         render_rib(rib, grid, vol, h, tex, cort, marrow)
+    render_pelvis(anatomy.pelvis, grid, vol, h, tex, cort, marrow)
     boxes = {}
     for v in verts:
         box = render_vertebra(v, grid, vol, lab, tex, h, write_label=spinal_labels and not v.sacrum)

@@ -96,9 +96,9 @@ def save_samples(samples: Sequence[Sample], path: Path) -> None:
 
 
 def load_samples(path: Path) -> list[Sample]:
-    z = np.load(path)
-    return [Sample(z["ct"][i], z["occ"][i], bool(z["fractured"][i]), int(z["label"][i]), str(z["name"][i]))
-            for i in range(len(z["label"]))]
+    with np.load(path) as z:  # each z[key] reads the whole array: read each once
+        ct, occ, fr, lab, names = z["ct"], z["occ"], z["fractured"], z["label"], z["name"]
+    return [Sample(ct[i], occ[i], bool(fr[i]), int(lab[i]), str(names[i])) for i in range(len(lab))]
 
 
 def keypoint_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = None) -> Path:

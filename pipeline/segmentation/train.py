@@ -141,7 +141,7 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         step += 1
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         if step % 10 == 0:
             rate = (time.time() - t0) / (step - s0)
             say(f"step {step}/{cfg.steps} loss {np.mean(running[-10:]):.4f} "

@@ -22,8 +22,6 @@ import pytest
 
 from config import load_settings
 
-yaml = pytest.importorskip("yaml", reason="PyYAML is a test dependency (pip install pyyaml)")
-
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CONFIG_IN_IMAGE = "/etc/spine-node/spine-node.toml"
@@ -37,6 +35,7 @@ def _tool(name: str) -> str | None:
 
 
 def _compose() -> dict:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is a test dependency (pip install pyyaml)")
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 
 
@@ -348,3 +347,18 @@ def test_service_managers_wait_for_a_clean_drain():
     compose = load_settings(DEPLOY / "spine-node.compose.toml")
     grace = _compose()["services"]["spine-node"]["stop_grace_period"]
     assert float(grace.rstrip("s")) >= _drain_bound_s(compose)
+
+
+def test_local_config_is_the_compose_topology_on_loopback():
+    """deploy/spine-node.local.toml (run by test_orthanc_routing.py) differs from the compose
+    configuration only in addresses, paths and the database."""
+    local = load_settings(DEPLOY / "spine-node.local.toml")
+    compose = load_settings(DEPLOY / "spine-node.compose.toml")
+    for section in ("scheduler", "selection", "pipeline", "worker", "exporter"):
+        assert getattr(local, section) == getattr(compose, section), section
+    ignore = {"host"}
+    assert local.node.model_dump(exclude=ignore) == compose.node.model_dump(exclude=ignore)
+    assert [d.model_dump(exclude=ignore) for d in local.destinations] == \
+        [d.model_dump(exclude=ignore) for d in compose.destinations]
+    assert local.node.host == local.http.host == "127.0.0.1"
+    assert [d.host for d in local.destinations] == ["127.0.0.1"]

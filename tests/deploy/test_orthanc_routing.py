@@ -3,9 +3,10 @@ series to spine-node, and the node's results come back into Orthanc.
 
 Orthanc runs with the configuration that deploy/orthanc/local-config.py derives from
 deploy/orthanc/orthanc.json and with deploy/orthanc/route-to-spine-node.lua, exactly as
-docs/operations.md ("Without containers") tells a newcomer to run it; the node runs
-``spine-node serve`` with deploy/spine-node.local.toml. Only ports, folders and timings are
-changed, so that tests run side by side and quickly.
+docs/operations.md (section 1, "Try it on one machine, without containers") tells a newcomer
+to run it; the node runs ``spine-node serve`` with deploy/spine-node.local.toml. Only ports,
+folders and timings are changed, so that tests run side by side and quickly, and the analysis of
+the round-trip test is the phantom's ground truth unless trained weights are there.
 """
 from __future__ import annotations
 
@@ -200,6 +201,7 @@ def node(tmp_path_factory):
     config["storage"]["min_free_mb"] = 1
     config["scheduler"].update(stable_seconds=1, poll_seconds=0.5)
     config.setdefault("worker", {}).update(poll_seconds=0.2, drain_seconds=5)
+    config.setdefault("pipeline", {})
     config.setdefault("exporter", {}).update(backoff_start_s=1, poll_seconds=0.5)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_NODE_")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -258,35 +260,51 @@ def _phantom_study(out: Path) -> Path:
     return out / "dicom"
 
 
-@pytest.mark.slow
-def test_results_of_a_routed_study_come_back_into_orthanc(orthanc_factory, node, tmp_path):
-    if not (REPO / "pipeline" / "weights" / "manifest.json").exists():
+@pytest.mark.parametrize("analysis", [
+    "ground-truth",
+    pytest.param("models", marks=pytest.mark.slow),
+])
+def test_results_of_a_routed_study_come_back_into_orthanc(orthanc_factory, node, tmp_path,
+                                                          analysis):
+    """modality -> Orthanc -> (Lua) -> node -> analysis -> SEG, SR, key image -> Orthanc.
+
+    "ground-truth": the phantom's truth stands in for the models (tests/deploy/
+    groundtruth_pipeline.py), so everything else is real and the test takes seconds;
+    "models": the trained models, when the checkout has them."""
+    if analysis == "models" and not (REPO / "pipeline" / "weights" / "manifest.json").exists():
         pytest.skip("no trained weights in this checkout (pipeline/weights/manifest.json)")
+    phantom = tmp_path / "phantom"
+    study_dir = _phantom_study(phantom)
+    if analysis == "ground-truth":
+        node.config["pipeline"]["entry_point"] = "tests.deploy.groundtruth_pipeline:analyse"
+        node.env["GROUND_TRUTH_PHANTOM_DIR"] = str(phantom)
     orthanc = orthanc_factory(node.port)
     _start(node, orthanc)
-    study_dir = _phantom_study(tmp_path / "phantom")
     orthanc.storescu(study_dir)
-    study_uid = json.loads((tmp_path / "phantom" / "gt.json").read_text())["study_instance_uid"]
+    gt = json.loads((phantom / "gt.json").read_text())
 
     def results_back():
-        modalities = {}
+        by_modality: dict[str, list[dict]] = {}
         for s in orthanc.series():
             tags = s["MainDicomTags"]
-            modalities.setdefault(tags.get("Modality"), []).append(tags)
-        return modalities if {"SEG", "SR", "OT"} <= set(modalities) else None
+            by_modality.setdefault(tags.get("Modality"), []).append(tags)
+        return by_modality if {"SEG", "SR", "OT"} <= set(by_modality) else None
 
     def diagnostics() -> str:
         jobs = node.cli("jobs", "--json", check=False).stdout
         return f"jobs: {jobs}\n--- node ---\n{node.log()[-4000:]}\n--- orthanc ---\n" \
                + orthanc.log()
 
-    modalities = wait_for(results_back, 900, "SEG, SR and key image (OT) in Orthanc",
-                          diagnostics)
+    by_modality = wait_for(results_back, 120 if analysis == "ground-truth" else 1500,
+                           "SEG, SR and key image (OT) in Orthanc", diagnostics)
+    assert sorted(by_modality) == ["CT", "OT", "SEG", "SR"]
+    assert all(len(series) == 1 for series in by_modality.values()), by_modality
     studies = orthanc.get("/studies?expand")
-    assert [s["MainDicomTags"]["StudyInstanceUID"] for s in studies] == [study_uid], \
-        "the results are in the source study"
-    assert sorted(modalities) == ["CT", "OT", "SEG", "SR"]
-    assert all(len(series) == 1 for series in modalities.values()), modalities
-    # The results were not routed back to the node: only the CT series was sent there.
+    assert [s["MainDicomTags"]["StudyInstanceUID"] for s in studies] == \
+        [gt["study_instance_uid"]], "the results are in the source study"
+    # Only the CT series went to the node: its own results were not routed back to it.
+    time.sleep(STABLE_AGE_S + 1)
     store_jobs = [j for j in orthanc.get("/jobs?expand") if j["Type"] == "DicomModalityStore"]
     assert len(store_jobs) == 1
+    (job,) = node.cli_json("jobs")
+    assert job["state"] == "done"

@@ -26,3 +26,10 @@ def analyse(series, device: str = "auto") -> FakeResult:
     labels = sitk.Image(series.image.GetSize(), sitk.sitkUInt8)
     labels.CopyInformation(series.image)
     return FakeResult(series.study_instance_uid, series.series_instance_uid, labels)
+
+
+def slow_analyse(series, device: str = "auto") -> FakeResult:
+    """Takes a minute: for tests that stop the node while a job runs."""
+    import time
+    time.sleep(60)
+    return analyse(series, device)

@@ -4,6 +4,8 @@ call into it."""
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -18,7 +20,9 @@ from storage.files import BlobStore
 from storage.index import Index, InstanceRecord
 from storage.models import Result
 from storage.queue import JobQueue
+from storage.models import JobState
 from tests import synthetic_results as synth
+from tests.conftest import REPO, write_config
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +32,18 @@ def ct(tmp_path_factory):
 
 
 @pytest.fixture
-def node(tmp_path):
-    settings = load_settings(None, storage={"root": str(tmp_path / "store"), "min_free_mb": 0,
-                                            "fsync": False},
-                             destinations=[
-                                 {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                                  "port": 104},
-                                 {"name": "viewer", "ae_title": "VIEW", "host": "127.0.0.1",
-                                  "port": 105, "objects": ["key_image"]}])
+def config_path(tmp_path) -> Path:
+    return write_config(tmp_path / "spine-node.toml", {
+        "storage": {"root": str(tmp_path / "store"), "min_free_mb": 0, "fsync": False},
+        "destinations": [
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+            {"name": "viewer", "ae_title": "VIEW", "host": "127.0.0.1", "port": 105,
+             "objects": ["key_image"]}]})
+
+
+@pytest.fixture
+def node(config_path):
+    settings = load_settings(config_path)
     db = Database(settings.storage.database_url)
     db.upgrade()
     store = BlobStore(settings.storage.root, fsync=False)
@@ -125,3 +133,26 @@ def test_publishing_a_job_twice_records_it_once(node, ct):
     assert [o.result_id for o in a.objects] == [o.result_id for o in b.objects]
     assert [o.sop_instance_uid for o in a.objects] == [o.sop_instance_uid for o in b.objects]
     assert len(DeliveryQueue(db).for_study(series.study_instance_uid)) == 4
+
+
+def test_resend_command_requeues_the_latest_results_for_every_destination(node, ct,
+                                                                          config_path):
+    settings, db, index, queue, store = node
+    _receive(index, store, ct)
+    series = synth.load(ct)
+    job = _job(index, queue)
+    publish(job=job, series=series, result=synth.analysis(series), index=index, store=store,
+            settings=settings)
+    queue.finish(job.id, JobState.DONE)
+    deliveries = DeliveryQueue(db)
+    for destination in ("pacs", "viewer"):
+        for c in deliveries.claim_due(destination):
+            deliveries.mark_delivered(c.id)
+    assert {r["state"] for r in deliveries.for_study(series.study_instance_uid)} == {"delivered"}
+    res = subprocess.run([sys.executable, "-m", "dicom_node", "resend", series.study_instance_uid,
+                          "--config", str(config_path)], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "4 deliveries queued" in res.stdout
+    rows = deliveries.for_study(series.study_instance_uid)
+    assert {(r["state"], r["attempts"]) for r in rows} == {("pending", 0)}

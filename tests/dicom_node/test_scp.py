@@ -238,6 +238,11 @@ def test_hostile_and_broken_datasets_are_refused_or_fail_with_a_reason(node_fact
     # The node keeps answering.
     res = node.cli("echo", f"{node.ae_title}@127.0.0.1:{node.port}")
     assert "Success" in res.stdout
+    # Logs and index carry no patient name or ID (write_ct_series sets these).
+    db_bytes = b"".join(p.read_bytes() for p in node.store_root.glob("spine-node.db*"))
+    for secret in ("Test^Phantom", "PHANTOM-1"):
+        assert secret not in node.log()
+        assert secret.encode() not in db_bytes
 
 
 def test_late_instance_reopens_series_as_new_job_version(node_factory, tmp_path):
@@ -306,3 +311,96 @@ def test_receive_speed_against_dcmtk_storescp(node_factory, big_series, tmp_path
     assert len(os.listdir(out)) == BIG_SLICES
     print(f"\nreceive {BIG_SLICES} x 512x512: spine-node {ours:.2f} s, "
           f"dcmtk storescp {theirs:.2f} s (ratio {ours / theirs:.1f})")
+
+
+def test_compressed_transfer_syntaxes_are_stored_as_received(node_factory, tmp_path):
+    """JPEG lossless, JPEG-LS, JPEG 2000 and RLE (dcmtk encoders) arrive byte for byte, over
+    two associations at once."""
+    node = node_factory(pipeline=FAKE_PIPELINE).start()
+    w = write_ct_series(tmp_path / "raw", n_slices=4, rows=64, columns=64)
+    # (encoder, its flags, the storescu option that proposes that transfer syntax)
+    encoders = [("dcmcjpeg", ["+e1"], "-xs"), ("dcmcjpls", ["+el"], "-xt"),
+                ("dcmcrle", [], "-xr")]
+    sent = []
+    for k, (tool, flags, propose) in enumerate(encoders):
+        out = tmp_path / f"{tool}.dcm"
+        subprocess.run([dcmtk(tool), *flags, str(w.paths[k]), str(out)], check=True,
+                       capture_output=True)
+        sent.append((out, propose))
+    try:
+        j2k = tmp_path / "j2k.dcm"
+        ds = pydicom.dcmread(w.paths[3])
+        ds.compress(pydicom.uid.JPEG2000Lossless)
+        ds.save_as(j2k)
+        sent.append((j2k, "-xv"))
+    except Exception:  # noqa: BLE001 - no JPEG 2000 encoder in this environment
+        pass
+    procs = [subprocess.Popen([dcmtk("storescu"), propose, "-aec", node.ae_title,
+                               "127.0.0.1", str(node.port), str(f)],
+                              env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for f, propose in sent]  # all at once: concurrent associations
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0, out
+    assert len(sent) >= 3
+    for f, _ in sent:
+        original = pydicom.dcmread(f)
+        stored = pydicom.dcmread(node.store_root / "instances" / w.study_instance_uid /
+                                 w.series_instance_uid / f"{original.SOPInstanceUID}.dcm")
+        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert stored.file_meta.TransferSyntaxUID.is_compressed
+        assert stored.PixelData == original.PixelData
+
+
+def test_worker_command_claims_jobs_that_serve_leaves(node_factory, tmp_path):
+    node = node_factory(pipeline=FAKE_PIPELINE, worker={"count": 0}).start()
+    w = write_ct_series(tmp_path / "ct", n_slices=20, rows=16, columns=16)
+    assert storescu(node, w.directory).returncode == 0
+    node.wait_for(lambda: [j for j in _jobs(node) if j["state"] == "queued"], timeout=30,
+                  what="a queued job")
+    worker = subprocess.Popen([os.sys.executable, "-m", "dicom_node", "worker", "--config",
+                               str(node.config_path)], env=node.env, cwd=node.root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        node.wait_for(lambda: [j for j in _jobs(node) if j["state"] == "done"], timeout=60,
+                      what="the worker to finish the job")
+    finally:
+        worker.terminate()
+        out, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0, out
+    assert '"worker stopped"' in out
+
+
+def test_postgresql_database_url_works_unchanged(node_factory, postgres_url, tmp_path):
+    from tests.conftest import create_pg_database
+    url = create_pg_database(postgres_url, "node_scp")
+    node = node_factory(pipeline=FAKE_PIPELINE, storage={"database_url": url}).start()
+    w = write_ct_series(tmp_path / "ct", n_slices=20, rows=16, columns=16)
+    assert storescu(node, w.directory).returncode == 0
+    jobs = node.wait_for(lambda: [j for j in _jobs(node) if j["state"] == "done"], timeout=60,
+                         what="the job on PostgreSQL")
+    assert jobs[0]["series_instance_uid"] == w.series_instance_uid
+    [study] = node.cli_json("studies")
+    assert study["series"][0]["instances"] == 20
+    assert not (node.store_root / "spine-node.db").exists()
+    assert node.stop() == 0
+
+
+def test_job_running_at_kill9_is_requeued_and_finished_after_restart(node_factory, tmp_path):
+    from tests.conftest import write_config
+    node = node_factory(pipeline={"entry_point": "tests.dicom_node.fake_pipeline:slow_analyse"})
+    node.start()
+    w = write_ct_series(tmp_path / "ct", n_slices=20, rows=16, columns=16)
+    assert storescu(node, w.directory).returncode == 0
+    node.wait_for(lambda: [j for j in _jobs(node) if j["state"] == "running"], timeout=60,
+                  what="the job to start")
+    node.kill9()
+    assert [j["state"] for j in _jobs(node)] == ["running"]  # as the crash left it
+    node.config["pipeline"] = dict(FAKE_PIPELINE)
+    write_config(node.config_path, node.config)
+    node.start()
+    [job] = node.wait_for(lambda: [j for j in _jobs(node) if j["state"] == "done"],
+                          timeout=60, what="the re-queued job to finish")
+    assert job["attempts"] == 2
+    assert "recovered after an unclean stop" in node.log()

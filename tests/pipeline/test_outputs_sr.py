@@ -6,6 +6,7 @@ import highdicom as hd
 import pytest
 
 from pipeline.outputs import build_outputs, codes
+from pipeline.outputs.enums import VerificationFlag
 from pipeline.outputs.sr import read_vertebrae
 from tests import synthetic_results as synth
 
@@ -61,7 +62,7 @@ def test_private_codes_are_declared_and_ai_result_conventions_hold(case):
     sr = out.sr
     declared = [i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence]
     assert codes.PRIVATE_SCHEME in declared
-    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.VerificationFlag == VerificationFlag.UNVERIFIED.value
     assert sr.CompletionFlag == "COMPLETE"
     report = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True).content
     assert report[0].ContentTemplateSequence[0].TemplateIdentifier == "1500"

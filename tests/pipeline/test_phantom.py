@@ -114,6 +114,29 @@ def test_heights_and_grades_follow_the_genant_definition(study):
             assert abs(np.mean(refs) - v["reference_height_mm"]) < 1e-3, v["name"]
 
 
+def test_keypoints_lie_on_the_endplates_of_the_labelled_body(study):
+    """2 mm inside each keypoint (along the body axis) is the vertebra, 2 mm outside is not."""
+    ph, _ = study
+    lab = sitk.GetArrayViewFromImage(ph.labels)
+
+    def label_at(pt):
+        i = np.round(ph.labels.TransformPhysicalPointToContinuousIndex(tuple(float(c) for c in pt))).astype(int)
+        return lab[i[2], i[1], i[0]]
+
+    checked = 0
+    for v in ph.gt["vertebrae"]:
+        if v["partial"]:
+            continue
+        kp = {k: np.array(p) for k, p in v["keypoints_mm"].items()}
+        for sup, inf in (("A1", "A2"), ("M1", "M2"), ("P1", "P2")):
+            axis = (kp[sup] - kp[inf]) / np.linalg.norm(kp[sup] - kp[inf])
+            for name, sign in ((sup, 1.0), (inf, -1.0)):
+                assert label_at(kp[name] - 2.0 * sign * axis) == v["label"], (v["name"], name, "inside")
+                assert label_at(kp[name] + 2.0 * sign * axis) != v["label"], (v["name"], name, "outside")
+                checked += 1
+    assert checked >= 6 * 5
+
+
 def test_requested_fractures_are_drawn_with_their_grade_and_morphology(study):
     ph, out = study
     got = {v["name"]: (v["genant_grade"], v["morphology"]) for v in ph.gt["vertebrae"] if v["fractured"]}
@@ -157,6 +180,22 @@ def test_dciodvfy_accepts_every_file_without_errors(study):
         res = subprocess.run([tool, str(f)], capture_output=True, text=True, timeout=60)
         report = res.stdout + res.stderr
         assert "Error" not in report, f"{f.name}:\n{report}"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 8])  # unsigned+padding HF, unsigned FF, signed+padding
+def test_dciodvfy_accepts_every_acquisition_variant(tmp_path, seed):
+    tool = dcmtk("dciodvfy")
+    ph = generate(seed, acquisition={"matrix": 64, "pixel_spacing": 1.0, "n_slices": 3})
+    write_study(ph, tmp_path)
+    for f in sorted((tmp_path / "dicom").iterdir()):
+        res = subprocess.run([tool, str(f)], capture_output=True, text=True, timeout=60)
+        assert "Error" not in res.stdout + res.stderr, f"{f.name}:\n{res.stdout}{res.stderr}"
+    ds = pydicom.dcmread(next((tmp_path / "dicom").iterdir()))
+    hu = ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    k = int(ds.InstanceNumber)  # any slice: its HU must equal the phantom's slice at that position
+    z = float(ds.ImagePositionPatient[2])
+    kk = int(round(ph.ct.TransformPhysicalPointToContinuousIndex((0.0, 0.0, z))[2]))
+    assert k >= 1 and np.array_equal(hu, sitk.GetArrayViewFromImage(ph.ct)[kk].astype(float))
 
 
 def test_same_seed_gives_identical_output(tmp_path):

@@ -114,3 +114,49 @@ def test_compressed_transfer_syntaxes_decode_to_the_same_volume(tmp_path):
         assert ts.is_compressed, name
         arr = __import__("SimpleITK").GetArrayFromImage(load_series(paths).image)
         assert np.array_equal(arr, reference), name
+
+
+def test_enhanced_ct_multiframe_geometry_from_functional_groups(tmp_path):
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.uid import EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    def item(**kw):
+        ds = Dataset()
+        for k, v in kw.items():
+            setattr(ds, k, v)
+        return ds
+
+    frames, rows, cols = 6, 8, 10
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.FrameOfReferenceUID, ds.Modality = generate_uid(), "CT"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SharedFunctionalGroupsSequence = [item(
+        PixelMeasuresSequence=[item(PixelSpacing=[0.5, 0.6], SliceThickness=2.0)],
+        PlaneOrientationSequence=[item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])],
+        PixelValueTransformationSequence=[item(RescaleIntercept=-1000, RescaleSlope=2,
+                                               RescaleType="HU")])]
+    # Frames stored in descending z: the loader sorts them.
+    ds.PerFrameFunctionalGroupsSequence = [
+        item(PlanePositionSequence=[item(ImagePositionPatient=[1.0, 2.0, 10.0 - 2 * k])])
+        for k in range(frames)]
+    pixels = np.arange(frames * rows * cols, dtype=np.int16).reshape(frames, rows, cols)
+    ds.PixelData = pixels.tobytes()
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    s = load_series([path])
+    img = s.image
+    assert img.GetSize() == (cols, rows, frames)
+    assert np.allclose(img.GetSpacing(), (0.6, 0.5, 2.0))
+    assert np.allclose(img.GetOrigin(), (1.0, 2.0, 0.0))
+    arr = __import__("SimpleITK").GetArrayFromImage(img)
+    assert np.allclose(arr[0], pixels[-1] * 2.0 - 1000)  # lowest z first
+    assert len(s.headers) == frames and len(s.paths) == frames

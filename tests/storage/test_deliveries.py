@@ -10,13 +10,21 @@ import pytest
 from storage.db import Database, utcnow
 from storage.deliveries import Backoff, DeliveryQueue, DestinationWants, NewResult
 from storage.models import Job, JobState, Series, Study
+from tests.storage.test_index_queue import postgres_url  # noqa: F401 - a fixture
 
 
-@pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db(request, tmp_path):
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    else:
+        database = Database(request.getfixturevalue("postgres_url"))
     database.upgrade()
     yield database
+    if request.param == "postgresql":  # one server for the module: empty it between tests
+        with database.engine.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE deliveries, results, jobs, series, studies "
+                                 "RESTART IDENTITY CASCADE")
     database.dispose()
 
 

@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
-import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -15,6 +11,7 @@ from storage.db import Database, utcnow
 from storage.index import Index, InstanceRecord
 from storage.models import Base, JobState
 from storage.queue import JobQueue
+from tests.conftest import postgres_url  # noqa: F401 - moved to conftest; re-exported for old imports
 
 
 def _record(k: int, series: str = "1.2.3.1", study: str = "1.2.3", modality: str = "CT"):
@@ -124,51 +121,11 @@ def test_concurrent_claimers_take_each_job_once(tmp_path):
     db.dispose()
 
 
-# -- PostgreSQL (a throw-away cluster on a Unix socket) -----------------------------------------
-def _pg_bin() -> Path | None:
-    base = Path("/usr/lib/postgresql")
-    if not base.exists():
-        return None
-    versions = sorted(base.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 0)
-    for v in reversed(versions):
-        if (v / "bin" / "initdb").exists():
-            return v / "bin"
-    return None
-
-
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory):
-    """A PostgreSQL server of its own (initdb + pg_ctl, socket only); skipped without it."""
-    pytest.importorskip("psycopg2")
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    import tempfile
-    base = Path(tempfile.mkdtemp(prefix="spine-node-pg-"))  # postgres must reach it
-    base.chmod(0o755)
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(base, "postgres")
-        shutil.chown(sock, "postgres")
-        prefix = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U",
-                    "spine", "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l",
-                    str(base / "pg.log"), "-o", f"-k {sock} -c listen_addresses='' -F",
-                    "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg2://spine@/postgres?host={sock}"
-    finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                        "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-
-
+# -- PostgreSQL: the `postgres_url` fixture (tests/conftest.py) -------------------------------
 @pytest.mark.integration
 def test_index_and_queue_on_postgresql(postgres_url):
-    db = Database(postgres_url)
+    from tests.conftest import create_pg_database
+    db = Database(create_pg_database(postgres_url, "index_queue"))
     assert db.upgrade() == "0001"
     try:
         _exercise(db)

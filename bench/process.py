@@ -1,0 +1,66 @@
+"""Benchmark of ``spine-node process`` on a 512 x 512 x 300 phantom series (issue 5 target:
+within 60 s on the 2-core CPU with peak memory under 4 GB; within 2 s on one H100).
+
+    python bench/process.py [--seed 8101] [--slices 300] [--device auto] [--json FILE]
+
+Writes the phantom study once (DICOM, one file per slice) into a temporary folder, then runs
+``python -m dicom_node process`` in a fresh child process, so that the wall time includes
+start-up, model loading and DICOM decoding, and the child's peak resident set size
+(``ru_maxrss``) is the whole pipeline's memory. The seed is outside 9001-9010 (evaluation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=8101)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--matrix", type=int, default=512)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", type=Path, help="write the study here and keep it")
+    a = ap.parse_args(argv)
+    from pipeline.phantom import generate, write_study
+
+    work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="spine-bench-"))
+    study = work / "study"
+    if not (study / "dicom").exists():
+        ph = generate(a.seed, acquisition={"matrix": a.matrix, "n_slices": a.slices})
+        write_study(ph, study)
+    out = work / "out"
+    cmd = [sys.executable, "-m", "dicom_node", "process", str(study / "dicom"), "--out", str(out),
+           "--device", a.device]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    import SimpleITK as sitk  # noqa: F401  (size of the series, from the files)
+
+    n_files = len(list((study / "dicom").iterdir()))
+    report = {"seed": a.seed, "series": f"{a.matrix}x{a.matrix}x{n_files}", "device": a.device,
+              "cpu_count": os.cpu_count(), "returncode": proc.returncode, "wall_s": round(wall, 2),
+              "peak_rss_mb": round(peak_kb / 1024, 1), "timings_s": summary.get("timings_s"),
+              "vertebrae": [v["name"] for v in summary.get("vertebrae", [])],
+              "fractured": [v["name"] for v in summary.get("vertebrae", []) if v["fractured"]]}
+    if proc.returncode != 0:
+        report["stderr"] = proc.stderr[-3000:]
+    text = json.dumps(report, indent=2)
+    print(text)
+    if a.json:
+        a.json.write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``spine-node process`` end to end on a small phantom study: summary.json as DESIGN.md says."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.registry import read_manifest
+
+CONTRACT_VERTEBRA_KEYS = {"name", "label", "centroid_mm", "fractured", "genant_grade", "morphology", "heights_mm"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from pipeline.phantom import generate, write_study
+
+    out = tmp_path_factory.mktemp("study")
+    # a short series (40 slices at 2.5 mm, 256 matrix) with one wedge fracture; seed outside 9001-9010
+    ph = generate(8301, levels="T11-L3", fractures="L1:2:wedge",
+                  acquisition={"matrix": 256, "pixel_spacing": 1.0, "slice_spacing": 2.5,
+                               "slice_thickness": 2.5, "n_slices": 60})
+    write_study(ph, out)
+    return out, ph
+
+
+@pytest.mark.skipif(not {"localization", "segmentation", "keypoints"} <= set(read_manifest()),
+                    reason="model weights not installed (pipeline/weights/manifest.json)")
+def test_process_writes_the_contract_summary(study, tmp_path):
+    from dicom_node.cli import app
+
+    src, ph = study
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["process", str(src / "dicom"), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["study_instance_uid"] == ph.gt["study_instance_uid"]
+    assert s["series_instance_uid"] == ph.gt["series_instance_uid"]
+    assert isinstance(s["timings_s"], dict) and s["timings_s"]["total"] > 0
+    assert s["vertebrae"], "no vertebra found"
+    for v in s["vertebrae"]:
+        assert CONTRACT_VERTEBRA_KEYS <= set(v)
+        assert v["genant_grade"] in (0, 1, 2, 3)
+        assert v["morphology"] in ("normal", "wedge", "biconcave", "crush")
+        assert len(v["centroid_mm"]) == 3
+        assert v["heights_mm"] is None or set(v["heights_mm"]) == {"anterior", "middle", "posterior"}
+        assert v["fractured"] == (v["genant_grade"] >= 1)
+
+
+def test_process_refuses_a_folder_without_dicom(tmp_path):
+    from dicom_node.cli import app
+
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    res = CliRunner().invoke(app, ["process", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert res.exit_code != 0
+    assert "no DICOM files" in res.output
