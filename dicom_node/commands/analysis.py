@@ -88,14 +88,6 @@ def _has_enforce() -> bool:
     return "enforce_file_format" in inspect.signature(Dataset.save_as).parameters
 
 
-def _parse_seeds(spec: str) -> list[int]:
-    out: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def register(app: typer.Typer) -> None:
     @app.command("process")
     def process(
@@ -127,13 +119,22 @@ def register(app: typer.Typer) -> None:
         seeds: str = typer.Option(..., "--seeds", help="phantom seeds, e.g. 9001-9010"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
+        gt_centroids: bool = typer.Option(False, "--gt-centroids",
+                                          help="start segmentation from the true centroids (evaluates it alone)"),
     ) -> None:
         """Phantoms with these seeds through the pipeline; metrics against their ground truth."""
         from pipeline import evaluate as ev
+        from pipeline.registry import read_manifest
 
-        metrics = ev.evaluate_seeds(_parse_seeds(seeds), device=_device(None, device))
-        text = json.dumps(metrics, indent=2)
-        if json_out is not None:
-            json_out.parent.mkdir(parents=True, exist_ok=True)
-            json_out.write_text(text + "\n")
-        sys.stdout.write(text + "\n")
+        seed_list = ev.parse_seeds(seeds)
+        dev = _device(None, device)
+        installed = set(read_manifest())
+        if {"segmentation", "keypoints"} <= installed and (gt_centroids or "localization" in installed):
+            report = ev.evaluate_pipeline(seed_list, dev, json_out, gt_centroids=gt_centroids,
+                                          log=lambda m: typer.echo(m, err=True))
+        else:  # only the localization is shipped: its keys, the others null
+            report = ev.evaluate(seed_list, dev, json_out, log=lambda m: typer.echo(m, err=True))
+        keys = ev.REPORT_KEYS + tuple(k for k in ("detection_precision", "detection_recall", "genant_weighted_kappa_linear",
+                                                  "genant_kappa_weights", "errors_over_mm", "timings_s", "centroids")
+                                      if k in report)
+        sys.stdout.write(json.dumps({k: report.get(k) for k in keys}, indent=2) + "\n")

@@ -106,12 +106,18 @@ def verse_cases(root: Path, spacing_mm: float) -> Iterator[Case]:
 
 def cached_phantom_cases(seeds: Iterable[int], spacing_mm: float, cache_dir: Path,
                          log=print) -> list[Case]:
-    """Phantom cases, generated once and cached under ``cache_dir``."""
+    """Phantom cases, generated once and cached under ``cache_dir``.
+
+    The cache is keyed on the phantom's version (``PHANTOM_VERSION``), bumped whenever a seed
+    starts to give a different phantom.
+    """
+    from pipeline.phantom.generator import PHANTOM_VERSION
+
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cases = []
     for seed in seeds:
-        path = cache_dir / f"phantom-{seed}-{spacing_mm:g}mm.npz"
+        path = cache_dir / f"phantom-{seed}-{spacing_mm:g}mm-v{PHANTOM_VERSION}.npz"
         if not path.exists():
             case = phantom_case(seed, spacing_mm)
             tmp = path.with_suffix(".tmp.npz")

@@ -232,9 +232,10 @@ class VertebraSpec:
         reach_l = max(hw, self.canal_l + self.arch_t + self.tp_len + 6.0)
         back = self.canal_center_p + self.canal_p + self.arch_t + self.spinous_len + 8.0
         drop = np.sin(self.spinous_angle) * self.spinous_len + self.spinous_h + 4.0
+        facet = 0.62 * self.height + 6.0  # articular processes reach beyond the endplates
         lo = np.array([-reach_l - 3.0, -self.depth / 2.0 + min(self.body_offset_p, 0) - 4.0,
-                       -self.height / 2.0 - max(drop, 6.0)])
-        hi = np.array([reach_l + 3.0, back, self.height / 2.0 + (20.0 if self.dens else 6.0)])
+                       -max(self.height / 2.0 + max(drop, 6.0), facet)])
+        hi = np.array([reach_l + 3.0, back, max(self.height / 2.0 + (20.0 if self.dens else 6.0), facet)])
         return lo, hi
 
 

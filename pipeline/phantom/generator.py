@@ -35,7 +35,7 @@ from pipeline.phantom.gt import genant_from_heights, label_centroids, reference_
 
 UID_ROOT = "2.25."
 #: Bumped whenever the same seed starts to give a different phantom (key training caches on it).
-PHANTOM_VERSION = 3
+PHANTOM_VERSION = 6
 STREAM_ANATOMY, STREAM_ACQ, STREAM_FRACTURE, STREAM_NOISE, STREAM_EXTRA = 1, 2, 3, 4, 5
 
 
@@ -397,7 +397,7 @@ def iso_grid(scene: Scene, acq: Acquisition, spacing: float) -> Grid:
     z_bot, z_top = scene.z_range
     fov = acq.matrix * acq.pixel_spacing
     n = max(int(np.ceil(fov / spacing)), 8)
-    nz = max(int(np.floor((z_top - z_bot) / spacing)) + 1, 1)
+    nz = max(int(np.ceil((z_top - z_bot) / spacing - 1e-6)) + 1, 1)
     cx, cy = scene.fov_center
     half = spacing * (n - 1) / 2.0
     return Grid(shape=(nz, n, n), spacing=(spacing,) * 3,

@@ -4,7 +4,8 @@ Genant (DESIGN.md "Pipeline" step 4, paper section 2.3.3): HA = |A1A2|, HM = |M1
 HP = |P1P2|; height loss = 1 - min/max within the vertebra; for a crush fracture the whole body
 is reduced, which the within-vertebra ratio cannot see, so the largest height is also compared
 with the reference height of the neighbouring normal vertebrae (``reference_height_mm`` in
-gt.json: the mean of their largest heights). The reported loss is the larger of the two.
+gt.json: the mean of the largest heights of the nearest normal vertebra above and below, within
+the same region: cervical, thoracic or lumbar). The reported loss is the larger of the two.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ GT_DECIMALS = 4
 def genant_from_heights(heights: dict[str, float], reference: float | None) -> tuple[float, GenantGrade, Morphology]:
     """(height loss, grade, morphology) of one vertebra from its three heights (mm).
 
-    ``reference``: mean of the largest heights of the nearest normal vertebra above and below
-    (``None`` when there is none); it only matters for crush fractures.
+    ``reference``: mean of the largest heights of the nearest normal vertebra above and below in
+    the same region (``None`` when there is none); it only matters for crush fractures.
     """
     ha, hm, hp = heights["anterior"], heights["middle"], heights["posterior"]
     hmax = max(ha, hm, hp)
@@ -51,10 +52,12 @@ def reference_height(order: list[int], heights: dict[int, dict[str, float]], fra
     if label not in order or BY_LABEL[label].name in ("C1", "C2"):
         return None  # no body comparable with its neighbours'
     k = order.index(label)
+    region = BY_LABEL[label].region
     refs = []
     for step in (-1, 1):
         j = k + step
-        while 0 <= j < len(order):
+        # only within the same region: a C7 is not compared with a T1, nor an L1 with a T12
+        while 0 <= j < len(order) and BY_LABEL[order[j]].region == region:
             lab = order[j]
             if lab not in fractured and lab in heights and BY_LABEL[lab].name not in ("C1", "C2"):
                 refs.append(max(heights[lab].values()))

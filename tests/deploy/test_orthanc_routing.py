@@ -191,8 +191,8 @@ def test_lua_routes_only_stable_ct_series_that_did_not_come_from_the_node(
 
 @pytest.fixture
 def node(tmp_path_factory):
-    """``spine-node serve`` with deploy/spine-node.local.toml; ports, store and timings changed
-    for the test; ``node.set_destination(orthanc)`` points its results at a test Orthanc."""
+    """``spine-node serve`` with deploy/spine-node.local.toml, not started; ports, store and
+    timings changed for the test. :func:`_start` points its destination at a test Orthanc."""
     root = tmp_path_factory.mktemp("node")
     config = tomllib.loads((DEPLOY / "spine-node.local.toml").read_text())
     config["node"]["port"] = free_port()
