@@ -10,9 +10,13 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 if ! python -c "import torch" >/dev/null 2>&1; then
-    pip install --quiet torch==2.13.0 \
-        --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
-        --extra-index-url https://pypi.org/simple
+    # Plain `pip install torch==2.13.0` takes the CPU wheel where the machine provides one
+    # (find-links); elsewhere set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        pip install --quiet torch==2.13.0 --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple
+    else
+        pip install --quiet torch==2.13.0
+    fi
 fi
 stamp=.venv/.spine-node-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! command -v spine-node >/dev/null; then
