@@ -48,6 +48,53 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TlsSettings(_Section):
+    """DICOM TLS in the node itself (PS3.15 B.9 BCP 195 profile: TLS 1.2 or newer).
+
+    ``[node.tls]``: with ``enabled``, a TLS listener on ``port`` beside the plain one on
+    ``node.port``; ``port = 0`` makes ``node.port`` itself TLS-only (no plain listener).
+    """
+
+    enabled: bool = False
+    #: 0: node.port speaks TLS only; otherwise a second listener (2762 is DICOM TLS's port).
+    port: int = Field(0, ge=0, le=65535)
+    #: The node's certificate (PEM, chain allowed) and its private key.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: CA certificate(s) (PEM) that sign the peers' client certificates.
+    ca_file: Path | None = None
+    #: Refuse peers without a client certificate signed by ``ca_file`` (mutual TLS).
+    require_client_cert: bool = True
+    #: A peer must finish the TLS handshake within this many seconds.
+    handshake_timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _files(self) -> "TlsSettings":
+        if not self.enabled:
+            return self
+        needed = {"cert_file": self.cert_file, "key_file": self.key_file}
+        if self.require_client_cert:
+            needed["ca_file"] = self.ca_file
+        for key, value in needed.items():
+            if value is None:
+                raise ValueError(f"{key} is required when node.tls.enabled is true")
+        for key in ("cert_file", "key_file", "ca_file"):
+            value = getattr(self, key)
+            if value is not None and not Path(value).is_file():
+                raise ValueError(f"{key} {value} is not a readable file")
+        return self
+
+
+def _check_host_entry(value: str) -> str:
+    """An IP address or network (``10.0.0.7``, ``10.0.0.0/24``, ``::1``)."""
+    import ipaddress
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network (CIDR)") from None
+    return value.strip()
+
+
 class NodeSettings(_Section):
     """The DICOM listener (Storage SCP)."""
 
@@ -56,7 +103,7 @@ class NodeSettings(_Section):
     port: Port = 11112
     #: Empty: any calling AE may associate; otherwise only these (rejected at association).
     allowed_calling_aes: list[str] = Field(default_factory=list)
-    #: Empty: any peer address; otherwise only these IP addresses.
+    #: Empty: any peer address; otherwise only these IP addresses or networks (CIDR).
     allowed_hosts: list[str] = Field(default_factory=list)
     #: Largest P-DATA PDU we accept (bytes); 0 = unlimited. Larger PDUs mean fewer Python loops.
     max_pdu: int = Field(262144, ge=0)
@@ -66,11 +113,24 @@ class NodeSettings(_Section):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae(value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, values: list[str]) -> list[str]:
+        return [_check_host_entry(v) for v in values]
+
+    @model_validator(mode="after")
+    def _tls_port(self) -> "NodeSettings":
+        if self.tls.enabled and self.tls.port == self.port:
+            raise ValueError(f"node.tls.port {self.tls.port} is node.port; use 0 for a "
+                             "TLS-only node.port")
+        return self
 
     @field_validator("allowed_calling_aes")
     @classmethod
@@ -142,6 +202,9 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(3, ge=1)
     #: On SIGTERM, how long a running job may take to finish before it is re-queued.
     drain_seconds: float = Field(30.0, ge=0)
+    #: A running job's worker refreshes its heartbeat every lease_seconds / 5; a job whose
+    #: heartbeat is older than this (its worker died, on any machine) is queued again.
+    lease_seconds: float = Field(300.0, ge=5)
 
 
 class HttpSettings(_Section):
@@ -179,11 +242,29 @@ class Destination(_Section):
     host: str = Field(min_length=1)
     port: Port
     objects: list[ResultObject] = Field(default_factory=lambda: ["seg", "sr", "key_image"])
+    #: DICOM TLS towards this destination; its certificate is checked against ``tls_ca_file``
+    #: (default: the system's CAs) and its host name unless ``tls_check_hostname`` is false.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    #: Our client certificate and key, for destinations that require one.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_check_hostname: bool = True
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae(value)
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> "Destination":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            value = getattr(self, key)
+            if self.tls and value is not None and not Path(value).is_file():
+                raise ValueError(f"{key} {value} is not a readable file")
+        return self
 
 
 class Settings(BaseSettings):

@@ -17,6 +17,11 @@ from storage.files import BlobStore
 log = get_logger("spine_node.http")
 
 
+#: /health is unhealthy this close above the free-space floor: C-STORE refuses an instance
+#: that would not fit above the floor (a CT slice is 0.5 MB, an Enhanced CT tens of MB).
+HEADROOM_BYTES = 16 * 2**20
+
+
 def health(db: Database, store: BlobStore) -> tuple[bool, dict[str, Any]]:
     checks: dict[str, Any] = {}
     problems: list[str] = []
@@ -39,6 +44,13 @@ def health(db: Database, store: BlobStore) -> tuple[bool, dict[str, Any]]:
         checks["min_free_mb"] = floor
         if store.min_free_bytes and free_mb * 2**20 < store.min_free_bytes:
             problems.append(f"free disk {free_mb} MB below storage.min_free_mb = {floor}")
+        elif store.min_free_bytes and free_mb * 2**20 < store.min_free_bytes + HEADROOM_BYTES:
+            # The SCP refuses an instance that would take free space below the floor, so just
+            # above the floor most instances are already answered 0xA700.
+            problems.append(f"free disk {free_mb} MB is within {HEADROOM_BYTES // 2**20} MB "
+                            f"above storage.min_free_mb = {floor}: instances that do not fit "
+                            f"above it are refused (0xA700); free disk below "
+                            f"storage.min_free_mb + {HEADROOM_BYTES // 2**20} MB")
     except OSError as exc:
         problems.append(f"free disk unknown: {exc}")
     body = {"status": "ok" if not problems else "unhealthy", "checks": checks}

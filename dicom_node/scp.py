@@ -10,6 +10,7 @@ nothing is written.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import threading
 import time
 from io import BytesIO
@@ -26,10 +27,11 @@ from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage,
                                   Verification)
 
 from config import Settings
-from dicom_node import metrics
+from dicom_node import audit, fast_dul, metrics
 from dicom_node.logging import get_logger
 from storage.files import BlobStore, OutOfSpaceError
 from storage.index import Index, InstanceRecord
+from storage.ingest import InstanceWriter, Outcome
 from storage.uids import InvalidUIDError, clean_uid, validate_uid
 
 log = get_logger("spine_node.scp")
@@ -67,6 +69,17 @@ class StoreStatus(enum.IntEnum):
     CANNOT_UNDERSTAND = 0xC000
 
 
+def _host_allowed(host: str, networks: list) -> bool:
+    """Is the peer address in one of the ``node.allowed_hosts`` addresses or networks?"""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)
+
+
 def _response(status: StoreStatus, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = int(status)
@@ -92,14 +105,17 @@ class StorageSCP:
         self.settings = settings
         self.index = index
         self.store = store
+        self.writer = InstanceWriter.from_settings(settings, store, index)
         node = settings.node
         self.allowed_aes = {ae.strip() for ae in node.allowed_calling_aes}
-        self.allowed_hosts = set(node.allowed_hosts)
+        self.allowed_hosts = [ipaddress.ip_network(h, strict=False) for h in node.allowed_hosts]
         self.storage_classes = set(CT_STORAGE_CLASSES) | set(node.extra_storage_sop_classes)
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self.server = None
+        self.tls_server = None  # a second listener when node.tls.port is set
 
+        fast_dul.install()  # event-driven waits instead of pynetdicom's 1 ms polling loops
         ae = AE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu
         ae.maximum_associations = node.max_associations
@@ -116,14 +132,33 @@ class StorageSCP:
     def start(self) -> None:
         handlers = [(evt.EVT_REQUESTED, self._on_requested),
                     (evt.EVT_ACCEPTED, self._on_accepted),
+                    (evt.EVT_REJECTED, self._on_limit_rejected),
                     (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_CONN_CLOSE, self._on_close)]
         node = self.settings.node
+        ssl_context = None
+        if node.tls.enabled:
+            from dicom_node.tls import server_context
+            ssl_context = server_context(node.tls, io_timeout=node.network_timeout_s,
+                                         on_failure=self._on_tls_failure)
+        tls_only = ssl_context is not None and not node.tls.port
         self.server = self.ae.start_server((node.host, node.port), block=False,
-                                           evt_handlers=handlers)
+                                           evt_handlers=handlers,
+                                           ssl_context=ssl_context if tls_only else None)
         log.info("storage SCP listening", extra={"ae_title": node.ae_title, "host": node.host,
-                                                 "port": node.port})
+                                                 "port": self.port, "tls": tls_only})
+        if ssl_context is not None and not tls_only:
+            self.tls_server = self.ae.start_server((node.host, node.tls.port), block=False,
+                                                   evt_handlers=handlers,
+                                                   ssl_context=ssl_context)
+            log.info("storage SCP listening", extra={"ae_title": node.ae_title,
+                                                     "host": node.host, "tls": True,
+                                                     "port": self.tls_port})
+
+    @property
+    def tls_port(self) -> int | None:
+        return self.tls_server.server_address[1] if self.tls_server else None
 
     @property
     def port(self) -> int:
@@ -134,14 +169,17 @@ class StorageSCP:
         if self.server is None:
             return
         server, self.server = self.server, None
+        if self.tls_server is not None:
+            tls_server, self.tls_server = self.tls_server, None
+            tls_server.shutdown()
         server.shutdown()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             # Connections that never sent an A-ASSOCIATE-RQ (port probes) are not waited for.
-            if not any(a.is_established for a in server.active_associations):
+            if not any(a.is_established for a in self.ae.active_associations):
                 break
             time.sleep(0.05)
-        for assoc in server.active_associations:
+        for assoc in self.ae.active_associations:
             if assoc.is_established:
                 log.warning("aborting association at shutdown",
                             extra={"calling_ae": assoc.requestor.ae_title})
@@ -155,7 +193,7 @@ class StorageSCP:
         reason = None
         if self.allowed_aes and calling not in self.allowed_aes:
             reason, diagnostic = "calling AE title not in node.allowed_calling_aes", 0x03
-        elif self.allowed_hosts and host not in self.allowed_hosts:
+        elif self.allowed_hosts and not _host_allowed(host, self.allowed_hosts):
             reason, diagnostic = "peer address not in node.allowed_hosts", 0x01
         if reason is None:
             return
@@ -163,16 +201,28 @@ class StorageSCP:
         assoc.acse.send_reject(0x01, 0x01, diagnostic)
         assoc.kill()  # waits until the DUL has sent the A-ASSOCIATE-RJ, as pynetdicom does
         metrics.ASSOCIATIONS.labels("rejected").inc()
-        log.warning("association rejected", extra={"calling_ae": calling, "peer": host,
-                                                   "reason": reason})
-        try:
-            self.index.audit("association", f"{calling}@{host}", "rejected", {"reason": reason})
-        except Exception:  # noqa: BLE001 - auditing must not break the listener
-            log.exception("audit write failed")
+        audit.association(self.index, calling, host, accepted=False, reason=reason)
+
+    def _on_limit_rejected(self, event) -> None:  # noqa: ANN001
+        """pynetdicom's own rejection: more than ``node.max_associations`` at once (transient,
+        "local limit exceeded"; the peer should retry later)."""
+        assoc = event.assoc
+        metrics.ASSOCIATIONS.labels("rejected").inc()
+        audit.association(self.index, (assoc.requestor.ae_title or "").strip(),
+                          assoc.requestor.address, accepted=False,
+                          reason=f"node.max_associations = "
+                                 f"{self.settings.node.max_associations} reached")
+
+    def _on_tls_failure(self, peer: str, reason: str) -> None:
+        metrics.ASSOCIATIONS.labels("rejected").inc()
+        audit.association(self.index, "", peer, accepted=False,
+                          reason=f"TLS handshake failed: {reason}")
 
     def _on_accepted(self, event) -> None:  # noqa: ANN001
         assoc = event.assoc
         metrics.ASSOCIATIONS.labels("accepted").inc()
+        audit.association(self.index, assoc.requestor.ae_title.strip(),
+                          assoc.requestor.address, accepted=True)
         with self._lock:
             self._stats[id(assoc)] = _AssocStats(assoc.requestor.ae_title.strip(),
                                                  assoc.requestor.address)
@@ -186,11 +236,10 @@ class StorageSCP:
                    "refused": stats.refused, "bytes": stats.bytes,
                    "seconds": round(time.monotonic() - stats.started, 3)}
         log.info("association closed", extra={"calling_ae": stats.calling_ae, **details})
-        try:
-            self.index.audit("instances_received", f"{stats.calling_ae}@{stats.host}",
-                             "success" if not stats.refused else "partial", details)
-        except Exception:  # noqa: BLE001
-            log.exception("audit write failed")
+        audit.record(self.index, "instances_received",
+                     "success" if not stats.refused else "partial",
+                     actor=f"{stats.calling_ae}@{stats.host}", actor_host=stats.host,
+                     calling_ae=stats.calling_ae, **details)
 
     def _on_echo(self, event) -> int:  # noqa: ANN001
         return int(StoreStatus.SUCCESS)
@@ -235,19 +284,7 @@ class StorageSCP:
             return (StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                     "SOP Class UID differs from the C-STORE request", "refused")
 
-        if self.index.has_instance(sop):
-            if stats is not None:
-                stats.duplicates += 1
-            return StoreStatus.SUCCESS, "", "duplicate"
         relpath = self.store.instance_relpath(study, series, sop)
-        try:
-            self.store.write_atomic(relpath, data)
-        except OutOfSpaceError as exc:
-            return StoreStatus.OUT_OF_RESOURCES, str(exc), "out_of_resources"
-        except OSError as exc:
-            log.error("instance write failed", extra={"error": str(exc)})
-            return StoreStatus.OUT_OF_RESOURCES, f"write failed: {exc.strerror}", \
-                "out_of_resources"
         frames = header.get("NumberOfFrames")
         number = header.get("InstanceNumber")
         try:
@@ -261,12 +298,24 @@ class StorageSCP:
             modality=str(header.get("Modality", "") or "").strip(), path=relpath,
             size_bytes=len(data), instance_number=number, frames=frames,
             calling_ae=stats.calling_ae if stats else "")
+        # Data fdatasynced and renamed, directory synced and row committed (grouped with
+        # concurrent instances, storage.ingest) before this returns: then Success.
         try:
-            self.index.add_instance(record)
+            outcome = self.writer.store_instance(record, data)
+        except OutOfSpaceError as exc:
+            return StoreStatus.OUT_OF_RESOURCES, str(exc), "out_of_resources"
+        except OSError as exc:
+            log.error("instance write failed", extra={"error": str(exc)})
+            return StoreStatus.OUT_OF_RESOURCES, f"write failed: {exc.strerror}", \
+                "out_of_resources"
         except Exception as exc:  # noqa: BLE001 - the SCU must hear "not stored"
             log.exception("indexing failed")
             return StoreStatus.PROCESSING_FAILURE, f"index failed: {type(exc).__name__}", \
                 "error"
+        if outcome is Outcome.DUPLICATE:
+            if stats is not None:
+                stats.duplicates += 1
+            return StoreStatus.SUCCESS, "", "duplicate"
         metrics.BYTES.inc(len(data))
         if stats is not None:
             stats.stored += 1

@@ -13,8 +13,9 @@ uncompressed ones, so that a peer which only takes Implicit VR Little Endian sti
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -40,10 +41,19 @@ class Peer:
     host: str
     port: int
     name: str = ""
+    #: DICOM TLS towards this peer (``[[destinations]] tls = true``); None: plain DICOM.
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False, hash=False,
+                                               repr=False)
 
     @classmethod
     def from_destination(cls, d) -> "Peer":  # noqa: ANN001 - config.Destination
-        return cls(ae_title=d.ae_title, host=d.host, port=int(d.port), name=d.name)
+        from dicom_node.tls import destination_context
+        return cls(ae_title=d.ae_title, host=d.host, port=int(d.port), name=d.name,
+                   ssl_context=destination_context(d))
+
+    @property
+    def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        return (self.ssl_context, self.host) if self.ssl_context is not None else None
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -122,6 +132,9 @@ def _why_no_association(assoc, peer: Peer, timeouts: Timeouts) -> str:  # noqa: 
         return f"no association with {peer}: connection refused (nothing listens there)"
     except OSError as exc:
         return f"no association with {peer}: cannot connect ({exc})"
+    if peer.ssl_context is not None:
+        return (f"no association with {peer} over TLS: the handshake or the association "
+                "failed (check the certificates and CAs on both sides)")
     return (f"no association with {peer}: it accepted the connection but did not accept the "
             f"association within {timeouts.acse_s:g} s (aborted or timed out)")
 
@@ -144,7 +157,8 @@ def store_files(paths: Sequence[str | Path], peer: Peer, *, calling_ae: str,
     ae.network_timeout = timeouts.network_s
     ae.maximum_pdu_size = MAX_PDU
     ae.requested_contexts = presentation_contexts(items)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=MAX_PDU)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, max_pdu=MAX_PDU,
+                         tls_args=peer.tls_args)
     if not assoc.is_established:
         raise StoreError(_why_no_association(assoc, peer, timeouts))
     outcomes: list[StoreOutcome] = []
@@ -191,7 +205,7 @@ def echo(peer: Peer, *, calling_ae: str, timeouts: Timeouts = Timeouts()) -> int
     ae.dimse_timeout = timeouts.dimse_s
     ae.network_timeout = timeouts.network_s
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=peer.tls_args)
     if not assoc.is_established:
         raise StoreError(_why_no_association(assoc, peer, timeouts))
     try:

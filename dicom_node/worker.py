@@ -153,6 +153,43 @@ class Worker:
                 raise JobFailed(f"results not published: {exc}") from exc
 
 
+class Heartbeat:
+    """The lease of running jobs (``worker.lease_seconds``): every lease/5 seconds the jobs
+    of this process's workers get a fresh ``updated_at``, and running jobs of any process or
+    machine whose heartbeat is older than the lease are queued again (their worker died),
+    so a shared PostgreSQL queue never keeps a job stuck on a dead machine."""
+
+    def __init__(self, workers: list[Worker], queue: JobQueue, settings: Settings):
+        self.workers = workers
+        self.queue = queue
+        self.lease_s = float(settings.worker.lease_seconds)
+        self.max_attempts = settings.worker.max_attempts
+        self.thread = threading.Thread(target=self.run, name="job-heartbeat", daemon=True)
+
+    def beat(self) -> tuple[int, int]:
+        self.queue.heartbeat(w.worker_id for w in self.workers if w.current is not None)
+        requeued, failed = self.queue.requeue_running(max_attempts=self.max_attempts,
+                                                      stale_after_s=self.lease_s)
+        if requeued or failed:
+            log.warning("jobs of a stopped worker re-queued (heartbeat older than "
+                        "worker.lease_seconds)", extra={"jobs_requeued": requeued,
+                                                        "jobs_failed": failed})
+        return requeued, failed
+
+    def run(self) -> None:
+        interval = self.lease_s / 5
+        next_beat = time.monotonic() + interval
+        while not all(w.stop.is_set() for w in self.workers):
+            time.sleep(0.2)
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + interval
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - the database is briefly away: next beat
+                log.exception("job heartbeat failed")
+
+
 def start_worker_threads(worker_factory: Callable[[], Worker], count: int) -> list[
         tuple[Worker, threading.Thread]]:
     out = []
@@ -161,6 +198,9 @@ def start_worker_threads(worker_factory: Callable[[], Worker], count: int) -> li
         thread = threading.Thread(target=worker.run, name=f"worker-{k}", daemon=True)
         thread.start()
         out.append((worker, thread))
+    if out:
+        first = out[0][0]
+        Heartbeat([w for w, _ in out], first.queue, first.settings).thread.start()
     return out
 
 

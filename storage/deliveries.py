@@ -229,6 +229,21 @@ class DeliveryQueue:
                                              Delivery.state == DeliveryState.PENDING.value)
                       .values(next_attempt_at=now, updated_at=now))
 
+    def due_now(self, *, now: dt.datetime | None = None) -> int:
+        """Make every pending delivery due now; returns how many were waiting.
+
+        For the start of the only exporter of a database (SQLite: one node): leases it held
+        when it died are released at once instead of after ``lease_s``, and deliveries waiting
+        out a backoff are tried once more (a restart is when an operator expects that).
+        Delivery stays at-least-once: an object the destination accepted just before the
+        crash is sent again under its same SOP Instance UID, which a PACS stores once."""
+        now = now or utcnow()
+        with self.db.session() as s, s.begin():
+            return s.execute(update(Delivery).where(
+                Delivery.state == DeliveryState.PENDING.value,
+                Delivery.next_attempt_at > now).values(next_attempt_at=now,
+                                                       updated_at=now)).rowcount or 0
+
     def next_due_at(self, destination: str) -> dt.datetime | None:
         """When the next pending delivery to ``destination`` is due (None: nothing pending)."""
         with self.db.session() as s:

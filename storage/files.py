@@ -36,6 +36,10 @@ def _safe_name(name: str) -> str:
     return name
 
 
+#: fdatasync where there is one: the data and the size, not the timestamps.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -108,10 +112,14 @@ class BlobStore:
         with self._lock:
             self._known_dirs.add(directory)
 
-    def write_atomic(self, relpath: str, data: bytes | Iterable[bytes]) -> Path:
+    def write_atomic(self, relpath: str, data: bytes | Iterable[bytes], *,
+                     sync_dir: bool = True) -> Path:
         """Write ``data`` to ``relpath`` atomically; returns the final path.
 
         On any error nothing is left under the final name and the temporary file is removed.
+        ``sync_dir=False`` leaves the directory fsync (which makes the rename durable) to the
+        caller, who may group it with others (:meth:`sync_dirs`); the data is synced before
+        the rename either way, so the final name never shows a partial file.
         """
         final = self.path(relpath)
         size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
@@ -128,7 +136,7 @@ class BlobStore:
                         fh.write(chunk)
                 fh.flush()
                 if self.fsync:
-                    os.fsync(fh.fileno())
+                    _fdatasync(fh.fileno())
             os.replace(tmp, final)
         except BaseException:
             try:
@@ -136,9 +144,17 @@ class BlobStore:
             except FileNotFoundError:
                 pass
             raise
-        if self.fsync:
+        if self.fsync and sync_dir:
             _fsync_dir(final.parent)
         return final
+
+    def sync_dirs(self, paths: Iterable[Path]) -> None:
+        """fsync the directories of ``paths`` (files renamed with ``sync_dir=False``), each
+        directory once however many of its files are given."""
+        if not self.fsync:
+            return
+        for directory in {Path(p).parent for p in paths}:
+            _fsync_dir(directory)
 
     def read_bytes(self, relpath: str) -> bytes:
         return self.path(relpath).read_bytes()

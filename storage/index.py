@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database, utcnow
@@ -62,6 +62,12 @@ class Index:
         self.db = db
         self._insert = _insert(db)
         self._study_ids: dict[str, int] = {}
+        self._series_ids: dict[str, int] = {}
+        self._insert_instance = self._insert(Instance).on_conflict_do_nothing(
+            index_elements=["sop_instance_uid"])
+        self._touch_series = update(Series).where(Series.id == bindparam("sid")).values(
+            last_received_at=bindparam("now"), updated_at=bindparam("now"),
+            state=SeriesState.RECEIVING.value)
         self._lock = threading.Lock()
 
     # -- receiving -------------------------------------------------------------------------
@@ -71,8 +77,8 @@ class Index:
                 Instance.sop_instance_uid == sop_instance_uid)) is not None
 
     def instance_path(self, sop_instance_uid: str) -> str | None:
-        with self.db.session() as s:
-            return s.scalar(select(Instance.path).where(
+        with self.db.engine.connect() as conn:
+            return conn.scalar(select(Instance.path).where(
                 Instance.sop_instance_uid == sop_instance_uid))
 
     def add_instance(self, rec: InstanceRecord) -> bool:
@@ -81,38 +87,81 @@ class Index:
         Any instance re-opens its series (state ``receiving``), so that an instance arriving
         after processing leads to a new job version, never to a silent split.
         """
+        return self.add_instances([rec])[0]
+
+    def add_instances(self, records: list[InstanceRecord]) -> list[bool]:
+        """Index several stored instances in one transaction (one commit, so one WAL sync for
+        the lot: the group commit of :mod:`storage.ingest`); per record, True if it is new.
+
+        Core statements on one connection, no ORM unit of work: this runs once per received
+        instance and its CPU time is on the C-STORE's critical path.
+        """
+        if not records:
+            return []
+        try:
+            return self._add_instances(records, use_cache=True)
+        except IntegrityError:
+            # A cached study/series id whose row is gone: forget the ids, look them up again.
+            with self._lock:
+                self._study_ids.clear()
+                self._series_ids.clear()
+            return self._add_instances(records, use_cache=False)
+
+    def _add_instances(self, records: list[InstanceRecord], *, use_cache: bool) -> list[bool]:
         now = utcnow()
         ins = self._insert
-        with self.db.session() as s, s.begin():
-            study_id = self._study_ids.get(rec.study_instance_uid)
-            if study_id is None:
-                s.execute(ins(Study).values(study_instance_uid=rec.study_instance_uid,
-                                            created_at=now, updated_at=now)
-                          .on_conflict_do_nothing(index_elements=["study_instance_uid"]))
-                study_id = s.scalar(select(Study.id).where(
-                    Study.study_instance_uid == rec.study_instance_uid))
-                with self._lock:
-                    if len(self._study_ids) > self._CACHE_MAX:
-                        self._study_ids.clear()
-                    self._study_ids[rec.study_instance_uid] = study_id
-            s.execute(ins(Series).values(
-                study_id=study_id, series_instance_uid=rec.series_instance_uid,
-                modality=rec.modality[:16], state=SeriesState.RECEIVING.value,
-                first_received_at=now, last_received_at=now, updated_at=now)
-                .on_conflict_do_nothing(index_elements=["series_instance_uid"]))
-            series_id = s.scalar(select(Series.id).where(
-                Series.series_instance_uid == rec.series_instance_uid))
-            result = s.execute(ins(Instance).values(
-                series_id=series_id, sop_instance_uid=rec.sop_instance_uid,
-                sop_class_uid=rec.sop_class_uid, transfer_syntax_uid=rec.transfer_syntax_uid,
-                instance_number=rec.instance_number, frames=max(1, int(rec.frames or 1)),
-                path=rec.path, size_bytes=rec.size_bytes, calling_ae=rec.calling_ae[:16],
-                received_at=now).on_conflict_do_nothing(index_elements=["sop_instance_uid"]))
-            is_new = bool(result.rowcount)
-            if is_new:
-                s.execute(update(Series).where(Series.id == series_id).values(
-                    last_received_at=now, updated_at=now, state=SeriesState.RECEIVING.value))
-        return is_new
+        new: list[bool] = []
+        series_ids: dict[str, int] = {}
+        study_ids: dict[str, int] = {}
+        touched: set[int] = set()
+        with self.db.engine.begin() as conn:
+            for rec in records:
+                series_id = series_ids.get(rec.series_instance_uid)
+                if series_id is None and use_cache:
+                    series_id = self._series_ids.get(rec.series_instance_uid)
+                if series_id is None:
+                    study_id = self._study_ids.get(rec.study_instance_uid) if use_cache \
+                        else None
+                    if study_id is None:
+                        conn.execute(ins(Study).values(
+                            study_instance_uid=rec.study_instance_uid, created_at=now,
+                            updated_at=now).on_conflict_do_nothing(
+                                index_elements=["study_instance_uid"]))
+                        study_id = conn.scalar(select(Study.id).where(
+                            Study.study_instance_uid == rec.study_instance_uid))
+                    conn.execute(ins(Series).values(
+                        study_id=study_id, series_instance_uid=rec.series_instance_uid,
+                        modality=rec.modality[:16], state=SeriesState.RECEIVING.value,
+                        first_received_at=now, last_received_at=now, updated_at=now)
+                        .on_conflict_do_nothing(index_elements=["series_instance_uid"]))
+                    series_id = conn.scalar(select(Series.id).where(
+                        Series.series_instance_uid == rec.series_instance_uid))
+                    study_ids[rec.study_instance_uid] = study_id
+                series_ids[rec.series_instance_uid] = series_id
+                # One prepared statement, parameters apart: no per-row statement building.
+                result = conn.execute(self._insert_instance, {
+                    "series_id": series_id, "sop_instance_uid": rec.sop_instance_uid,
+                    "sop_class_uid": rec.sop_class_uid,
+                    "transfer_syntax_uid": rec.transfer_syntax_uid,
+                    "instance_number": rec.instance_number,
+                    "frames": max(1, int(rec.frames or 1)), "path": rec.path,
+                    "size_bytes": rec.size_bytes, "calling_ae": rec.calling_ae[:16],
+                    "received_at": now})
+                is_new = bool(result.rowcount)
+                new.append(is_new)
+                if is_new:
+                    touched.add(series_id)
+            for series_id in touched:
+                conn.execute(self._touch_series, {"sid": series_id, "now": now})
+        # Cache ids only once their rows are committed.
+        with self._lock:
+            if len(self._study_ids) > self._CACHE_MAX:
+                self._study_ids.clear()
+            if len(self._series_ids) > self._CACHE_MAX:
+                self._series_ids.clear()
+            self._study_ids.update(study_ids)
+            self._series_ids.update(series_ids)
+        return new
 
     # -- reading ---------------------------------------------------------------------------
     def series_instances(self, series_instance_uid: str) -> list[Instance]:

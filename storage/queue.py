@@ -5,9 +5,11 @@ for its whole duration, so exactly one claimer wins each job.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select, text, update
@@ -35,6 +37,27 @@ def new_worker_id(kind: str = "worker") -> str:
 
 def host_prefix() -> str:
     return f"{socket.gethostname()}:"
+
+
+def _claimer_is_dead(claimed_by: str | None) -> bool:
+    """True when ``claimed_by`` names a process of this host that no longer runs (or this
+    very process, which cannot hold a claim before it claimed anything: a previous life of a
+    container whose PID is always the same)."""
+    if not claimed_by or not claimed_by.startswith(host_prefix()):
+        return False
+    try:
+        pid = int(claimed_by[len(host_prefix()):].split(":", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 _CLAIM_SQLITE = text(
@@ -106,11 +129,26 @@ class JobQueue:
                       .values(state=JobState.QUEUED.value, claimed_by=None, updated_at=now,
                               error=reason or None))
 
-    def requeue_running(self, *, max_attempts: int, claimed_by_prefix: str | None = None
+    def heartbeat(self, worker_ids: Iterable[str]) -> int:
+        """The workers ``worker_ids`` are alive: refresh their running jobs' ``updated_at``
+        (the lease that :meth:`requeue_running` with ``stale_after_s`` checks)."""
+        ids = [w for w in worker_ids if w]
+        if not ids:
+            return 0
+        with self.db.session() as s, s.begin():
+            return s.execute(update(Job).where(Job.state == JobState.RUNNING.value,
+                                               Job.claimed_by.in_(ids))
+                             .values(updated_at=utcnow())).rowcount or 0
+
+    def requeue_running(self, *, max_attempts: int, claimed_by_prefix: str | None = None,
+                        dead_local: bool = False, stale_after_s: float | None = None
                         ) -> tuple[int, int]:
         """Jobs left ``running`` by a crash go back to ``queued`` (or ``failed`` once they
-        used ``max_attempts``). ``claimed_by_prefix`` limits this to one host's workers (a
-        shared PostgreSQL queue must not steal jobs that other machines are running).
+        used ``max_attempts``). Without filters: every running job (a single node on SQLite
+        at start). ``claimed_by_prefix``: only those workers' jobs. ``dead_local``: only jobs
+        whose worker was a process of this host that is gone (safe with other processes and
+        machines sharing the queue). ``stale_after_s``: only jobs whose heartbeat is older
+        than this, whoever held them (a worker that died on another machine).
         Returns (requeued, failed)."""
         now = utcnow()
         requeued = failed = 0
@@ -118,7 +156,13 @@ class JobQueue:
             q = select(Job).where(Job.state == JobState.RUNNING.value)
             if claimed_by_prefix:
                 q = q.where(Job.claimed_by.like(f"{claimed_by_prefix}%"))
+            if dead_local:
+                q = q.where(Job.claimed_by.like(f"{host_prefix()}%"))
+            if stale_after_s is not None:
+                q = q.where(Job.updated_at < now - dt.timedelta(seconds=stale_after_s))
             for job in s.scalars(q.with_for_update() if not self.db.is_sqlite else q):
+                if dead_local and not _claimer_is_dead(job.claimed_by):
+                    continue
                 job.updated_at = now
                 job.claimed_by = None
                 if job.attempts >= max_attempts:

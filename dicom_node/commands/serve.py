@@ -12,7 +12,6 @@ import typer
 from dicom_node import metrics
 from dicom_node.context import CONFIG_OPTION, NodeContext, settings_or_exit
 from dicom_node.logging import get_logger, setup_logging
-from storage.queue import host_prefix
 
 log = get_logger("spine_node.serve")
 
@@ -32,14 +31,30 @@ def _stop_on_signals() -> threading.Event:
 def _recover(ctx: NodeContext) -> None:
     """After a crash: drop half-written temporaries, re-queue jobs left ``running``."""
     removed = ctx.store.remove_temporaries()
-    # On SQLite the node is alone; on a shared PostgreSQL queue only this host's serve jobs.
-    prefix = None if ctx.db.is_sqlite else f"{host_prefix()}%:serve:"
+    # Only jobs whose worker process (of this host) is gone: `spine-node worker` processes and
+    # other nodes sharing the queue keep theirs. A worker that died on another machine is
+    # found by the heartbeat (dicom_node.worker.Heartbeat, worker.lease_seconds).
     requeued, failed = ctx.queue.requeue_running(
-        max_attempts=ctx.settings.worker.max_attempts, claimed_by_prefix=prefix)
-    if removed or requeued or failed:
+        max_attempts=ctx.settings.worker.max_attempts, dead_local=True)
+    released = _release_deliveries(ctx)
+    if removed or requeued or failed or released:
         log.warning("recovered after an unclean stop",
                     extra={"temporaries_removed": removed, "jobs_requeued": requeued,
-                           "jobs_failed": failed})
+                           "jobs_failed": failed, "deliveries_released": released})
+
+
+def _release_deliveries(ctx: NodeContext) -> int:
+    """On SQLite this node's exporter is the only one: deliveries it had claimed when it died
+    are due again now instead of after their lease, and so are those waiting out a backoff
+    (on PostgreSQL other nodes' exporters may hold leases, so those run out)."""
+    if not ctx.db.is_sqlite:
+        return 0
+    try:
+        from storage.deliveries import DeliveryQueue
+    except ModuleNotFoundError:
+        return 0
+    release = getattr(DeliveryQueue(ctx.db), "due_now", None)
+    return release() if release is not None else 0
 
 
 def _exporter(ctx: NodeContext):
@@ -116,9 +131,7 @@ def worker(config: Path = CONFIG_OPTION,
 
     stop = _stop_on_signals()
     ctx = NodeContext.open(settings, upgrade=True)
-    if not ctx.db.is_sqlite:  # on SQLite, `serve` recovers every job at its start
-        ctx.queue.requeue_running(max_attempts=settings.worker.max_attempts,
-                                  claimed_by_prefix=f"{host_prefix()}%:worker:")
+    ctx.queue.requeue_running(max_attempts=settings.worker.max_attempts, dead_local=True)
     workers = start_worker_threads(_make_worker(ctx, "worker"),
                                    count or max(1, settings.worker.count))
     stop.wait()

@@ -46,6 +46,8 @@ class KpTrainConfig:
     val_every: int = 200
     ckpt_every: int = 100
     max_minutes: float | None = None
+    fracture_share: float = 0.3          # share of each batch drawn from fractured vertebrae
+    init_from: str | None = None         # start from these weights (a best.pt), e.g. to fine-tune
 
 
 def build_keypoint_model(base: int = 16, depth: int = 4) -> MSCN:
@@ -98,7 +100,10 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     cache = Path(cfg.cache_dir)
     # Generating a phantom writes both models' samples; reuse the segmentation cache.
-    cached_phantom_samples(cfg.train_seeds + cfg.val_seeds, cache, cfg.phantom_spacing_mm, say)
+    missing = [s for s in cfg.train_seeds + cfg.val_seeds
+               if not keypoint_cache_path(cache, s, cfg.phantom_spacing_mm).exists()]
+    if missing:
+        cached_phantom_samples(missing, cache, cfg.phantom_spacing_mm, say)
     tr = load_keypoint_samples([keypoint_cache_path(cache, s, cfg.phantom_spacing_mm) for s in cfg.train_seeds])
     va = load_keypoint_samples([keypoint_cache_path(cache, s, cfg.phantom_spacing_mm) for s in cfg.val_seeds])
     # Validation: only the unjittered plane of each vertebra (every n_aug-th sample, its first).
@@ -108,6 +113,12 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
     size = tr.inputs.shape[-1]
 
     model = build_keypoint_model(cfg.base, cfg.depth)
+    if cfg.init_from:
+        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=False)["state_dict"])
+        say(f"initialised from {cfg.init_from}")
+    frac_idx = np.nonzero(tr.grades > 0)[0]
+    norm_idx = np.nonzero(tr.grades == 0)[0]
+    say(f"{len(frac_idx)} planes of fractured vertebrae, drawn at {cfg.fracture_share:.0%} of each batch")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
     step, best = 0, math.inf
@@ -122,7 +133,8 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
     model.train()
     t0, s0, running = time.time(), step, []
     while step < cfg.steps:
-        idx = rng.integers(0, len(tr.inputs), cfg.batch)
+        n_fr = int(rng.binomial(cfg.batch, cfg.fracture_share)) if len(frac_idx) else 0
+        idx = np.concatenate([rng.choice(frac_idx, n_fr), rng.choice(norm_idx, cfg.batch - n_fr)]).astype(int)
         x = torch.from_numpy(tr.inputs[idx].astype(np.float32))
         # Intensity jitter of the CT channel only (the mask channel is a probability).
         x[:, 0] = x[:, 0] * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
@@ -180,7 +192,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in KpTrainConfig.__dataclass_fields__.values():
-        if f.name in ("train_seeds", "val_seeds"):
+        if f.name in ("train_seeds", "val_seeds", "init_from"):
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=str)
         else:
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not None else float)
@@ -190,8 +202,9 @@ def main() -> None:
         if v is None:
             continue
         if k.endswith("seeds"):
-            lo, _, hi = v.partition("-")
-            v = list(range(int(lo), int(hi or lo) + 1))
+            from pipeline.evaluate import parse_seeds
+
+            v = parse_seeds(v)
         setattr(cfg, k, v)
     train(cfg)
 

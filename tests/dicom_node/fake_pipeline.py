@@ -33,3 +33,10 @@ def slow_analyse(series, device: str = "auto") -> FakeResult:
     import time
     time.sleep(60)
     return analyse(series, device)
+
+
+def second_analyse(series, device: str = "auto") -> FakeResult:
+    """Takes a second: long enough for several workers to share a queue."""
+    import time
+    time.sleep(1.0)
+    return analyse(series, device)

@@ -159,7 +159,7 @@ def test_calling_ae_allow_list_rejects_at_association(node_factory):
     db = _db(node)
     with db.engine.connect() as conn:
         rows = conn.execute(text("SELECT actor, outcome FROM audit_events "
-                                 "WHERE event_type = 'association'")).all()
+                                 "WHERE event_type = 'association' AND outcome = 'rejected'")).all()
     db.dispose()
     assert rows == [("INTRUDER@127.0.0.1", "rejected")]
 

@@ -76,7 +76,7 @@ def test_grade_spine_notes_a_disagreement_of_more_than_one_grade_and_who_decided
 
 def test_implausible_keypoints_hand_the_decision_to_the_mask():
     fs = [VertebraFinding(label=20, name="L1", centroid_mm=(0, 0, 0))]
-    fs[0].heights_mm = Heights(2.0, 24, 25)      # a collapsed keypoint pair
+    fs[0].heights_mm = Heights(2.0, 24, 25)      # a collapsed keypoint pair (under 3 mm)
     fs[0].mask_heights_mm = Heights(24, 24, 25)
     grade_spine(fs, [0])
     assert fs[0].grading_source == "mask" and fs[0].genant_grade == GenantGrade.NORMAL

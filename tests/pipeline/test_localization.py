@@ -162,3 +162,41 @@ def test_localize_runs_end_to_end_with_a_given_model():
     timings = {}
     found = localize(img, device="cpu", model=model, timings=timings)
     assert isinstance(found, list) and set(timings) == {"load_model", "preprocess", "network", "decode"}
+
+
+def _gt(names_z, partial=()):
+    return [{"label": BY_NAME[n].label, "name": n, "centroid_mm": [0.0, 0.0, z], "partial": n in partial}
+            for n, z in names_z]
+
+
+def test_evaluation_counts_identification_errors_and_false_positives():
+    from pipeline.evaluate import REPORT_KEYS, localization_case, localization_report
+
+    gt = _gt([("T11", 90.0), ("T12", 60.0), ("L1", 30.0), ("L2", 0.0)], partial=("L2",))
+    pred = [
+        {"label": BY_NAME["T11"].label, "name": "T11", "centroid_mm": [0.0, 3.0, 90.0]},   # right, 3 mm
+        {"label": BY_NAME["L1"].label, "name": "L1", "centroid_mm": [0.0, 0.0, 60.0]},     # on T12: wrong label
+        {"label": BY_NAME["L2"].label, "name": "L2", "centroid_mm": [0.0, 0.0, 1.0]},      # partial: not an FP
+        {"label": BY_NAME["L4"].label, "name": "L4", "centroid_mm": [0.0, 0.0, -80.0]},    # nothing there
+    ]
+    case = localization_case(gt, pred)
+    assert case.n_required == 3 and case.identified == 1
+    assert case.errors_mm == {"T11": 3.0, "L1": 30.0} and case.missed == ["T12"]
+    assert case.false_positives == ["L4"]
+    report = localization_report([case])
+    assert set(REPORT_KEYS) <= set(report) and report["dice"] is None
+    assert report["id_rate"] == pytest.approx(1 / 3)
+    assert report["localization_error_mm"] == pytest.approx(16.5)
+    assert report["precision"] == pytest.approx(3 / 4)    # T11, L1-on-T12, L2-on-partial matched
+    assert report["recall"] == pytest.approx(2 / 3)       # T11 and T12 found as vertebrae, L1 not
+    assert report["errors_over_mm"] == {">4": pytest.approx(2 / 3), ">10": pytest.approx(2 / 3),
+                                        ">20": pytest.approx(2 / 3)}
+
+
+def test_seed_ranges_parse_and_evaluation_seeds_are_refused_for_training():
+    from pipeline.evaluate import parse_seeds
+    from pipeline.localization.dataset import phantom_case
+
+    assert parse_seeds("1-3,7, 9") == [1, 2, 3, 7, 9]
+    with pytest.raises(ValueError, match="evaluation seed"):
+        phantom_case(9005, 4.0)

@@ -1,0 +1,355 @@
+"""C-STORE ingest benchmark (issue 8): dcmtk ``storescu`` sends one CT series to dcmtk
+``storescp``, to Orthanc and to ``spine-node serve``, alternately, for several rounds.
+
+    bench/ingest [--rounds 3] [--senders 1|4] [--slices 300] [--matrix 512]
+                 [--peers storescp,orthanc,node] [--node-set storage.sqlite_synchronous=NORMAL]
+                 [--max-send-pdu N] [--json FILE]
+
+Every round starts each receiver fresh (empty store, new process), in a rotated order so that
+no peer always goes first on a machine whose load changes. Per receiver it reports the median
+seconds (storescu start to last exit), MB/s, instances/s, the receiver's CPU seconds during the
+transfer (``/proc/<pid>/stat`` utime+stime, less noisy than wall time on a shared machine) and
+its peak RSS (``VmHWM``); then the node's throughput as a ratio of Orthanc's and of storescp's
+(>1.0 = the node is faster). ``--senders 4`` splits the series over four concurrent storescu
+processes (four associations).
+
+The series (a synthetic 512 x 512 CT, Explicit VR Little Endian, one file per slice) is written
+once and cached under ``$SPINE_BENCH_CACHE`` (default ``/var/tmp/spine-node-bench``); the stores
+live in a temporary directory on the same file system. Every dcmtk tool and Orthanc run with
+``TCP_NODELAY=1`` (Debian's dcmtk leaves Nagle on: ~45 ms per message otherwise).
+
+Durability differs between the peers and is part of what is compared: storescp never fsyncs;
+Orthanc 1.10 fsyncs each file (``SyncStorageArea``) and runs SQLite with ``synchronous=NORMAL``;
+the node fsyncs each file and its directory and commits the index (``storage.sqlite_synchronous``
+FULL by default) before it answers Success.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# -- the series ---------------------------------------------------------------------------
+def make_series(n_slices: int, matrix: int, cache: Path) -> tuple[Path, list[Path], int]:
+    """Write (once) and return the series directory, its files and their total size."""
+    directory = cache / f"ct-{n_slices}x{matrix}"
+    done = directory / ".complete"
+    if not done.exists():
+        import numpy as np
+        from pydicom.dataset import FileDataset, FileMetaDataset
+        from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian,
+                                 PYDICOM_IMPLEMENTATION_UID, generate_uid)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        rng = np.random.default_rng(8)
+        study, series, frame = generate_uid(), generate_uid(), generate_uid()
+        yy, xx = np.mgrid[0:matrix, 0:matrix]
+        body = ((yy - matrix / 2) ** 2 + (xx - matrix / 2) ** 2) < (matrix * 0.4) ** 2
+        for k in range(n_slices):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            meta.MediaStorageSOPInstanceUID = sop = generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+            ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.FrameOfReferenceUID = frame
+            ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = \
+                "Bench^Ingest", "BENCH-1", "", "O"
+            ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240102"
+            ds.StudyTime = ds.SeriesTime = ds.ContentTime = "030405"
+            ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "", "", "1"
+            ds.SeriesNumber, ds.InstanceNumber, ds.Modality = 1, k + 1, "CT"
+            ds.Manufacturer = "spine-node bench"
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.PositionReferenceIndicator = ""
+            ds.ImagePositionPatient = ["-200.0", "-200.0", f"{k * 1.0:.1f}"]
+            ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+            ds.SliceLocation = f"{k * 1.0:.1f}"
+            ds.SliceThickness, ds.PixelSpacing, ds.KVP = "1.0", ["0.78", "0.78"], "120"
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.Rows = ds.Columns = matrix
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+            noise = rng.integers(0, 40, size=(matrix, matrix), dtype=np.uint16)
+            ds.PixelData = (np.where(body, 1000 + k % 50, 24) + noise).astype("<u2").tobytes()
+            ds.save_as(directory / f"slice{k:04d}.dcm", enforce_file_format=True)
+        done.write_text("ok")
+    files = sorted(directory.glob("slice*.dcm"))
+    return directory, files, sum(f.stat().st_size for f in files)
+
+
+# -- helpers ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool(name: str) -> str:
+    for candidate in (f"/usr/bin/{name}", f"/usr/local/bin/{name}", f"/usr/sbin/{name}"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    sys.exit(f"{name} is not installed (apt-get install dcmtk orthanc)")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads (and reaped children)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime = 14, stime = 15, cutime = 16, cstime = 17
+    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"receiver exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- receivers ----------------------------------------------------------------------------
+@dataclass
+class Receiver:
+    name: str
+    work: Path
+    node_set: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    aet: str = ""
+    pid: int = 0
+
+    def start(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        self.port = free_port()
+        log = open(self.work / "receiver.log", "wb")
+        if self.name == "storescp":
+            self.aet = "STORESCP"
+            (self.work / "store").mkdir()
+            self.proc = subprocess.Popen([tool("storescp"), "-aet", self.aet, "-od",
+                                          str(self.work / "store"), str(self.port)],
+                                         env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
+            wait_port(self.port, self.proc)
+        elif self.name == "orthanc":
+            self.aet = "ORTHANC"
+            http = free_port()
+            cfg = {"Name": "bench", "StorageDirectory": str(self.work / "store"),
+                   "IndexDirectory": str(self.work / "store"), "DicomAet": self.aet,
+                   "DicomPort": self.port, "HttpPort": http, "HttpServerEnabled": True,
+                   "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+                   "DicomServerEnabled": True, "DicomCheckCalledAet": False,
+                   "DicomAlwaysAllowStore": True, "Plugins": [], "SaveJobs": False}
+            (self.work / "orthanc.json").write_text(json.dumps(cfg))
+            self._http = f"http://127.0.0.1:{http}"
+            self.proc = subprocess.Popen([tool("Orthanc"), str(self.work / "orthanc.json")],
+                                         env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.work)
+            wait_port(self.port, self.proc)
+        else:
+            self.aet = "SPINENODE"
+            sections: dict[str, dict[str, object]] = {
+                "node": {"ae_title": self.aet, "host": "127.0.0.1", "port": self.port},
+                "storage": {"root": str(self.work / "store"), "min_free_mb": 1},
+                "worker": {"count": 0},
+                "scheduler": {"stable_seconds": 3600},
+                "http": {"enabled": False},
+                "logging": {"level": "WARNING"},
+            }
+            for key, value in self.node_set.items():
+                section, _, name = key.partition(".")
+                sections.setdefault(section, {})[name] = _parse_value(value)
+            lines = []
+            for section, values in sections.items():
+                lines.append(f"[{section}]")
+                lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            (self.work / "node.toml").write_text("\n".join(lines) + "\n")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_NODE_")}
+            env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve",
+                                          "--config", str(self.work / "node.toml")],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.work)
+            wait_port(self.port, self.proc, timeout=120)
+        log.close()
+        self.pid = self.proc.pid
+        time.sleep(0.5)  # let start-up work that follows the listening socket settle
+
+    def count(self) -> int:
+        store = self.work / "store"
+        if self.name == "storescp":
+            return sum(1 for p in store.iterdir() if p.is_file())
+        if self.name == "orthanc":
+            with urllib.request.urlopen(self._http + "/statistics", timeout=10) as rsp:
+                return int(json.loads(rsp.read())["CountInstances"])
+        import sqlite3
+        con = sqlite3.connect(store / "spine-node.db")
+        try:
+            return con.execute("SELECT count(*) FROM instances").fetchone()[0]
+        finally:
+            con.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+        shutil.rmtree(self.work / "store", ignore_errors=True)
+
+
+def _parse_value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def send(rcv: Receiver, files: list[Path], senders: int, extra: list[str]) -> float:
+    groups = [files[i::senders] for i in range(senders)]
+    start = time.perf_counter()
+    procs = [subprocess.Popen([tool("storescu"), "-aec", rcv.aet, *extra, "127.0.0.1",
+                               str(rcv.port), *map(str, group)], env=DCMTK_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for group in groups]
+    outputs = [p.communicate()[0] for p in procs]
+    seconds = time.perf_counter() - start
+    for p, out in zip(procs, outputs):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to {rcv.name} exited {p.returncode}:\n"
+                               + out.decode(errors="replace")[-2000:])
+    return seconds
+
+
+# -- main ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--senders", type=int, default=1)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--matrix", type=int, default=512)
+    ap.add_argument("--peers", default="storescp,orthanc,node")
+    ap.add_argument("--node-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="node configuration override, e.g. storage.sqlite_synchronous=NORMAL")
+    ap.add_argument("--max-send-pdu", type=int, help="storescu --max-send-pdu")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+
+    cache = Path(os.environ.get("SPINE_BENCH_CACHE", "/var/tmp/spine-node-bench"))
+    t0 = time.perf_counter()
+    directory, files, total = make_series(a.slices, a.matrix, cache)
+    mb = total / 1e6
+    print(f"series: {len(files)} x {a.matrix}x{a.matrix}, {mb:.1f} MB ({directory}, "
+          f"ready in {time.perf_counter() - t0:.1f} s); senders: {a.senders}; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    node_set = dict(item.split("=", 1) for item in a.node_set)
+    extra = ["--max-send-pdu", str(a.max_send_pdu)] if a.max_send_pdu else []
+    peers = [p.strip() for p in a.peers.split(",") if p.strip()]
+    work = Path(tempfile.mkdtemp(prefix="spine-ingest-", dir=cache))
+    results: dict[str, list[dict]] = {p: [] for p in peers}
+    try:
+        for r in range(a.rounds):
+            order = peers[r % len(peers):] + peers[:r % len(peers)]
+            for name in order:
+                rcv = Receiver(name, work / name, node_set=node_set)
+                try:
+                    rcv.start()
+                except Exception:
+                    log = rcv.work / "receiver.log"
+                    print(log.read_text(errors="replace")[-3000:] if log.exists() else "")
+                    raise
+                try:
+                    cpu0 = cpu_seconds(rcv.pid)
+                    seconds = send(rcv, files, a.senders, extra)
+                    cpu = cpu_seconds(rcv.pid) - cpu0
+                    rss = peak_rss_mb(rcv.pid)
+                    n = rcv.count()
+                finally:
+                    rcv.stop()
+                if n != len(files):
+                    raise RuntimeError(f"{name} holds {n} of {len(files)} instances")
+                results[name].append({"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": rss})
+                print(f"round {r + 1} {name:9s} {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  "
+                      f"cpu {cpu:5.2f} s  rss {rss:6.0f} MB", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    summary: dict[str, dict] = {}
+    print(f"\nmedian of {a.rounds} rounds, {len(files)} instances, {mb:.1f} MB, "
+          f"{a.senders} sender(s):")
+    print(f"{'receiver':10s} {'seconds':>8s} {'MB/s':>7s} {'inst/s':>7s} {'cpu s':>6s} "
+          f"{'rss MB':>7s}")
+    for name, runs in results.items():
+        sec = statistics.median(x["seconds"] for x in runs)
+        cpu = statistics.median(x["cpu_s"] for x in runs)
+        rss = max(x["peak_rss_mb"] for x in runs)
+        summary[name] = {"seconds": sec, "mb_per_s": mb / sec, "instances_per_s":
+                         len(files) / sec, "cpu_s": cpu, "peak_rss_mb": rss,
+                         "rounds": [round(x["seconds"], 3) for x in runs]}
+        print(f"{name:10s} {sec:8.2f} {mb / sec:7.1f} {len(files) / sec:7.1f} {cpu:6.2f} "
+              f"{rss:7.0f}")
+    ratios = {}
+    if "node" in summary:
+        for peer in ("orthanc", "storescp"):
+            if peer in summary:
+                # Throughput ratio: > 1.0 means the node is faster than the peer. Also per
+                # round (same round = same machine load), whose median is less noisy.
+                per_round = [p["seconds"] / n["seconds"] for p, n in
+                             zip(results[peer], results["node"])]
+                ratios[f"node_vs_{peer}"] = {
+                    "median_of_medians": summary[peer]["seconds"] / summary["node"]["seconds"],
+                    "median_per_round": statistics.median(per_round),
+                    "cpu": summary[peer]["cpu_s"] / summary["node"]["cpu_s"]}
+        for key, value in ratios.items():
+            print(f"{key}: throughput {value['median_of_medians']:.2f}x "
+                  f"(per-round median {value['median_per_round']:.2f}x), "
+                  f"CPU efficiency {value['cpu']:.2f}x")
+    out = {"instances": len(files), "megabytes": mb, "senders": a.senders,
+           "node_set": node_set, "summary": summary, "ratios": ratios,
+           "load_average": os.getloadavg()}
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Event-driven waits for pynetdicom 3.0's two polling loops (issue 8, ingest speed).
+
+Why this module exists: pynetdicom 3.0.4 moves every message between threads by polling.
+The DUL reactor (``DULServiceProvider.run_reactor``) sleeps 1 ms whenever a pass finds nothing
+to do, and the association reactor (``Association._run_reactor``) sleeps 1 ms before every
+look at the DIMSE queue; the upstream code says so itself ("TODO: try and make this event
+based rather than running loops"). On a loaded two-core machine a 1 ms sleep lasts several
+milliseconds, and a C-STORE crosses those loops several times (each P-DATA PDU, the complete
+message, the response on its way out): py-spy showed ~2.6 of 3.9 s of a 300-slice transfer
+asleep in them, and the rest partly spent polling. Socket reads are also done 4 KiB at a time.
+
+What :func:`install` changes, for every association of the process (SCP and SCU alike), and
+nothing else:
+
+- the DUL reactor blocks in ``select()`` on the peer socket and on a wake-up pipe instead of
+  sleeping; :meth:`send_pdu` (a primitive to send), :meth:`kill_dul` and :meth:`stop_dul`
+  write to the pipe. A timeout (``_DUL_WAIT_S``) still bounds every wait, so the ARTIM timer
+  and anything pynetdicom queues without telling us are seen as before.
+- the association reactor blocks on the DIMSE message queue's condition instead of sleeping
+  before each look, and is marked paused while it waits (it is not touching the queue), so
+  that ``send_c_*`` from another thread need not wait for it either. The DUL reactor wakes it
+  when it hands the service user an A-RELEASE/A-ABORT, so releases are answered at once.
+- ``AssociationSocket.recv`` reads a whole PDU with ``recv_into`` into one buffer.
+
+The state machine, the PDU and DIMSE code and every event are pynetdicom's own: the two
+reactor loops below are copies of 3.0.4's with only the waits replaced. :func:`install`
+refuses to patch another pynetdicom version (the loops would no longer be copies), and then
+the node simply runs on the polling loops.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import select
+import ssl
+import threading
+import time
+from typing import cast
+
+import pynetdicom
+from pynetdicom import dul as _dul
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
+
+from dicom_node.logging import get_logger
+
+log = get_logger("spine_node.fast_dul")
+
+#: pynetdicom versions whose reactor loops the copies below match.
+SUPPORTED_VERSIONS = ("3.0.4",)
+#: Longest a reactor blocks without a wake-up (timers, unsignalled state changes).
+_DUL_WAIT_S = 0.02
+_ASSOC_WAIT_S = 0.02
+
+_installed = False
+_install_lock = threading.Lock()
+
+
+# -- DUL reactor ----------------------------------------------------------------------------
+def _wake(dul: DULServiceProvider) -> None:
+    lock = getattr(dul, "_sn_wake_lock", None)
+    if lock is None:  # the reactor has not started (it looks at the queues first) or ended
+        return
+    with lock:  # the reactor closes the pipe under this lock: never write to a reused fd
+        fd = dul._sn_wake_w
+        if fd is not None:
+            try:
+                os.write(fd, b"\0")
+            except OSError:  # pipe full: a wake-up is already pending
+                pass
+
+
+def _dul_wait(dul: DULServiceProvider) -> None:
+    """Block until the peer sent data, a local primitive is queued, or the timeout."""
+    if dul.to_provider_queue.qsize() or dul.event_queue.qsize() or dul._kill_thread:
+        return
+    fds = [dul._sn_wake_r]
+    sock = dul.socket
+    raw = getattr(sock, "socket", None) if sock is not None else None
+    if raw is not None and getattr(sock, "_is_connected", False):
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return  # decrypted bytes already buffered: select would not see them
+        try:
+            if raw.fileno() >= 0:
+                fds.append(raw)
+        except OSError:
+            pass
+    try:
+        readable, _, _ = select.select(fds, [], [], _DUL_WAIT_S)
+    except (OSError, ValueError):  # socket closed under us: the reactor's checks handle it
+        time.sleep(0.001)
+        return
+    if dul._sn_wake_r in readable:
+        try:
+            while os.read(dul._sn_wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+
+def _notify_user(dul: DULServiceProvider) -> None:
+    """Wake the association reactor: an ACSE primitive (release/abort) is waiting for it."""
+    if dul.to_user_queue.qsize():
+        dimse = getattr(dul.assoc, "dimse", None)
+        if dimse is not None:
+            cond = dimse.msg_queue.not_empty
+            with cond:
+                cond.notify_all()
+
+
+def _run_reactor(self: DULServiceProvider) -> None:
+    """pynetdicom 3.0.4 ``DULServiceProvider.run_reactor`` with ``_dul_wait`` for the sleep."""
+    self._sn_wake_r, self._sn_wake_w = os.pipe()
+    os.set_blocking(self._sn_wake_r, False)
+    os.set_blocking(self._sn_wake_w, False)
+    self._sn_wake_lock = threading.Lock()
+    try:
+        _reactor_loop(self)
+    finally:
+        with self._sn_wake_lock:
+            os.close(self._sn_wake_w)
+            os.close(self._sn_wake_r)
+            self._sn_wake_w = None
+
+
+def _reactor_loop(self: DULServiceProvider) -> None:
+    self._idle_timer.start()
+    self.socket = cast(AssociationSocket, self.socket)
+    wait = False
+
+    while True:
+        if not self.assoc._dul_ready.is_set():
+            self.assoc._dul_ready.set()
+            wait = True
+
+        if wait:
+            _dul_wait(self)
+
+        if self._kill_thread:
+            break
+
+        if self.artim_timer.expired:
+            self.event_queue.put("Evt18")
+
+        try:
+            if self._process_recv_primitive():
+                pass
+            elif self._is_transport_event():
+                self._idle_timer.restart()
+        except Exception as exc:
+            _dul.LOGGER.error("Exception in DUL.run(), aborting association")
+            _dul.LOGGER.exception(exc)
+            abort_pdu = A_ABORT_RQ()
+            abort_pdu.source = 0x02
+            abort_pdu.reason_diagnostic = 0x00
+            self.socket.send(abort_pdu.encode())
+            self.assoc.is_aborted = True
+            self.assoc.is_established = False
+            self.assoc._kill = True
+            self._kill_thread = True
+            _notify_user(self)
+            return
+
+        try:
+            event = self.event_queue.get(block=False)
+        except queue.Empty:
+            wait = True
+            continue
+
+        self.state_machine.do_action(event)
+        _notify_user(self)
+        wait = False
+
+
+_orig_send_pdu = DULServiceProvider.send_pdu
+_orig_kill_dul = DULServiceProvider.kill_dul
+
+
+def _send_pdu(self: DULServiceProvider, primitive) -> None:  # noqa: ANN001
+    _orig_send_pdu(self, primitive)
+    _wake(self)
+
+
+def _kill_dul(self: DULServiceProvider) -> None:
+    _orig_kill_dul(self)
+    _wake(self)
+
+
+def _stop_dul(self: DULServiceProvider) -> bool:
+    if self.state_machine.current_state == "Sta1":
+        self._kill_thread = True
+        _wake(self)
+        if threading.current_thread() is not self:
+            while self.is_alive():
+                self.join(0.01)
+        return True
+    return False
+
+
+# -- association reactor --------------------------------------------------------------------
+def _assoc_run_reactor(self: Association) -> None:
+    """pynetdicom 3.0.4 ``Association._run_reactor`` with a wait on the DIMSE queue for the
+    ``time.sleep(0.001)`` before each pass."""
+    msg_queue = self.dimse.msg_queue
+    cond = msg_queue.not_empty
+    self._is_paused = False
+    while not self._kill:
+        # Waiting here the reactor does not touch the queue: count as paused, so that a
+        # send_c_*() of another thread (which pauses us, then reads the queue) goes on at once.
+        self._is_paused = True
+        with cond:
+            if not msg_queue._qsize():
+                cond.wait(_ASSOC_WAIT_S)
+            if msg_queue._qsize() and not self._reactor_checkpoint.is_set():
+                # Paused: the wake-up was meant for the thread that paused us.
+                cond.notify()
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+        if self._kill:
+            break
+
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, cast(int, context_id))
+
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            pynetdicom.association.LOGGER.info("Association Released")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+
+        if self.acse.is_aborted():
+            log_msg = "Association Aborted"
+            if self.acse.is_aborted("a-p-abort"):
+                log_msg += " (A-P-ABORT)"
+            pynetdicom.association.LOGGER.info(log_msg)
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+
+        if not self.dul.is_alive():
+            self.kill()
+            return
+
+        if self.dul.idle_timer_expired():
+            pynetdicom.association.LOGGER.error("Network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
+
+
+# -- socket reads ---------------------------------------------------------------------------
+def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """Read ``nr_bytes`` (fewer only if the peer closed), in as few system calls as the
+    kernel allows instead of 4 KiB at a time."""
+    sock = self.socket
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    nr_read = 0
+    try:
+        while nr_read < nr_bytes:
+            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not got:
+                break
+            nr_read += got
+    finally:
+        view.release()
+    if nr_read < nr_bytes:
+        del buf[nr_read:]
+    return buf
+
+
+# -- install --------------------------------------------------------------------------------
+def install() -> bool:
+    """Patch pynetdicom (once per process); False if its version is not one we copied."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return True
+        if os.environ.get("SPINE_FAST_DUL", "1") == "0":  # diagnosis and benchmarks only
+            log.warning("SPINE_FAST_DUL=0: pynetdicom's polling loops kept")
+            return False
+        if pynetdicom.__version__ not in SUPPORTED_VERSIONS:
+            log.warning("pynetdicom version not supported by fast_dul, polling loops kept",
+                        extra={"version": pynetdicom.__version__})
+            return False
+        DULServiceProvider.run_reactor = _run_reactor
+        DULServiceProvider.send_pdu = _send_pdu
+        DULServiceProvider.kill_dul = _kill_dul
+        DULServiceProvider.stop_dul = _stop_dul
+        Association._run_reactor = _assoc_run_reactor
+        AssociationSocket.recv = _recv
+        _installed = True
+        return True

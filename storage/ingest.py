@@ -1,0 +1,160 @@
+"""The receive path's write side: store one received instance durably, index it, and group the
+syncs of instances that arrive together (issue 8).
+
+:meth:`InstanceWriter.store` returns only once the instance is durable in the sense the
+configuration promises, so the SCP can answer Success right after it:
+
+- the data: written to a temporary file and fdatasynced, then renamed into place
+  (:meth:`storage.files.BlobStore.write_atomic`), always. The final name never shows a
+  partial file, and an index row never points at data that is not on disk.
+- the rename (directory fsync) and the index row (the commit): one *group commit* for every
+  instance waiting at that moment. The first caller becomes the leader, fsyncs each directory
+  once and inserts all rows in one transaction (one WAL sync), then wakes the others; callers
+  that arrived meanwhile form the next group. One association sends instance after instance,
+  so its groups have one member; several concurrent associations share the syncs.
+
+Durability levels, from ``storage.sqlite_synchronous`` (SQLite only; other databases commit
+durably and get the first):
+
+- ``FULL`` (default): survives power loss and OS crashes. Per group: directory fsyncs, then
+  the commit with a WAL sync.
+- ``NORMAL``: survives a crash of the node process (``kill -9``, OOM kill), not a power loss.
+  The file data is still fdatasynced before the rename; the directory fsyncs and the WAL sync
+  are left to the file system's and SQLite's own schedule (SQLite syncs the WAL at each
+  checkpoint). After a power loss the last acknowledged instances (about the last few
+  seconds) may be missing from the index or from the store, and the sender must send them
+  again, which heals both cases: a re-sent instance whose row survived but whose file did not
+  is written again (see :meth:`InstanceWriter.store`). Orthanc's default (SQLite
+  ``synchronous=NORMAL``, file fsync) gives the same promise.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage.files import BlobStore
+from storage.index import Index, InstanceRecord
+
+#: Most instances in one group commit (bounds the latency of the group's first member).
+MAX_GROUP = 64
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"     # the SOP Instance UID is indexed and its file is present
+
+
+@dataclass
+class _Waiter:
+    item: Any
+    ready: threading.Event
+    lead: bool = False
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class GroupCommit:
+    """Leader/follower group commit: ``submit(item)`` returns ``fn([...item...])``'s result
+    for ``item`` once a call of ``fn`` that contained it has returned.
+
+    No thread of its own: the first submitter runs ``fn`` for everything pending, the ones
+    that arrive while it runs wait and form the next group, whose first member leads it. A
+    single submitter thus pays no thread hand-off at all.
+    """
+
+    def __init__(self, fn: Callable[[list[Any]], Sequence[Any]], max_group: int = MAX_GROUP):
+        self._fn = fn
+        self._max = max_group
+        self._lock = threading.Lock()
+        self._pending: list[_Waiter] = []
+        self._busy = False
+
+    def submit(self, item: Any) -> Any:
+        me = _Waiter(item, threading.Event())
+        with self._lock:
+            self._pending.append(me)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            me.ready.wait()
+            if not me.lead:
+                return me.outcome()
+        while not me.done:
+            with self._lock:
+                group, self._pending = self._pending[:self._max], self._pending[self._max:]
+            self._run(group, me)
+        with self._lock:  # hand the lead to the next group's first member, if any
+            if self._pending:
+                self._pending[0].lead = True
+                self._pending[0].ready.set()
+            else:
+                self._busy = False
+        return me.outcome()
+
+    def _run(self, group: list[_Waiter], me: _Waiter) -> None:
+        try:
+            results = list(self._fn([w.item for w in group]))
+            for w, r in zip(group, results, strict=True):
+                w.result = r
+        except BaseException as exc:  # noqa: BLE001 - each member hears about it
+            if len(group) == 1:
+                group[0].error = exc
+            else:  # one bad member must not fail the others: one by one
+                for w in group:
+                    try:
+                        w.result = list(self._fn([w.item]))[0]
+                    except BaseException as single:  # noqa: BLE001
+                        w.error = single
+        for w in group:
+            w.done = True
+            if w is not me:
+                w.ready.set()
+
+
+class InstanceWriter:
+    """Stores received instances for the SCP (see the module docstring)."""
+
+    def __init__(self, store: BlobStore, index: Index, *, sync_dirs: bool = True):
+        self.store = store
+        self.index = index
+        self.sync_dirs = sync_dirs
+        self._group = GroupCommit(self._commit)
+
+    @classmethod
+    def from_settings(cls, settings, store: BlobStore, index: Index) -> "InstanceWriter":  # noqa: ANN001
+        normal = index.db.is_sqlite and settings.storage.sqlite_synchronous == "NORMAL"
+        return cls(store, index, sync_dirs=not normal)
+
+    def store_instance(self, record: InstanceRecord, data: bytes) -> Outcome:
+        """Write, sync and index one instance; raises OutOfSpaceError/OSError (nothing kept
+        under the final name) or the index's error."""
+        known = self.index.instance_path(record.sop_instance_uid)
+        if known is not None:
+            if self.store.exists(known):
+                return Outcome.DUPLICATE
+            # Indexed but its file is gone (e.g. a power loss with storage.sqlite_synchronous
+            # = NORMAL): the re-sent copy heals it, under the path the index holds.
+            record = _with_path(record, known)
+        path = self.store.write_atomic(record.path, data, sync_dir=False)
+        is_new = self._group.submit((path, record))
+        return Outcome.STORED if is_new or known is not None else Outcome.DUPLICATE
+
+    def _commit(self, items: list[tuple[Path, InstanceRecord]]) -> list[bool]:
+        if self.sync_dirs:
+            self.store.sync_dirs(path for path, _ in items)
+        return self.index.add_instances([record for _, record in items])
+
+
+def _with_path(record: InstanceRecord, path: str) -> InstanceRecord:
+    from dataclasses import replace
+    return replace(record, path=path)
