@@ -156,6 +156,7 @@ class Receiver:
     name: str
     work: Path
     node_set: dict[str, str] = field(default_factory=dict)
+    source: Path = REPO         # the spine-node checkout this receiver runs
     proc: subprocess.Popen | None = None
     port: int = 0
     aet: str = ""
@@ -198,7 +199,11 @@ class Receiver:
                 "http": {"enabled": False},
                 "logging": {"level": "WARNING"},
             }
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_NODE_")}
             for key, value in self.node_set.items():
+                if key.startswith("env:"):
+                    env[key[4:]] = value
+                    continue
                 section, _, name = key.partition(".")
                 sections.setdefault(section, {})[name] = _parse_value(value)
             lines = []
@@ -206,8 +211,7 @@ class Receiver:
                 lines.append(f"[{section}]")
                 lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
             (self.work / "node.toml").write_text("\n".join(lines) + "\n")
-            env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_NODE_")}
-            env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = str(self.source) + os.pathsep + env.get("PYTHONPATH", "")
             self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve",
                                           "--config", str(self.work / "node.toml")],
                                          env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -270,6 +274,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--peers", default="storescp,orthanc,node")
     ap.add_argument("--node-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="node configuration override, e.g. storage.sqlite_synchronous=NORMAL")
+    ap.add_argument("--variant", action="append", default=[],
+                    metavar="NAME:[SRC_DIR]:[KEY=VALUE,...]",
+                    help="another node receiver in the same rounds, e.g. "
+                         "normal::storage.sqlite_synchronous=NORMAL (KEY env:VAR sets an "
+                         "environment variable), or base:/tmp/old-checkout: (older code)")
     ap.add_argument("--max-send-pdu", type=int, help="storescu --max-send-pdu")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
@@ -284,13 +293,21 @@ def main(argv: list[str] | None = None) -> dict:
     node_set = dict(item.split("=", 1) for item in a.node_set)
     extra = ["--max-send-pdu", str(a.max_send_pdu)] if a.max_send_pdu else []
     peers = [p.strip() for p in a.peers.split(",") if p.strip()]
+    variants: dict[str, tuple[Path, dict[str, str]]] = {}
+    for spec in a.variant:
+        vname, src, sets = (spec.split(":", 2) + ["", ""])[:3]
+        overrides = dict(node_set)
+        overrides.update(dict(kv.split("=", 1) for kv in sets.split(",") if kv))
+        variants[f"node-{vname}"] = (Path(src).resolve() if src else REPO, overrides)
+        peers.append(f"node-{vname}")
     work = Path(tempfile.mkdtemp(prefix="spine-ingest-", dir=cache))
     results: dict[str, list[dict]] = {p: [] for p in peers}
     try:
         for r in range(a.rounds):
             order = peers[r % len(peers):] + peers[:r % len(peers)]
             for name in order:
-                rcv = Receiver(name, work / name, node_set=node_set)
+                src, overrides = variants.get(name, (REPO, node_set))
+                rcv = Receiver(name, work / name, node_set=overrides, source=src)
                 try:
                     rcv.start()
                 except Exception:
@@ -308,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if n != len(files):
                     raise RuntimeError(f"{name} holds {n} of {len(files)} instances")
                 results[name].append({"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": rss})
-                print(f"round {r + 1} {name:9s} {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  "
+                print(f"round {r + 1} {name:14s} {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  "
                       f"cpu {cpu:5.2f} s  rss {rss:6.0f} MB", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -316,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary: dict[str, dict] = {}
     print(f"\nmedian of {a.rounds} rounds, {len(files)} instances, {mb:.1f} MB, "
           f"{a.senders} sender(s):")
-    print(f"{'receiver':10s} {'seconds':>8s} {'MB/s':>7s} {'inst/s':>7s} {'cpu s':>6s} "
+    print(f"{'receiver':14s} {'seconds':>8s} {'MB/s':>7s} {'inst/s':>7s} {'cpu s':>6s} "
           f"{'rss MB':>7s}")
     for name, runs in results.items():
         sec = statistics.median(x["seconds"] for x in runs)
@@ -325,26 +342,27 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name] = {"seconds": sec, "mb_per_s": mb / sec, "instances_per_s":
                          len(files) / sec, "cpu_s": cpu, "peak_rss_mb": rss,
                          "rounds": [round(x["seconds"], 3) for x in runs]}
-        print(f"{name:10s} {sec:8.2f} {mb / sec:7.1f} {len(files) / sec:7.1f} {cpu:6.2f} "
+        print(f"{name:14s} {sec:8.2f} {mb / sec:7.1f} {len(files) / sec:7.1f} {cpu:6.2f} "
               f"{rss:7.0f}")
     ratios = {}
-    if "node" in summary:
+    for node in [n for n in summary if n.startswith("node")]:
         for peer in ("orthanc", "storescp"):
             if peer in summary:
                 # Throughput ratio: > 1.0 means the node is faster than the peer. Also per
                 # round (same round = same machine load), whose median is less noisy.
                 per_round = [p["seconds"] / n["seconds"] for p, n in
-                             zip(results[peer], results["node"])]
-                ratios[f"node_vs_{peer}"] = {
-                    "median_of_medians": summary[peer]["seconds"] / summary["node"]["seconds"],
+                             zip(results[peer], results[node])]
+                ratios[f"{node}_vs_{peer}"] = {
+                    "median_of_medians": summary[peer]["seconds"] / summary[node]["seconds"],
                     "median_per_round": statistics.median(per_round),
-                    "cpu": summary[peer]["cpu_s"] / summary["node"]["cpu_s"]}
-        for key, value in ratios.items():
-            print(f"{key}: throughput {value['median_of_medians']:.2f}x "
-                  f"(per-round median {value['median_per_round']:.2f}x), "
-                  f"CPU efficiency {value['cpu']:.2f}x")
+                    "cpu": summary[peer]["cpu_s"] / summary[node]["cpu_s"]}
+    for key, value in ratios.items():
+        print(f"{key}: throughput {value['median_of_medians']:.2f}x "
+              f"(per-round median {value['median_per_round']:.2f}x), "
+              f"CPU efficiency {value['cpu']:.2f}x")
     out = {"instances": len(files), "megabytes": mb, "senders": a.senders,
-           "node_set": node_set, "summary": summary, "ratios": ratios,
+           "node_set": node_set, "variants": {k: [str(v[0]), v[1]] for k, v in
+                                              variants.items()}, "summary": summary, "ratios": ratios,
            "load_average": os.getloadavg()}
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))

@@ -4,11 +4,13 @@
    z-score.
 2. :func:`predict_heatmaps`: overlapping patches over the whole volume, blended with a tapered
    weight so that patch borders (where a patch lacks context) count less.
-3. :func:`decode`: per channel the maximum (eq. 2), refined to sub-voxel precision, kept when it
-   exceeds the presence threshold.
+3. :func:`detect`: candidates either per channel (the maximum, eq. 2, with a presence
+   threshold: decoder ``argmax``) or level-agnostically with joint labelling along the spine
+   (decoder ``joint``), refined to sub-voxel precision (log-parabola through the peak).
 4. :func:`plausible_chain`: the labels must read in anatomical order along the spine (cranial to
    caudal), neighbours at a plausible distance, and no two levels on one vertebra; of the
    candidates, the highest-scoring subset that obeys these rules is kept.
+The model's ``meta`` names the decoder and its threshold (chosen on validation phantoms).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import SimpleITK as sitk
 import torch
 
 from pipeline.levels import LEVELS
-from pipeline.localization.heatmaps import channel_peaks
+from pipeline.localization.heatmaps import channel_peaks, refine_peak
 from pipeline.preprocess import Prepared, prepare
 
 #: Defaults of the plausibility pass, in mm (overridable by the model's metadata).
@@ -141,27 +143,121 @@ def plausible_chain(orders: Sequence[int], positions_mm: np.ndarray, scores: Seq
     return sorted(chain, key=lambda i: orders[i])
 
 
-def decode(heatmaps: np.ndarray, prep: Prepared, threshold: float,
-           plausibility: bool = True) -> list[LocalizedVertebra]:
-    """Vertebrae from heatmaps: peak per channel, presence threshold, plausibility pass."""
+def _grid_mm(idx: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Continuous ``[z, y, x]`` indices of the LPS-oriented grid to ``[x, y, z]`` mm (z cranial)."""
+    return np.asarray(idx, dtype=float)[..., ::-1] * spacing_mm
+
+
+def _argmax_candidates(heatmaps: np.ndarray, threshold: float) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Per channel the refined maximum (eq. 2), kept when above ``threshold``."""
     positions, values = channel_peaks(heatmaps)
     orders = [k for k in range(len(values)) if values[k] >= threshold]
-    if not orders:
+    return orders, positions[orders], values[orders]
+
+
+def _allowed_steps() -> np.ndarray:
+    """``steps[a, b]``: non-optional levels skipped when level ``b`` directly follows ``a``
+    (-1: not allowed, i.e. ``b`` not caudal of ``a``)."""
+    n = len(LEVELS)
+    steps = np.full((n, n), -1, dtype=int)
+    for a in range(n):
+        for b in range(a + 1, n):
+            steps[a, b] = sum(1 for k in range(a + 1, b) if LEVELS[k].name not in OPTIONAL_LEVELS)
+    return steps
+
+
+_STEPS = _allowed_steps()
+
+
+def _joint_candidates(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
+                      skip_penalty: float = 0.5) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Vertebrae found level-agnostically, then labelled jointly along the spine.
+
+    1. Detection: local maxima of the sum over channels (each vertebra's Gaussian, whatever its
+       label) above ``threshold``, at least :data:`MIN_SEPARATION_MM` apart.
+    2. Labelling: the detections, cranial to caudal, get strictly caudal-ward labels that
+       maximise the summed heatmap evidence of the chosen channel at each detection (dynamic
+       programming); skipping a non-optional level costs ``skip_penalty``, so labels stay
+       contiguous unless the evidence says a vertebra was missed.
+    """
+    from scipy.ndimage import maximum_filter
+
+    total = heatmaps.sum(axis=0)
+    peaks = (total == maximum_filter(total, size=3, mode="nearest")) & (total >= threshold)
+    idx = np.argwhere(peaks)
+    if not len(idx):
+        return [], np.zeros((0, 3)), np.zeros(0)
+    order = np.argsort(-total[tuple(idx.T)])
+    kept: list[np.ndarray] = []
+    for i in order:  # non-maximum suppression by distance
+        p = idx[i]
+        if all(np.linalg.norm((p - q) * spacing_mm) >= MIN_SEPARATION_MM for q in kept):
+            kept.append(p)
+    kept.sort(key=lambda p: -p[0])  # cranial (high z index) first
+    pos = np.array([refine_peak(total, tuple(int(v) for v in p)) for p in kept])
+    # evidence of each channel at each detection: the channel's maximum in the 3^3 neighbourhood
+    ev = np.zeros((len(kept), heatmaps.shape[0]))
+    for i, p in enumerate(kept):
+        sl = tuple(slice(max(0, int(v) - 1), int(v) + 2) for v in p)
+        ev[i] = heatmaps[(slice(None),) + sl].reshape(heatmaps.shape[0], -1).max(axis=1)
+    n, c = ev.shape
+    best = np.full((n, c), -np.inf)
+    prev = np.zeros((n, c), dtype=int)
+    best[0] = ev[0]
+    pen = np.where(_STEPS >= 0, -skip_penalty * np.maximum(_STEPS, 0), -np.inf)
+    for i in range(1, n):
+        cand = best[i - 1][:, None] + pen  # [previous level, level]
+        prev[i] = cand.argmax(axis=0)
+        best[i] = cand.max(axis=0) + ev[i]
+    labels = [int(best[-1].argmax())]
+    for i in range(n - 1, 0, -1):
+        labels.append(int(prev[i][labels[-1]]))
+    labels = labels[::-1]
+    if not np.isfinite(best[-1].max()):  # more detections than levels: keep the strongest
+        return _argmax_candidates(heatmaps, threshold)
+    scores = np.array([total[tuple(int(v) for v in p)] for p in kept])
+    return labels, pos, scores
+
+
+def detect(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
+           method: str = "joint", plausibility: bool = True) -> list[tuple[int, np.ndarray, float]]:
+    """Vertebrae in a heatmap stack of an LPS-oriented grid: ``(level order, [z, y, x], score)``.
+
+    ``method``: ``"argmax"`` (the paper: per channel maximum, presence threshold) or
+    ``"joint"`` (level-agnostic detection, then joint labelling along the spine). Either way the
+    plausibility pass (:func:`plausible_chain`) has the last word.
+    """
+    if method == "argmax":
+        orders, pos, scores = _argmax_candidates(heatmaps, threshold)
+    elif method == "joint":
+        orders, pos, scores = _joint_candidates(heatmaps, threshold, spacing_mm)
+    else:
+        raise ValueError(f"unknown decoder {method!r}")
+    if not len(orders):
         return []
-    mm = prep.index_to_mm(positions[orders])
-    keep = plausible_chain(orders, mm, values[orders]) if plausibility else list(range(len(orders)))
-    kept_mm = mm[keep]
+    keep = (plausible_chain(orders, _grid_mm(pos, spacing_mm), scores) if plausibility
+            else list(range(len(orders))))
+    return [(orders[i], pos[i], float(scores[i])) for i in keep]
+
+
+def decode(heatmaps: np.ndarray, prep: Prepared, threshold: float, method: str = "joint",
+           plausibility: bool = True) -> list[LocalizedVertebra]:
+    """Vertebrae from heatmaps (:func:`detect`), in patient LPS millimetres."""
+    spacing = float(prep.image.GetSpacing()[0])
+    found = detect(heatmaps, threshold, spacing, method, plausibility)
+    if not found:
+        return []
+    mm = prep.index_to_mm(np.array([p for _, p, _ in found]))
+    z_lo, z_hi = _z_extent_mm(prep.image)
     result = []
-    z_extent = _z_extent_mm(prep.image)
-    for n, i in enumerate(keep):
-        k = orders[i]
-        others = np.delete(kept_mm, n, axis=0)
-        spacing = float(np.min(np.linalg.norm(others - mm[i], axis=1))) if len(others) else 30.0
-        edge = min(mm[i][2] - z_extent[0], z_extent[1] - mm[i][2])
+    for n, (k, _, score) in enumerate(found):
+        others = np.delete(mm, n, axis=0)
+        spacing_nb = float(np.min(np.linalg.norm(others - mm[n], axis=1))) if len(others) else 30.0
+        edge = min(mm[n][2] - z_lo, z_hi - mm[n][2])
         result.append(LocalizedVertebra(
             label=LEVELS[k].label, name=LEVELS[k].name,
-            centroid_mm=tuple(round(float(c), 3) for c in mm[i]), score=float(values[k]),
-            partial=bool(edge < 0.4 * spacing)))
+            centroid_mm=tuple(round(float(c), 3) for c in mm[n]), score=min(float(score), 1.5),
+            partial=bool(edge < 0.4 * spacing_nb)))
     return result
 
 
@@ -193,7 +289,7 @@ def localize(image: sitk.Image, device: str = "auto", model: torch.nn.Module | N
     heatmaps = predict_heatmaps(model, prep.array, meta.get("patch", (64, 64, 64)), prep.pad_value,
                                 float(meta.get("overlap", 0.25)), dev) / float(meta.get("amplitude", 1.0))
     t3 = time.perf_counter()
-    found = decode(heatmaps, prep, float(meta.get("threshold", 0.3)))
+    found = decode(heatmaps, prep, float(meta.get("threshold", 0.3)), meta.get("decoder", "argmax"))
     if timings is not None:
         timings.update({"load_model": t1 - t0, "preprocess": t2 - t1, "network": t3 - t2,
                         "decode": time.perf_counter() - t3})

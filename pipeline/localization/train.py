@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from pipeline.levels import LEVELS
 from pipeline.localization.dataset import EVALUATION_SEEDS, Case, PatchSampler, cached_phantom_cases, verse_cases
-from pipeline.localization.heatmaps import channel_peaks
-from pipeline.localization.inference import plausible_chain, predict_heatmaps
+from pipeline.localization.inference import detect, predict_heatmaps
 from pipeline.nets import MSCN
 from pipeline.registry import weights_payload
 
@@ -90,18 +89,12 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, fg_weight: float = 0.
     return loss.sum() / pred.shape[0]
 
 
-def case_detections(heatmaps: np.ndarray, case: Case, threshold: float) -> dict[int, np.ndarray]:
+def case_detections(heatmaps: np.ndarray, case: Case, threshold: float, method: str = "argmax") -> dict[int, np.ndarray]:
     """Decoded detections of a case in grid millimetres: level order -> [x, y, z] (z cranial).
 
     ``heatmaps`` in units of the target peak (divided by the amplitude).
     """
-    positions, values = channel_peaks(heatmaps)
-    orders = [k for k in range(len(values)) if values[k] >= threshold]
-    if not orders:
-        return {}
-    mm = positions[orders][:, ::-1] * case.spacing_mm
-    keep = plausible_chain(orders, mm, values[orders])
-    return {orders[i]: mm[i] for i in keep}
+    return {k: pos[::-1] * case.spacing_mm for k, pos, _ in detect(heatmaps, threshold, case.spacing_mm, method)}
 
 
 def case_score(found: dict[int, np.ndarray], case: Case) -> dict[str, float]:
@@ -125,14 +118,21 @@ def case_score(found: dict[int, np.ndarray], case: Case) -> dict[str, float]:
 
 
 def validate(model: torch.nn.Module, cases: Sequence[Case], cfg: TrainConfig) -> dict[str, Any]:
-    """Whole-volume inference on the validation cases; the threshold with the lowest penalty."""
+    """Whole-volume inference on the validation cases; the decoder and threshold with the lowest
+    penalty."""
     maps = [predict_heatmaps(model, c.array, cfg.patch, c.pad_value, cfg.overlap) / cfg.amplitude for c in cases]
+    return choose_decoder(maps, cases)
+
+
+def choose_decoder(maps: Sequence[np.ndarray], cases: Sequence[Case],
+                   methods: Sequence[str] = ("argmax", "joint")) -> dict[str, Any]:
+    """The (decoder, threshold) with the lowest validation penalty, and its figures."""
     best = None
-    for t in THRESHOLDS:
-        scores = [case_score(case_detections(h, c, t), c) for h, c in zip(maps, cases)]
+    for method, t in [(m, t) for m in methods for t in THRESHOLDS]:
+        scores = [case_score(case_detections(h, c, t, method), c) for h, c in zip(maps, cases)]
         n = sum(s["n"] for s in scores)
         ident = sum(s["identified"] for s in scores)
-        res = {"threshold": t, "id_rate": ident / max(n, 1),
+        res = {"decoder": method, "threshold": t, "id_rate": ident / max(n, 1),
                "error_mm": sum(s["error_sum"] for s in scores) / max(ident, 1),
                "fp": sum(s["fp"] for s in scores), "score": sum(s["penalty"] for s in scores) / max(n, 1)}
         if best is None or res["score"] < best["score"]:
@@ -208,9 +208,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
     say(f"{len(train_cases)} training cases, {len(val_cases)} validation cases, "
         f"{sum(p.numel() for p in model.parameters())} parameters")
 
-    def meta(threshold: float) -> dict[str, Any]:
+    def meta(decoder: dict[str, Any]) -> dict[str, Any]:
         return {"spacing_mm": cfg.spacing_mm, "patch": list(cfg.patch), "overlap": cfg.overlap,
-                "sigma_mm": cfg.sigma_mm, "amplitude": cfg.amplitude, "threshold": threshold, "levels": [lv.name for lv in LEVELS],
+                "sigma_mm": cfg.sigma_mm, "amplitude": cfg.amplitude, "threshold": decoder["threshold"],
+                "decoder": decoder["decoder"], "levels": [lv.name for lv in LEVELS],
                 "variant": cfg.variant, "trained_iterations": it, "data": cfg.data,
                 "train_seeds": list(cfg.seeds) if cfg.data == "phantom" else None}
 
@@ -242,12 +243,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
             v.update({"iteration": it, "loss": running, "elapsed_s": round(elapsed, 1)})
             history.append(v)
             say(f"val it {it}: id {v['id_rate']:.3f} err {v['error_mm']:.2f} mm fp {v['fp']} "
-                f"thr {v['threshold']} score {v['score']:.3f}")
+                f"{v['decoder']} thr {v['threshold']} score {v['score']:.3f}")
             if v["score"] < best_score:
                 best_score = v["score"]
-                torch.save(weights_payload(model, BUILDER, meta(v["threshold"])), out / "best.pt")
+                torch.save(weights_payload(model, BUILDER, meta(v)), out / "best.pt")
                 say(f"best so far -> {out / 'best.pt'}")
-            torch.save(weights_payload(model, BUILDER, meta(v["threshold"])), out / "final.pt")
+            torch.save(weights_payload(model, BUILDER, meta(v)), out / "final.pt")
             tmp = out / "last.pt.tmp"
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "rng": sampler.rng.bit_generator.state,

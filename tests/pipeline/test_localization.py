@@ -200,3 +200,24 @@ def test_seed_ranges_parse_and_evaluation_seeds_are_refused_for_training():
     assert parse_seeds("1-3,7, 9") == [1, 2, 3, 7, 9]
     with pytest.raises(ValueError, match="evaluation seed"):
         phantom_case(9005, 4.0)
+
+
+def test_joint_decoder_labels_a_contiguous_chain_from_ambiguous_channels():
+    """Each vertebra's mass is split between its own and the neighbouring channels (an unsure
+    network); the joint labelling still reads T11, T12, L1, L2 (no T13), cranial to caudal."""
+    from pipeline.localization.inference import detect
+
+    names = ["T11", "T12", "L1", "L2"]
+    zs = [40.0, 31.0, 22.0, 13.0]
+    centres = {n: np.array([z, 10.0, 10.0]) for n, z in zip(names, zs)}
+    h = np.zeros((N_LEVELS, 50, 20, 20), np.float32)
+    for n in names:
+        k = BY_NAME[n].order
+        one = gaussian_heatmaps((50, 20, 20), np.array([centres[n]]), 1.5).numpy()[0]
+        h[k] += 0.45 * one
+        h[k + 1] += 0.3 * one   # the caudal neighbour channel (T12 -> T13 for T12)
+        h[k - 1] += 0.25 * one
+    found = detect(h, threshold=0.5, spacing_mm=4.0, method="joint")
+    assert [LEVELS[k].name for k, _, _ in found] == names
+    for (k, pos, _), n in zip(found, names):
+        assert np.allclose(pos, centres[n], atol=0.05)
