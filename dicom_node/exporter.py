@@ -19,11 +19,13 @@ import weakref
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily
 
+from dicom_node import audit
 from dicom_node.logging import get_logger
 from dicom_node.scu import Peer, StoreError, Timeouts, store_files
 from storage.db import Database, utcnow
 from storage.deliveries import Backoff, ClaimedDelivery, DeliveryQueue
 from storage.files import BlobStore, UnsafePathError
+from storage.index import Index
 
 log = get_logger("spine_node.exporter")
 
@@ -88,6 +90,7 @@ class Exporter:
                  calling_ae: str | None = None):
         self.settings = settings
         self.queue = DeliveryQueue(db)
+        self.index = Index(db)  # the audit trail
         self.store = store
         self.calling_ae = calling_ae or settings.node.ae_title
         self.backoff = Backoff.from_settings(settings.exporter)
@@ -196,6 +199,7 @@ class Exporter:
                 log.info("delivered", extra={"destination": name, "delivery_id": c.id,
                                              "kind": c.kind, "sop_uid": c.sop_instance_uid,
                                              "status": outcome.status})
+                self._audit(c, "success")
             else:
                 self._failed(c, outcome.error or "failed")
         return len(claimed)
@@ -209,4 +213,17 @@ class Exporter:
             "attempts": result.attempts, "state": result.state.value, "error": error,
             "next_attempt_at": result.next_attempt_at.isoformat() if result.next_attempt_at
             else None})
+        if outcome == "dead":
+            self._audit(c, "dead", reason=error)
+
+    def _audit(self, c: ClaimedDelivery, outcome: str, reason: str | None = None) -> None:
+        """ATNA "DICOM Instances Transferred" (the node sends): result delivered or dead."""
+        peer = self.peers.get(c.destination)
+        parts = (c.path or "").split("/")  # results/<study>/<series>/v<n>-job<id>/<name>
+        audit.record(self.index, "result_delivered" if outcome == "success" else "result_dead",
+                     outcome, actor=self.calling_ae,
+                     study_instance_uid=parts[1] if len(parts) > 2 else None,
+                     destination=c.destination, destination_ae=str(peer) if peer else None,
+                     kind=c.kind, sop_instance_uid=c.sop_instance_uid, attempts=c.attempts + 1,
+                     reason=reason)
 

@@ -11,6 +11,7 @@ import datetime as dt
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from config import Settings
+from dicom_node import audit
 from dicom_node.logging import get_logger
 from storage.db import utcnow
 from storage.index import Index, StableSeries
@@ -47,6 +48,12 @@ def schedule_stable_series(index: Index, settings: Settings, now: dt.datetime | 
                  extra={"job_id": job.id, "version": job.version,
                         "series_uid": series.series_instance_uid,
                         "instances": series.instances, "reason": reason})
+        # ATNA "DICOM Instances Transferred": the series is complete (stable) at the node.
+        audit.record(index, "study_received", "success", actor=settings.node.ae_title,
+                     study_instance_uid=series.study_instance_uid,
+                     series_instance_uid=series.series_instance_uid,
+                     modality=series.modality, instances=series.instances, job_id=job.id,
+                     job_state=job.state, reason=reason)
     return created
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from config import Settings
-from dicom_node import metrics
+from dicom_node import audit, metrics
 from dicom_node.logging import get_logger
 from storage.files import BlobStore
 from storage.index import Index
@@ -94,6 +94,10 @@ class Worker:
         log.info("job started", extra={"job_id": job.id, "version": job.version,
                                        "series_uid": job.series_instance_uid,
                                        "attempt": job.attempts})
+        audit.record(self.index, "job_started", "success", actor=self.worker_id,
+                     study_instance_uid=job.study_instance_uid,
+                     series_instance_uid=job.series_instance_uid, job_id=job.id,
+                     version=job.version, attempt=job.attempts)
         state, error = JobState.DONE, None
         try:
             self._run(job)
@@ -111,6 +115,10 @@ class Worker:
         metrics.JOB_SECONDS.labels(state.value).observe(seconds)
         log.info("job finished", extra={"job_id": job.id, "state": state.value,
                                         "seconds": round(seconds, 3), "error": error})
+        audit.record(self.index, "job_finished", state.value, actor=self.worker_id,
+                     study_instance_uid=job.study_instance_uid,
+                     series_instance_uid=job.series_instance_uid, job_id=job.id,
+                     version=job.version, seconds=round(seconds, 3), reason=error)
         return state
 
     def _run(self, job: JobRef) -> None:

@@ -33,6 +33,10 @@ SPACING_TOLERANCE_MM = 0.01
 DUPLICATE_TOLERANCE_MM = 1e-3
 #: In-plane drift between slices (gantry tilt) larger than this is refused (mm).
 IN_PLANE_TOLERANCE_MM = 0.05
+#: The largest volume the loader builds (float32: 4 GiB). Larger Rows x Columns x slices are
+#: refused before any allocation: compressed pixel data is not length-checked up front, so a
+#: header claiming 65535 x 65535 would otherwise ask for tens of GB (issue 7, hostile input).
+MAX_VOXELS = 2**30
 
 
 class SeriesLoadError(ValueError):
@@ -287,12 +291,31 @@ def load_series(paths: Iterable[str | Path]) -> LoadedSeries:
         elif this_for != frame_of_ref:
             raise SeriesLoadError(f"more than one frame of reference: {path.name} has "
                                   f"{this_for or 'none'}, the first file {frame_of_ref or 'none'}")
-        slices.extend(_slices_of(ds, path))
+        try:
+            slices.extend(_slices_of(ds, path))
+        except SeriesLoadError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError,
+                OverflowError) as exc:  # non-conformant values (found by fuzzing, issue 7)
+            raise SeriesLoadError(f"{path.name}: unusable image header "
+                                  f"({type(exc).__name__}: {exc})"[:500]) from None
 
     row, col, normal = _check_consistent(slices)
     dz = _check_positions(slices, row, col, normal)
 
     first = slices[0]
+    voxels = len(slices) * first.rows * first.columns
+    if voxels > MAX_VOXELS or first.rows < 1 or first.columns < 1:
+        raise SeriesLoadError(
+            f"{len(slices)} slices of {first.rows}x{first.columns} make "
+            f"{voxels * 4 / 2**30:.1f} GiB as float32; the loader takes 1 to "
+            f"{MAX_VOXELS} voxels ({MAX_VOXELS * 4 // 2**30} GiB): Rows/Columns are wrong or the "
+            "series is not a CT volume")
+    if not (np.isfinite(dz) and dz > 0) or not all(
+            np.isfinite(v) and v > 0 for v in first.pixel_spacing) or \
+            not np.all(np.isfinite(first.position)):
+        raise SeriesLoadError(f"unusable geometry: pixel spacing {first.pixel_spacing}, slice "
+                              f"spacing {dz} mm, first position {list(first.position)}")
     volume = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     cache: dict[Path, np.ndarray] = {}
     for k, s in enumerate(slices):

@@ -37,8 +37,8 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, Enhance
                          SecondaryCaptureImageStorage)
 
 ROOT = "1.2.826.0.1.3680043.10.1099"
-SOP_CLASSES = [CTImageStorage, CTImageStorage, CTImageStorage, EnhancedCTImageStorage,
-               MRImageStorage, SecondaryCaptureImageStorage, "1.2.3.4.5.6.7"]
+SOP_CLASSES = [CTImageStorage] * 6 + [EnhancedCTImageStorage, MRImageStorage,
+                                      SecondaryCaptureImageStorage, "1.2.3.4.5.6.7"]
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                      ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, JPEGLosslessSV1,
                      JPEG2000Lossless, RLELossless]
@@ -232,7 +232,11 @@ def hostile_instance(draw, *, study: str | None = None, series: str | None = Non
     meta_sop = _meta_uid(sop)
     if hostile and draw(st.floats(0, 1)) < 0.05:
         meta_sop = f"{ROOT}.{draw(st.integers(1, 10**6))}"  # request and data set disagree
-    data = encode(ds, sop_class, meta_sop, ts)
+    meta_class = sop_class
+    if hostile and draw(st.floats(0, 1)) < 0.05:  # request and data set name other classes
+        _set_raw(ds, 0x00080016, "UI", MRImageStorage)
+        meta_class = CTImageStorage
+    data = encode(ds, meta_class, meta_sop, ts)
     what = f"{rows}x{cols}x{frames} {sop_class} {ts}"
     if hostile:
         cut = draw(st.sampled_from(["none"] * 6 + ["truncate", "flip", "garbage"]))
@@ -250,7 +254,7 @@ def hostile_instance(draw, *, study: str | None = None, series: str | None = Non
         elif cut == "garbage":
             data = data[:start] + draw(st.binary(max_size=512))
         what += f" {cut}"
-    return Instance(data, sop_class, meta_sop, ts, what)
+    return Instance(data, meta_class, meta_sop, ts, what)
 
 
 @st.composite
@@ -297,9 +301,9 @@ def hostile_series(draw) -> list[bytes]:
         if "tilt" in faults:
             ds.ImagePositionPatient = [-10.0 + 3 * k, -10.0, z]
         ts = ExplicitVRLittleEndian
-        if "compressed_garbage" in faults:
+        if "compressed_garbage" in faults or ("absurd_size" in faults and k % 2):
             ts = draw(st.sampled_from([JPEGLosslessSV1, JPEG2000Lossless, RLELossless]))
-        ds.PixelData = (b"\x10\x04" * (rows * cols))[:MAX_PIXEL_BYTES]
+        ds.PixelData = b"\x10\x04" * min(rows * cols, MAX_PIXEL_BYTES // 2)
         files.append(encode(ds, CTImageStorage, sop, ts))
     return files
 
@@ -322,6 +326,11 @@ class CStoreHarness:
         from dicom_node.scp import StorageSCP
         from tests.conftest import free_port
 
+        import logging
+        self._quiet = [(name, logging.getLogger(name).level)
+                       for name in ("spine_node", "pynetdicom", "pydicom")]
+        for name, _ in self._quiet:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self.root = root
         self.outside = root / "outside"       # nothing may ever appear here or beside "store"
         self.outside.mkdir(parents=True, exist_ok=True)
@@ -329,6 +338,10 @@ class CStoreHarness:
                                              "port": free_port()},
                                  storage={"root": str(root / "store"), "min_free_mb": 0,
                                           "fsync": False, "sqlite_synchronous": "NORMAL"},
+                                 selection={"min_slices": 1},
+                                 scheduler={"stable_seconds": 0},
+                                 pipeline={"entry_point":
+                                           "tests.dicom_node.fake_pipeline:analyse"},
                                  logging={"level": "ERROR"})
         self.ctx = NodeContext.open(settings)
         self.scp = StorageSCP(settings, self.ctx.index, self.ctx.store)
@@ -337,9 +350,9 @@ class CStoreHarness:
         _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
         self.ae = AE(ae_title="FUZZER")
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 10
-        self.ae.requested_contexts = [build_context(sc, TRANSFER_SYNTAXES[:1] + [
-            ts for ts in dict.fromkeys(TRANSFER_SYNTAXES) if ts != ExplicitVRLittleEndian])
-            for sc in dict.fromkeys(SOP_CLASSES)]
+        # One context per (SOP class, transfer syntax): an SCP accepts one syntax per context.
+        self.ae.requested_contexts = [build_context(sc, ts) for sc in dict.fromkeys(SOP_CLASSES)
+                                      for ts in dict.fromkeys(TRANSFER_SYNTAXES)]
         self.assoc = None
         self.tmp = Path(tempfile.mkdtemp(dir=root))
         self.counts: dict[str, int] = {}
@@ -391,6 +404,31 @@ class CStoreHarness:
             assert entry.name in ("store", "outside", self.tmp.name), \
                 f"{entry} appeared beside the store"
 
+    def process_all(self) -> dict[str, int]:
+        """Schedule every stored series and run each job (fake analysis) as the node would:
+        each ends done, failed or skipped, and a failed or skipped one says why."""
+        import datetime as dt
+
+        from dicom_node.scheduler import schedule_stable_series
+        from dicom_node.worker import Worker
+        from storage.db import utcnow
+        ctx = self.ctx
+        schedule_stable_series(ctx.index, ctx.settings, now=utcnow() + dt.timedelta(seconds=1))
+        worker = Worker(ctx.settings, ctx.index, ctx.queue, ctx.store,
+                        publish=lambda **_: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while worker.run_once():
+                pass
+        states: dict[str, int] = {}
+        for job in ctx.index.jobs():
+            assert job.state in ("done", "failed", "skipped"), (job.id, job.state)
+            if job.state != "done":
+                assert job.error and len(job.error) > 10, (job.id, job.state, job.error)
+                assert not job.error.startswith("unexpected error"), job.error
+            states[job.state] = states.get(job.state, 0) + 1
+        return states
+
     def close(self) -> None:
         from pynetdicom import _config
         if self.assoc is not None and self.assoc.is_established:
@@ -398,6 +436,9 @@ class CStoreHarness:
         self.scp.drain(timeout_s=5)
         self.ctx.close()
         _config.STORE_SEND_CHUNKED_DATASET = self._old_chunked
+        import logging
+        for name, level in self._quiet:
+            logging.getLogger(name).setLevel(level)
         store = self.root / "store" / "instances"
         for p in store.rglob("*") if store.exists() else []:
             assert store in p.parents

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from dicom_node import audit
 from dicom_node.context import CONFIG_OPTION, NodeContext, settings_or_exit
 from storage.uids import InvalidUIDError, validate_uid
 
@@ -30,6 +31,27 @@ def _open(config: Path | None, upgrade: bool = True) -> NodeContext:
     return NodeContext.open(settings_or_exit(config), upgrade=upgrade)
 
 
+def _record(index, event_type: str, outcome: str, **details) -> None:  # noqa: ANN001
+    """Audit an action (rerun, resend, db upgrade, echo): the audit table, and its JSON line on
+    stderr like the node's. Listings (studies, jobs) use :func:`audit.record` directly: the
+    table only, so that scripts reading their output see nothing else."""
+    import logging
+    import sys
+
+    from dicom_node.logging import JsonFormatter
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    audit_log = logging.getLogger("spine_node.audit")
+    old_level = audit_log.level
+    audit_log.addHandler(handler)
+    audit_log.setLevel(logging.INFO)
+    try:
+        audit.record(index, event_type, outcome, actor=_actor(), **details)
+    finally:
+        audit_log.removeHandler(handler)
+        audit_log.setLevel(old_level)
+
+
 def _study_uid(value: str) -> str:
     try:
         return validate_uid(value, "Study Instance UID")
@@ -44,6 +66,7 @@ def studies(config: Path = CONFIG_OPTION,
     ctx = _open(config)
     try:
         data = ctx.index.studies()
+        audit.record(ctx.index, "studies", "success", actor=_actor(), studies=len(data))
     finally:
         ctx.close()
     if as_json:
@@ -65,6 +88,8 @@ def jobs(config: Path = CONFIG_OPTION,
     ctx = _open(config)
     try:
         rows = ctx.index.jobs(study)
+        audit.record(ctx.index, "jobs", "success", actor=_actor(),
+                     study_instance_uid=study, jobs=len(rows))
     finally:
         ctx.close()
     if as_json:
@@ -87,8 +112,8 @@ def rerun(study_uid: str = typer.Argument(..., help="Study Instance UID"),
     ctx = _open(config)
     try:
         created = ctx.index.rerun_study(uid)
-        ctx.index.audit("rerun", _actor(), "success" if created else "nothing",
-                        {"study_instance_uid": uid, "jobs": [j.id for j in created]})
+        _record(ctx.index, "rerun", "success" if created else "nothing",
+                study_instance_uid=uid, jobs=[j.id for j in created])
     finally:
         ctx.close()
     if not created:
@@ -114,8 +139,8 @@ def resend(study_uid: str = typer.Argument(..., help="Study Instance UID"),
         else:
             n = DeliveryQueue(ctx.db).resend(
                 uid, DestinationWants.from_settings(ctx.settings.destinations))
-        ctx.index.audit("resend", _actor(), "success" if n else "nothing",
-                        {"study_instance_uid": uid, "deliveries": n})
+        _record(ctx.index, "resend", "success" if n else "nothing",
+                study_instance_uid=uid, deliveries=n)
     finally:
         ctx.close()
     if not n:
@@ -148,15 +173,36 @@ def echo(peer: str = typer.Argument(..., metavar="AE@HOST:PORT"),
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
             "no connection"
         typer.echo(f"C-ECHO {peer}: association {why}", err=True)
+        _audit_echo(config, peer, "failed", why)
         raise typer.Exit(1)
     status = assoc.send_c_echo()
     assoc.release()
     ms = (time.perf_counter() - start) * 1000
     code = getattr(status, "Status", None)
+    _audit_echo(config, peer, "success" if code == 0x0000 else "failed")
     if code != 0x0000:
         typer.echo(f"C-ECHO {peer}: failed (status {code})", err=True)
         raise typer.Exit(1)
     typer.echo(f"C-ECHO {peer}: Success (0x0000) in {ms:.0f} ms")
+
+
+def _audit_echo(config: Path | None, peer: str, outcome: str, reason: str | None = None) -> None:
+    """``echo`` needs no database: its audit event goes to the log, and to the audit table
+    when the node's database already exists (an echo never creates one)."""
+    settings = settings_or_exit(config)
+    url = settings.storage.database_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        _record(None, "echo", outcome, peer=peer, reason=reason)
+        return
+    try:
+        ctx = NodeContext.open(settings, upgrade=False)
+    except Exception:  # noqa: BLE001 - the echo's own result stands
+        _record(None, "echo", outcome, peer=peer, reason=reason)
+        return
+    try:
+        _record(ctx.index, "echo", outcome, peer=peer, reason=reason)
+    finally:
+        ctx.close()
 
 
 @db_app.command("upgrade")
@@ -165,7 +211,7 @@ def db_upgrade(config: Path = CONFIG_OPTION) -> None:
     ctx = _open(config, upgrade=False)
     try:
         revision = ctx.db.upgrade()
-        ctx.index.audit("db_upgrade", _actor(), "success", {"revision": revision})
+        _record(ctx.index, "db_upgrade", "success", revision=revision)
     finally:
         ctx.close()
     typer.echo(f"database at revision {revision}")

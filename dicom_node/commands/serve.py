@@ -102,8 +102,10 @@ def serve(config: Path = CONFIG_OPTION) -> None:
     exporter = _exporter(ctx)
     if exporter is not None:
         exporter.start()
-    ctx.index.audit("node_started", settings.node.ae_title, "success",
-                    {"port": scp.port, "workers": settings.worker.count})
+    from dicom_node import audit
+    audit.record(ctx.index, "node_started", "success", actor=settings.node.ae_title,
+                 port=scp.port, tls_port=scp.tls_port if hasattr(scp, "tls_port") else None,
+                 workers=settings.worker.count)
     log.info("node ready", extra={"ae_title": settings.node.ae_title, "port": scp.port})
 
     stop.wait()
@@ -116,7 +118,7 @@ def serve(config: Path = CONFIG_OPTION) -> None:
         exporter.stop()
     if http is not None:
         http.stop()
-    ctx.index.audit("node_stopped", settings.node.ae_title, "success", {})
+    audit.record(ctx.index, "node_stopped", "success", actor=settings.node.ae_title)
     ctx.close()
     log.info("node stopped")
 

@@ -74,7 +74,7 @@ def test_db_upgrade_studies_jobs_rerun(config, tmp_path):
     jobs = json.loads(_run("jobs", "--json", "--config", str(config)).output)
     assert [j["state"] for j in jobs] == ["running", "queued"]
     assert _run("rerun", "1.2/../3", "--config", str(config)).exit_code == 2
-    events = _audit(config)
+    events = [e for e in _audit(config) if e[0] in ("db_upgrade", "rerun")]  # the actions
     assert [e[:2] for e in events] == [("db_upgrade", "success"), ("rerun", "nothing"),
                                        ("rerun", "success")]
     assert events[2][2]["study_instance_uid"] == w.study_instance_uid

@@ -39,6 +39,10 @@ def test_fuzzed_c_store_payloads_get_a_named_status_and_stay_in_the_store(harnes
     assert sum(harness.counts.values()) >= EXAMPLES
     assert harness.counts.get("0x0000", 0) > 0        # the generator also makes good ones
     assert harness.counts.get("0xC000", 0) > 0        # ... and bad ones
+    # What was accepted goes on as a job that ends done, failed or skipped with a reason.
+    jobs = harness.process_all()
+    print(f"jobs of the accepted instances: {jobs}")
+    assert sum(jobs.values()) > 0
 
 
 def test_fuzzed_series_load_or_fail_with_a_reason(tmp_path):

@@ -1,0 +1,53 @@
+"""Choose a localization weight file's decoder and presence threshold on validation phantoms.
+
+``python -m pipeline.localization.calibrate WEIGHTS.pt --val-seeds 8001-8004 --out OUT.pt``:
+whole-volume inference on the validation cases, every (decoder, threshold) of
+:func:`pipeline.localization.train.choose_decoder`, the best written into the file's ``meta``.
+Never pass evaluation seeds (9001-9010).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.evaluate import parse_seeds
+from pipeline.localization.dataset import cached_phantom_cases
+from pipeline.localization.inference import predict_heatmaps
+from pipeline.localization.train import choose_decoder
+from pipeline.registry import build_from_checkpoint
+
+
+def calibrate(weights: Path, val_seeds: list[int], cache_dir: Path, out: Path) -> dict:
+    ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+    model = build_from_checkpoint(ckpt)
+    meta = model.meta
+    cases = cached_phantom_cases(val_seeds, float(meta["spacing_mm"]), cache_dir)
+    maps = [predict_heatmaps(model, c.array, meta["patch"], c.pad_value, float(meta.get("overlap", 0.25)))
+            / float(meta.get("amplitude", 1.0)) for c in cases]
+    best = choose_decoder(maps, cases)
+    ckpt["meta"].update({"decoder": best["decoder"], "threshold": best["threshold"],
+                         "calibration": {k: best[k] for k in ("id_rate", "error_mm", "fp", "score")}
+                         | {"val_seeds": list(val_seeds)}})
+    torch.save(ckpt, out)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("weights", type=Path)
+    ap.add_argument("--val-seeds", default="8001-8004")
+    ap.add_argument("--cache-dir", type=Path, default=Path("runs/localization/cache"))
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    seeds = parse_seeds(args.val_seeds)
+    if any(9001 <= s <= 9010 for s in seeds):
+        raise SystemExit("evaluation seeds 9001-9010 must not be used for calibration")
+    torch.set_num_threads(1)
+    print(json.dumps(calibrate(args.weights, seeds, args.cache_dir, args.out)))
+
+
+if __name__ == "__main__":
+    main()
