@@ -27,13 +27,7 @@ COMMAND_MODULES = (
 )
 
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"dicom_node.commands.{_name}")
-    except ModuleNotFoundError as exc:  # a command group not built yet in this checkout
-        if exc.name != f"dicom_node.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"dicom_node.commands.{_name}").register(app)
 
 
 def main() -> None:
