@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import queue
 import select
+import socket
 import ssl
 import threading
 import time
@@ -265,10 +266,16 @@ def _assoc_run_reactor(self: Association) -> None:
 
 
 # -- socket reads ---------------------------------------------------------------------------
+_orig_recv = AssociationSocket.recv
+
+
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     """Read ``nr_bytes`` (fewer only if the peer closed), in as few system calls as the
-    kernel allows instead of 4 KiB at a time."""
+    kernel allows instead of 4 KiB at a time. Plain TCP sockets only: a TLS socket (whose
+    ``recv`` may do more, e.g. dicom_node.tls's deferred handshake) keeps pynetdicom's read."""
     sock = self.socket
+    if type(sock) is not socket.socket:
+        return _orig_recv(self, nr_bytes)
     buf = bytearray(nr_bytes)
     view = memoryview(buf)
     nr_read = 0

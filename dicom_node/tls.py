@@ -25,6 +25,14 @@ class _DeferredHandshakeSocket(ssl.SSLSocket):
     """Does the server-side handshake on the first read, in the association's thread."""
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        self._spine_handshake()
+        return super().recv(buflen, flags)
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:  # noqa: ANN001
+        self._spine_handshake()
+        return super().recv_into(buffer, nbytes, flags)
+
+    def _spine_handshake(self) -> None:
         if not getattr(self, "_spine_handshake_done", False):
             self._spine_handshake_done = True
             ctx = self.context
@@ -41,7 +49,6 @@ class _DeferredHandshakeSocket(ssl.SSLSocket):
             # After the handshake: the node's usual network timeout (a peer that stalls
             # mid-PDU ends its association rather than holding a thread).
             self.settimeout(getattr(ctx, "io_timeout", None))
-        return super().recv(buflen, flags)
 
 
 def _reason(exc: BaseException) -> str:

@@ -111,6 +111,8 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
         fg = array_image(sv.foreground, sv.crop)
         plane = sagittal_plane(body_centre(fg, sv.centroid_mm, up), up, size, spacing)
         x = plane_input(image, fg, plane)
+        if not kp_meta.get("use_mask", True):
+            x[1] = 0.0  # a keypoint model trained on the CT alone
         planes.append(plane)
         inputs.append(x)
         # Heights on the mask: from the finest foreground the segmentation has (1 mm if refined).

@@ -322,9 +322,12 @@ def load_series(paths: Iterable[str | Path]) -> LoadedSeries:
         pixels = _frame_pixels(s, cache)
         np.multiply(pixels, s.slope, out=volume[k], casting="unsafe")
         volume[k] += s.intercept
+        if s.frame is None and "PixelData" in s.header:
+            del s.header.PixelData  # copied: free it now, not after the whole series
     cache.clear()
 
     image = sitk.GetImageFromArray(volume, isVector=False)
+    del volume  # SimpleITK holds its own copy; peak memory is one volume plus one slice
     image.SetOrigin(tuple(float(v) for v in first.position))
     # SimpleITK spacing is (x = along a row, y = along a column, z); PixelSpacing is (row, col).
     image.SetSpacing((float(first.pixel_spacing[1]), float(first.pixel_spacing[0]), dz))

@@ -48,6 +48,7 @@ class KpTrainConfig:
     max_minutes: float | None = None
     fracture_share: float = 0.3          # share of each batch drawn from fractured vertebrae
     init_from: str | None = None         # start from these weights (a best.pt), e.g. to fine-tune
+    use_mask: bool = True                # False: the mask channel is zeroed (CT only)
 
 
 def build_keypoint_model(base: int = 16, depth: int = 4) -> MSCN:
@@ -76,7 +77,10 @@ def validate(model: torch.nn.Module, val: KeypointSamples, spacing_mm: float, ba
     model.eval()
     errs, herrs = [], []
     for i in range(0, len(val.inputs), batch):
-        hm = model(torch.from_numpy(val.inputs[i:i + batch].astype(np.float32))).numpy()
+        x = torch.from_numpy(val.inputs[i:i + batch].astype(np.float32))
+        if not getattr(model, "use_mask", True):
+            x[:, 1] = 0.0
+        hm = model(x).numpy()
         for h, gt in zip(hm, val.points[i:i + batch]):
             pred, _ = channel_peaks(h)
             errs.append(np.linalg.norm(pred - gt, axis=1).mean() * spacing_mm)
@@ -113,6 +117,7 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
     size = tr.inputs.shape[-1]
 
     model = build_keypoint_model(cfg.base, cfg.depth)
+    model.use_mask = cfg.use_mask
     if cfg.init_from:
         model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=False)["state_dict"])
         say(f"initialised from {cfg.init_from}")
@@ -138,6 +143,8 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
         x = torch.from_numpy(tr.inputs[idx].astype(np.float32))
         # Intensity jitter of the CT channel only (the mask channel is a probability).
         x[:, 0] = x[:, 0] * float(rng.uniform(0.9, 1.1)) + float(rng.uniform(-0.1, 0.1))
+        if not cfg.use_mask:
+            x[:, 1] = 0.0
         t = _targets(tr.points[idx], size, cfg.sigma_px, cfg.amplitude)
         loss = F.smooth_l1_loss(model(x), t)
         opt.zero_grad()
@@ -180,6 +187,7 @@ def install(best: Path, half: bool = False) -> Path:
     model = build_mscn(**ck["config"])
     model.load_state_dict(ck["state_dict"])
     meta = {"plane_size": PLANE_SIZE, "plane_spacing_mm": PLANE_SPACING_MM, "keypoints": list(KEYPOINT_NAMES),
+            "use_mask": bool(ck["train"].get("use_mask", True)),
             "step": ck.get("step"), "val": ck.get("val"), "train_seeds": ck["train"]["train_seeds"],
             "val_seeds": ck["train"]["val_seeds"]}
     tmp = Path(best).with_name("keypoints.pt")
@@ -194,6 +202,8 @@ def main() -> None:
     for f in KpTrainConfig.__dataclass_fields__.values():
         if f.name in ("train_seeds", "val_seeds", "init_from"):
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=str)
+        elif isinstance(f.default, bool):
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"))
         else:
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not None else float)
     a = vars(ap.parse_args())
