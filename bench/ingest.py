@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
                     n = rcv.count()
                 finally:
                     rcv.stop()
+                    # Write back what this receiver left dirty (storescp never syncs) before
+                    # the next one starts, so that no receiver pays for another's writeback.
+                    os.sync()
                 if n != len(files):
                     raise RuntimeError(f"{name} holds {n} of {len(files)} instances")
                 results[name].append({"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": rss})

@@ -29,7 +29,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="write the study here and keep it")
+    ap.add_argument("--localization", type=Path,
+                    help="a localization weight file to use instead of the shipped one (before it is "
+                         "installed): the child then runs load_series + analyse in-process, not the CLI")
+    ap.add_argument("--child", nargs=2, metavar=("DICOM_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.child:
+        return _child(Path(a.child[0]), Path(a.child[1]), a.device, a.localization)
     from pipeline.phantom import generate, write_study
 
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="spine-bench-"))
@@ -40,6 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = work / "out"
     cmd = [sys.executable, "-m", "dicom_node", "process", str(study / "dicom"), "--out", str(out),
            "--device", a.device]
+    if a.localization:
+        cmd = [sys.executable, __file__, "--child", str(study / "dicom"), str(out), "--device", a.device,
+               "--localization", str(a.localization)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -49,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     n_files = len(list((study / "dicom").iterdir()))
     report = {"seed": a.seed, "series": f"{a.matrix}x{a.matrix}x{n_files}", "device": a.device,
+              "localization": str(a.localization) if a.localization else "shipped",
               "cpu_count": os.cpu_count(), "returncode": proc.returncode, "wall_s": round(wall, 2),
               "peak_rss_mb": round(peak_kb / 1024, 1), "timings_s": summary.get("timings_s"),
               "vertebrae": [v["name"] for v in summary.get("vertebrae", [])],
@@ -60,6 +70,25 @@ def main(argv: list[str] | None = None) -> dict:
     if a.json:
         a.json.write_text(text + "\n")
     return report
+
+
+def _child(dicom_dir: Path, out: Path, device: str, localization: Path) -> dict:
+    import torch
+
+    from dicom_node.commands.analysis import dicom_files
+    from pipeline.registry import build_from_checkpoint
+    from pipeline.run import analyse
+    from pipeline.series_loader import load_series
+
+    t0 = time.perf_counter()
+    series = load_series(dicom_files(dicom_dir))
+    t_load = time.perf_counter() - t0
+    loc = build_from_checkpoint(torch.load(localization, map_location="cpu", weights_only=True))
+    result = analyse(series, device=device, models={"localization": loc})
+    result.timings_s = {"load": t_load, **result.timings_s, "total": time.perf_counter() - t0}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+    return result.summary()
 
 
 if __name__ == "__main__":

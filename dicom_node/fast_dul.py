@@ -306,11 +306,20 @@ def install() -> bool:
             log.warning("pynetdicom version not supported by fast_dul, polling loops kept",
                         extra={"version": pynetdicom.__version__})
             return False
-        DULServiceProvider.run_reactor = _run_reactor
-        DULServiceProvider.send_pdu = _send_pdu
-        DULServiceProvider.kill_dul = _kill_dul
-        DULServiceProvider.stop_dul = _stop_dul
-        Association._run_reactor = _assoc_run_reactor
-        AssociationSocket.recv = _recv
+        parts = set(os.environ.get("SPINE_FAST_DUL_PARTS", "dul+assoc+recv").replace(",", "+")
+                    .split("+"))
+        if "dulnowake" in parts:  # EXPERIMENT
+            global _DUL_WAIT_S
+            _DUL_WAIT_S = 0.001
+            DULServiceProvider.run_reactor = _run_reactor
+        if "dul" in parts:
+            DULServiceProvider.run_reactor = _run_reactor
+            DULServiceProvider.send_pdu = _send_pdu
+            DULServiceProvider.kill_dul = _kill_dul
+            DULServiceProvider.stop_dul = _stop_dul
+        if "assoc" in parts:
+            Association._run_reactor = _assoc_run_reactor
+        if "recv" in parts:
+            AssociationSocket.recv = _recv
         _installed = True
         return True

@@ -37,6 +37,7 @@ def localization(
     val_seeds: str = typer.Option("8001-8004", help="Phantom validation seeds."),
     iterations: int = typer.Option(2000, help="Training iterations (batches)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
+    reset_lr: bool = typer.Option(False, "--reset-lr", help="With --resume: restart at --lr (annealing)."),
     out: Path = typer.Option(Path("runs/localization"), help="Run directory (checkpoints, log)."),
     cache_dir: Optional[Path] = typer.Option(None, help="Cache of prepared phantom volumes (default: OUT/../cache)."),
     variant: str = typer.Option("mscn", help="mscn | scn | ln | gn | lngn (ablation arms)."),
@@ -60,7 +61,7 @@ def localization(
     cfg = TrainConfig(
         out_dir=out, cache_dir=cache_dir, data=data, seeds=seeds_option(seeds) if data == "phantom" else (),
         val_seeds=seeds_option(val_seeds) if data == "phantom" else (), iterations=iterations,
-        resume=resume, variant=variant, spacing_mm=spacing_mm,
+        resume=resume, reset_lr=reset_lr, variant=variant, spacing_mm=spacing_mm,
         patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr,
         base=base, fg_weight=fg_weight, val_every=val_every, threads=threads, seed=seed,
         time_limit_s=None if time_limit_min is None else 60 * time_limit_min)

@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     resume: bool = False
+    reset_lr: bool = False                  # on resume, set the learning rate to ``lr`` (annealing)
     time_limit_s: float | None = None
     rotate_deg: float = 10.0
     overlap: float = 0.25
@@ -203,7 +204,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
         sampler.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         start, history, best_score = state["iteration"], state["history"], state["best_score"]
-        say(f"resumed from {last} at iteration {start}")
+        if cfg.reset_lr:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr
+        say(f"resumed from {last} at iteration {start}, lr {opt.param_groups[0]['lr']:.2e}")
     say(f"config {json.dumps(cfg.jsonable())}")
     say(f"{len(train_cases)} training cases, {len(val_cases)} validation cases, "
         f"{sum(p.numel() for p in model.parameters())} parameters")
