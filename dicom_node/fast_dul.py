@@ -12,10 +12,11 @@ asleep in them, and the rest partly spent polling. Socket reads are also done 4 
 What :func:`install` changes, for every association of the process (SCP and SCU alike), and
 nothing else:
 
-- the DUL reactor blocks in ``select()`` on the peer socket and on a wake-up pipe instead of
-  sleeping; :meth:`send_pdu` (a primitive to send), :meth:`kill_dul` and :meth:`stop_dul`
-  write to the pipe. A timeout (``_DUL_WAIT_S``) still bounds every wait, so the ARTIM timer
-  and anything pynetdicom queues without telling us are seen as before.
+- the DUL reactor, instead of sleeping 1 ms, waits up to 1 ms in ``select()`` on the peer
+  socket: data from the peer is read the moment it arrives; a primitive to send (the C-STORE
+  response) is seen after at most 1 ms, as before. (Waking it at once through a pipe was
+  measured *slower* on the loaded two-core machine: the woken DUL thread then competes for the
+  GIL with the association thread that is still finishing the response; bench/README.md.)
 - the association reactor blocks on the DIMSE message queue's condition instead of sleeping
   before each look, and is marked paused while it waits (it is not touching the queue), so
   that ``send_c_*`` from another thread need not wait for it either. The DUL reactor wakes it
@@ -25,7 +26,8 @@ nothing else:
 The state machine, the PDU and DIMSE code and every event are pynetdicom's own: the two
 reactor loops below are copies of 3.0.4's with only the waits replaced. :func:`install`
 refuses to patch another pynetdicom version (the loops would no longer be copies), and then
-the node simply runs on the polling loops.
+the node simply runs on the polling loops. For diagnosis, ``SPINE_FAST_DUL=0`` keeps
+pynetdicom's loops and ``SPINE_FAST_DUL_PARTS=dul+assoc+recv`` picks the parts.
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ log = get_logger("spine_node.fast_dul")
 
 #: pynetdicom versions whose reactor loops the copies below match.
 SUPPORTED_VERSIONS = ("3.0.4",)
-#: Longest a reactor blocks without a wake-up (timers, unsignalled state changes).
-_DUL_WAIT_S = 0.02
+#: Longest the DUL reactor waits on the socket: a primitive to send (a C-STORE response) is
+#: seen after at most this long, as with pynetdicom's own 1 ms sleep.
+_DUL_WAIT_S = 0.001
+#: Longest the association reactor waits without a wake-up (idle timer, local abort).
 _ASSOC_WAIT_S = 0.02
 
 _installed = False
@@ -61,45 +65,22 @@ _install_lock = threading.Lock()
 
 
 # -- DUL reactor ----------------------------------------------------------------------------
-def _wake(dul: DULServiceProvider) -> None:
-    lock = getattr(dul, "_sn_wake_lock", None)
-    if lock is None:  # the reactor has not started (it looks at the queues first) or ended
-        return
-    with lock:  # the reactor closes the pipe under this lock: never write to a reused fd
-        fd = dul._sn_wake_w
-        if fd is not None:
-            try:
-                os.write(fd, b"\0")
-            except OSError:  # pipe full: a wake-up is already pending
-                pass
-
-
 def _dul_wait(dul: DULServiceProvider) -> None:
-    """Block until the peer sent data, a local primitive is queued, or the timeout."""
+    """Block until the peer sent data, or at most ``_DUL_WAIT_S`` (pynetdicom sleeps that long
+    without looking at the socket)."""
     if dul.to_provider_queue.qsize() or dul.event_queue.qsize() or dul._kill_thread:
         return
-    fds = [dul._sn_wake_r]
     sock = dul.socket
     raw = getattr(sock, "socket", None) if sock is not None else None
-    if raw is not None and getattr(sock, "_is_connected", False):
-        if isinstance(raw, ssl.SSLSocket) and raw.pending():
-            return  # decrypted bytes already buffered: select would not see them
-        try:
-            if raw.fileno() >= 0:
-                fds.append(raw)
-        except OSError:
-            pass
-    try:
-        readable, _, _ = select.select(fds, [], [], _DUL_WAIT_S)
-    except (OSError, ValueError):  # socket closed under us: the reactor's checks handle it
-        time.sleep(0.001)
+    if raw is None or not getattr(sock, "_is_connected", False):
+        time.sleep(_DUL_WAIT_S)
         return
-    if dul._sn_wake_r in readable:
-        try:
-            while os.read(dul._sn_wake_r, 4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+    if isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return  # decrypted bytes already buffered: select would not see them
+    try:
+        select.select([raw], [], [], _DUL_WAIT_S)
+    except (OSError, ValueError):  # closed under us: the reactor's own checks handle it
+        time.sleep(_DUL_WAIT_S)
 
 
 def _notify_user(dul: DULServiceProvider) -> None:
@@ -114,17 +95,7 @@ def _notify_user(dul: DULServiceProvider) -> None:
 
 def _run_reactor(self: DULServiceProvider) -> None:
     """pynetdicom 3.0.4 ``DULServiceProvider.run_reactor`` with ``_dul_wait`` for the sleep."""
-    self._sn_wake_r, self._sn_wake_w = os.pipe()
-    os.set_blocking(self._sn_wake_r, False)
-    os.set_blocking(self._sn_wake_w, False)
-    self._sn_wake_lock = threading.Lock()
-    try:
-        _reactor_loop(self)
-    finally:
-        with self._sn_wake_lock:
-            os.close(self._sn_wake_w)
-            os.close(self._sn_wake_r)
-            self._sn_wake_w = None
+    _reactor_loop(self)
 
 
 def _reactor_loop(self: DULServiceProvider) -> None:
@@ -174,31 +145,6 @@ def _reactor_loop(self: DULServiceProvider) -> None:
         self.state_machine.do_action(event)
         _notify_user(self)
         wait = False
-
-
-_orig_send_pdu = DULServiceProvider.send_pdu
-_orig_kill_dul = DULServiceProvider.kill_dul
-
-
-def _send_pdu(self: DULServiceProvider, primitive) -> None:  # noqa: ANN001
-    _orig_send_pdu(self, primitive)
-    _wake(self)
-
-
-def _kill_dul(self: DULServiceProvider) -> None:
-    _orig_kill_dul(self)
-    _wake(self)
-
-
-def _stop_dul(self: DULServiceProvider) -> bool:
-    if self.state_machine.current_state == "Sta1":
-        self._kill_thread = True
-        _wake(self)
-        if threading.current_thread() is not self:
-            while self.is_alive():
-                self.join(0.01)
-        return True
-    return False
 
 
 # -- association reactor --------------------------------------------------------------------
@@ -308,15 +254,8 @@ def install() -> bool:
             return False
         parts = set(os.environ.get("SPINE_FAST_DUL_PARTS", "dul+assoc+recv").replace(",", "+")
                     .split("+"))
-        if "dulnowake" in parts:  # EXPERIMENT
-            global _DUL_WAIT_S
-            _DUL_WAIT_S = 0.001
-            DULServiceProvider.run_reactor = _run_reactor
         if "dul" in parts:
             DULServiceProvider.run_reactor = _run_reactor
-            DULServiceProvider.send_pdu = _send_pdu
-            DULServiceProvider.kill_dul = _kill_dul
-            DULServiceProvider.stop_dul = _stop_dul
         if "assoc" in parts:
             Association._run_reactor = _assoc_run_reactor
         if "recv" in parts:

@@ -2,10 +2,11 @@
 
 The C-STORE handler stays small (STYLE.md, pynetdicom): validate the UIDs and SOP class from
 the header (pixel data is never decoded here), write the encoded bytes exactly as received
-(no re-encoding) through :class:`storage.files.BlobStore` (temp file, fsync, rename, fsync dir),
-index it, and only then answer Success. A SOP Instance UID already held is answered Success
-without a second copy. Below the free-space floor the answer is Out of Resources (0xA700) and
-nothing is written.
+(no re-encoding) through :class:`storage.ingest.InstanceWriter` (temp file, fdatasync, rename;
+directory fsync and index commit grouped with concurrent instances), and only then answer
+Success. A SOP Instance UID already held is answered Success without a second copy. Below the
+free-space floor the answer is Out of Resources (0xA700) and nothing is written. pynetdicom's
+polling loops are replaced by waits in :mod:`dicom_node.fast_dul`.
 """
 from __future__ import annotations
 

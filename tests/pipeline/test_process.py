@@ -54,3 +54,52 @@ def test_process_refuses_a_folder_without_dicom(tmp_path):
     res = CliRunner().invoke(app, ["process", str(tmp_path), "--out", str(tmp_path / "out")])
     assert res.exit_code != 0
     assert "no DICOM files" in res.output
+
+
+def _tiny_weights(weights_dir):
+    """Untrained, tiny models of all three names, installed into ``weights_dir``."""
+    import torch
+
+    from pipeline.keypoints.train import build_keypoint_model
+    from pipeline.nets.mscn import build_mscn
+    from pipeline.registry import install_weights, weights_payload
+    from pipeline.segmentation.model import build_segmentation
+
+    torch.manual_seed(0)
+    loc = build_mscn(spatial_dims=3, in_channels=1, out_channels=26, base=2, depth=3, gn_kernels=(3, 3, 3))
+    seg = build_segmentation({"base": 2, "depth": 3})
+    kp = build_keypoint_model(base=2, depth=3)
+    for name, model, builder, meta in (
+        ("localization", loc, "pipeline.nets.mscn:build_mscn",
+         {"spacing_mm": 8.0, "patch": [32, 32, 32], "overlap": 0.25, "threshold": 0.0}),
+        ("segmentation", seg, "pipeline.segmentation.model:build_segmentation",
+         {"crop_size": 32, "crop_spacing_mm": 4.0}),
+        ("keypoints", kp, "pipeline.nets.mscn:build_mscn", {"plane_size": 96, "plane_spacing_mm": 0.75}),
+    ):
+        path = weights_dir / f"{name}-src.pt"
+        torch.save(weights_payload(model, builder, meta), path)
+        install_weights(name, path, weights_dir)
+
+
+def test_process_runs_end_to_end_with_any_installed_models(study, tmp_path, monkeypatch):
+    """The whole path (DICOM files -> load -> localize -> segment -> keypoints -> Genant ->
+    summary.json) with tiny untrained models, so that it runs without the shipped weights."""
+    import functools
+
+    import pipeline.registry as registry
+    from dicom_node.cli import app
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    _tiny_weights(weights)
+    monkeypatch.setattr(registry, "load_model", functools.partial(registry.load_model, weights_dir=weights))
+    src, ph = study
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["process", str(src / "dicom"), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s) >= {"study_instance_uid", "series_instance_uid", "vertebrae", "timings_s"}
+    assert s["series_instance_uid"] == ph.gt["series_instance_uid"]
+    assert {"localization", "segmentation", "keypoints", "genant", "total"} <= set(s["timings_s"])
+    for v in s["vertebrae"]:
+        assert CONTRACT_VERTEBRA_KEYS <= set(v)
