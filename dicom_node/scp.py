@@ -102,11 +102,14 @@ class _AssocStats:
 class StorageSCP:
     """The listener: ``start()`` returns at once, ``drain()`` stops it cleanly."""
 
-    def __init__(self, settings: Settings, index: Index, store: BlobStore):
+    def __init__(self, settings: Settings, index: Index | None, store: BlobStore | None):
+        """``index`` and ``store`` may be ``None`` only for a listener that negotiates and
+        never stores: the conformance statement's generator reads its contexts that way."""
         self.settings = settings
         self.index = index
         self.store = store
-        self.writer = InstanceWriter.from_settings(settings, store, index)
+        self.writer = (InstanceWriter.from_settings(settings, store, index)
+                       if index is not None and store is not None else None)
         node = settings.node
         self.allowed_aes = {ae.strip() for ae in node.allowed_calling_aes}
         self.allowed_hosts = [ipaddress.ip_network(h, strict=False) for h in node.allowed_hosts]
