@@ -255,7 +255,11 @@ def test_refusing_or_hanging_destinations_block_neither_the_worker_nor_the_other
             wait_for(lambda n=name: set(node.states(study, n)) == {"dead"}, 60,
                      f"{name} deliveries dead", lambda: str(node.deliveries.for_study(study)))
             rows = [r for r in node.deliveries.for_study(study) if r["destination"] == name]
-            assert all(reason in r["last_error"] and r["attempts"] == 3 for r in rows), rows
+            # On a loaded machine Orthanc's rejection can come after the 2 s ACSE timeout:
+            # either way the delivery ends dead with a reason that says what happened.
+            reasons = (reason, "did not accept the association") if name == "refusing" else (reason,)
+            assert all(any(x in r["last_error"] for x in reasons) and r["attempts"] == 3
+                       for r in rows), [(r["id"], r["attempts"], r["last_error"]) for r in rows]
         assert set(node.states(study, "pacs")) == {"delivered"}
     finally:
         exporter.stop(timeout_s=5)
