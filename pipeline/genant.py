@@ -37,6 +37,8 @@ NO_REFERENCE = ("C1", "C2")
 #: phantom's keypoints sit at the same fraction).
 MASK_EDGE_FRACTION = 0.88
 _LOSS_DECIMALS = 9
+#: A vertebra this much taller than the local median of its neighbours serves as no reference.
+TALLER_THAN_NEIGHBOURS = 1.3
 
 
 @dataclass(frozen=True)
@@ -117,9 +119,9 @@ def reference_heights(orders: Sequence[int], heights: Sequence[Heights | None],
     The mean of the largest heights of the nearest normal vertebra above and of the nearest
     below (one side only at the ends of the scan). ``orders`` are the levels' anatomical orders
     (:attr:`pipeline.levels.Level.order`). A vertebra is "normal" when its own heights show less
-    than 20 % within-vertebra loss and its largest height is not itself 20 % below its own
-    reference (a crushed neighbour would lower the reference); ``names`` in
-    :data:`NO_REFERENCE` never serve.
+    than 20 % within-vertebra loss and its largest height is neither 20 % below nor 30 % above the
+    median of the candidates within two levels (a crushed neighbour would lower the reference, a
+    keypoint blunder raise it); ``names`` in :data:`NO_REFERENCE` never serve.
     """
     tops = [None if h is None else max(h.anterior, h.middle, h.posterior) for h in heights]
     ok = [t is not None and within_loss(h)[0] < FRACTURE_LOSS for t, h in zip(tops, heights)]
@@ -135,12 +137,16 @@ def reference_heights(orders: Sequence[int], heights: Sequence[Heights | None],
             out.append(float(np.mean(sides)) if sides else None)
         return out
 
-    refs = refs_of(ok)
-    # A crushed vertebra passes the within-vertebra test: drop those 20 % below their own
-    # reference, then take the references again without them.
-    crushed = [o and r is not None and tops[i] < (1.0 - FRACTURE_LOSS) * r for i, (o, r) in enumerate(zip(ok, refs))]
-    if any(crushed):
-        refs = refs_of([o and not c for o, c in zip(ok, crushed)])
+    # A crushed vertebra passes the within-vertebra test, and a keypoint blunder can make a
+    # vertebra implausibly tall: neither serves as a reference. Both are judged against the local
+    # median of the candidates within two levels (itself included), which one outlier cannot move.
+    odd = []
+    for i, oi in enumerate(orders):
+        window = [tops[j] for j in range(len(orders)) if ok[j] and abs(orders[j] - oi) <= 2]
+        med = float(np.median(window)) if window else None
+        odd.append(ok[i] and med is not None
+                   and not ((1.0 - FRACTURE_LOSS) * med <= tops[i] <= TALLER_THAN_NEIGHBOURS * med))
+    refs = refs_of([o and not c for o, c in zip(ok, odd)])
     return refs
 
 

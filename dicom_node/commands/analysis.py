@@ -57,6 +57,8 @@ def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> d
     result = analyse(series, device=device)
     result.timings_s = {"load": t_load, **result.timings_s}
     out_dir.mkdir(parents=True, exist_ok=True)
+    # summary.json first: the findings are written even if building a DICOM result fails.
+    _write_summary(result.summary(), out_dir)
     written = []
     try:
         from pipeline.outputs import build_outputs  # the results engineer's module; optional
@@ -64,6 +66,7 @@ def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> d
         build_outputs = None
     if build_outputs is not None:
         t = time.perf_counter()
+        _repair_sop_class(series.headers)
         objs = build_outputs(series, result)
         for name in ("seg", "sr", "key_image"):
             ds = getattr(objs, name, None)
@@ -74,10 +77,25 @@ def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> d
         result.timings_s["outputs"] = time.perf_counter() - t
     result.timings_s["total"] = time.perf_counter() - t0
     summary = result.summary()
+    _write_summary(summary, out_dir)
+    return {"summary": summary, "files": ["summary.json", *written]}
+
+
+def _write_summary(summary: dict, out_dir: Path) -> None:
     tmp = out_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out_dir / "summary.json")
-    return {"summary": summary, "files": ["summary.json", *written]}
+
+
+def _repair_sop_class(headers) -> None:
+    """Some real series (the TotalSegmentator example among them) leave SOP Class UID (0008,0016)
+    empty in the dataset and carry it only in the file meta; the SEG/SR references need it."""
+    for h in headers:
+        meta = getattr(h, "file_meta", None)
+        if not str(h.get("SOPClassUID", "")) and meta is not None and meta.get("MediaStorageSOPClassUID"):
+            h.SOPClassUID = meta.MediaStorageSOPClassUID
+        if not str(h.get("SOPInstanceUID", "")) and meta is not None and meta.get("MediaStorageSOPInstanceUID"):
+            h.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
 
 
 def _has_enforce() -> bool:

@@ -108,3 +108,10 @@ def test_mask_heights_see_an_anterior_wedge():
     h = heights_from_mask(m, 0.5)
     assert h.anterior < 0.7 * h.posterior
     assert assess(h).morphology == Morphology.WEDGE
+
+
+def test_an_implausibly_tall_neighbour_is_no_reference():
+    hs = [Heights(20, 19, 20), Heights(45, 44, 45), Heights(21, 20, 21), Heights(22, 21, 22)]
+    refs = reference_heights([10, 11, 12, 13], hs, ["T3", "T4", "T5", "T6"])
+    assert refs[2] == pytest.approx(21.0)      # T3 (20) and T6 (22); not the 45 mm T4
+    assert assess(hs[2], refs[2]).grade == GenantGrade.NORMAL
