@@ -209,12 +209,12 @@ def _joint_candidates(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
         cand = best[i - 1][:, None] + pen  # [previous level, level]
         prev[i] = cand.argmax(axis=0)
         best[i] = cand.max(axis=0) + ev[i]
+    if not np.isfinite(best[-1].max()):  # more detections than levels: per-channel maxima instead
+        return _argmax_candidates(heatmaps, threshold)
     labels = [int(best[-1].argmax())]
     for i in range(n - 1, 0, -1):
         labels.append(int(prev[i][labels[-1]]))
     labels = labels[::-1]
-    if not np.isfinite(best[-1].max()):  # more detections than levels: keep the strongest
-        return _argmax_candidates(heatmaps, threshold)
     scores = np.array([total[tuple(int(v) for v in p)] for p in kept])
     return labels, pos, scores
 
