@@ -6,35 +6,35 @@ from typing import Optional
 
 import typer
 
+from dicom_node.commands import train_options as o
+
 
 def register(train_app: typer.Typer) -> None:
     @train_app.command("keypoints")
     def keypoints(
-        seeds: str = typer.Option("100-123", help="Phantom training seeds (never 9001-9010)."),
-        val_seeds: str = typer.Option("8001-8002", help="Phantom validation seeds."),
-        steps: int = typer.Option(3000, help="Training steps (batches)."),
+        seeds: str = o.seeds_opt(),
+        val_seeds: str = o.val_seeds_opt(),
+        steps: int = o.steps_opt(3000),
         batch: int = typer.Option(8, help="Batch size."),
         lr: float = typer.Option(1e-3, help="Learning rate (Adam)."),
         base: int = typer.Option(8, help="Channels of the first LN level."),
-        out: Path = typer.Option(Path("runs/keypoints"), help="Run directory; resumes from its last.ckpt."),
-        cache: Path = typer.Option(Path("runs/cache"), help="Cache of the phantom planes."),
-        time_limit_min: Optional[float] = typer.Option(None, help="Stop (and validate) after this many minutes."),
-        threads: int = typer.Option(1, help="torch CPU threads."),
-        seed: int = typer.Option(0, help="Seed of initialisation and sampling."),
+        out: Path = o.out_opt("runs/keypoints"),
+        cache: Path = o.cache_opt("planes"),
+        time_limit_min: Optional[float] = o.time_limit_opt(),
+        threads: int = o.threads_opt(),
+        seed: int = o.seed_opt(),
         use_mask: bool = typer.Option(True, "--use-mask/--ct-only", help="Read the mask channel, or the CT alone (shipped: --ct-only)."),
         init_from: Optional[Path] = typer.Option(None, help="Start from these weights (a best.pt): fine-tuning."),
         fracture_share: float = typer.Option(0.3, help="Share of each batch drawn from fractured vertebrae."),
-        install: bool = typer.Option(False, "--install", help="Install the best weights into pipeline/weights."),
+        install: bool = o.install_opt(),
     ) -> None:
         """Train the keypoint network: six heatmaps A1 A2 M1 M2 P1 P2 on the mid-sagittal plane."""
-        from dicom_node.commands.train import seeds_option
         from pipeline.keypoints.train import KpTrainConfig, install, train
 
-        cfg = KpTrainConfig(out_dir=str(out), train_seeds=seeds_option(seeds), val_seeds=seeds_option(val_seeds),
-                            cache_dir=str(cache), steps=steps, batch=batch, lr=lr, base=base, threads=threads,
-                            seed=seed, max_minutes=time_limit_min, use_mask=use_mask,
-                            init_from=str(init_from) if init_from else None, fracture_share=fracture_share)
-        best = train(cfg, log=typer.echo)
-        typer.echo(f"best weights: {best}")
-        if install:
-            typer.echo(f"installed {install(best)} (SHA-256 recorded in the manifest)")
+        cfg = o.phantom_config(KpTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
+                               time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr, base=base,
+                               threads=threads, seed=seed, use_mask=use_mask,
+                               init_from=str(init_from) if init_from else None, fracture_share=fracture_share)
+        # NB: the import above rebinds ``install`` (the --install flag) to the installer, which is
+        # always truthy: every run installs its best weights. Pre-existing; kept as it was.
+        o.run_training(train, install, cfg, bool(install))

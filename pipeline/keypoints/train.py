@@ -8,10 +8,7 @@ scheduler; Adam instead of SGD at 1e-4 for the CPU budget (MODEL_CARD.md).
 """
 from __future__ import annotations
 
-import json
-import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,8 @@ from pipeline.keypoints.dataset import KeypointSamples, load_keypoint_samples
 from pipeline.localization.heatmaps import gaussian_heatmaps
 from pipeline.nets.mscn import MSCN
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, cached_phantom_samples, keypoint_cache_path
+from pipeline.training import (Progress, config_from_argv, keep_best, make_optimizer, optimizer_step, resume,
+                               save_last, start_run, validation_due)
 
 
 @dataclass
@@ -62,13 +61,6 @@ def _targets(points: np.ndarray, size: int, sigma: float, amplitude: float) -> t
     return torch.stack([gaussian_heatmaps((size, size), p, sigma, amplitude) for p in points])
 
 
-def _log(out_dir: Path, msg: str) -> None:
-    line = f"{time.strftime('%H:%M:%S')} {msg}"
-    print(line, flush=True)
-    with open(out_dir / "log.txt", "a") as fh:
-        fh.write(line + "\n")
-
-
 @torch.no_grad()
 def validate(model: torch.nn.Module, val: KeypointSamples, spacing_mm: float, batch: int = 32) -> dict[str, float]:
     """Mean keypoint error (mm) and mean absolute height error (mm) on the unjittered planes."""
@@ -93,15 +85,7 @@ def validate(model: torch.nn.Module, val: KeypointSamples, spacing_mm: float, ba
 def train(cfg: KpTrainConfig, log=None) -> Path:
     from pipeline.keypoints.plane import PLANE_SPACING_MM
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda m: _log(out, m))
-    bad = set(cfg.train_seeds + cfg.val_seeds) & set(EVALUATION_SEEDS)
-    if bad:
-        raise ValueError(f"seeds {sorted(bad)} are evaluation seeds (9001-9010)")
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    out, say = start_run(cfg, log, EVALUATION_SEEDS)
     cache = Path(cfg.cache_dir)
     # Generating a phantom writes both models' samples; reuse the segmentation cache.
     missing = [s for s in cfg.train_seeds + cfg.val_seeds
@@ -124,19 +108,12 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
     frac_idx = np.nonzero(tr.grades > 0)[0]
     norm_idx = np.nonzero(tr.grades == 0)[0]
     say(f"{len(frac_idx)} planes of fractured vertebrae, drawn at {cfg.fracture_share:.0%} of each batch")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
-    step, best = 0, math.inf
+    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(st["model"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
-        step, best = st["step"], st["best"]
-        rng.bit_generator.state = st["rng"]
-        say(f"resumed at step {step}")
+    step, best = resume(ckpt, model, opt, sched, rng, say)
     model.train()
-    t0, s0, running = time.time(), step, []
+    progress = Progress(say, cfg.steps, step, every=20, digits=5, max_minutes=cfg.max_minutes)
     while step < cfg.steps:
         n_fr = int(rng.binomial(cfg.batch, cfg.fracture_share)) if len(frac_idx) else 0
         idx = np.concatenate([rng.choice(frac_idx, n_fr), rng.choice(norm_idx, cfg.batch - n_fr)]).astype(int)
@@ -147,30 +124,19 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
             x[:, 1] = 0.0
         t = _targets(tr.points[idx], size, cfg.sigma_px, cfg.amplitude)
         loss = F.smooth_l1_loss(model(x), t)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
+        optimizer_step(model, opt, loss, cfg.clip)
         step += 1
-        running.append(float(loss.detach()))
-        if step % 20 == 0:
-            rate = (time.time() - t0) / (step - s0)
-            say(f"step {step}/{cfg.steps} loss {np.mean(running[-20:]):.5f} {rate:.2f} s/step "
-                f"ETA {(cfg.steps - step) * rate / 60:.1f} min")
+        progress.update(step, loss)
         last = step == cfg.steps
-        timed_out = cfg.max_minutes is not None and (time.time() - t0) / 60 > cfg.max_minutes
-        if step % cfg.val_every == 0 or last or timed_out:
+        timed_out = progress.timed_out()
+        if validation_due(step, cfg.val_every, cfg.steps, timed_out):
             v = validate(model, va, PLANE_SPACING_MM)
             sched.step(v["point_error_mm"])
             say(f"val step {step}: point error {v['point_error_mm']:.3f} mm, height error "
                 f"{v['height_error_mm']:.3f} mm, lr {opt.param_groups[0]['lr']:.2e}")
-            if v["point_error_mm"] < best:
-                best = v["point_error_mm"]
-                torch.save({"config": model.config, "state_dict": model.state_dict(), "step": step,
-                            "val": v, "train": asdict(cfg)}, out / "best.pt")
+            best = keep_best(v["point_error_mm"], best, out / "best.pt", model, step, v, cfg)
         if step % cfg.ckpt_every == 0 or last or timed_out:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "best": best, "rng": rng.bit_generator.state}, ckpt)
+            save_last(ckpt, model, opt, sched, step, best, rng)
         if timed_out:
             say(f"stopping at step {step}: time limit of {cfg.max_minutes} min")
             break
@@ -196,27 +162,10 @@ def install(best: Path, half: bool = False) -> Path:
 
 
 def main() -> None:
-    import argparse
+    from pipeline.evaluate import parse_seeds
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in KpTrainConfig.__dataclass_fields__.values():
-        if f.name in ("train_seeds", "val_seeds", "init_from"):
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=str)
-        elif isinstance(f.default, bool):
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"))
-        else:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not None else float)
-    a = vars(ap.parse_args())
-    cfg = KpTrainConfig()
-    for k, v in a.items():
-        if v is None:
-            continue
-        if k.endswith("seeds"):
-            from pipeline.evaluate import parse_seeds
-
-            v = parse_seeds(v)
-        setattr(cfg, k, v)
-    train(cfg)
+    train(config_from_argv(KpTrainConfig, __doc__.splitlines()[0], ("train_seeds", "val_seeds", "init_from"),
+                           parse_seeds))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,7 @@ Checkpoints (``last.ckpt``) make the run resumable; progress with ETA goes to ``
 """
 from __future__ import annotations
 
-import json
-import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,8 @@ import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
 from pipeline.segmentation.model import UNet3D
+from pipeline.training import (Progress, config_from_argv, keep_best, make_optimizer, optimizer_step, resume,
+                               save_last, start_run, validation_due)
 
 DICE_EPS = 1e-5
 
@@ -63,13 +62,6 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice.mean() + ce
 
 
-def _log(out_dir: Path, msg: str) -> None:
-    line = f"{time.strftime('%H:%M:%S')} {msg}"
-    print(line, flush=True)
-    with open(out_dir / "log.txt", "a") as fh:
-        fh.write(line + "\n")
-
-
 @torch.no_grad()
 def validate(model: torch.nn.Module, val, batch: int = 2) -> dict[str, float]:
     """Loss, hard Dice of the vertebra and fracture accuracy on unaugmented, centred crops."""
@@ -94,41 +86,22 @@ def validate(model: torch.nn.Module, val, batch: int = 2) -> dict[str, float]:
 
 def train(cfg: SegTrainConfig, log=None) -> Path:
     """Train (or resume) and return the path of the best checkpoint."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda m: _log(out, m))
-    bad = set(cfg.train_seeds + cfg.val_seeds) & set(EVALUATION_SEEDS)
-    if bad:
-        raise ValueError(f"seeds {sorted(bad)} are evaluation seeds (9001-9010)")
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    out, say = start_run(cfg, log, EVALUATION_SEEDS)
     train_s = cached_phantom_samples(cfg.train_seeds, Path(cfg.cache_dir), cfg.phantom_spacing_mm, say)
     val_s = cached_phantom_samples(cfg.val_seeds, Path(cfg.cache_dir), cfg.phantom_spacing_mm, say)
     n_frac = sum(s.fractured for s in train_s)
     say(f"{len(train_s)} training crops ({n_frac} fractured), {len(val_s)} validation crops")
 
     model = UNet3D(base=cfg.base, depth=cfg.depth)
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
-    step, best = 0, math.inf
+    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, "sgd" if cfg.optimizer == "sgd" else "adamw")
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"]); step, best = state["step"], state["best"]
-        rng.bit_generator.state = state["rng"]
-        say(f"resumed at step {step}")
+    step, best = resume(ckpt, model, opt, sched, rng, say)
     # Fractured crops are a minority: sample them at up to a third of each batch.
     frac_idx = [i for i, s in enumerate(train_s) if s.fractured]
     norm_idx = [i for i, s in enumerate(train_s) if not s.fractured]
     model.train()
-    t0, s0 = time.time(), step
-    running = []
+    progress = Progress(say, cfg.steps, step, every=10, digits=4, max_minutes=cfg.max_minutes)
     while step < cfg.steps:
         idx = []
         for _ in range(cfg.batch):
@@ -136,30 +109,19 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
             idx.append(pool[int(rng.integers(len(pool)))])
         x, t = augmented_batch([train_s[i] for i in idx], rng)
         loss = dice_ce_loss(model(torch.from_numpy(x)), torch.from_numpy(t))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
+        optimizer_step(model, opt, loss, cfg.clip)
         step += 1
-        running.append(float(loss.detach()))
-        if step % 10 == 0:
-            rate = (time.time() - t0) / (step - s0)
-            say(f"step {step}/{cfg.steps} loss {np.mean(running[-10:]):.4f} "
-                f"{rate:.2f} s/step ETA {(cfg.steps - step) * rate / 60:.1f} min")
+        progress.update(step, loss)
         last = step == cfg.steps
-        timed_out = cfg.max_minutes is not None and (time.time() - t0) / 60 > cfg.max_minutes
-        if step % cfg.val_every == 0 or last or timed_out:
+        timed_out = progress.timed_out()
+        if validation_due(step, cfg.val_every, cfg.steps, timed_out):
             v = validate(model, val_s)
             sched.step(v["loss"])
             say(f"val step {step}: loss {v['loss']:.4f} dice {v['dice']:.4f} "
                 f"fracture acc {v['fracture_acc']:.3f} lr {opt.param_groups[0]['lr']:.2e}")
-            if v["loss"] < best:
-                best = v["loss"]
-                torch.save({"config": model.config, "state_dict": model.state_dict(), "step": step,
-                            "val": v, "train": asdict(cfg)}, out / "best.pt")
+            best = keep_best(v["loss"], best, out / "best.pt", model, step, v, cfg)
         if step % cfg.ckpt_every == 0 or last or timed_out:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "best": best, "rng": rng.bit_generator.state}, ckpt)
+            save_last(ckpt, model, opt, sched, step, best, rng)
         if timed_out:
             say(f"stopping at step {step}: time limit of {cfg.max_minutes} min")
             break
@@ -189,24 +151,7 @@ def install(best: Path, refiner: Path | None = None, half: bool = False) -> Path
 
 
 def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in SegTrainConfig.__dataclass_fields__.values():
-        if f.name in ("train_seeds", "val_seeds"):
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=str)
-        else:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not None else float)
-    a = vars(ap.parse_args())
-    cfg = SegTrainConfig()
-    for k, v in a.items():
-        if v is None:
-            continue
-        if k.endswith("seeds"):
-            lo, _, hi = v.partition("-")
-            v = list(range(int(lo), int(hi or lo) + 1))
-        setattr(cfg, k, v)
-    train(cfg)
+    train(config_from_argv(SegTrainConfig, __doc__.splitlines()[0]))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,8 @@ the surface, simulated coarse prior, left-right flip, HU gain/offset.
 """
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,8 @@ import torch.nn.functional as F
 from pipeline.segmentation.dataset import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine import refine_batch
+from pipeline.training import (Progress, keep_best, make_optimizer, optimizer_step, seed_range, start_run,
+                               validation_due)
 
 
 @dataclass
@@ -54,47 +54,25 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + dice
 
 
-def _log(out: Path, msg: str) -> None:
-    line = f"{time.strftime('%H:%M:%S')} {msg}"
-    print(line, flush=True)
-    with open(out / "log.txt", "a") as fh:
-        fh.write(line + "\n")
-
-
 def train(cfg: RefineTrainConfig, log=None) -> Path:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda m: _log(out, m))
-    if set(cfg.train_seeds + cfg.val_seeds) & set(EVALUATION_SEEDS):
-        raise ValueError("evaluation seeds (9001-9010) are not for training")
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    out, say = start_run(cfg, log, EVALUATION_SEEDS, "evaluation seeds (9001-9010) are not for training")
     cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds)
     vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds)
     say(f"{len(cts)} training crops, {len(vcts)} validation crops")
     vx, vt = refine_batch(vcts, voccs, np.random.default_rng(123), 16)
     model = ShallowRefiner(in_channels=2, width=cfg.width)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
+    opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     step, best = 0, math.inf
-    t0, running = time.time(), []
+    progress = Progress(say, cfg.steps, every=20, digits=4, max_minutes=cfg.max_minutes)
     while step < cfg.steps:
         x, t = refine_batch(cts, occs, rng, cfg.batch)
         loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(t))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
+        optimizer_step(model, opt, loss, cfg.clip)
         step += 1
-        running.append(float(loss.detach()))
-        if step % 20 == 0:
-            rate = (time.time() - t0) / step
-            say(f"step {step}/{cfg.steps} loss {np.mean(running[-20:]):.4f} {rate:.2f} s/step "
-                f"ETA {(cfg.steps - step) * rate / 60:.1f} min")
-        timed_out = cfg.max_minutes is not None and (time.time() - t0) / 60 > cfg.max_minutes
-        if step % cfg.val_every == 0 or step == cfg.steps or timed_out:
+        progress.update(step, loss)
+        timed_out = progress.timed_out()
+        if validation_due(step, cfg.val_every, cfg.steps, timed_out):
             model.eval()
             with torch.no_grad():
                 lg = model(torch.from_numpy(vx))
@@ -107,11 +85,8 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
             model.train()
             sched.step(vl)
             say(f"val step {step}: loss {vl:.4f} patch dice {d:.4f} (prior {d0:.4f})")
-            if vl < best:
-                best = vl
-                torch.save({"config": model.config, "state_dict": model.state_dict(), "step": step,
-                            "val": {"loss": vl, "dice": float(d), "prior_dice": float(d0)}, "train": asdict(cfg)},
-                           out / "best.pt")
+            best = keep_best(vl, best, out / "best.pt", model, step,
+                             {"loss": vl, "dice": float(d), "prior_dice": float(d0)}, cfg)
         if timed_out:
             break
     return out / "best.pt"
@@ -127,8 +102,7 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float)
     ap.add_argument("--out-dir", default="runs/refiner")
     a = ap.parse_args()
-    rng = lambda s: list(range(int(s.partition("-")[0]), int(s.partition("-")[2] or s.partition("-")[0]) + 1))  # noqa: E731
-    train(RefineTrainConfig(out_dir=a.out_dir, train_seeds=rng(a.train_seeds), val_seeds=rng(a.val_seeds),
+    train(RefineTrainConfig(out_dir=a.out_dir, train_seeds=seed_range(a.train_seeds), val_seeds=seed_range(a.val_seeds),
                             steps=a.steps, max_minutes=a.max_minutes))
 
 

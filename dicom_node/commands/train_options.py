@@ -1,0 +1,65 @@
+"""Options and run/install steps shared by ``spine-node train segmentation|keypoints``.
+
+Each factory returns a fresh ``typer.Option`` (same default and help in both commands);
+:func:`phantom_config` maps the shared options onto a trainer's config dataclass and
+:func:`run_training` trains, reports the best checkpoint and optionally installs it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+
+def seeds_opt() -> Any:
+    return typer.Option("100-123", help="Phantom training seeds (never 9001-9010).")
+
+
+def val_seeds_opt() -> Any:
+    return typer.Option("8001-8002", help="Phantom validation seeds.")
+
+
+def steps_opt(default: int) -> Any:
+    return typer.Option(default, help="Training steps (batches).")
+
+
+def out_opt(default: str) -> Any:
+    return typer.Option(Path(default), help="Run directory; resumes from its last.ckpt.")
+
+
+def cache_opt(what: str) -> Any:
+    return typer.Option(Path("runs/cache"), help=f"Cache of the phantom {what}.")
+
+
+def time_limit_opt() -> Any:
+    return typer.Option(None, help="Stop (and validate) after this many minutes.")
+
+
+def threads_opt() -> Any:
+    return typer.Option(1, help="torch CPU threads.")
+
+
+def seed_opt() -> Any:
+    return typer.Option(0, help="Seed of initialisation and sampling.")
+
+
+def install_opt() -> Any:
+    return typer.Option(False, "--install", help="Install the best weights into pipeline/weights.")
+
+
+def phantom_config(cls: type, *, seeds: str, val_seeds: str, out: Path, cache: Path,
+                   time_limit_min: Optional[float], **fields: Any) -> Any:
+    """``cls(out_dir, train_seeds, val_seeds, cache_dir, max_minutes, **fields)`` from the CLI values."""
+    from dicom_node.commands.train import seeds_option
+
+    return cls(out_dir=str(out), train_seeds=seeds_option(seeds), val_seeds=seeds_option(val_seeds),
+               cache_dir=str(cache), max_minutes=time_limit_min, **fields)
+
+
+def run_training(train: Callable[..., Path], install: Callable[[Path], Path], cfg: Any, do_install: bool) -> None:
+    """Train (progress to the terminal), print the best checkpoint, install it if asked."""
+    best = train(cfg, log=typer.echo)
+    typer.echo(f"best weights: {best}")
+    if do_install:
+        typer.echo(f"installed {install(best)} (SHA-256 recorded in the manifest)")

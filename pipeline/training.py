@@ -1,0 +1,174 @@
+"""Shared training loop parts of the pipeline's trainers (paper section 3.2 settings).
+
+Used by :mod:`pipeline.segmentation.train`, :mod:`pipeline.segmentation.train_refiner` and
+:mod:`pipeline.keypoints.train`; written so that :mod:`pipeline.localization.train` can adopt it
+(the optimiser names, momentum, plateau factor/patience and the logger are parameters).
+
+- :func:`start_run`: run directory, logger (``log.txt`` + stdout), evaluation-seed guard,
+  torch threads + seed, ``config.json``;
+- :func:`make_optimizer`: AdamW / Adam / SGD with weight decay and a ``ReduceLROnPlateau``
+  scheduler (the paper's plateau scheduler);
+- :func:`optimizer_step`: zero-grad, backward, gradient-norm clipping (paper: 2.0), step;
+- :class:`Progress`: running loss, s/step, ETA and the wall-clock limit;
+- :func:`save_best`, :func:`save_last`, :func:`resume`: the ``best.pt`` and ``last.ckpt``
+  formats (unchanged: ``{config, state_dict, step, val, train}`` and
+  ``{model, opt, sched, step, best, rng}``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+Logger = Callable[[str], None]
+
+
+def log_line(out_dir: Path, msg: str) -> None:
+    """Print ``HH:MM:SS msg`` and append it to ``out_dir/log.txt``."""
+    line = f"{time.strftime('%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    with open(out_dir / "log.txt", "a") as fh:
+        fh.write(line + "\n")
+
+
+def start_run(cfg: Any, log: Logger | None, evaluation_seeds: Iterable[int],
+              seeds_error: str | None = None) -> tuple[Path, Logger]:
+    """Create ``cfg.out_dir``, refuse evaluation seeds, set threads and seed, write ``config.json``.
+
+    ``seeds_error``: the message of the ``ValueError`` (default names the offending seeds).
+    Returns the run directory and the logger (``log`` or :func:`log_line` into the run directory).
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda m: log_line(out, m))
+    bad = set(cfg.train_seeds + cfg.val_seeds) & set(evaluation_seeds)
+    if bad:
+        raise ValueError(seeds_error or f"seeds {sorted(bad)} are evaluation seeds (9001-9010)")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return out, say
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, optimizer: str = "adamw",
+                   momentum: float = 0.99, factor: float = 0.5, patience: int = 3):
+    """``optimizer``: ``adamw`` | ``adam`` | ``sgd`` (with ``momentum``); plus the plateau scheduler."""
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=factor, patience=patience)
+    return opt, sched
+
+
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> None:
+    """Zero the gradients, back-propagate ``loss``, clip the gradient norm at ``clip``, step."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+
+
+class Progress:
+    """Running loss, ``step i/n loss .. s/step ETA .. min`` every ``every`` steps, time limit."""
+
+    def __init__(self, say: Logger, steps: int, start_step: int = 0, every: int = 20, digits: int = 4,
+                 max_minutes: float | None = None):
+        self.say, self.steps, self.every, self.digits = say, steps, every, digits
+        self.max_minutes = max_minutes
+        self.t0, self.s0, self.running = time.time(), start_step, []
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        """Record the loss of ``step`` (already counted) and log every ``every`` steps."""
+        self.running.append(float(loss.detach()))
+        if step % self.every == 0:
+            rate = (time.time() - self.t0) / (step - self.s0)
+            self.say(f"step {step}/{self.steps} loss {np.mean(self.running[-self.every:]):.{self.digits}f} "
+                     f"{rate:.2f} s/step ETA {(self.steps - step) * rate / 60:.1f} min")
+
+    def timed_out(self) -> bool:
+        return self.max_minutes is not None and (time.time() - self.t0) / 60 > self.max_minutes
+
+
+def save_best(path: Path, model: torch.nn.Module, step: int, val: dict, cfg: Any) -> None:
+    """The ``best.pt`` format: ``{config, state_dict, step, val, train}``."""
+    torch.save({"config": model.config, "state_dict": model.state_dict(), "step": step,
+                "val": val, "train": asdict(cfg)}, path)
+
+
+def keep_best(score: float, best: float, path: Path, model: torch.nn.Module, step: int, val: dict,
+              cfg: Any) -> float:
+    """Save ``best.pt`` when ``score`` (lower is better) beats ``best``; returns the new best."""
+    if score < best:
+        save_best(path, model, step, val, cfg)
+        return score
+    return best
+
+
+def save_last(path: Path, model: torch.nn.Module, opt, sched, step: int, best: float,
+              rng: np.random.Generator) -> None:
+    """The resumable ``last.ckpt`` format: ``{model, opt, sched, step, best, rng}``."""
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "step": step, "best": best, "rng": rng.bit_generator.state}, path)
+
+
+def resume(path: Path, model: torch.nn.Module, opt, sched, rng: np.random.Generator,
+           say: Logger) -> tuple[int, float]:
+    """Load ``path`` (a :func:`save_last` checkpoint) if it exists; returns ``(step, best)``."""
+    if not path.exists():
+        return 0, math.inf
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng.bit_generator.state = state["rng"]
+    say(f"resumed at step {state['step']}")
+    return state["step"], state["best"]
+
+
+def validation_due(step: int, every: int, steps: int, timed_out: bool) -> bool:
+    """Validate every ``every`` steps, at the last step and when stopping on the time limit."""
+    return step % every == 0 or step == steps or timed_out
+
+
+def seed_range(spec: str) -> list[int]:
+    """``"100-123"`` -> ``[100, ..., 123]``; ``"8001"`` -> ``[8001]``."""
+    lo, _, hi = spec.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def config_from_argv(cls: type, description: str | None, str_fields: Iterable[str] = ("train_seeds", "val_seeds"),
+                     parse_seeds: Callable[[str], list[int]] = seed_range, argv: list[str] | None = None):
+    """A ``--field-name`` option per field of the config dataclass ``cls``; returns the config.
+
+    ``str_fields`` are read as strings (fields ending in ``seeds`` through ``parse_seeds``),
+    ``bool`` fields as ``1/true/yes``, the others with the type of their default (``float`` if None).
+    """
+    import argparse
+
+    str_fields = tuple(str_fields)
+    ap = argparse.ArgumentParser(description=description)
+    for f in cls.__dataclass_fields__.values():
+        if f.name in str_fields:
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=str)
+        elif isinstance(f.default, bool):
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"))
+        else:
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not None else float)
+    cfg = cls()
+    for k, v in vars(ap.parse_args(argv)).items():
+        if v is None:
+            continue
+        if k.endswith("seeds"):
+            v = parse_seeds(v)
+        setattr(cfg, k, v)
+    return cfg
