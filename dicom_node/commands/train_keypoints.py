@@ -29,12 +29,10 @@ def register(train_app: typer.Typer) -> None:
         install: bool = o.install_opt(),
     ) -> None:
         """Train the keypoint network: six heatmaps A1 A2 M1 M2 P1 P2 on the mid-sagittal plane."""
-        from pipeline.keypoints.train import KpTrainConfig, install, train
+        from pipeline.keypoints.train import install as install_weights, KpTrainConfig, train
 
         cfg = o.phantom_config(KpTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr, base=base,
                                threads=threads, seed=seed, use_mask=use_mask,
                                init_from=str(init_from) if init_from else None, fracture_share=fracture_share)
-        # NB: the import above rebinds ``install`` (the --install flag) to the installer, which is
-        # always truthy: every run installs its best weights. Pre-existing; kept as it was.
-        o.run_training(train, install, cfg, bool(install))
+        o.run_training(train, install_weights, cfg, install)

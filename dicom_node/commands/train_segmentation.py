@@ -27,11 +27,9 @@ def register(train_app: typer.Typer) -> None:
         install: bool = o.install_opt(),
     ) -> None:
         """Train the segmentation network: background / normal / fractured vertebra."""
-        from pipeline.segmentation.train import SegTrainConfig, install, train
+        from pipeline.segmentation.train import install as install_weights, SegTrainConfig, train
 
         cfg = o.phantom_config(SegTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, optimizer=optimizer,
                                lr=lr, base=base, threads=threads, seed=seed)
-        # NB: the import above rebinds ``install`` (the --install flag) to the installer, which is
-        # always truthy: every run installs its best weights. Pre-existing; kept as it was.
-        o.run_training(train, install, cfg, bool(install))
+        o.run_training(train, install_weights, cfg, install)
