@@ -93,6 +93,25 @@ def _tracking(f: VertebraFinding, uid: str) -> TrackingIdentifier:
     return TrackingIdentifier(uid=uid, identifier=f"{f.name} vertebra")
 
 
+def _referenced_segment(seg: "Dataset", number: int) -> hd.sr.ReferencedSegment:
+    """TID 1411 row "Referenced Segment" for segment ``number`` of ``seg``.
+
+    highdicom's ``ReferencedSegment.from_segmentation`` reads each frame's segment number from
+    the Per-Frame Functional Groups; a SEG with a single segment carries the Segment
+    Identification in the Shared Functional Groups instead (PS3.3 C.7.6.16.1), which it cannot
+    read. That case references the segment and the source instances of the SEG's Referenced
+    Series Sequence (highdicom's own fallback, "method B")."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "SegmentIdentificationSequence" not in shared:
+        return hd.sr.ReferencedSegment.from_segmentation(seg, number)
+    sources = [hd.sr.SourceImageForSegmentation(item.ReferencedSOPClassUID,
+                                                item.ReferencedSOPInstanceUID)
+               for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    return hd.sr.ReferencedSegment(sop_class_uid=seg.SOPClassUID,
+                                   sop_instance_uid=seg.SOPInstanceUID,
+                                   segment_number=number, source_images=sources)
+
+
 def build_sr(
     headers: Sequence["Dataset"],
     seg: "Dataset | None",
@@ -110,7 +129,7 @@ def build_sr(
     for s in segments:
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(s.finding, s.tracking_uid),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, s.number),
+            referenced_segment=_referenced_segment(seg, s.number),
             **_group_content(s.finding, algorithm)))
     for f, uid in unsegmented:
         content = _group_content(f, algorithm)

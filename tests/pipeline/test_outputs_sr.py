@@ -2,8 +2,12 @@
 vertebra with its grade as summary.json does, references the SEG segments, and is valid."""
 from __future__ import annotations
 
+import dataclasses
+
 import highdicom as hd
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from pipeline.outputs import build_outputs, codes
 from pipeline.outputs.enums import VerificationFlag
@@ -106,3 +110,20 @@ def test_no_vertebra_found_gives_an_empty_report_and_key_image_but_no_seg(case, 
     for name, ds in (("sr", out.sr), ("key", out.key_image)):
         errors, output = synth.dciodvfy_errors(ds, tmp_path / f"{name}.dcm")
         assert errors == [], output
+
+
+def test_a_single_vertebra_report_references_its_segment_and_is_valid(case, tmp_path):
+    """With one segment, highdicom puts the Segment Identification into the SEG's Shared
+    Functional Groups; the SR must still reference that segment (seen on a real run)."""
+    series, result, _out = case
+    keep = result.vertebrae[0]
+    labels = sitk.GetArrayFromImage(result.label_map)
+    one = sitk.GetImageFromArray(np.where(labels == keep.label, labels, 0).astype(labels.dtype))
+    one.CopyInformation(result.label_map)
+    single = dataclasses.replace(result, vertebrae=[keep], label_map=one)
+    out = build_outputs(series, single, version=1)
+    assert "SegmentIdentificationSequence" in out.seg.SharedFunctionalGroupsSequence[0]
+    (reported,) = read_vertebrae(out.sr)
+    assert reported.name == keep.name and reported.referenced_segment_number == 1
+    errors, output = synth.dciodvfy_errors(out.sr, tmp_path / "sr.dcm")
+    assert errors == [], output
