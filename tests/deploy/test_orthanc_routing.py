@@ -284,6 +284,9 @@ def test_results_of_a_routed_study_come_back_into_orthanc(orthanc_factory, node,
     gt = json.loads((phantom / "gt.json").read_text())
 
     def results_back():
+        log = node.log()
+        if '"job finished"' in log and '"state": "failed"' in log:  # fail now, not at timeout
+            raise AssertionError(f"the node's job failed\n{diagnostics()}")
         by_modality: dict[str, list[dict]] = {}
         for s in orthanc.series():
             tags = s["MainDicomTags"]
