@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -103,3 +104,26 @@ def test_process_runs_end_to_end_with_any_installed_models(study, tmp_path, monk
     assert {"localization", "segmentation", "keypoints", "genant", "total"} <= set(s["timings_s"])
     for v in s["vertebrae"]:
         assert CONTRACT_VERTEBRA_KEYS <= set(v)
+
+
+REAL_CT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-ct" / \
+    "totalsegmentator-example-ct"
+
+
+@pytest.mark.skipif(not REAL_CT.is_dir(), reason="the real CT fixture (../shared/data/real-ct) is absent")
+@pytest.mark.skipif(not {"localization", "segmentation", "keypoints"} <= set(read_manifest()),
+                    reason="model weights not installed (pipeline/weights/manifest.json)")
+def test_process_runs_a_real_jpeg2000_ct_without_error(tmp_path):
+    """20 real slices (JPEG 2000 lossless, empty Study/Series/SOP Instance UIDs in the data set,
+    SOP Class only in the file meta): decoded, analysed and reported without an error, whatever
+    the phantom-trained models find on real anatomy."""
+    from dicom_node.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["process", str(REAL_CT), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "summary.json").read_text())
+    assert isinstance(s["vertebrae"], list) and s["timings_s"]["total"] > 0
+    for v in s["vertebrae"]:
+        assert CONTRACT_VERTEBRA_KEYS <= set(v)
+    assert sorted(p.name for p in out.glob("*.dcm")), "no DICOM result written"
