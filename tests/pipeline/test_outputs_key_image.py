@@ -2,20 +2,10 @@
 fractured vertebrae red, normal white, marked not for primary diagnosis."""
 from __future__ import annotations
 
-import pytest
 
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
-from pipeline.outputs import build_outputs
 from pipeline.outputs.key_image import _caption, reformat_sagittal, render
 from tests import synthetic_results as synth
-
-
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    paths, _study, _series = synth.write_series(tmp_path_factory.mktemp("ct"))
-    series = synth.load(paths)
-    result = synth.analysis(series)
-    return series, result, build_outputs(series, result, version=1)
 
 
 def test_key_image_passes_dciodvfy_without_errors(case, tmp_path):

@@ -13,14 +13,6 @@ from pipeline.outputs.seg import label_frames
 from tests import synthetic_results as synth
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    paths, _study, _series = synth.write_series(tmp_path_factory.mktemp("ct"))
-    series = synth.load(paths)
-    result = synth.analysis(series)
-    return series, result, build_outputs(series, result, version=1)
-
-
 def test_seg_passes_dciodvfy_without_errors(case, tmp_path):
     errors, output = synth.dciodvfy_errors(case[2].seg, tmp_path / "seg.dcm")
     assert errors == [], output

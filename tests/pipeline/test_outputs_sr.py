@@ -15,14 +15,6 @@ from pipeline.outputs.sr import read_vertebrae
 from tests import synthetic_results as synth
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    paths, _study, _series = synth.write_series(tmp_path_factory.mktemp("ct"))
-    series = synth.load(paths)
-    result = synth.analysis(series)
-    return series, result, build_outputs(series, result, version=1)
-
-
 def test_sr_passes_dciodvfy_without_errors(case, tmp_path):
     errors, output = synth.dciodvfy_errors(case[2].sr, tmp_path / "sr.dcm")
     assert errors == [], output
