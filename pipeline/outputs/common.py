@@ -122,6 +122,21 @@ def output_identity(source_series_uid: str, version: int, kind: ResultKind,
     )
 
 
+def new_instance_arguments(identity: OutputIdentity, algorithm: AlgorithmInfo) -> dict:
+    """The keyword arguments every highdicom constructor of ours takes for the new instance's
+    General Series, SOP Common and General Equipment modules (PS3.3 C.7.3.1, C.12.1, C.7.5.1)."""
+    return {
+        "series_instance_uid": identity.series_instance_uid,
+        "series_number": identity.series_number,
+        "sop_instance_uid": identity.sop_instance_uid,
+        "instance_number": identity.instance_number,
+        "manufacturer": algorithm.manufacturer,
+        "manufacturer_model_name": algorithm.model_name,
+        "software_versions": algorithm.software_versions,
+        "device_serial_number": algorithm.device_serial_number,
+    }
+
+
 def tracking_uid(source_series_uid: str, version: int, level_name: str, salt: str = "") -> str:
     """Tracking UID of one vertebra: the same in the SEG segment and in the SR group."""
     return derived_uid(source_series_uid, f"v{version}", "track", level_name, salt)

@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
 from pipeline.findings import GenantGrade, VertebraFinding
-from pipeline.outputs.common import AlgorithmInfo, OutputIdentity
+from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, new_instance_arguments
 from pipeline.outputs.enums import BurnedInAnnotation
 
 if TYPE_CHECKING:
@@ -199,14 +199,7 @@ def build_key_image(
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.model_name,
-        software_versions=algorithm.software_versions,
-        device_serial_number=algorithm.device_serial_number,
+        **new_instance_arguments(identity, algorithm),
         pixel_spacing=(pixel_mm, pixel_mm),
         patient_orientation=("P", "F"),
         series_description=identity.series_description,

@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pipeline.findings import VertebraFinding
 from pipeline.levels import level
 from pipeline.outputs import codes
-from pipeline.outputs.common import AlgorithmInfo, OutputIdentity
+from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, new_instance_arguments
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -140,14 +140,7 @@ def build_seg(
         pixel_array=seg_frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment_description(s, algorithm) for s in segments],
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.model_name,
-        software_versions=algorithm.software_versions,
-        device_serial_number=algorithm.device_serial_number,
+        **new_instance_arguments(identity, algorithm),
         content_label="VERTEBRAE",
         content_description="Vertebrae; fractured ones as Fracture segments",
         series_description=identity.series_description,

@@ -39,7 +39,7 @@ from highdicom.sr import (
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
 from pipeline.levels import level
 from pipeline.outputs import codes
-from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, derived_uid
+from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, derived_uid, new_instance_arguments
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -163,14 +163,7 @@ def build_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=[*headers, seg] if seg is not None else list(headers),
         content=report[0],
-        series_instance_uid=identity.series_instance_uid,
-        series_number=identity.series_number,
-        sop_instance_uid=identity.sop_instance_uid,
-        instance_number=identity.instance_number,
-        manufacturer=algorithm.manufacturer,
-        manufacturer_model_name=algorithm.model_name,
-        software_versions=algorithm.software_versions,
-        device_serial_number=algorithm.device_serial_number,
+        **new_instance_arguments(identity, algorithm),
         series_description=identity.series_description,
         is_complete=True,
         is_final=False,

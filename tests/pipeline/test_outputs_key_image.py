@@ -2,7 +2,6 @@
 fractured vertebrae red, normal white, marked not for primary diagnosis."""
 from __future__ import annotations
 
-
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
 from pipeline.outputs.key_image import _caption, reformat_sagittal, render
 from tests import synthetic_results as synth
