@@ -105,24 +105,21 @@ def apply_fracture(v: VertebraSpec, req: FractureRequest, reference: float | Non
         v.fracture.deformation.amplitude = amp
         return genant_from_heights(v.heights(), reference)[0]
 
-    a, b = 0.0, 0.8 * v.height
-    for _ in range(60):
-        m = 0.5 * (a + b)
-        if loss(m) < target:
-            a = m
-        else:
-            b = m
-    loss(0.5 * (a + b))
+    def solve() -> None:
+        """Bisect the deformation amplitude to the target height loss (loss grows with it)."""
+        a, b = 0.0, 0.8 * v.height
+        for _ in range(60):
+            m = 0.5 * (a + b)
+            if loss(m) < target:
+                a = m
+            else:
+                b = m
+        loss(0.5 * (a + b))
+
+    solve()
     got = genant_from_heights(v.heights(), reference)
     if got[1] != GenantGrade(req.grade) or got[2] != Morphology(kind):
         # bumps placed unluckily on a keypoint: drop them and solve again
         if bumps:
             v.fracture.deformation.bumps = ()
-            a, b = 0.0, 0.8 * v.height
-            for _ in range(60):
-                m = 0.5 * (a + b)
-                if loss(m) < target:
-                    a = m
-                else:
-                    b = m
-            loss(0.5 * (a + b))
+            solve()
