@@ -154,6 +154,21 @@ def dcmtk(name: str) -> str:
     pytest.skip(f"dcmtk tool {name} is not installed (apt-get install dcmtk)")
 
 
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             diagnostics: Callable[[], str] = lambda: "", interval: float = 0.25) -> Any:
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` s pass
+    (TimeoutError naming ``what``, followed by ``diagnostics()``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}\n"
+                               + diagnostics())
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,14 +20,13 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import (DCMTK_ENV, REPO, NodeProcess, dcmtk, free_port, write_config,
+from tests.conftest import (DCMTK_ENV, REPO, NodeProcess, dcmtk, free_port, wait_for, write_config,
                             write_ct_series)
 
 pytestmark = pytest.mark.integration
@@ -42,19 +41,6 @@ def _local_config_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
-             diagnostics: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}\n"
-                               + diagnostics())
-        time.sleep(0.25)
 
 
 @dataclass

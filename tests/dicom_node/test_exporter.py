@@ -24,7 +24,7 @@ from storage.index import Index
 from storage.models import Job, JobState, Series, Study
 from storage.queue import JobRef
 from tests import synthetic_results as synth
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.orthanc_server import Orthanc
 
 pytestmark = pytest.mark.integration
@@ -100,17 +100,6 @@ class Node:
     def states(self, study_uid: str, destination: str | None = None) -> list[str]:
         return [r["state"] for r in self.deliveries.for_study(study_uid)
                 if destination is None or r["destination"] == destination]
-
-
-def wait_for(predicate, timeout: float, what: str, debug=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{debug()}")
-        time.sleep(0.2)
 
 
 @pytest.fixture
