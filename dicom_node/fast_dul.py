@@ -61,6 +61,7 @@ _DUL_WAIT_S = 0.001
 _ASSOC_WAIT_S = 0.02
 
 _installed = False
+_wake_enabled = False
 _install_lock = threading.Lock()
 
 
@@ -77,10 +78,54 @@ def _dul_wait(dul: DULServiceProvider) -> None:
         return
     if isinstance(raw, ssl.SSLSocket) and raw.pending():
         return  # decrypted bytes already buffered: select would not see them
+    wake = getattr(dul, "_spn_wake", None)
     try:
-        select.select([raw], [], [], _DUL_WAIT_S)
+        ready, _, _ = select.select([raw] if wake is None else [raw, wake[0]], [], [], _DUL_WAIT_S)
     except (OSError, ValueError):  # closed under us: the reactor's own checks handle it
         time.sleep(_DUL_WAIT_S)
+        return
+    if wake is not None and wake[0] in ready:
+        _drain(wake[0])
+
+
+# -- wake-up: a primitive to send (the C-STORE response) ends the DUL's wait at once ----------
+_orig_send_pdu = DULServiceProvider.send_pdu
+
+
+def _open_wake(dul: DULServiceProvider) -> None:
+    # A socket pair rather than raw pipe fds: a closed socket object refuses writes, where a
+    # closed fd number could already belong to another file.
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    w.setblocking(False)
+    dul._spn_wake = (r, w)
+
+
+def _close_wake(dul: DULServiceProvider) -> None:
+    wake = getattr(dul, "_spn_wake", None)
+    dul._spn_wake = None
+    if wake is not None:
+        for sock in wake:
+            sock.close()
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:  # BlockingIOError: drained
+        pass
+
+
+def _send_pdu(self: DULServiceProvider, primitive) -> None:  # noqa: ANN001
+    """pynetdicom's ``send_pdu`` (queue the primitive), then wake the DUL reactor's wait."""
+    _orig_send_pdu(self, primitive)
+    wake = getattr(self, "_spn_wake", None)
+    if wake is not None:
+        try:
+            wake[1].send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed (the reactor ended)
+            pass
 
 
 def _notify_user(dul: DULServiceProvider) -> None:
@@ -95,7 +140,12 @@ def _notify_user(dul: DULServiceProvider) -> None:
 
 def _run_reactor(self: DULServiceProvider) -> None:
     """pynetdicom 3.0.4 ``DULServiceProvider.run_reactor`` with ``_dul_wait`` for the sleep."""
-    _reactor_loop(self)
+    if _wake_enabled:
+        _open_wake(self)
+    try:
+        _reactor_loop(self)
+    finally:
+        _close_wake(self)
 
 
 def _reactor_loop(self: DULServiceProvider) -> None:
@@ -252,10 +302,14 @@ def install() -> bool:
             log.warning("pynetdicom version not supported by fast_dul, polling loops kept",
                         extra={"version": pynetdicom.__version__})
             return False
-        parts = set(os.environ.get("SPINE_FAST_DUL_PARTS", "dul+assoc+recv").replace(",", "+")
-                    .split("+"))
+        global _wake_enabled
+        parts = set(os.environ.get("SPINE_FAST_DUL_PARTS", "dul+assoc+recv+wake")
+                    .replace(",", "+").split("+"))
         if "dul" in parts:
             DULServiceProvider.run_reactor = _run_reactor
+            if "wake" in parts:
+                _wake_enabled = True
+                DULServiceProvider.send_pdu = _send_pdu
         if "assoc" in parts:
             Association._run_reactor = _assoc_run_reactor
         if "recv" in parts:

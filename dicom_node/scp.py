@@ -14,9 +14,7 @@ import enum
 import ipaddress
 import threading
 import time
-from io import BytesIO
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (HTJ2K, JPEG2000, DeflatedExplicitVRLittleEndian,
                          ExplicitVRBigEndian, ExplicitVRLittleEndian, HTJ2KLossless,
@@ -28,7 +26,7 @@ from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage,
                                   Verification)
 
 from config import Settings
-from dicom_node import audit, fast_dul, metrics
+from dicom_node import audit, fast_dul, metrics, part10
 from dicom_node.logging import get_logger
 from storage.files import BlobStore, OutOfSpaceError
 from storage.index import Index, InstanceRecord
@@ -269,10 +267,17 @@ class StorageSCP:
         if sop_class not in self.storage_classes:
             return (StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED,
                     f"SOP class {sop_class[:40]} not accepted", "refused")
-        data = event.encoded_dataset()
+        transfer_syntax = str(event.context.transfer_syntax)
+        dataset = req.DataSet.getbuffer()  # the data set as received, not copied
         try:
-            header = dcmread(BytesIO(data), stop_before_pixels=True,
-                             specific_tags=_HEADER_TAGS)
+            return self._store_dataset(req, sop_class, transfer_syntax, dataset, stats)
+        finally:
+            dataset.release()
+
+    def _store_dataset(self, req, sop_class: str, transfer_syntax: str,  # noqa: ANN001
+                       dataset: memoryview, stats) -> tuple[StoreStatus, str, str]:  # noqa: ANN001
+        try:
+            header = part10.read_header(dataset, transfer_syntax, _HEADER_TAGS)
             study = validate_uid(header.get("StudyInstanceUID"), "Study Instance UID")
             series = validate_uid(header.get("SeriesInstanceUID"), "Series Instance UID")
             sop = validate_uid(header.get("SOPInstanceUID"), "SOP Instance UID")
@@ -296,16 +301,18 @@ class StorageSCP:
             frames = int(frames) if frames not in (None, "") else 1
         except (TypeError, ValueError):
             number, frames = None, 1
+        # PS3.10 file: preamble, DICM, File Meta (as pynetdicom writes it), data set as received
+        prefix = part10.file_prefix(sop_class, sop, transfer_syntax)
         record = InstanceRecord(
             study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
-            sop_class_uid=sop_class, transfer_syntax_uid=str(event.context.transfer_syntax),
+            sop_class_uid=sop_class, transfer_syntax_uid=transfer_syntax,
             modality=str(header.get("Modality", "") or "").strip(), path=relpath,
-            size_bytes=len(data), instance_number=number, frames=frames,
+            size_bytes=len(prefix) + len(dataset), instance_number=number, frames=frames,
             calling_ae=stats.calling_ae if stats else "")
         # Data fdatasynced and renamed, directory synced and row committed (grouped with
         # concurrent instances, storage.ingest) before this returns: then Success.
         try:
-            outcome = self.writer.store_instance(record, data)
+            outcome = self.writer.store_instance(record, (prefix, dataset))
         except OutOfSpaceError as exc:
             return StoreStatus.OUT_OF_RESOURCES, str(exc), "out_of_resources"
         except OSError as exc:
@@ -320,9 +327,9 @@ class StorageSCP:
             if stats is not None:
                 stats.duplicates += 1
             return StoreStatus.SUCCESS, "", "duplicate"
-        metrics.BYTES.inc(len(data))
+        metrics.BYTES.inc(record.size_bytes)
         if stats is not None:
             stats.stored += 1
-            stats.bytes += len(data)
+            stats.bytes += record.size_bytes
         return StoreStatus.SUCCESS, "", "success"
 

@@ -121,31 +121,61 @@ class BlobStore:
         caller, who may group it with others (:meth:`sync_dirs`); the data is synced before
         the rename either way, so the final name never shows a partial file.
         """
+        tmp = self.write_temp(relpath, data)
+        try:
+            final = self.place(tmp, relpath)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.fsync and sync_dir:
+            _fsync_dir(final.parent)
+        return final
+
+    def write_temp(self, relpath: str, data: bytes | Iterable[bytes]) -> Path:
+        """Write ``data`` (bytes, or a sequence of buffers written one after the other) to a
+        new temporary file in ``relpath``'s directory, fdatasynced; :meth:`place` names it.
+
+        On any error the temporary file is removed. Raises :class:`OutOfSpaceError` below
+        the free-space floor.
+        """
         final = self.path(relpath)
-        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            chunks: Iterable = (data,)
+            size = len(data)
+        elif isinstance(data, (list, tuple)):
+            chunks, size = data, sum(len(c) for c in data)
+        else:
+            chunks, size = data, 0
         self.check_space(size)
         self._ensure_dir(final.parent)
         tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             with os.fdopen(fd, "wb", closefd=True) as fh:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    fh.write(data)
-                else:
-                    for chunk in data:
-                        fh.write(chunk)
+                for chunk in chunks:
+                    fh.write(chunk)
                 fh.flush()
                 if self.fsync:
                     _fdatasync(fh.fileno())
-            os.replace(tmp, final)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            tmp.unlink(missing_ok=True)
             raise
-        if self.fsync and sync_dir:
-            _fsync_dir(final.parent)
+        return tmp
+
+    def place(self, tmp: Path, relpath: str) -> Path:
+        """Rename a file of :meth:`write_temp` to ``relpath`` (replacing what is there);
+        returns the final path. The directory is not synced (:meth:`sync_dirs`).
+
+        Placing again a temporary file that an earlier, failed attempt already renamed is a
+        no-op: temporary names are unique, so the final file holds its data.
+        """
+        final = self.path(relpath)
+        self._ensure_dir(final.parent)
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:
+            if tmp.exists() or not final.is_file():
+                raise
         return final
 
     def sync_dirs(self, paths: Iterable[Path]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,8 @@ class Index:
         self._touch_series = update(Series).where(Series.id == bindparam("sid")).values(
             last_received_at=bindparam("now"), updated_at=bindparam("now"),
             state=SeriesState.RECEIVING.value)
+        self._instance_path = select(Instance.path).where(
+            Instance.sop_instance_uid == bindparam("sop"))
         self._lock = threading.Lock()
 
     # -- receiving -------------------------------------------------------------------------
@@ -89,9 +92,17 @@ class Index:
         """
         return self.add_instances([rec])[0]
 
-    def add_instances(self, records: list[InstanceRecord]) -> list[bool]:
+    def add_instances(self, records: list[InstanceRecord],
+                      before_commit: Callable[[list[bool], list[str | None]], None] | None = None,
+                      ) -> list[bool]:
         """Index several stored instances in one transaction (one commit, so one WAL sync for
         the lot: the group commit of :mod:`storage.ingest`); per record, True if it is new.
+
+        ``before_commit(new, known_paths)`` runs inside the transaction, after the inserts and
+        before the commit; ``known_paths[i]`` is the path already indexed for a record that
+        was not new (``None`` for a new one). :mod:`storage.ingest` names its files there, so
+        that the duplicate check costs no query of its own and a row is never committed before
+        its file is in place.
 
         Core statements on one connection, no ORM unit of work: this runs once per received
         instance and its CPU time is on the C-STORE's critical path.
@@ -99,15 +110,17 @@ class Index:
         if not records:
             return []
         try:
-            return self._add_instances(records, use_cache=True)
+            return self._add_instances(records, use_cache=True, before_commit=before_commit)
         except IntegrityError:
             # A cached study/series id whose row is gone: forget the ids, look them up again.
             with self._lock:
                 self._study_ids.clear()
                 self._series_ids.clear()
-            return self._add_instances(records, use_cache=False)
+            return self._add_instances(records, use_cache=False, before_commit=before_commit)
 
-    def _add_instances(self, records: list[InstanceRecord], *, use_cache: bool) -> list[bool]:
+    def _add_instances(self, records: list[InstanceRecord], *, use_cache: bool,
+                       before_commit: Callable[[list[bool], list[str | None]], None] | None,
+                       ) -> list[bool]:
         now = utcnow()
         ins = self._insert
         new: list[bool] = []
@@ -153,6 +166,10 @@ class Index:
                     touched.add(series_id)
             for series_id in touched:
                 conn.execute(self._touch_series, {"sid": series_id, "now": now})
+            if before_commit is not None:
+                known = [None if is_new else conn.scalar(self._instance_path, {"sop": rec.sop_instance_uid})
+                         for rec, is_new in zip(records, new)]
+                before_commit(new, known)
         # Cache ids only once their rows are committed.
         with self._lock:
             if len(self._study_ids) > self._CACHE_MAX:

@@ -1,17 +1,19 @@
 """The receive path's write side: store one received instance durably, index it, and group the
 syncs of instances that arrive together (issue 8).
 
-:meth:`InstanceWriter.store` returns only once the instance is durable in the sense the
+:meth:`InstanceWriter.store_instance` returns only once the instance is durable in the sense the
 configuration promises, so the SCP can answer Success right after it:
 
-- the data: written to a temporary file and fdatasynced, then renamed into place
-  (:meth:`storage.files.BlobStore.write_atomic`), always. The final name never shows a
-  partial file, and an index row never points at data that is not on disk.
-- the rename (directory fsync) and the index row (the commit): one *group commit* for every
-  instance waiting at that moment. The first caller becomes the leader, fsyncs each directory
-  once and inserts all rows in one transaction (one WAL sync), then wakes the others; callers
-  that arrived meanwhile form the next group. One association sends instance after instance,
-  so its groups have one member; several concurrent associations share the syncs.
+- the data: written to a temporary file in its final directory and fdatasynced, always
+  (:meth:`storage.files.BlobStore.write_temp`).
+- the name and the index row: one *group commit* for every instance waiting at that moment.
+  The first caller becomes the leader: in one transaction it inserts all rows (an insert that
+  does nothing is a duplicate: no query of its own), renames the new instances' files into
+  place, fsyncs each directory once, then commits (one WAL sync), and wakes the others;
+  callers that arrived meanwhile form the next group. The final name never shows a partial
+  file, and no committed row points at a file that is not in place. One association sends
+  instance after instance, so its groups have one member; several concurrent associations
+  share the syncs.
 
 Durability levels, from ``storage.sqlite_synchronous`` (SQLite only; other databases commit
 durably and get the first):
@@ -24,7 +26,7 @@ durably and get the first):
   checkpoint). After a power loss the last acknowledged instances (about the last few
   seconds) may be missing from the index or from the store, and the sender must send them
   again, which heals both cases: a re-sent instance whose row survived but whose file did not
-  is written again (see :meth:`InstanceWriter.store`). Orthanc's default (SQLite
+  is written again (see :meth:`InstanceWriter.store_instance`). Orthanc's default (SQLite
   ``synchronous=NORMAL``, file fsync) gives the same promise.
 """
 from __future__ import annotations
@@ -135,26 +137,40 @@ class InstanceWriter:
         normal = index.db.is_sqlite and settings.storage.sqlite_synchronous == "NORMAL"
         return cls(store, index, sync_dirs=not normal)
 
-    def store_instance(self, record: InstanceRecord, data: bytes) -> Outcome:
+    def store_instance(self, record: InstanceRecord, data: bytes | Sequence[bytes]) -> Outcome:
         """Write, sync and index one instance; raises OutOfSpaceError/OSError (nothing kept
-        under the final name) or the index's error."""
-        known = self.index.instance_path(record.sop_instance_uid)
-        if known is not None:
-            if self.store.exists(known):
-                return Outcome.DUPLICATE
-            # Indexed but its file is gone (e.g. a power loss with storage.sqlite_synchronous
-            # = NORMAL): the re-sent copy heals it, under the path the index holds.
-            record = _with_path(record, known)
-        path = self.store.write_atomic(record.path, data, sync_dir=False)
-        is_new = self._group.submit((path, record))
-        return Outcome.STORED if is_new or known is not None else Outcome.DUPLICATE
+        under the final name) or the index's error.
 
-    def _commit(self, items: list[tuple[Path, InstanceRecord]]) -> list[bool]:
-        if self.sync_dirs:
-            self.store.sync_dirs(path for path, _ in items)
-        return self.index.add_instances([record for _, record in items])
+        ``data``: the file's bytes, or buffers written one after the other. The data goes to a
+        temporary file first; the group commit inserts the row and, inside the same
+        transaction, names the file (a new instance), drops it (a duplicate: the first copy
+        stays) or names it at the indexed path (indexed, but its file is gone, e.g. after a
+        power loss with ``storage.sqlite_synchronous = NORMAL``: the re-sent copy heals it).
+        So the duplicate check is the insert itself, not a query of its own.
+        """
+        tmp = self.store.write_temp(record.path, data)
+        try:
+            return self._group.submit((tmp, record))
+        finally:
+            tmp.unlink(missing_ok=True)  # still there: a duplicate, or an error
 
+    def _commit(self, items: list[tuple[Path, InstanceRecord]]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
 
-def _with_path(record: InstanceRecord, path: str) -> InstanceRecord:
-    from dataclasses import replace
-    return replace(record, path=path)
+        def place(new: list[bool], known: list[str | None]) -> None:
+            placed = []
+            for (tmp, record), is_new, known_path in zip(items, new, known):
+                if is_new:
+                    target = record.path
+                elif known_path is not None and not self.store.exists(known_path):
+                    target = known_path  # heal: the row is there, its file is not
+                else:
+                    outcomes.append(Outcome.DUPLICATE)
+                    continue
+                placed.append(self.store.place(tmp, target))
+                outcomes.append(Outcome.STORED)
+            if self.sync_dirs:
+                self.store.sync_dirs(placed)
+
+        self.index.add_instances([record for _, record in items], before_commit=place)
+        return outcomes

@@ -46,6 +46,7 @@ def localization(
     batch: int = typer.Option(2, help="Batch size (paper: 4)."),
     optimizer: str = typer.Option("adam", help="adam | sgd (the paper's)."),
     lr: float = typer.Option(2e-3, help="Learning rate (paper: SGD 1e-4)."),
+    schedule: str = typer.Option("plateau", help="plateau (the paper's ReduceLROnPlateau) | cosine (anneal to lr/100 by the last iteration or the time limit)."),
     base: int = typer.Option(8, help="Channels of the first LN level."),
     fg_weight: float = typer.Option(10.0, help="Foreground weight of the loss (0: the paper's plain Smooth-L1)."),
     val_every: int = typer.Option(75, help="Validate every N iterations."),
@@ -62,7 +63,7 @@ def localization(
         out_dir=out, cache_dir=cache_dir, data=data, seeds=seeds_option(seeds) if data == "phantom" else (),
         val_seeds=seeds_option(val_seeds) if data == "phantom" else (), iterations=iterations,
         resume=resume, reset_lr=reset_lr, variant=variant, spacing_mm=spacing_mm,
-        patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr,
+        patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr, schedule=schedule,
         base=base, fg_weight=fg_weight, val_every=val_every, threads=threads, seed=seed,
         time_limit_s=None if time_limit_min is None else 60 * time_limit_min)
     best = train(cfg, log=typer.echo)

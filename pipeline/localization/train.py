@@ -59,6 +59,7 @@ class TrainConfig:
     clip: float = 2.0
     plateau_patience: int = 3
     plateau_factor: float = 0.5
+    schedule: str = "plateau"               # "plateau" (ReduceLROnPlateau) | "cosine" (to lr/100)
     val_every: int = 75
     log_every: int = 10
     seed: int = 0
@@ -75,6 +76,12 @@ class TrainConfig:
         d["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
         d["seeds"], d["val_seeds"], d["patch"] = list(self.seeds), list(self.val_seeds), list(self.patch)
         return d
+
+
+def cosine_lr(lr: float, progress: float, floor: float = 0.01) -> float:
+    """Cosine annealing from ``lr`` (progress 0) to ``floor * lr`` (progress 1)."""
+    p = min(max(progress, 0.0), 1.0)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, fg_weight: float = 0.0) -> torch.Tensor:
@@ -189,6 +196,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    if cfg.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=cfg.plateau_factor,
                                                        patience=cfg.plateau_patience)
     sigma_vox = cfg.sigma_mm / cfg.spacing_mm
@@ -204,6 +213,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
         sampler.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         start, history, best_score = state["iteration"], state["history"], state["best_score"]
+        if list(state.get("config", {}).get("val_seeds", cfg.val_seeds)) != list(cfg.val_seeds):
+            best_score = math.inf  # another validation set: its scores are not comparable
         if cfg.reset_lr:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr
@@ -224,6 +235,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
     running = None
     model.train()
     while it < cfg.iterations:
+        if cfg.schedule == "cosine":
+            # progress: the larger of the iteration and the time-budget fractions, so the
+            # annealing ends with the run whichever limit stops it
+            progress = (it - start) / max(cfg.iterations - start, 1)
+            if cfg.time_limit_s:
+                progress = max(progress, (time.time() - t0) / cfg.time_limit_s)
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(cfg.lr, progress)
         x, y = sampler.batch(cfg.batch)
         loss = heatmap_loss(model(x), y, cfg.fg_weight)
         opt.zero_grad(set_to_none=True)
@@ -243,7 +262,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
             model.eval()
             v = validate(model, val_cases, cfg)
             model.train()
-            sched.step(v["score"])
+            if cfg.schedule == "plateau":
+                sched.step(v["score"])
             v.update({"iteration": it, "loss": running, "elapsed_s": round(elapsed, 1)})
             history.append(v)
             say(f"val it {it}: id {v['id_rate']:.3f} err {v['error_mm']:.2f} mm fp {v['fp']} "
