@@ -26,6 +26,7 @@ from storage.db import Database, utcnow
 from storage.deliveries import Backoff, ClaimedDelivery, DeliveryQueue
 from storage.files import BlobStore, UnsafePathError
 from storage.index import Index
+from storage.queue import new_worker_id
 
 log = get_logger("spine_node.exporter")
 
@@ -90,6 +91,7 @@ class Exporter:
                  calling_ae: str | None = None):
         self.settings = settings
         self.queue = DeliveryQueue(db)
+        self.claimer_id = new_worker_id("exporter")  # claimed_by of this exporter's leases
         self.index = Index(db)  # the audit trail
         self.store = store
         self.calling_ae = calling_ae or settings.node.ae_title
@@ -161,7 +163,8 @@ class Exporter:
         """Send what is due to destination ``name`` now (one association); returns how many
         deliveries were attempted."""
         peer = self.peers[name]
-        claimed = self.queue.claim_due(name, limit=BATCH, lease_s=self._lease_s(BATCH))
+        claimed = self.queue.claim_due(name, limit=BATCH, lease_s=self._lease_s(BATCH),
+                                       claimed_by=self.claimer_id)
         if not claimed:
             return 0
         if self._stop.is_set():

@@ -13,10 +13,14 @@ What :func:`install` changes, for every association of the process (SCP and SCU 
 nothing else:
 
 - the DUL reactor, instead of sleeping 1 ms, waits up to 1 ms in ``select()`` on the peer
-  socket: data from the peer is read the moment it arrives; a primitive to send (the C-STORE
-  response) is seen after at most 1 ms, as before. (Waking it at once through a pipe was
-  measured *slower* on the loaded two-core machine: the woken DUL thread then competes for the
-  GIL with the association thread that is still finishing the response; bench/README.md.)
+  socket and on a wake-up socket pair: data from the peer is read the moment it arrives, and
+  ``send_pdu`` (a primitive to send, e.g. the C-STORE response) wakes it at once instead of
+  after up to 1 ms. Measured on a quiet machine, a pynetdicom SCP that answers at once took
+  0.48-0.50 s for 300 instances with the wake-up and 0.73-0.74 s without
+  (runs/prof-style A/B in bench/README.md). An earlier wake-up through a pipe had measured
+  slower on the machine loaded to 6-9 (the woken DUL thread competing for the GIL); on the
+  quiet machine the full node gained little but lost nothing, so the wake-up stays, and
+  ``SPINE_FAST_DUL_PARTS=dul+assoc+recv`` leaves it out.
 - the association reactor blocks on the DIMSE message queue's condition instead of sleeping
   before each look, and is marked paused while it waits (it is not touching the queue), so
   that ``send_c_*`` from another thread need not wait for it either. The DUL reactor wakes it

@@ -22,6 +22,7 @@ from sqlalchemy import and_, func, select, update
 
 from storage.db import Database, utcnow
 from storage.models import Delivery, DeliveryState, Job, JobState, Result, ResultKind
+from storage.queue import claimer_is_dead, host_prefix
 
 #: Result kinds that are DICOM objects and so can be delivered (summary.json stays local).
 DELIVERABLE_KINDS = (ResultKind.SEG.value, ResultKind.SR.value, ResultKind.KEY_IMAGE.value)
@@ -158,11 +159,14 @@ class DeliveryQueue:
 
     # -- sending ---------------------------------------------------------------------------
     def claim_due(self, destination: str, *, limit: int = 16, lease_s: float = 300.0,
-                  now: dt.datetime | None = None) -> list[ClaimedDelivery]:
+                  now: dt.datetime | None = None, claimed_by: str | None = None,
+                  ) -> list[ClaimedDelivery]:
         """Claim up to ``limit`` due pending deliveries to ``destination``, oldest first.
 
         The claim moves their ``next_attempt_at`` ``lease_s`` ahead: if this process dies, they
-        are due again after the lease; until then no other exporter takes them.
+        are due again after the lease; until then no other exporter takes them. ``claimed_by``
+        (``storage.queue.new_worker_id``) lets a restart on the same host release the claims
+        of its dead predecessor at once (:meth:`release_dead_local`).
         """
         now = now or utcnow()
         until = now + dt.timedelta(seconds=lease_s)
@@ -180,7 +184,7 @@ class DeliveryQueue:
                 update(Delivery)
                 .where(cond, Delivery.state == DeliveryState.PENDING.value,
                        Delivery.next_attempt_at <= now)
-                .values(next_attempt_at=until, updated_at=now)
+                .values(next_attempt_at=until, updated_at=now, claimed_by=claimed_by)
                 .returning(Delivery.id)).scalars().all()
             if not claimed:
                 return []
@@ -197,7 +201,7 @@ class DeliveryQueue:
         with self.db.session() as s, s.begin():
             s.execute(update(Delivery).where(Delivery.id == delivery_id).values(
                 state=DeliveryState.DELIVERED.value, delivered_at=now, updated_at=now,
-                last_error=None))
+                last_error=None, claimed_by=None))
 
     def record_failure(self, delivery_id: int, error: str, backoff: Backoff, *,
                        now: dt.datetime | None = None) -> FailureOutcome:
@@ -210,6 +214,7 @@ class DeliveryQueue:
                 state = DeliveryState(row.state) if row is not None else DeliveryState.DEAD
                 return FailureOutcome(state, row.attempts if row else 0, None)
             row.attempts += 1
+            row.claimed_by = None
             row.last_error = error[:2000]
             row.updated_at = now
             if row.attempts >= backoff.max_attempts:
@@ -227,7 +232,27 @@ class DeliveryQueue:
         with self.db.session() as s, s.begin():
             s.execute(update(Delivery).where(Delivery.id.in_(ids),
                                              Delivery.state == DeliveryState.PENDING.value)
-                      .values(next_attempt_at=now, updated_at=now))
+                      .values(next_attempt_at=now, updated_at=now, claimed_by=None))
+
+    def release_dead_local(self, *, now: dt.datetime | None = None) -> int:
+        """Release at once the claims of exporters of this host that no longer run (a node
+        that crashed and restarts); returns how many. Safe on a queue shared with other
+        processes and machines: a claim of a live process, or of another host, is left to
+        its lease."""
+        now = now or utcnow()
+        with self.db.session() as s, s.begin():
+            q = select(Delivery).where(Delivery.state == DeliveryState.PENDING.value,
+                                       Delivery.claimed_by.like(f"{host_prefix()}%"))
+            if not self.db.is_sqlite:
+                q = q.with_for_update(skip_locked=True)
+            released = 0
+            for row in s.scalars(q):
+                if claimer_is_dead(row.claimed_by):
+                    row.claimed_by = None
+                    row.next_attempt_at = now
+                    row.updated_at = now
+                    released += 1
+            return released
 
     def due_now(self, *, now: dt.datetime | None = None) -> int:
         """Make every pending delivery due now; returns how many were waiting.
@@ -241,8 +266,8 @@ class DeliveryQueue:
         with self.db.session() as s, s.begin():
             return s.execute(update(Delivery).where(
                 Delivery.state == DeliveryState.PENDING.value,
-                Delivery.next_attempt_at > now).values(next_attempt_at=now,
-                                                       updated_at=now)).rowcount or 0
+                Delivery.next_attempt_at > now).values(next_attempt_at=now, updated_at=now,
+                                                       claimed_by=None)).rowcount or 0
 
     def next_due_at(self, destination: str) -> dt.datetime | None:
         """When the next pending delivery to ``destination`` is due (None: nothing pending)."""

@@ -39,7 +39,7 @@ def host_prefix() -> str:
     return f"{socket.gethostname()}:"
 
 
-def _claimer_is_dead(claimed_by: str | None) -> bool:
+def claimer_is_dead(claimed_by: str | None) -> bool:
     """True when ``claimed_by`` names a process of this host that no longer runs (or this
     very process, which cannot hold a claim before it claimed anything: a previous life of a
     container whose PID is always the same)."""
@@ -161,7 +161,7 @@ class JobQueue:
             if stale_after_s is not None:
                 q = q.where(Job.updated_at < now - dt.timedelta(seconds=stale_after_s))
             for job in s.scalars(q.with_for_update() if not self.db.is_sqlite else q):
-                if dead_local and not _claimer_is_dead(job.claimed_by):
+                if dead_local and not claimer_is_dead(job.claimed_by):
                     continue
                 job.updated_at = now
                 job.claimed_by = None

@@ -44,17 +44,16 @@ def _recover(ctx: NodeContext) -> None:
 
 
 def _release_deliveries(ctx: NodeContext) -> int:
-    """On SQLite this node's exporter is the only one: deliveries it had claimed when it died
-    are due again now instead of after their lease, and so are those waiting out a backoff
-    (on PostgreSQL other nodes' exporters may hold leases, so those run out)."""
-    if not ctx.db.is_sqlite:
-        return 0
+    """Deliveries claimed by this node's exporter when it died are due again now instead of
+    after their lease. On SQLite this node's exporter is the only one: every pending delivery
+    is due now, those waiting out a backoff included. On PostgreSQL other processes and
+    machines may hold leases: only the claims of dead exporters of this host are released."""
     try:
         from storage.deliveries import DeliveryQueue
     except ModuleNotFoundError:
         return 0
-    release = getattr(DeliveryQueue(ctx.db), "due_now", None)
-    return release() if release is not None else 0
+    queue = DeliveryQueue(ctx.db)
+    return queue.due_now() if ctx.db.is_sqlite else queue.release_dead_local()
 
 
 def _exporter(ctx: NodeContext):

@@ -43,7 +43,7 @@ def _audit(config_path):
 
 def test_db_upgrade_studies_jobs_rerun(config, tmp_path):
     res = _run("db", "upgrade", "--config", str(config))
-    assert res.exit_code == 0 and "revision 0001" in res.output
+    assert res.exit_code == 0 and "revision 0002" in res.output
     assert json.loads(_run("studies", "--json", "--config", str(config)).output) == []
     assert json.loads(_run("jobs", "--json", "--config", str(config)).output) == []
 

@@ -84,6 +84,36 @@ def test_claim_is_a_lease_that_no_second_claimer_gets(db):
     assert len(q.claim_due("pacs")) == 3
 
 
+def test_a_restart_releases_the_claims_of_its_dead_exporter_only(db):
+    """A node that crashed and restarts gets its own leases back at once (PostgreSQL: other
+    exporters share the queue, so only dead claimers of this host are released)."""
+    import os
+    import subprocess
+    import sys
+
+    from storage.queue import host_prefix
+
+    q = DeliveryQueue(db)
+    for n in range(3):
+        job = _job(db, series_uid=f"1.2.3.{n}")
+        q.add_results(job, _results(job), [ALL])
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = f"{host_prefix()}{gone}:exporter:dead01"
+    alive = f"{host_prefix()}{os.getppid()}:exporter:live01"   # pytest's parent runs
+    elsewhere = f"other-host-{os.getpid()}:1:exporter:away01"
+    held = {who: q.claim_due("pacs", limit=3, lease_s=600, claimed_by=who)
+            for who in (dead, alive, elsewhere)}
+    assert all(len(c) == 3 for c in held.values())
+    assert q.claim_due("pacs") == []                       # all leased for 10 minutes
+    assert q.release_dead_local() == 3
+    again = q.claim_due("pacs", lease_s=600, claimed_by=alive)
+    assert sorted(c.id for c in again) == sorted(c.id for c in held[dead])
+    assert q.release_dead_local() == 0                     # live and foreign claims stay
+    q.mark_delivered(again[0].id)
+    assert q.claim_due("pacs") == []
+
+
 def test_concurrent_claimers_never_share_a_delivery(db):
     q = DeliveryQueue(db)
     for n in range(6):

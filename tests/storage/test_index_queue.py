@@ -78,7 +78,7 @@ def test_migration_matches_models(sqlite_db):
         assert diff == []
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
-    assert sqlite_db.upgrade() == "0001"  # idempotent
+    assert sqlite_db.upgrade() == "0002"  # idempotent
 
 
 def test_index_and_queue_on_sqlite(sqlite_db):
@@ -126,7 +126,7 @@ def test_concurrent_claimers_take_each_job_once(tmp_path):
 def test_index_and_queue_on_postgresql(postgres_url):
     from tests.conftest import create_pg_database
     db = Database(create_pg_database(postgres_url, "index_queue"))
-    assert db.upgrade() == "0001"
+    assert db.upgrade() == "0002"
     try:
         _exercise(db)
         # SKIP LOCKED: a claim while another transaction holds the only queued row gets None.
@@ -141,3 +141,22 @@ def test_index_and_queue_on_postgresql(postgres_url):
         assert queue.claim("w-other") is not None
     finally:
         db.dispose()
+
+
+def test_upgrade_from_0001_keeps_deliveries_and_adds_claimed_by(tmp_path):
+    """An installed node on the first schema upgrades in place (docs/operations.md)."""
+    from storage.migrate import upgrade
+    db = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    assert upgrade(db.engine, "0001") == "0001"
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO studies (id, study_instance_uid, created_at, updated_at) "
+                             "VALUES (1, '1.2', '2026-01-01', '2026-01-01')")
+        conn.exec_driver_sql("INSERT INTO series (id, study_id, series_instance_uid, modality, state, "
+                             "first_received_at, last_received_at, updated_at) VALUES "
+                             "(1, 1, '1.2.3', 'CT', 'done', '2026-01-01', '2026-01-01', '2026-01-01')")
+    assert db.upgrade() == "0002"
+    with db.engine.connect() as conn:
+        cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(deliveries)")]
+        assert "claimed_by" in cols
+        assert conn.exec_driver_sql("SELECT count(*) FROM series").scalar() == 1
+    db.dispose()
