@@ -13,6 +13,8 @@ Patient Orientation is therefore P\\F (rows run towards posterior, columns towar
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -118,6 +120,18 @@ def _caption(f: VertebraFinding) -> str:
     return text
 
 
+def caption_rows(true_rows: Sequence[float], lo: float, hi: float, gap: float) -> list[float]:
+    """Rows for captions that belong at ``true_rows`` (ascending): as near as possible to
+    them, within ``[lo, hi]``, and at least ``gap`` apart, so that neighbours never overlap
+    (``hi - lo`` must leave room for them all: ``(n - 1) * gap``). Pushed down from the top,
+    then pulled back up where the push ran past ``hi``."""
+    rows: list[float] = []
+    for row in true_rows:
+        rows.append(max(row, lo) if not rows else max(row, rows[-1] + gap))
+    n = len(rows)
+    return [min(row, hi - (n - 1 - i) * gap) for i, row in enumerate(rows)]
+
+
 def render(
     hu: np.ndarray, labels: np.ndarray, findings: Sequence[VertebraFinding], pixel_mm: float,
     z_top: float, banner: str,
@@ -145,34 +159,27 @@ def render(
     captions = {f.label: _caption(f) for f in findings}
     widest = max((_text_width(font, c) for c in captions.values()), default=0)
     panel_w = int(widest + size * 1.5)
+    gap = size * 1.15
+    # The caption column is at least as tall as the plane, taller when the captions need it
+    # (many vertebrae on a short plane, e.g. a thin slab).
+    panel_h = max(h, int(math.ceil(max(len(findings) - 1, 0) * gap + size * 1.2)))
     top = int(size * 3.2)
     bottom = int(size * 1.8)
-    canvas = Image.new("RGB", (w + panel_w, h + top + bottom), (0, 0, 0))
+    canvas = Image.new("RGB", (w + panel_w, panel_h + top + bottom), (0, 0, 0))
     canvas.paste(plane, (0, top))
     draw = ImageDraw.Draw(canvas)
     draw.text((size // 2, size // 4), NOT_FOR_DIAGNOSIS, fill=(255, 220, 0), font=font)
     draw.text((size // 2, int(size * 1.6)), banner, fill=(200, 200, 200), font=small)
-    draw.text((size // 2, top + h + size // 4), "Automatic result, not verified by a physician",
+    draw.text((size // 2, top + panel_h + size // 4), "Automatic result, not verified by a physician",
               fill=(200, 200, 200), font=small)
     draw.text((4, top + h // 2), "A", fill=(255, 220, 0), font=small)
     draw.text((w - size, top + h // 2), "P", fill=(255, 220, 0), font=small)
 
-    # Captions at the height of each centroid, pushed apart so that neighbours never overlap.
-    gap = size * 1.15
-    placed: list[tuple[float, VertebraFinding]] = []
-    for f in sorted(findings, key=lambda v: -v.centroid_mm[2]):  # cranial first
-        row = top + (z_top - f.centroid_mm[2]) / pixel_mm
-        if placed:
-            row = max(row, placed[-1][0] + gap)
-        placed.append((row, f))
-    # ... and pulled back up where the push ran past the bottom of the plane.
-    limit = top + h - size * 0.6
-    for i in range(len(placed) - 1, -1, -1):
-        row, f = placed[i]
-        placed[i] = (max(top + size * 0.6, min(row, limit - (len(placed) - 1 - i) * gap)), f)
-    for row, f in placed:
+    ordered = sorted(findings, key=lambda v: -v.centroid_mm[2])  # cranial first
+    true_rows = [top + (z_top - f.centroid_mm[2]) / pixel_mm for f in ordered]
+    rows = caption_rows(true_rows, top + size * 0.6, top + panel_h - size * 0.6, gap)
+    for row, true_row, f in zip(rows, true_rows, ordered):
         colour = (255, 60, 60) if f.fractured else (255, 255, 255)
-        true_row = top + (z_top - f.centroid_mm[2]) / pixel_mm
         draw.line([(w + 2, true_row), (w + size // 2, row)], fill=colour, width=max(1, size // 10))
         draw.text((w + size // 2 + 4, row - size * 0.55), captions[f.label], fill=colour, font=font)
     return np.asarray(canvas, dtype=np.uint8).copy(), top

@@ -2,8 +2,12 @@
 fractured vertebrae red, normal white, marked not for primary diagnosis."""
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
-from pipeline.outputs.key_image import _caption, reformat_sagittal, render
+from pipeline.outputs.key_image import _caption, caption_rows, reformat_sagittal, render
 from tests import synthetic_results as synth
 
 
@@ -56,3 +60,30 @@ def test_caption_names_level_grade_and_morphology():
     n = VertebraFinding(label=21, name="L2", centroid_mm=(0, 0, 0), partial=True)
     assert _caption(n) == "L2  G0 normal (partial)"
 
+
+
+@pytest.mark.parametrize("true_rows", [
+    [10.0, 11.0, 12.0, 60.0],            # a partial vertebra cut at the top edge, then crowded
+    [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],      # all above the column's first row
+    [95.0, 96.0, 97.0, 98.0],            # crowded at the bottom edge
+    [20.0, 40.0, 60.0],                  # room enough: captions stay at their vertebrae
+])
+def test_captions_never_overlap_even_at_the_edges(true_rows):
+    lo, hi, gap = 7.0, 93.0, 13.8
+    rows = caption_rows(true_rows, lo, hi, gap)
+    assert all(b - a >= gap - 1e-9 for a, b in zip(rows, rows[1:]))
+    assert lo - 1e-9 <= rows[0] and rows[-1] <= hi + 1e-9
+    if true_rows == [20.0, 40.0, 60.0]:
+        assert rows == true_rows
+
+
+def test_key_image_grows_to_fit_many_captions_on_a_thin_slab(case):
+    """Twenty vertebrae on a 40-row plane (a thin slab): the caption column gets taller."""
+    import numpy as np
+
+    hu = np.zeros((40, 60), np.float32)
+    labels = np.zeros((40, 60), np.int32)
+    findings = [dataclasses.replace(case[1].vertebrae[0], label=i + 1, name=f"T{i % 12 + 1}",
+                                    centroid_mm=(0.0, 0.0, float(-i))) for i in range(20)]
+    pixels, top = render(hu, labels, findings, pixel_mm=1.0, z_top=0.0, banner="test")
+    assert pixels.shape[0] - top > 20 * 12 * 1.15 - 1   # 20 captions, 1.15 x 12 px apart
