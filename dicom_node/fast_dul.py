@@ -17,7 +17,7 @@ nothing else:
   ``send_pdu`` (a primitive to send, e.g. the C-STORE response) wakes it at once instead of
   after up to 1 ms. Measured on a quiet machine, a pynetdicom SCP that answers at once took
   0.48-0.50 s for 300 instances with the wake-up and 0.73-0.74 s without
-  (runs/prof-style A/B in bench/README.md). An earlier wake-up through a pipe had measured
+  (`bench/scp_floor.py`; bench/README.md). An earlier wake-up through a pipe had measured
   slower on the machine loaded to 6-9 (the woken DUL thread competing for the GIL); on the
   quiet machine the full node gained little but lost nothing, so the wake-up stays, and
   ``SPINE_FAST_DUL_PARTS=dul+assoc+recv`` leaves it out.
