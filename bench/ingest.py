@@ -111,20 +111,44 @@ def tool(name: str) -> str:
     sys.exit(f"{name} is not installed (apt-get install dcmtk orthanc)")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads (and reaped children)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its live child processes (``node.acceptor_processes`` > 1 forks acceptors)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [pid, *(int(c) for c in fh.read().split())]
+    except OSError:
+        return [pid]
+
+
+def _cpu_one(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     # fields[0] is field 3 (state): utime = 14, stime = 15, cutime = 16, cstime = 17
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its child processes, all their threads."""
+    return sum(_cpu_one(p) for p in _tree(pid))
+
+
+def _hwm_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Peak resident set size of the process plus those of its live child processes."""
+    return sum(_hwm_mb(p) for p in _tree(pid)) or float("nan")
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:

@@ -108,6 +108,10 @@ class NodeSettings(_Section):
     #: Largest P-DATA PDU we accept (bytes); 0 = unlimited. Larger PDUs mean fewer Python loops.
     max_pdu: int = Field(262144, ge=0)
     max_associations: int = Field(16, ge=1)
+    #: Processes that accept associations on the listening socket (``serve`` forks the extra
+    #: ones; each has its own GIL, so concurrent senders use more than one core). Limits such
+    #: as ``max_associations`` apply per process; /metrics counts the main process only.
+    acceptor_processes: int = Field(1, ge=1, le=64)
     #: Storage SOP classes accepted besides CT Image Storage and Enhanced CT Image Storage.
     extra_storage_sop_classes: list[str] = Field(default_factory=list)
     acse_timeout_s: float = Field(30.0, gt=0)

@@ -10,8 +10,10 @@ polling loops are replaced by waits in :mod:`dicom_node.fast_dul`.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
+import os
 import threading
 import time
 
@@ -27,6 +29,7 @@ from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage,
 
 from config import Settings
 from dicom_node import audit, fast_dul, metrics, part10
+from dicom_node.acceptors import defer_accept_when_busy, inherited_listener
 from dicom_node.logging import get_logger
 from storage.files import BlobStore, OutOfSpaceError
 from storage.index import Index, InstanceRecord
@@ -131,7 +134,13 @@ class StorageSCP:
         self.ae = ae
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, listen_fd: int | None = None) -> None:
+        """Listen on ``node.host``:``node.port`` (and ``node.tls.port``), or with ``listen_fd``
+        accept on a listening socket inherited from ``serve`` (:mod:`dicom_node.acceptors`).
+
+        With ``node.acceptor_processes`` > 1 every process defers its ``accept`` a little per
+        association it is already serving, so that a new sender goes to the least busy one.
+        """
         handlers = [(evt.EVT_REQUESTED, self._on_requested),
                     (evt.EVT_ACCEPTED, self._on_accepted),
                     (evt.EVT_REJECTED, self._on_limit_rejected),
@@ -145,12 +154,16 @@ class StorageSCP:
             ssl_context = server_context(node.tls, io_timeout=node.network_timeout_s,
                                          on_failure=self._on_tls_failure)
         tls_only = ssl_context is not None and not node.tls.port
-        self.server = self.ae.start_server((node.host, node.port), block=False,
-                                           evt_handlers=handlers,
-                                           ssl_context=ssl_context if tls_only else None)
+        with inherited_listener(listen_fd) if listen_fd is not None else contextlib.nullcontext():
+            self.server = self.ae.start_server((node.host, node.port), block=False,
+                                               evt_handlers=handlers,
+                                               ssl_context=ssl_context if tls_only else None)
+        if node.acceptor_processes > 1:
+            defer_accept_when_busy(self.server, self.ae)
         log.info("storage SCP listening", extra={"ae_title": node.ae_title, "host": node.host,
-                                                 "port": self.port, "tls": tls_only})
-        if ssl_context is not None and not tls_only:
+                                                 "port": self.port, "tls": tls_only,
+                                                 "pid": os.getpid()})
+        if ssl_context is not None and not tls_only and listen_fd is None:
             self.tls_server = self.ae.start_server((node.host, node.tls.port), block=False,
                                                    evt_handlers=handlers,
                                                    ssl_context=ssl_context)
@@ -237,7 +250,8 @@ class StorageSCP:
         details = {"stored": stats.stored, "duplicates": stats.duplicates,
                    "refused": stats.refused, "bytes": stats.bytes,
                    "seconds": round(time.monotonic() - stats.started, 3)}
-        log.info("association closed", extra={"calling_ae": stats.calling_ae, **details})
+        log.info("association closed", extra={"calling_ae": stats.calling_ae, "pid": os.getpid(),
+                                              **details})
         audit.record(self.index, "instances_received",
                      "success" if not stats.refused else "partial",
                      actor=f"{stats.calling_ae}@{stats.host}", actor_host=stats.host,

@@ -95,6 +95,11 @@ def serve(config: Path = CONFIG_OPTION) -> None:
         http.start()
     scp = StorageSCP(settings, ctx.index, ctx.store)
     scp.start()
+    pool = None
+    if settings.node.acceptor_processes > 1:
+        from dicom_node.acceptors import AcceptorPool
+        pool = AcceptorPool(scp.server.socket, settings.node.acceptor_processes - 1, config)
+        pool.start()
     scheduler = Scheduler(ctx.index, settings)
     scheduler.start()
     workers = start_worker_threads(_make_worker(ctx, "serve"), settings.worker.count)
@@ -110,7 +115,11 @@ def serve(config: Path = CONFIG_OPTION) -> None:
     stop.wait()
     # Drain: no new associations (open ones finish), no new jobs, running jobs get
     # worker.drain_seconds and are otherwise re-queued for the next start.
+    if pool is not None:
+        pool.terminate()
     scp.drain(timeout_s=settings.node.dimse_timeout_s)
+    if pool is not None:
+        pool.wait(timeout_s=settings.node.dimse_timeout_s + 5)
     scheduler.stop()
     drain_workers(workers, ctx.queue, settings.worker.drain_seconds)
     if exporter is not None:
@@ -140,6 +149,29 @@ def worker(config: Path = CONFIG_OPTION,
     ctx.close()
 
 
+def acceptor(config: Path = CONFIG_OPTION,
+             listen_fd: int = typer.Option(..., "--listen-fd", help="inherited listening socket"),
+             parent_pid: int = typer.Option(..., "--parent-pid", help="the serve process")) -> None:
+    """An extra Storage SCP process of ``serve`` (node.acceptor_processes); not run by hand."""
+    import os
+
+    settings = settings_or_exit(config)
+    setup_logging(settings.logging.level, settings.logging.json_format)
+    from dicom_node.scp import StorageSCP
+
+    stop = _stop_on_signals()
+    ctx = NodeContext.open(settings, upgrade=False)
+    scp = StorageSCP(settings, ctx.index, ctx.store)
+    scp.start(listen_fd=listen_fd)
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:  # serve is gone (kill -9): stop accepting too
+            log.warning("serve process gone, acceptor stopping", extra={"parent_pid": parent_pid})
+            break
+    scp.drain(timeout_s=settings.node.dimse_timeout_s)
+    ctx.close()
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.command("worker")(worker)
+    app.command("acceptor", hidden=True)(acceptor)

@@ -1,0 +1,151 @@
+"""Extra acceptor processes on the Storage SCP's listening socket (issue 8, ``node.acceptor_processes``).
+
+pynetdicom runs every association as a thread of one process, so concurrent senders share one
+GIL: with four storescu the node used 6.2 ms of CPU per instance against 4.7 ms with one, and
+stayed at 0.55-0.60x Orthanc's throughput, which spreads them over both cores (bench/README.md).
+The pre-fork model of web servers fixes that without touching pynetdicom: ``serve`` binds the
+port as before, then starts ``node.acceptor_processes - 1`` child processes (``spine-node
+acceptor``, not meant to be run by hand) that inherit the *same* listening socket and accept
+from it too; the kernel hands each new connection to one of them. Each child is a complete
+Storage SCP (same settings, store and database: SQLite's locking or PostgreSQL's serialise
+their index writes) without scheduler, workers, exporter or HTTP.
+
+No ``SO_REUSEPORT``: a second node started on the same port by mistake still fails to bind
+instead of silently taking half of the traffic. The listening socket is non-blocking in every
+process, so a process that loses the race for a connection returns to waiting at once.
+
+Children stop when ``serve`` stops (SIGTERM: they drain like the parent), and on their own when
+the parent is gone (``kill -9``): they check every second. A child that dies is started again.
+Limits such as ``node.max_associations`` hold per process; /metrics shows the main process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pynetdicom.transport import AssociationServer
+
+from dicom_node.logging import get_logger
+
+log = get_logger("spine_node.acceptors")
+
+#: Shortest time between two starts of the same child (a child that cannot start must not spin).
+RESTART_DELAY_S = 5.0
+
+
+@contextlib.contextmanager
+def inherited_listener(fd: int) -> Iterator[None]:
+    """While active, a new pynetdicom ``AssociationServer`` accepts on the listening socket
+    ``fd`` (inherited from ``serve``) instead of binding its own address."""
+    bind, activate = AssociationServer.server_bind, AssociationServer.server_activate
+
+    def server_bind(self) -> None:  # noqa: ANN001
+        self.socket.close()
+        self.socket = socket.socket(fileno=fd)
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    AssociationServer.server_bind = server_bind
+    AssociationServer.server_activate = lambda self: None
+    try:
+        yield
+    finally:
+        AssociationServer.server_bind, AssociationServer.server_activate = bind, activate
+
+
+#: Delay of a process's ``accept`` per association it already serves, at most ``_DEFER_MAX_S``.
+_DEFER_PER_ASSOCIATION_S = 0.002
+_DEFER_MAX_S = 0.01
+
+
+def defer_accept_when_busy(server, ae) -> None:  # noqa: ANN001 - pynetdicom server and AE
+    """Make ``server`` (listening on a socket shared by the acceptor processes) wait a moment
+    before each ``accept`` while it serves associations: the kernel wakes every process for
+    a new connection and the first to accept gets it, so without this the busiest process,
+    often the quickest to wake, takes most senders. An idle process accepts at once; a
+    single sender is never delayed."""
+    accept = server.get_request
+
+    def get_request():  # noqa: ANN202
+        busy = sum(1 for a in ae.active_associations if a.is_established)
+        if busy:
+            time.sleep(min(_DEFER_MAX_S, busy * _DEFER_PER_ASSOCIATION_S))
+        return accept()  # BlockingIOError if another process took it: socketserver moves on
+
+    server.get_request = get_request
+
+
+class AcceptorPool:
+    """``count`` child processes accepting on ``listener`` (see the module docstring)."""
+
+    def __init__(self, listener: socket.socket, count: int, config: Path | None):
+        self.listener = listener
+        self.count = count
+        self.config = config
+        self._procs: list[subprocess.Popen | None] = [None] * count
+        self._started: list[float] = [0.0] * count
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def _command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "dicom_node", "acceptor",
+               "--listen-fd", str(self.listener.fileno()), "--parent-pid", str(os.getpid())]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        return cmd
+
+    def _spawn(self, i: int) -> None:
+        self._started[i] = time.monotonic()
+        self._procs[i] = subprocess.Popen(self._command(), pass_fds=(self.listener.fileno(),))
+        log.info("acceptor process started", extra={"acceptor": i + 1, "pid": self._procs[i].pid})
+
+    def start(self) -> None:
+        # The parent accepts from the same socket: it must not block when a child wins the race.
+        self.listener.setblocking(False)
+        for i in range(self.count):
+            self._spawn(i)
+        self._monitor = threading.Thread(target=self._watch, name="acceptor-pool", daemon=True)
+        self._monitor.start()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p is not None and p.poll() is None]
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            for i, proc in enumerate(self._procs):
+                if proc is None or proc.poll() is None or self._stop.is_set():
+                    continue
+                if time.monotonic() - self._started[i] < RESTART_DELAY_S:
+                    continue
+                log.error("acceptor process exited, starting it again",
+                          extra={"acceptor": i + 1, "pid": proc.pid, "status": proc.returncode})
+                self._spawn(i)
+
+    def terminate(self) -> None:
+        """SIGTERM every child: each stops accepting and drains its associations."""
+        self._stop.set()
+        for proc in self._procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float = 35.0) -> None:
+        """Wait for the children after :meth:`terminate`; SIGKILL what is left at the end."""
+        deadline = time.monotonic() + timeout_s
+        for proc in self._procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("acceptor process did not stop, killing it", extra={"pid": proc.pid})
+                proc.kill()
+                proc.wait()
