@@ -20,15 +20,19 @@ from pipeline.localization.train import choose_decoder
 from pipeline.registry import build_from_checkpoint
 
 
-def calibrate(weights: Path, val_seeds: list[int], cache_dir: Path, out: Path) -> dict:
+def calibrate(weights: Path, val_seeds: list[int], cache_dir: Path, out: Path,
+              overlap: float | None = None) -> dict:
+    """``overlap``: the patch overlap of inference to calibrate for (and write into the meta;
+    default: the file's own)."""
     ckpt = torch.load(weights, map_location="cpu", weights_only=True)
     model = build_from_checkpoint(ckpt)
     meta = model.meta
+    overlap = float(meta.get("overlap", 0.25)) if overlap is None else float(overlap)
     cases = cached_phantom_cases(val_seeds, float(meta["spacing_mm"]), cache_dir)
-    maps = [predict_heatmaps(model, c.array, meta["patch"], c.pad_value, float(meta.get("overlap", 0.25)))
+    maps = [predict_heatmaps(model, c.array, meta["patch"], c.pad_value, overlap)
             / float(meta.get("amplitude", 1.0)) for c in cases]
     best = choose_decoder(maps, cases)
-    ckpt["meta"].update({"decoder": best["decoder"], "threshold": best["threshold"],
+    ckpt["meta"].update({"decoder": best["decoder"], "threshold": best["threshold"], "overlap": overlap,
                          "calibration": {k: best[k] for k in ("id_rate", "error_mm", "fp", "score")}
                          | {"val_seeds": list(val_seeds)}})
     torch.save(ckpt, out)
@@ -41,12 +45,14 @@ def main() -> None:
     ap.add_argument("--val-seeds", default="8001-8004")
     ap.add_argument("--cache-dir", type=Path, default=Path("runs/localization/cache"))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--overlap", type=float, help="patch overlap of inference (default: the file's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args()
     seeds = parse_seeds(args.val_seeds)
     if any(9001 <= s <= 9010 for s in seeds):
         raise SystemExit("evaluation seeds 9001-9010 must not be used for calibration")
-    torch.set_num_threads(1)
-    print(json.dumps(calibrate(args.weights, seeds, args.cache_dir, args.out)))
+    torch.set_num_threads(args.threads)
+    print(json.dumps(calibrate(args.weights, seeds, args.cache_dir, args.out, args.overlap)))
 
 
 if __name__ == "__main__":
