@@ -115,10 +115,6 @@ class AcceptorPool:
         self._monitor = threading.Thread(target=self._watch, name="acceptor-pool", daemon=True)
         self._monitor.start()
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs if p is not None and p.poll() is None]
-
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
             for i, proc in enumerate(self._procs):
