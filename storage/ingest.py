@@ -150,9 +150,13 @@ class InstanceWriter:
         """
         tmp = self.store.write_temp(record.path, data)
         try:
-            return self._group.submit((tmp, record))
-        finally:
-            tmp.unlink(missing_ok=True)  # still there: a duplicate, or an error
+            outcome = self._group.submit((tmp, record))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # not named: nothing stays behind
+            raise
+        if outcome is Outcome.DUPLICATE:
+            tmp.unlink(missing_ok=True)  # the first copy stays
+        return outcome
 
     def _commit(self, items: list[tuple[Path, InstanceRecord]]) -> list[Outcome]:
         outcomes: list[Outcome] = []

@@ -301,18 +301,16 @@ class NodeProcess:
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 60.0,
                  interval: float = 0.25, what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}\n--- node log ---\n"
-                                   + self.log()[-4000:])
-            if self.proc is not None and self.proc.poll() is not None:
+        """:func:`wait_for` with the node's log as diagnostics; fails at once if it exits."""
+        def alive_and(pred=predicate):  # noqa: ANN001, ANN202
+            value = pred()
+            if not value and self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node exited ({self.proc.returncode}) while waiting for "
                                    f"{what}\n" + self.log()[-4000:])
-            time.sleep(interval)
+            return value
+
+        return wait_for(alive_and, timeout, what, interval=interval,
+                        diagnostics=lambda: "--- node log ---\n" + self.log()[-4000:])
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait; returns the exit status."""
