@@ -296,11 +296,14 @@ def weighted_kappa(truth: Sequence[int], pred: Sequence[int], n: int = 4, weight
 
 
 def grading_pairs(gt_vertebrae: Sequence[dict], findings: Sequence[Any]) -> list[dict[str, Any]]:
-    """(truth, prediction) per non-partial true vertebra; a vertebra not found is normal, grade 0."""
+    """(truth, prediction) per non-partial true vertebra that Genant grades (not C1, C2:
+    :data:`pipeline.genant.NOT_GRADED`); a vertebra not found is normal, grade 0."""
+    from pipeline.genant import NOT_GRADED
+
     by_label = {int(_field(f, "label")): f for f in findings}
     out = []
     for v in gt_vertebrae:
-        if v.get("partial"):
+        if v.get("partial") or v["name"] in NOT_GRADED:
             continue
         f = by_label.get(int(v["label"]))
         out.append({"name": v["name"], "gt_fractured": bool(v["fractured"]), "gt_grade": int(v["genant_grade"]),
@@ -340,12 +343,16 @@ def segmentation_grading_report(seg_cases: Sequence[dict], grade_cases: Sequence
 
 def evaluate_pipeline(seeds: Iterable[int], device: str = "auto", json_path: Path | None = None,
                       gt_centroids: bool = False, models: dict[str, Any] | None = None,
-                      log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                      log: Callable[[str], None] = lambda s: None,
+                      acquisition: dict[str, Any] | None = None) -> dict[str, Any]:
     """Phantoms of ``seeds`` through :func:`pipeline.run.analyse` (the whole pipeline, as
     ``process`` runs it, on the phantom's acquisition grid in memory); every contract key.
 
     ``gt_centroids``: start from the true centroids instead of the localization (evaluates the
     segmentation and grading alone; the localization keys are then those of the truth).
+    ``acquisition``: overrides of the seeds' acquisitions (:func:`pipeline.phantom.generate`),
+    e.g. ``{"slice_spacing": 3.0, "slice_thickness": 3.0, "n_slices": 300}`` to measure the
+    pipeline on thick-slice whole-spine scans; recorded in the report.
     """
     import SimpleITK as sitk
 
@@ -355,7 +362,7 @@ def evaluate_pipeline(seeds: Iterable[int], device: str = "auto", json_path: Pat
     seeds = list(seeds)
     loc_cases, seg_cases, grade_cases, runtimes = [], [], [], []
     for seed in seeds:
-        ph = generate(seed)
+        ph = generate(seed, acquisition=acquisition)
         series = _PhantomSeries(ph)
         cents = None
         if gt_centroids:
@@ -388,6 +395,7 @@ def evaluate_pipeline(seeds: Iterable[int], device: str = "auto", json_path: Pat
     report["timings_s"] = {"analyse_mean": _mean(runtimes), "analyse_max": max(runtimes) if runtimes else None}
     report["seeds"] = seeds
     report["centroids"] = "ground truth" if gt_centroids else "localization"
+    report["acquisition"] = dict(acquisition) if acquisition else "each seed's own"
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report

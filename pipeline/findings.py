@@ -76,7 +76,7 @@ class VertebraFinding:
     partial: bool = False
     keypoints_mm: dict[str, tuple[float, float, float]] | None = None
     mask_heights_mm: Heights | None = None
-    grading_source: str = "keypoints"   # "keypoints" | "mask"
+    grading_source: str = "keypoints"   # "keypoints" | "mask" | "none" (not graded: C1, C2)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:

@@ -32,6 +32,10 @@ from pipeline.findings import GenantGrade, Heights, Morphology, VertebraFinding
 FRACTURE_LOSS = 0.20
 #: Levels whose shape makes them no reference for a neighbour's height (C1 has no body, C2 a dens).
 NO_REFERENCE = ("C1", "C2")
+#: Levels Genant's method does not grade: the atlas has no vertebral body, and the axis body
+#: carries the dens, so neither has the anterior/middle/posterior heights the grade compares
+#: (Genant et al. 1993 grade C3-L5 at most; the phantom never fractures C1 or C2).
+NOT_GRADED = ("C1", "C2")
 #: Where the anterior and posterior heights are measured on the mask: this fraction of the body's
 #: half depth in front of and behind its centre, near the corners where Genant measures (the
 #: phantom's keypoints sit at the same fraction).
@@ -190,6 +194,7 @@ def heights_from_mask(prob_rc: np.ndarray, spacing_mm: float, threshold: float =
 def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> None:
     """Grade every finding of one spine in place.
 
+    :data:`NOT_GRADED` levels keep grade 0 with no heights and ``grading_source = "none"``.
     Uses ``heights_mm`` (keypoints) where present, else ``mask_heights_mm``. When both exist and
     their grades differ by more than one, the finding says so in ``notes``; the keypoint grade
     decides unless the keypoint heights are implausible (outside 3-60 mm), in which case the mask
@@ -201,6 +206,11 @@ def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> N
     ref_kp = reference_heights(orders, kp, names)
     ref_mk = reference_heights(orders, mk, names)
     for f, hk, hm, rk, rm in zip(findings, kp, mk, ref_kp, ref_mk):
+        if f.name in NOT_GRADED:
+            f.notes.append(f"{f.name} has no vertebral body of Genant's shape: not graded")
+            f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
+            f.heights_mm, f.grading_source = None, "none"
+            continue
         a_kp = assess(hk, rk) if hk is not None else None
         a_mk = assess(hm, rm) if hm is not None else None
         chosen, source = a_kp, "keypoints"

@@ -64,8 +64,8 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     import torch
 
     from pipeline.genant import grade_spine, heights_from_keypoints, heights_from_mask
-    from pipeline.keypoints.infer import plane_input, predict_keypoints
-    from pipeline.keypoints.plane import body_centre, sagittal_plane, spine_axes
+    from pipeline.keypoints.infer import locate_keypoints
+    from pipeline.keypoints.plane import spine_axes
     from pipeline.registry import load_model, resolve_device
     from pipeline.segmentation.crops import array_image
     from pipeline.segmentation.infer import segment
@@ -106,19 +106,13 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     kp_meta = getattr(models["keypoints"], "meta", {})
     size = int(kp_meta.get("plane_size", 96))
     spacing = float(kp_meta.get("plane_spacing_mm", 0.75))
-    planes, inputs, mask_heights = [], [], []
-    for sv, up in zip(seg.vertebrae, ups):
-        fg = array_image(sv.foreground, sv.crop)
-        plane = sagittal_plane(body_centre(fg, sv.centroid_mm, up), up, size, spacing)
-        x = plane_input(image, fg, plane)
-        if not kp_meta.get("use_mask", True):
-            x[1] = 0.0  # a keypoint model trained on the CT alone
-        planes.append(plane)
-        inputs.append(x)
-        # Heights on the mask: from the finest foreground the segmentation has (1 mm if refined).
-        fine = sv.fine if sv.fine is not None else fg
-        mask_heights.append(heights_from_mask(plane.sample(fine, True, 0.0), spacing))
-    keypoints = predict_keypoints(models["keypoints"], np.stack(inputs), planes, dev) if inputs else []
+    fgs = [array_image(sv.foreground, sv.crop) for sv in seg.vertebrae]
+    planes, keypoints = locate_keypoints(models["keypoints"], image, fgs, [sv.centroid_mm for sv in seg.vertebrae],
+                                         ups, size, spacing, dev, use_mask=kp_meta.get("use_mask", True))
+    # Heights on the mask, on the same planes: from the finest foreground the segmentation has
+    # (1 mm if refined).
+    mask_heights = [heights_from_mask(plane.sample(sv.fine if sv.fine is not None else fg, True, 0.0), spacing)
+                    for sv, fg, plane in zip(seg.vertebrae, fgs, planes)]
     timings["keypoints"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -141,7 +135,7 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
             f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
         f.fractured = f.genant_grade >= GenantGrade.MILD
         seg_says = sv.fracture_score > 0.5
-        if not f.partial and seg_says != f.fractured:
+        if not f.partial and f.grading_source != "none" and seg_says != f.fractured:
             f.notes.append(f"the segmentation network calls it {'fractured' if seg_says else 'normal'} "
                            f"(score {sv.fracture_score:.2f}); the Genant grade decided")
     timings["genant"] = time.perf_counter() - t

@@ -139,6 +139,10 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
         gt_centroids: bool = typer.Option(False, "--gt-centroids",
                                           help="start segmentation from the true centroids (evaluates it alone)"),
+        slice_spacing: Optional[float] = typer.Option(
+            None, "--slice-spacing", min=0.5, max=5.0,
+            help="force this slice spacing and thickness (mm) on every seed, e.g. 3 for routine thick-slice CT"),
+        slices: Optional[int] = typer.Option(None, "--slices", min=8, help="force this many slices per series"),
     ) -> None:
         """Phantoms with these seeds through the pipeline; metrics against their ground truth."""
         from pipeline import evaluate as ev
@@ -148,11 +152,17 @@ def register(app: typer.Typer) -> None:
         dev = _device(None, device)
         installed = set(read_manifest())
         if {"segmentation", "keypoints"} <= installed and (gt_centroids or "localization" in installed):
+            acq: dict = {}
+            if slice_spacing is not None:
+                acq.update(slice_spacing=slice_spacing, slice_thickness=slice_spacing)
+            if slices is not None:
+                acq["n_slices"] = slices
             report = ev.evaluate_pipeline(seed_list, dev, json_out, gt_centroids=gt_centroids,
-                                          log=lambda m: typer.echo(m, err=True))
+                                          log=lambda m: typer.echo(m, err=True), acquisition=acq or None)
         else:  # only the localization is shipped: its keys, the others null
             report = ev.evaluate(seed_list, dev, json_out, log=lambda m: typer.echo(m, err=True))
         keys = ev.REPORT_KEYS + tuple(k for k in ("detection_precision", "detection_recall", "genant_weighted_kappa_linear",
-                                                  "genant_kappa_weights", "errors_over_mm", "timings_s", "centroids")
+                                                  "genant_kappa_weights", "errors_over_mm", "timings_s", "centroids",
+                                                  "acquisition")
                                       if k in report)
         sys.stdout.write(json.dumps({k: report.get(k) for k in keys}, indent=2) + "\n")

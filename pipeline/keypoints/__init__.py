@@ -2,13 +2,15 @@
 
 A 2D M-SCN (:class:`pipeline.nets.MSCN` with ``spatial_dims=2``, the localization model's code)
 regresses six heatmaps, one per keypoint of :data:`pipeline.findings.KEYPOINT_NAMES`
-(A1 A2 M1 M2 P1 P2), from two channels of the sagittal plane through the vertebra's centroid:
-the CT (z-scored) and the vertebra's segmentation (foreground probability; the paper's
-``s_i = Y_i[:, y_coord, :]`` takes the mask). ``l_coord = argmax`` (eq. 16), refined to
-sub-pixel by a parabola through the log-heatmap around the peak.
+(A1 A2 M1 M2 P1 P2), from two channels of the sagittal plane through the vertebral body: the CT
+(z-scored) and the vertebra's segmentation (foreground probability; the paper's
+``s_i = Y_i[:, y_coord, :]`` takes the mask; the shipped model reads the CT alone).
+``l_coord = argmax`` (eq. 16) where each heatmap has one clear peak, else the strongest
+combination shaped like a vertebral body; refined to sub-pixel by a parabola through the
+log-heatmap. :func:`locate_keypoints` runs two passes, the second centred on the first's points.
 """
 from pipeline.keypoints.plane import PLANE_SIZE, PLANE_SPACING_MM, SagittalPlane, sagittal_plane
-from pipeline.keypoints.infer import decode_heatmaps, predict_keypoints
+from pipeline.keypoints.infer import decode_heatmaps, decode_keypoints, locate_keypoints, predict_keypoints
 
 __all__ = ["PLANE_SIZE", "PLANE_SPACING_MM", "SagittalPlane", "sagittal_plane", "decode_heatmaps",
-           "predict_keypoints"]
+           "decode_keypoints", "locate_keypoints", "predict_keypoints"]

@@ -1,7 +1,9 @@
 """Training samples of the keypoint network: mid-sagittal planes with the six Genant points.
 
-Each vertebra gives ``n_aug`` planes through (near) its centroid, jittered as inference will see
-them: the plane's centre moves by a few mm around the body centre, the plane turns by up to
+Each vertebra gives ``n_aug`` planes through (near) its body, jittered as inference will see
+them: the plane's centre moves by up to ``max_shift_mm`` around the true body centre (the mean of
+the six keypoints; inference centres its second pass on the first pass's points,
+:func:`pipeline.keypoints.infer.predict_keypoints`), the plane turns by up to
 ``max_angle`` degrees in the sagittal plane (paper section 3.2: rotation, translation) and its
 x position moves by up to 1.5 mm (localization error), and the spine axis tilts by a few
 degrees out of the plane. The plane follows the spine axis from the neighbouring centroids
@@ -19,7 +21,7 @@ import SimpleITK as sitk
 
 from pipeline.findings import KEYPOINT_NAMES
 from pipeline.keypoints.infer import plane_input
-from pipeline.keypoints.plane import PLANE_SIZE, PLANE_SPACING_MM, body_centre, sagittal_plane
+from pipeline.keypoints.plane import PLANE_SIZE, PLANE_SPACING_MM, sagittal_plane
 
 
 @dataclass
@@ -31,13 +33,12 @@ class KeypointSamples:
 
 
 def vertebra_planes(ct: sitk.Image, fg: sitk.Image, vertebra: dict, up: np.ndarray,
-                    rng: np.random.Generator, n_aug: int, max_angle: float = 6.0, max_shift_mm: float = 3.0,
+                    rng: np.random.Generator, n_aug: int, max_angle: float = 6.0, max_shift_mm: float = 5.0,
                     size: int = PLANE_SIZE, spacing_mm: float = PLANE_SPACING_MM
                     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """``n_aug`` jittered planes (the first without jitter) and their keypoints in pixels."""
-    c = np.asarray(vertebra["centroid_mm"], float)
     kp = vertebra["keypoints_mm"]
-    centre = np.asarray(body_centre(fg, c, up), float)
+    centre = np.mean([np.asarray(kp[n], float) for n in KEYPOINT_NAMES], axis=0)
     ins, pts = [], []
     for k in range(n_aug):
         jit = np.zeros(3) if k == 0 else np.array([rng.uniform(-1.5, 1.5),

@@ -7,11 +7,20 @@ grade boundaries, so the shipped keypoint model also saw seeds 140-151 made here
 
 Each seed takes the level range and fractures of ``SPECS[i % len(SPECS)]`` and writes
 ``kp-phantom-<seed>-acq.npz`` (6 jittered planes per vertebra; mask = the true occupancy at 2 mm).
+
+Thick-slice acquisitions (routine abdominal and chest CT, where vertebral fractures are found
+opportunistically) blur the endplates along the spine; the seed's own acquisition rarely draws
+them, so ``--slice-spacing 2.5,3.0`` forces that slice spacing and thickness (cycled over the
+seeds), and ``--auto`` keeps the seed's own random levels and fractures (mostly normal
+vertebrae) instead of ``SPECS``:
+
+    python -m pipeline.keypoints.fracture_phantoms 160-171 --slice-spacing 2.5,3.0 --auto
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -37,14 +46,24 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("seeds")
     ap.add_argument("--cache", default="runs/cache")
+    ap.add_argument("--slice-spacing", default="",
+                    help="comma-separated slice spacings (= thicknesses) in mm, cycled over the seeds")
+    ap.add_argument("--auto", action="store_true",
+                    help="the seed's own random levels and fractures instead of SPECS")
     a = ap.parse_args(argv)
+    spacings = [float(v) for v in a.slice_spacing.split(",") if v.strip()]
+    Path(a.cache).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     for i, s in enumerate(parse_seeds(a.seeds)):
         if s in EVALUATION_SEEDS:
             raise SystemExit(f"seed {s} is an evaluation seed (9001-9010)")
         t = time.time()
-        levels, fr = SPECS[i % len(SPECS)]
-        ph = generate(s, levels=levels, fractures=fr)
+        levels, fr = (None, "auto") if a.auto else SPECS[i % len(SPECS)]
+        acq = None
+        if spacings:
+            ss = spacings[i % len(spacings)]
+            acq = {"slice_spacing": ss, "slice_thickness": ss}
+        ph = generate(s, levels=levels, fractures=fr, acquisition=acq)
         verts = ph.gt["vertebrae"]
         fgs = [array_image(occupancy(ph.labels, v["label"], v["centroid_mm"], 64, 2.0).astype(np.float32) / 8.0,
                            reference_grid(v["centroid_mm"], 64, 2.0)) for v in verts]

@@ -111,12 +111,16 @@ def _text_width(font: ImageFont.ImageFont, text: str) -> float:
 
 
 def _caption(f: VertebraFinding) -> str:
+    """``L1  G3 severe crush``; a vertebra the pipeline did not grade says so instead of a grade
+    (cut by the field of view, or C1/C2, which have no body to grade)."""
+    if f.partial:
+        return f"{f.name}  partial, not graded"
+    if f.grading_source == "none":
+        return f"{f.name}  not graded"
     grade = GenantGrade(f.genant_grade)
     text = f"{f.name}  G{int(grade)} {_GRADE_WORD[grade]}"
     if f.fractured and f.morphology.value != "normal":
         text += f" {f.morphology.value}"
-    if f.partial:
-        text += " (partial)"
     return text
 
 

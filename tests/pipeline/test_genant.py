@@ -74,6 +74,20 @@ def test_grade_spine_notes_a_disagreement_of_more_than_one_grade_and_who_decided
     assert fs[0].genant_grade == GenantGrade.NORMAL and not fs[0].notes
 
 
+def test_c1_and_c2_are_reported_but_never_graded():
+    # The dens makes C2's middle "height" anything; a keypoint grade there would be a false fracture.
+    fs = [VertebraFinding(label=i + 1, name=n, centroid_mm=(0, 0, 0)) for i, n in enumerate(("C1", "C2", "C3"))]
+    for f in fs:
+        f.heights_mm = Heights(5.0, 14.0, 15.0)   # a grade 3 wedge by the numbers
+        f.mask_heights_mm = Heights(5.0, 14.0, 15.0)
+    grade_spine(fs, [0, 1, 2])
+    for f in fs[:2]:
+        assert f.genant_grade == GenantGrade.NORMAL and f.grading_source == "none"
+        assert f.heights_mm is None and f.height_loss is None
+        assert "not graded" in f.notes[0]
+    assert fs[2].genant_grade == GenantGrade.SEVERE and fs[2].grading_source == "keypoints"
+
+
 def test_implausible_keypoints_hand_the_decision_to_the_mask():
     fs = [VertebraFinding(label=20, name="L1", centroid_mm=(0, 0, 0))]
     fs[0].heights_mm = Heights(2.0, 24, 25)      # a collapsed keypoint pair (under 3 mm)
@@ -115,3 +129,12 @@ def test_an_implausibly_tall_neighbour_is_no_reference():
     refs = reference_heights([10, 11, 12, 13], hs, ["T3", "T4", "T5", "T6"])
     assert refs[2] == pytest.approx(21.0)      # T3 (20) and T6 (22); not the 45 mm T4
     assert assess(hs[2], refs[2]).grade == GenantGrade.NORMAL
+
+
+def test_evaluation_pairs_leave_out_the_levels_genant_does_not_grade():
+    from pipeline.evaluate import grading_pairs
+
+    gt = [{"label": i + 1, "name": n, "partial": False, "fractured": False, "genant_grade": 0}
+          for i, n in enumerate(("C1", "C2", "C3"))]
+    pairs = grading_pairs(gt, [VertebraFinding(label=3, name="C3", centroid_mm=(0, 0, 0))])
+    assert [p["name"] for p in pairs] == ["C3"]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from pipeline.findings import KEYPOINT_NAMES
 from pipeline.keypoints.dataset import keypoint_samples
-from pipeline.keypoints.infer import decode_heatmaps, predict_keypoints
+from pipeline.keypoints.infer import (BODY_OFFSET_MM, decode_heatmaps, decode_keypoints, first_centre,
+                                      predict_keypoints, shape_penalty)
 from pipeline.keypoints.plane import sagittal_plane, spine_axes
 from pipeline.keypoints.train import build_keypoint_model
 from pipeline.localization.heatmaps import gaussian_heatmaps
@@ -37,6 +38,47 @@ def test_decoding_finds_gaussian_peaks_to_a_tenth_of_a_pixel():
     pts = np.array([[20.3, 30.7], [40.0, 41.5], [10.6, 12.2], [50.5, 50.5], [33.3, 22.2], [5.9, 60.1]])
     hm = gaussian_heatmaps((64, 64), pts, 2.0).numpy()
     assert np.abs(decode_heatmaps(hm) - pts).max() < 0.1
+
+
+# A normal body on a 0.75 mm plane: rows up (inferior -> superior), columns anterior -> posterior.
+BODY = np.array([[60.0, 20.0], [30.0, 20.0], [59.0, 40.0], [31.0, 40.0], [60.0, 60.0], [30.0, 60.0]])
+
+
+def test_the_shape_prior_accepts_bodies_and_fractures_and_rejects_impossible_points():
+    assert shape_penalty(BODY, 0.75) == 0.0
+    wedge = BODY.copy(); wedge[0, 0] = 42.0; wedge[2, 0] = 50.0          # anterior collapse, grade 3
+    assert shape_penalty(wedge, 0.75) == 0.0
+    biconcave = BODY.copy(); biconcave[2, 0] = 48.0; biconcave[3, 0] = 42.0
+    assert shape_penalty(biconcave, 0.75) == 0.0
+    swapped = BODY.copy(); swapped[[0, 1]] = swapped[[1, 0]]             # A2 above A1
+    assert shape_penalty(swapped, 0.75) == float("inf")
+    m2_on_next_body = BODY.copy(); m2_on_next_body[3, 0] = 12.0          # M2 one disc further down
+    assert shape_penalty(m2_on_next_body, 0.75) > 5.0
+
+
+def test_a_second_peak_on_the_neighbour_loses_to_the_plausible_one_even_when_stronger():
+    hm = gaussian_heatmaps((96, 96), BODY, 2.0, 10.0).numpy()
+    # M2 also lights up one disc lower (the next body's upper endplate), a little stronger
+    hm[3] = np.maximum(hm[3], gaussian_heatmaps((96, 96), np.array([[12.0, 40.0]]), 2.0, 11.0).numpy()[0])
+    assert decode_heatmaps(hm)[3] == pytest.approx([12.0, 40.0], abs=0.1)       # the argmax blunders
+    assert decode_keypoints(hm, 0.75)[3] == pytest.approx([31.0, 40.0], abs=0.1)  # the shape decides
+    # with one clear peak per channel the decoding is the argmax
+    clean = gaussian_heatmaps((96, 96), BODY, 2.0, 10.0).numpy()
+    assert np.abs(decode_keypoints(clean, 0.75) - decode_heatmaps(clean)).max() < 1e-9
+
+
+def test_first_centre_falls_back_in_front_of_the_centroid_when_the_mask_shows_no_body_there():
+    # A foreground blob 25 mm *behind* the centroid (a segmentation that found only the arch).
+    ref = reference_grid((0.0, 0.0, 0.0), 48, 2.0)
+    arr = np.zeros((48, 48, 48), np.float32)
+    arr[20:28, 32:40, 20:28] = 1.0                                          # z, y (posterior), x
+    fg = array_image(arr, ref)
+    c = first_centre(fg, (0.0, 0.0, 0.0), (0.0, 0.0, 1.0))
+    assert c == pytest.approx((0.0, -BODY_OFFSET_MM, 0.0))
+    # a body in front of the centroid is believed
+    arr[:] = 0; arr[20:28, 14:20, 20:28] = 1.0
+    c = first_centre(array_image(arr, ref), (0.0, 0.0, 0.0), (0.0, 0.0, 1.0))
+    assert -25.0 < c[1] < -3.0 and abs(c[2]) < 2.0
 
 
 def test_smoke_training_and_inference_give_six_points_in_mm():

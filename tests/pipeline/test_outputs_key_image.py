@@ -58,7 +58,9 @@ def test_caption_names_level_grade_and_morphology():
                         genant_grade=GenantGrade.SEVERE, morphology=Morphology.CRUSH)
     assert _caption(f) == "L1  G3 severe crush"
     n = VertebraFinding(label=21, name="L2", centroid_mm=(0, 0, 0), partial=True)
-    assert _caption(n) == "L2  G0 normal (partial)"
+    assert _caption(n) == "L2  partial, not graded"
+    c2 = VertebraFinding(label=2, name="C2", centroid_mm=(0, 0, 0), grading_source="none")
+    assert _caption(c2) == "C2  not graded"
 
 
 
