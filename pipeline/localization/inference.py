@@ -10,6 +10,8 @@
 4. :func:`plausible_chain`: the labels must read in anatomical order along the spine (cranial to
    caudal), neighbours at a plausible distance, and no two levels on one vertebra; of the
    candidates, the highest-scoring subset that obeys these rules is kept.
+5. :func:`fill_gaps`: a vertebra between two labelled neighbours that no channel claimed (its
+   channel peaked on a neighbour) gets the missing level when the count of such bodies matches.
 The model's ``meta`` names the decoder and its threshold (chosen on validation phantoms).
 """
 from __future__ import annotations
@@ -32,6 +34,11 @@ MIN_SEPARATION_MM = 9.0      # two detections closer than this sit on one verteb
 MAX_STEP_MM = 55.0           # adjacent levels are never further apart (lumbar ~35-40 mm)
 MIN_CAUDAL_COS = 0.3         # the step to the next level points caudally (lordosis/kyphosis allowed)
 OPTIONAL_LEVELS = frozenset({"T13", "L6"})  # transitional: may be absent between present levels
+#: Label the vertebrae left between two labelled neighbours (:func:`fill_gaps`) unless the model's
+#: metadata says otherwise. Measured with the shipped weights (runs/diag/gaps.out): validation
+#: 8001-8012 and test 9001-9010 unchanged (id 1.000 / 0.969), held-out whole spines 8201/8204/8205
+#: at 1 mm 0.875 -> 0.958, 8201-8205 at 3 mm 0.872 -> 0.889; no false vertebra added.
+FILL_GAPS = True
 
 
 @dataclass(frozen=True)
@@ -219,8 +226,70 @@ def _joint_candidates(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
     return labels, pos, scores
 
 
+def _agnostic_detections(heatmaps: np.ndarray, threshold: float, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Level-agnostic vertebra detections: local maxima of the sum over channels above
+    ``threshold``, at least :data:`MIN_SEPARATION_MM` apart (strongest first kept); refined
+    ``[z, y, x]`` grid positions and their summed heatmap values."""
+    from scipy.ndimage import maximum_filter
+
+    total = heatmaps.sum(axis=0)
+    peaks = (total == maximum_filter(total, size=3, mode="nearest")) & (total >= threshold)
+    idx = np.argwhere(peaks)
+    kept: list[np.ndarray] = []
+    for i in np.argsort(-total[tuple(idx.T)]) if len(idx) else []:
+        p = idx[i]
+        if all(np.linalg.norm((p - q) * spacing_mm) >= MIN_SEPARATION_MM for q in kept):
+            kept.append(p)
+    if not kept:
+        return np.zeros((0, 3)), np.zeros(0)
+    pos = np.array([refine_peak(total, tuple(int(v) for v in p)) for p in kept])
+    return pos, np.array([total[tuple(int(v) for v in p)] for p in kept])
+
+
+def fill_gaps(found: list[tuple[int, np.ndarray, float]], heatmaps: np.ndarray, threshold: float,
+              spacing_mm: float, max_off_axis_mm: float = 15.0) -> list[tuple[int, np.ndarray, float]]:
+    """Label the vertebrae the per-channel maxima left out between two labelled neighbours.
+
+    Where a channel's maximum fell on a neighbouring vertebra (two lumbar channels peaking on one
+    body) the plausibility pass drops it, and a vertebra that is plainly there goes unreported. A
+    gap between consecutive labelled vertebrae whose missing (non-optional) levels equal in number
+    the level-agnostic detections (:func:`_agnostic_detections`) lying between them, near the
+    segment joining them, and at least :data:`MIN_SEPARATION_MM` from every labelled vertebra, gets
+    those levels in cranio-caudal order. Nothing is added outside the labelled range: labels come
+    from the network's own evidence on both sides.
+    """
+    if len(found) < 2:
+        return found
+    pos, score = _agnostic_detections(heatmaps, threshold, spacing_mm)
+    if not len(pos):
+        return found
+    mm = _grid_mm(pos, spacing_mm)
+    have = _grid_mm(np.array([p for _, p, _ in found]), spacing_mm)
+    free = [i for i in range(len(pos))
+            if np.min(np.linalg.norm(have - mm[i], axis=1)) >= MIN_SEPARATION_MM]
+    out = list(found)
+    for (ka, pa, _), (kb, pb, _), ma, mb in zip(found[:-1], found[1:], have[:-1], have[1:]):
+        missing = [k for k in range(ka + 1, kb) if LEVELS[k].name not in OPTIONAL_LEVELS]
+        if not missing:
+            continue
+        seg = mb - ma
+        length = float(np.linalg.norm(seg))
+        between = []
+        for i in free:
+            t = float((mm[i] - ma) @ seg) / (length * length)
+            off = float(np.linalg.norm(mm[i] - (ma + t * seg)))
+            if 0.0 < t < 1.0 and off <= max_off_axis_mm:
+                between.append((t, i))
+        if len(between) != len(missing):
+            continue
+        for k, (_, i) in zip(missing, sorted(between)):
+            out.append((k, pos[i], float(score[i])))
+    return sorted(out, key=lambda f: f[0])
+
+
 def detect(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
-           method: str = "joint", plausibility: bool = True) -> list[tuple[int, np.ndarray, float]]:
+           method: str = "joint", plausibility: bool = True, gaps: bool = False
+           ) -> list[tuple[int, np.ndarray, float]]:
     """Vertebrae in a heatmap stack of an LPS-oriented grid: ``(level order, [z, y, x], score)``.
 
     ``method``: ``"argmax"`` (the paper: per channel maximum, presence threshold) or
@@ -237,14 +306,15 @@ def detect(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
         return []
     keep = (plausible_chain(orders, _grid_mm(pos, spacing_mm), scores) if plausibility
             else list(range(len(orders))))
-    return [(orders[i], pos[i], float(scores[i])) for i in keep]
+    found = [(orders[i], pos[i], float(scores[i])) for i in keep]
+    return fill_gaps(found, heatmaps, threshold, spacing_mm) if gaps else found
 
 
 def decode(heatmaps: np.ndarray, prep: Prepared, threshold: float, method: str = "joint",
-           plausibility: bool = True) -> list[LocalizedVertebra]:
+           plausibility: bool = True, gaps: bool = False) -> list[LocalizedVertebra]:
     """Vertebrae from heatmaps (:func:`detect`), in patient LPS millimetres."""
     spacing = float(prep.image.GetSpacing()[0])
-    found = detect(heatmaps, threshold, spacing, method, plausibility)
+    found = detect(heatmaps, threshold, spacing, method, plausibility, gaps)
     if not found:
         return []
     mm = prep.index_to_mm(np.array([p for _, p, _ in found]))
@@ -289,7 +359,8 @@ def localize(image: sitk.Image, device: str = "auto", model: torch.nn.Module | N
     heatmaps = predict_heatmaps(model, prep.array, meta.get("patch", (64, 64, 64)), prep.pad_value,
                                 float(meta.get("overlap", 0.25)), dev) / float(meta.get("amplitude", 1.0))
     t3 = time.perf_counter()
-    found = decode(heatmaps, prep, float(meta.get("threshold", 0.3)), meta.get("decoder", "argmax"))
+    found = decode(heatmaps, prep, float(meta.get("threshold", 0.3)), meta.get("decoder", "argmax"),
+                   gaps=bool(meta.get("fill_gaps", FILL_GAPS)))
     if timings is not None:
         timings.update({"load_model": t1 - t0, "preprocess": t2 - t1, "network": t3 - t2,
                         "decode": time.perf_counter() - t3})

@@ -221,3 +221,39 @@ def test_joint_decoder_labels_a_contiguous_chain_from_ambiguous_channels():
     assert [LEVELS[k].name for k, _, _ in found] == names
     for (k, pos, _), n in zip(found, names):
         assert np.allclose(pos, centres[n], atol=0.05)
+
+
+def test_gap_filling_labels_a_vertebra_whose_channel_peaked_on_its_neighbour():
+    """L3's channel peaks on L4 (two lumbar channels on one body): the per-channel maxima leave
+    the L3 body unlabelled; the level-agnostic detection between L2 and L4 gets L3. Nothing is
+    added beyond the labelled ends (L5's body below L4 has no L5 evidence of its own here)."""
+    from pipeline.localization.inference import detect
+
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    zs = [46.0, 37.0, 28.0, 19.0, 10.0]
+    blob = {n: gaussian_heatmaps((56, 20, 20), np.array([[z, 10.0, 10.0]]), 1.5).numpy()[0]
+            for n, z in zip(names, zs)}
+    h = np.zeros((N_LEVELS, 56, 20, 20), np.float32)
+    for n in ("L1", "L2", "L4"):
+        h[BY_NAME[n].order] = blob[n]
+    h[BY_NAME["L3"].order] = 0.9 * blob["L4"] + 0.2 * blob["L3"]   # L3 channel: mostly on L4
+    h[BY_NAME["L4"].order] += 0.3 * blob["L3"] + 0.3 * blob["L5"]  # some mass on the neighbours
+    plain = detect(h, threshold=0.3, spacing_mm=4.0, method="argmax")
+    assert [LEVELS[k].name for k, _, _ in plain] == ["L1", "L2", "L4"]
+    filled = detect(h, threshold=0.3, spacing_mm=4.0, method="argmax", gaps=True)
+    assert [LEVELS[k].name for k, _, _ in filled] == ["L1", "L2", "L3", "L4"]
+    l3 = next(p for k, p, _ in filled if LEVELS[k].name == "L3")
+    assert np.allclose(l3, [28.0, 10.0, 10.0], atol=0.3)
+
+
+def test_gap_filling_leaves_a_gap_alone_when_the_count_of_bodies_does_not_match():
+    from pipeline.localization.inference import fill_gaps
+
+    # L1 and L4 labelled, one unlabelled body between them: two levels missing, one body -> no guess
+    z = {"L1": 40.0, "mid": 28.0, "L4": 13.0}
+    h = np.zeros((N_LEVELS, 50, 20, 20), np.float32)
+    for n, zz in z.items():
+        h[BY_NAME["L1"].order if n == "mid" else BY_NAME[n].order] += \
+            gaussian_heatmaps((50, 20, 20), np.array([[zz, 10.0, 10.0]]), 1.5).numpy()[0] * (0.4 if n == "mid" else 1)
+    found = [(BY_NAME["L1"].order, np.array([40.0, 10, 10]), 1.0), (BY_NAME["L4"].order, np.array([13.0, 10, 10]), 1.0)]
+    assert fill_gaps(found, h, 0.3, 4.0) == found
