@@ -177,16 +177,18 @@ def localization_report(cases: Sequence[CaseLocalization]) -> dict[str, Any]:
 
 
 def compare_localization(seeds: Iterable[int], models: dict[str, Any], device: str = "auto",
-                         log: Callable[[str], None] = lambda s: None) -> dict[str, dict[str, Any]]:
-    """Phantoms of ``seeds`` (their randomised acquisition grid) through :func:`localize` with
-    each of ``models`` (name -> module with ``.meta``, or ``None`` for the shipped weights);
-    each phantom is generated once. Returns name -> localization report."""
+                         log: Callable[[str], None] = lambda s: None,
+                         acquisition: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Phantoms of ``seeds`` (their randomised acquisition grid, with ``acquisition``'s overrides
+    as in :func:`evaluate_pipeline`) through :func:`localize` with each of ``models`` (name ->
+    module with ``.meta``, or ``None`` for the shipped weights); each phantom is generated once.
+    Returns name -> localization report."""
     from pipeline.localization.inference import localize
     from pipeline.phantom import generate
 
     cases: dict[str, list[CaseLocalization]] = {name: [] for name in models}
     for seed in seeds:
-        ph = generate(seed)
+        ph = generate(seed, acquisition=acquisition)
         for name, model in models.items():
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
@@ -204,15 +206,17 @@ def compare_localization(seeds: Iterable[int], models: dict[str, Any], device: s
 
 
 def evaluate_localization(seeds: Iterable[int], device: str = "auto", model: Any = None,
-                          log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                          log: Callable[[str], None] = lambda s: None,
+                          acquisition: dict[str, Any] | None = None) -> dict[str, Any]:
     """Phantoms of ``seeds`` through :func:`localize` (``model``: default the shipped weights)."""
-    return compare_localization(seeds, {"localization": model}, device, log)["localization"]
+    return compare_localization(seeds, {"localization": model}, device, log, acquisition)["localization"]
 
 
 def evaluate(seeds: Iterable[int], device: str = "auto", json_path: Path | None = None,
-             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+             log: Callable[[str], None] = lambda s: None,
+             acquisition: dict[str, Any] | None = None) -> dict[str, Any]:
     """All stages evaluated so far (localization); writes ``json_path`` when given."""
-    report = evaluate_localization(list(seeds), device, log=log)
+    report = evaluate_localization(list(seeds), device, log=log, acquisition=acquisition)
     report["seeds"] = list(seeds)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -426,21 +430,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--models", nargs="*", type=Path,
                     help="localization weight files to compare (e.g. the ablation arms) instead of the shipped model")
+    ap.add_argument("--slice-spacing", type=float, help="force this slice spacing and thickness (mm) on every seed")
+    ap.add_argument("--slices", type=int, help="force this many slices per series (300 at 3 mm: C1-L5)")
+    ap.add_argument("--fill-gaps", choices=("on", "off", "both"), default="on",
+                    help="the localization's gap filling (pipeline.localization.inference.fill_gaps); "
+                         "'both' compares the shipped weights with and without it")
     args = ap.parse_args(argv)
     keys = REPORT_KEYS + ("errors_over_mm", "false_positive_vertebrae", "timings_s")
-    if args.models:
+    acq: dict[str, Any] = {}
+    if args.slice_spacing is not None:
+        acq.update(slice_spacing=args.slice_spacing, slice_thickness=args.slice_spacing)
+    if args.slices is not None:
+        acq["n_slices"] = args.slices
+    if args.models or args.fill_gaps != "on":
+        import copy
+
         import torch
 
-        from pipeline.registry import build_from_checkpoint
+        from pipeline.registry import build_from_checkpoint, load_model
 
-        models = {str(p): build_from_checkpoint(torch.load(p, map_location="cpu", weights_only=True))
-                  for p in args.models}
-        reports = compare_localization(parse_seeds(args.seeds), models, args.device, log=print)
+        if args.models:
+            if args.fill_gaps == "both":
+                ap.error("--fill-gaps both compares the shipped weights; give on or off with --models")
+            models = {str(p): build_from_checkpoint(torch.load(p, map_location="cpu", weights_only=True))
+                      for p in args.models}
+            for m in models.values():
+                m.meta["fill_gaps"] = args.fill_gaps == "on"
+        else:
+            models = {}
+            for v in (("on", "off") if args.fill_gaps == "both" else (args.fill_gaps,)):
+                m = copy.copy(load_model("localization", args.device))  # the cached model keeps its meta
+                m.meta = {**getattr(m, "meta", {}), "fill_gaps": v == "on"}
+                models[f"shipped, fill_gaps {v}"] = m
+        reports = compare_localization(parse_seeds(args.seeds), models, args.device, log=print,
+                                       acquisition=acq or None)
         if args.json:
             args.json.write_text(json.dumps(reports, indent=2) + "\n")
         print(json.dumps({n: {k: r[k] for k in keys} for n, r in reports.items()}, indent=2))
         return
-    report = evaluate(parse_seeds(args.seeds), args.device, args.json, log=print)
+    report = evaluate(parse_seeds(args.seeds), args.device, args.json, log=print, acquisition=acq or None)
     print(json.dumps({k: report[k] for k in keys}, indent=2))
 
 

@@ -35,8 +35,9 @@ MAX_STEP_MM = 55.0           # adjacent levels are never further apart (lumbar ~
 MIN_CAUDAL_COS = 0.3         # the step to the next level points caudally (lordosis/kyphosis allowed)
 OPTIONAL_LEVELS = frozenset({"T13", "L6"})  # transitional: may be absent between present levels
 #: Label the vertebrae left between two labelled neighbours (:func:`fill_gaps`) unless the model's
-#: metadata says otherwise. Measured with the shipped weights (runs/diag/gaps.out): validation
-#: 8001-8012 and test 9001-9010 unchanged (id 1.000 / 0.969), held-out whole spines 8201/8204/8205
+#: metadata says otherwise. Measured with the shipped weights (`python -m pipeline.evaluate
+#: --fill-gaps both`, MODEL_CARD.md): validation
+#: 8001-8012 and test 9001-9010 unchanged (id 1.000 / 0.969), held-out 8201/8204/8205 (300 slices)
 #: at 1 mm 0.875 -> 0.958, 8201-8205 at 3 mm 0.872 -> 0.889; no false vertebra added.
 FILL_GAPS = True
 
