@@ -432,8 +432,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="localization weight files to compare (e.g. the ablation arms) instead of the shipped model")
     ap.add_argument("--slice-spacing", type=float, help="force this slice spacing and thickness (mm) on every seed")
     ap.add_argument("--slices", type=int, help="force this many slices per series (300 at 3 mm: C1-L5)")
-    ap.add_argument("--fill-gaps", choices=("on", "off", "both"), default="on",
-                    help="the localization's gap filling (pipeline.localization.inference.fill_gaps); "
+    ap.add_argument("--relabel", choices=("on", "off", "both"), default="on",
+                    help="the localization's joint relabelling along the spine "
+                         "(pipeline.localization.inference.relabel_on_path); "
                          "'both' compares the shipped weights with and without it")
     args = ap.parse_args(argv)
     keys = REPORT_KEYS + ("errors_over_mm", "false_positive_vertebrae", "timings_s")
@@ -442,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         acq.update(slice_spacing=args.slice_spacing, slice_thickness=args.slice_spacing)
     if args.slices is not None:
         acq["n_slices"] = args.slices
-    if args.models or args.fill_gaps != "on":
+    if args.models or args.relabel != "on":
         import copy
 
         import torch
@@ -450,18 +451,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         from pipeline.registry import build_from_checkpoint, load_model
 
         if args.models:
-            if args.fill_gaps == "both":
-                ap.error("--fill-gaps both compares the shipped weights; give on or off with --models")
+            if args.relabel == "both":
+                ap.error("--relabel both compares the shipped weights; give on or off with --models")
             models = {str(p): build_from_checkpoint(torch.load(p, map_location="cpu", weights_only=True))
                       for p in args.models}
             for m in models.values():
-                m.meta["fill_gaps"] = args.fill_gaps == "on"
+                m.meta["relabel"] = args.relabel == "on"
         else:
             models = {}
-            for v in (("on", "off") if args.fill_gaps == "both" else (args.fill_gaps,)):
+            for v in (("on", "off") if args.relabel == "both" else (args.relabel,)):
                 m = copy.copy(load_model("localization", args.device))  # the cached model keeps its meta
-                m.meta = {**getattr(m, "meta", {}), "fill_gaps": v == "on"}
-                models[f"shipped, fill_gaps {v}"] = m
+                m.meta = {**getattr(m, "meta", {}), "relabel": v == "on"}
+                models[f"shipped, relabel {v}"] = m
         reports = compare_localization(parse_seeds(args.seeds), models, args.device, log=print,
                                        acquisition=acq or None)
         if args.json:

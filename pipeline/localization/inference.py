@@ -10,8 +10,8 @@
 4. :func:`plausible_chain`: the labels must read in anatomical order along the spine (cranial to
    caudal), neighbours at a plausible distance, and no two levels on one vertebra; of the
    candidates, the highest-scoring subset that obeys these rules is kept.
-5. :func:`fill_gaps`: a vertebra between two labelled neighbours that no channel claimed (its
-   channel peaked on a neighbour) gets the missing level when the count of such bodies matches.
+5. :func:`relabel_on_path`: the found vertebrae and the unclaimed bodies between them (a channel
+   that peaked on a neighbour's body leaves one) are labelled jointly, one level per body.
 The model's ``meta`` names the decoder and its threshold (chosen on validation phantoms).
 """
 from __future__ import annotations
@@ -34,12 +34,11 @@ MIN_SEPARATION_MM = 9.0      # two detections closer than this sit on one verteb
 MAX_STEP_MM = 55.0           # adjacent levels are never further apart (lumbar ~35-40 mm)
 MIN_CAUDAL_COS = 0.3         # the step to the next level points caudally (lordosis/kyphosis allowed)
 OPTIONAL_LEVELS = frozenset({"T13", "L6"})  # transitional: may be absent between present levels
-#: Label the vertebrae left between two labelled neighbours (:func:`fill_gaps`) unless the model's
-#: metadata says otherwise. Measured with the shipped weights (`python -m pipeline.evaluate
-#: --fill-gaps both`, MODEL_CARD.md): validation
-#: 8001-8012 and test 9001-9010 unchanged (id 1.000 / 0.969), held-out 8201/8204/8205 (300 slices)
-#: at 1 mm 0.875 -> 0.958, 8201-8205 at 3 mm 0.872 -> 0.889; no false vertebra added.
-FILL_GAPS = True
+#: Relabel the found spine jointly, one level per body (:func:`relabel_on_path`), unless the
+#: model's metadata says otherwise. Measured with the shipped weights (`python -m pipeline.evaluate
+#: --relabel both`, MODEL_CARD.md): test 9001-9010 id 0.969 -> 0.988, validation 8001-8012 1.000
+#: (unchanged), held-out 8201-8205 at 3 mm (whole spines) 0.872 -> 0.967; no false vertebra added.
+RELABEL = True
 
 
 @dataclass(frozen=True)
@@ -247,49 +246,71 @@ def _agnostic_detections(heatmaps: np.ndarray, threshold: float, spacing_mm: flo
     return pos, np.array([total[tuple(int(v) for v in p)] for p in kept])
 
 
-def fill_gaps(found: list[tuple[int, np.ndarray, float]], heatmaps: np.ndarray, threshold: float,
-              spacing_mm: float, max_off_axis_mm: float = 15.0) -> list[tuple[int, np.ndarray, float]]:
-    """Label the vertebrae the per-channel maxima left out between two labelled neighbours.
+def _on_path(found_mm: np.ndarray, mm: np.ndarray, max_off_axis_mm: float) -> list[tuple[float, int]]:
+    """Level-agnostic detections ``mm`` that lie along the polyline through ``found_mm`` (within
+    ``max_off_axis_mm`` of one of its segments, strictly between its ends) and at least
+    :data:`MIN_SEPARATION_MM` from every one of its points: ``(position along the path, index)``."""
+    out = []
+    for i, p in enumerate(mm):
+        if np.min(np.linalg.norm(found_mm - p, axis=1)) < MIN_SEPARATION_MM:
+            continue
+        for s_idx, (a, b) in enumerate(zip(found_mm[:-1], found_mm[1:])):
+            seg = b - a
+            t = float((p - a) @ seg) / float(seg @ seg)
+            if 0.0 < t < 1.0 and np.linalg.norm(p - (a + t * seg)) <= max_off_axis_mm:
+                out.append((s_idx + t, i))
+                break
+    return out
 
-    Where a channel's maximum fell on a neighbouring vertebra (two lumbar channels peaking on one
-    body) the plausibility pass drops it, and a vertebra that is plainly there goes unreported. A
-    gap between consecutive labelled vertebrae whose missing (non-optional) levels equal in number
-    the level-agnostic detections (:func:`_agnostic_detections`) lying between them, near the
-    segment joining them, and at least :data:`MIN_SEPARATION_MM` from every labelled vertebra, gets
-    those levels in cranio-caudal order. Nothing is added outside the labelled range: labels come
-    from the network's own evidence on both sides.
+
+def relabel_on_path(found: list[tuple[int, np.ndarray, float]], heatmaps: np.ndarray, threshold: float,
+                    spacing_mm: float, skip_penalty: float = 0.5, max_off_axis_mm: float = 15.0
+                    ) -> list[tuple[int, np.ndarray, float]]:
+    """Label every vertebra along the found spine jointly, so that labels run one level per body.
+
+    The per-channel maxima can put a level on its neighbour's body (seed 9009: the T9 and T10
+    channels peak on T10 and T11), leaving one body unlabelled and two labels shifted, or two
+    channels on one body (8205: L3, L4, L5 on L4) so that the plausibility pass keeps one and the
+    neighbours go unreported; the spacing is plausible either way. Here the bodies are
+    the found vertebrae plus the level-agnostic detections (:func:`_agnostic_detections`) lying on
+    the path between them (detections off the spine, which summed channels also produce, are
+    left out); they get strictly caudal-ward levels, cranial to caudal, maximising the summed
+    evidence of each body's channel (its maximum in the 3^3 neighbourhood), with
+    ``skip_penalty`` per non-optional level skipped (dynamic programming, as :func:`_joint_candidates`).
+    Nothing is added beyond the found ends.
     """
     if len(found) < 2:
         return found
-    pos, score = _agnostic_detections(heatmaps, threshold, spacing_mm)
-    if not len(pos):
+    pos, _ = _agnostic_detections(heatmaps, threshold, spacing_mm)
+    fpos = np.array([p for _, p, _ in found])
+    fmm = _grid_mm(fpos, spacing_mm)
+    extra = _on_path(fmm, _grid_mm(pos, spacing_mm), max_off_axis_mm) if len(pos) else []
+    bodies = sorted([(float(i), fpos[i]) for i in range(len(found))] + [(t, pos[i]) for t, i in extra],
+                    key=lambda b: b[0])
+    ev = np.zeros((len(bodies), heatmaps.shape[0]))
+    for i, (_, p) in enumerate(bodies):
+        sl = tuple(slice(max(0, int(round(v)) - 1), int(round(v)) + 2) for v in p)
+        ev[i] = heatmaps[(slice(None),) + sl].reshape(heatmaps.shape[0], -1).max(axis=1)
+    n = len(bodies)
+    best = np.full((n, ev.shape[1]), -np.inf)
+    prev = np.zeros((n, ev.shape[1]), dtype=int)
+    best[0] = ev[0]
+    pen = np.where(_STEPS >= 0, -skip_penalty * np.maximum(_STEPS, 0), -np.inf)
+    for i in range(1, n):
+        cand = best[i - 1][:, None] + pen
+        prev[i] = cand.argmax(axis=0)
+        best[i] = cand.max(axis=0) + ev[i]
+    if not np.isfinite(best[-1].max()):
         return found
-    mm = _grid_mm(pos, spacing_mm)
-    have = _grid_mm(np.array([p for _, p, _ in found]), spacing_mm)
-    free = [i for i in range(len(pos))
-            if np.min(np.linalg.norm(have - mm[i], axis=1)) >= MIN_SEPARATION_MM]
-    out = list(found)
-    for (ka, pa, _), (kb, pb, _), ma, mb in zip(found[:-1], found[1:], have[:-1], have[1:]):
-        missing = [k for k in range(ka + 1, kb) if LEVELS[k].name not in OPTIONAL_LEVELS]
-        if not missing:
-            continue
-        seg = mb - ma
-        length = float(np.linalg.norm(seg))
-        between = []
-        for i in free:
-            t = float((mm[i] - ma) @ seg) / (length * length)
-            off = float(np.linalg.norm(mm[i] - (ma + t * seg)))
-            if 0.0 < t < 1.0 and off <= max_off_axis_mm:
-                between.append((t, i))
-        if len(between) != len(missing):
-            continue
-        for k, (_, i) in zip(missing, sorted(between)):
-            out.append((k, pos[i], float(score[i])))
-    return sorted(out, key=lambda f: f[0])
+    labels = [int(best[-1].argmax())]
+    for i in range(n - 1, 0, -1):
+        labels.append(int(prev[i][labels[-1]]))
+    labels = labels[::-1]
+    return [(k, p, float(ev[i, k])) for i, (k, (_, p)) in enumerate(zip(labels, bodies))]
 
 
 def detect(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
-           method: str = "joint", plausibility: bool = True, gaps: bool = False
+           method: str = "joint", plausibility: bool = True, relabel: bool = False
            ) -> list[tuple[int, np.ndarray, float]]:
     """Vertebrae in a heatmap stack of an LPS-oriented grid: ``(level order, [z, y, x], score)``.
 
@@ -308,14 +329,14 @@ def detect(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
     keep = (plausible_chain(orders, _grid_mm(pos, spacing_mm), scores) if plausibility
             else list(range(len(orders))))
     found = [(orders[i], pos[i], float(scores[i])) for i in keep]
-    return fill_gaps(found, heatmaps, threshold, spacing_mm) if gaps else found
+    return relabel_on_path(found, heatmaps, threshold, spacing_mm) if relabel else found
 
 
 def decode(heatmaps: np.ndarray, prep: Prepared, threshold: float, method: str = "joint",
-           plausibility: bool = True, gaps: bool = False) -> list[LocalizedVertebra]:
+           plausibility: bool = True, relabel: bool = False) -> list[LocalizedVertebra]:
     """Vertebrae from heatmaps (:func:`detect`), in patient LPS millimetres."""
     spacing = float(prep.image.GetSpacing()[0])
-    found = detect(heatmaps, threshold, spacing, method, plausibility, gaps)
+    found = detect(heatmaps, threshold, spacing, method, plausibility, relabel)
     if not found:
         return []
     mm = prep.index_to_mm(np.array([p for _, p, _ in found]))
@@ -361,7 +382,7 @@ def localize(image: sitk.Image, device: str = "auto", model: torch.nn.Module | N
                                 float(meta.get("overlap", 0.25)), dev) / float(meta.get("amplitude", 1.0))
     t3 = time.perf_counter()
     found = decode(heatmaps, prep, float(meta.get("threshold", 0.3)), meta.get("decoder", "argmax"),
-                   gaps=bool(meta.get("fill_gaps", FILL_GAPS)))
+                   relabel=bool(meta.get("relabel", RELABEL)))
     if timings is not None:
         timings.update({"load_model": t1 - t0, "preprocess": t2 - t1, "network": t3 - t2,
                         "decode": time.perf_counter() - t3})

@@ -223,37 +223,49 @@ def test_joint_decoder_labels_a_contiguous_chain_from_ambiguous_channels():
         assert np.allclose(pos, centres[n], atol=0.05)
 
 
-def test_gap_filling_labels_a_vertebra_whose_channel_peaked_on_its_neighbour():
+def _blob(shape, z):
+    return gaussian_heatmaps(shape, np.array([[z, 10.0, 10.0]]), 1.5).numpy()[0]
+
+
+def test_relabelling_names_a_vertebra_whose_channel_peaked_on_its_neighbour():
     """L3's channel peaks on L4 (two lumbar channels on one body): the per-channel maxima leave
-    the L3 body unlabelled; the level-agnostic detection between L2 and L4 gets L3. Nothing is
-    added beyond the labelled ends (L5's body below L4 has no L5 evidence of its own here)."""
+    the L3 body unlabelled; the joint relabelling along the path names it. Nothing is added
+    beyond the found ends (L5's body below L4 has no L5 evidence of its own here)."""
     from pipeline.localization.inference import detect
 
-    names = ["L1", "L2", "L3", "L4", "L5"]
-    zs = [46.0, 37.0, 28.0, 19.0, 10.0]
-    blob = {n: gaussian_heatmaps((56, 20, 20), np.array([[z, 10.0, 10.0]]), 1.5).numpy()[0]
-            for n, z in zip(names, zs)}
-    h = np.zeros((N_LEVELS, 56, 20, 20), np.float32)
+    zs = {"L1": 46.0, "L2": 37.0, "L3": 28.0, "L4": 19.0, "L5": 10.0}
+    shape = (56, 20, 20)
+    h = np.zeros((N_LEVELS,) + shape, np.float32)
     for n in ("L1", "L2", "L4"):
-        h[BY_NAME[n].order] = blob[n]
-    h[BY_NAME["L3"].order] = 0.9 * blob["L4"] + 0.2 * blob["L3"]   # L3 channel: mostly on L4
-    h[BY_NAME["L4"].order] += 0.3 * blob["L3"] + 0.3 * blob["L5"]  # some mass on the neighbours
+        h[BY_NAME[n].order] = _blob(shape, zs[n])
+    h[BY_NAME["L3"].order] = 0.9 * _blob(shape, zs["L4"]) + 0.2 * _blob(shape, zs["L3"])
+    h[BY_NAME["L4"].order] += 0.3 * _blob(shape, zs["L3"]) + 0.3 * _blob(shape, zs["L5"])
     plain = detect(h, threshold=0.3, spacing_mm=4.0, method="argmax")
     assert [LEVELS[k].name for k, _, _ in plain] == ["L1", "L2", "L4"]
-    filled = detect(h, threshold=0.3, spacing_mm=4.0, method="argmax", gaps=True)
-    assert [LEVELS[k].name for k, _, _ in filled] == ["L1", "L2", "L3", "L4"]
-    l3 = next(p for k, p, _ in filled if LEVELS[k].name == "L3")
-    assert np.allclose(l3, [28.0, 10.0, 10.0], atol=0.3)
+    found = detect(h, threshold=0.3, spacing_mm=4.0, method="argmax", relabel=True)
+    assert [LEVELS[k].name for k, _, _ in found] == ["L1", "L2", "L3", "L4"]
+    for k, p, _ in found:
+        assert np.allclose(p, [zs[LEVELS[k].name], 10.0, 10.0], atol=0.3)
 
 
-def test_gap_filling_leaves_a_gap_alone_when_the_count_of_bodies_does_not_match():
-    from pipeline.localization.inference import fill_gaps
+def test_relabelling_undoes_two_labels_shifted_onto_the_next_bodies():
+    """Seed 9009's failure: the T9 and T10 channels peak one body caudal (on T10 and T11), the
+    true T9 body is left unclaimed, the T11 channel loses to "T10" on the T11 body. Read along
+    the spine, T4-T8 and T12 anchor the labels: every body gets its own level."""
+    from pipeline.localization.inference import detect
 
-    # L1 and L4 labelled, one unlabelled body between them: two levels missing, one body -> no guess
-    z = {"L1": 40.0, "mid": 28.0, "L4": 13.0}
-    h = np.zeros((N_LEVELS, 50, 20, 20), np.float32)
-    for n, zz in z.items():
-        h[BY_NAME["L1"].order if n == "mid" else BY_NAME[n].order] += \
-            gaussian_heatmaps((50, 20, 20), np.array([[zz, 10.0, 10.0]]), 1.5).numpy()[0] * (0.4 if n == "mid" else 1)
-    found = [(BY_NAME["L1"].order, np.array([40.0, 10, 10]), 1.0), (BY_NAME["L4"].order, np.array([13.0, 10, 10]), 1.0)]
-    assert fill_gaps(found, h, 0.3, 4.0) == found
+    names = ["T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12"]
+    zs = {n: 90.0 - 9.0 * i for i, n in enumerate(names)}
+    shape = (100, 20, 20)
+    h = np.zeros((N_LEVELS,) + shape, np.float32)
+    for n in ("T4", "T5", "T6", "T7", "T8", "T12"):
+        h[BY_NAME[n].order] = _blob(shape, zs[n])
+    h[BY_NAME["T9"].order] = 0.7 * _blob(shape, zs["T10"]) + 0.3 * _blob(shape, zs["T9"])
+    h[BY_NAME["T10"].order] = 0.8 * _blob(shape, zs["T11"]) + 0.35 * _blob(shape, zs["T10"])
+    h[BY_NAME["T11"].order] = 0.6 * _blob(shape, zs["T11"])
+    plain = detect(h, threshold=0.3, spacing_mm=2.0, method="argmax")  # 18 mm per body
+    assert [(LEVELS[k].name, round(float(p[0]))) for k, p, _ in plain][5:] == [("T9", 36), ("T10", 27), ("T12", 18)]
+    found = detect(h, threshold=0.3, spacing_mm=2.0, method="argmax", relabel=True)
+    assert [LEVELS[k].name for k, _, _ in found] == names
+    for k, p, _ in found:
+        assert abs(p[0] - zs[LEVELS[k].name]) < 0.3
