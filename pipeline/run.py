@@ -63,7 +63,7 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     """
     import torch
 
-    from pipeline.genant import grade_spine, heights_from_keypoints, heights_from_mask
+    from pipeline.genant import grade_spine, heights_from_keypoints, heights_from_mask, note_measurement_uncertainty
     from pipeline.keypoints.infer import locate_keypoints
     from pipeline.keypoints.plane import spine_axes
     from pipeline.registry import load_model, resolve_device
@@ -128,12 +128,14 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
             f.notes.append("the segmentation found no voxels of this vertebra")
         findings.append((f, sv))
     grade_spine([f for f, _ in findings], orders)
+    slice_mm = _slice_spacing_mm(image)
     for f, sv in findings:
         if f.partial:
             # A vertebra cut by the field of view has no measurable heights: never graded.
             f.notes.append("cut by the field of view: heights not measurable, not graded")
             f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
         f.fractured = f.genant_grade >= GenantGrade.MILD
+        note_measurement_uncertainty(f, slice_mm)
         seg_says = sv.fracture_score > 0.5
         if not f.partial and f.grading_source != "none" and seg_says != f.fractured:
             f.notes.append(f"the segmentation network calls it {'fractured' if seg_says else 'normal'} "
@@ -143,6 +145,12 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     return AnalysisResult(study_instance_uid=series.study_instance_uid,
                           series_instance_uid=series.series_instance_uid,
                           vertebrae=[f for f, _ in findings], label_map=seg.label_map, timings_s=timings)
+
+
+def _slice_spacing_mm(image: sitk.Image) -> float:
+    """The coarsest voxel spacing of the series (its slice spacing for an axial series): what
+    limits how precisely an endplate can be placed along the spine."""
+    return float(max(image.GetSpacing()))
 
 
 def _z_extent(image: sitk.Image) -> tuple[float, float]:

@@ -138,3 +138,21 @@ def test_evaluation_pairs_leave_out_the_levels_genant_does_not_grade():
           for i, n in enumerate(("C1", "C2", "C3"))]
     pairs = grading_pairs(gt, [VertebraFinding(label=3, name="C3", centroid_mm=(0, 0, 0))])
     assert [p["name"] for p in pairs] == ["C3"]
+
+
+def test_a_mild_grade_within_the_slice_spacing_uncertainty_is_noted_not_changed():
+    from pipeline.genant import loss_uncertainty, note_measurement_uncertainty
+
+    h = Heights(13.5, 10.5, 13.0)                  # 22 % biconcave loss on a cervical body
+    assert loss_uncertainty(h, 3.0) == pytest.approx(np.sqrt(2) * 3.0 / np.sqrt(6) / 13.5)
+    lumbar = Heights(27.0, 20.5, 26.0)             # 24 % on a lumbar body
+    for heights, loss, spacing, noted in ((h, 0.22, 3.0, True), (lumbar, 0.24, 0.6, False)):
+        f = VertebraFinding(label=4, name="C4", centroid_mm=(0, 0, 0), heights_mm=heights,
+                            genant_grade=GenantGrade.MILD, height_loss=loss)
+        note_measurement_uncertainty(f, spacing)
+        assert f.genant_grade == GenantGrade.MILD
+        assert any("measurement uncertainty" in n for n in f.notes) is noted
+    severe = VertebraFinding(label=4, name="C4", centroid_mm=(0, 0, 0), heights_mm=Heights(6, 12, 13),
+                             genant_grade=GenantGrade.SEVERE, height_loss=0.54)
+    note_measurement_uncertainty(severe, 3.0)
+    assert not severe.notes
