@@ -107,3 +107,23 @@ def test_smoke_training_and_inference_give_six_points_in_mm():
     out = predict_keypoints(net, ks.inputs[:1].astype(np.float32), [plane])
     assert list(out[0]) == list(KEYPOINT_NAMES)
     assert all(len(p) == 3 for p in out[0].values())
+
+
+def test_locate_keypoints_returns_points_on_each_final_plane_with_parasagittal_averaging():
+    from pipeline.keypoints.infer import locate_keypoints
+
+    torch.manual_seed(0)
+    ct, labels, gt = box_spine(levels=("L1", "L2"))
+    seg = case_samples("box", ct, labels, gt["vertebrae"], size=48, spacing_mm=2.0, margin=0)
+    fgs = [array_image(s.occupancy.astype(np.float32) / 8, reference_grid(v["centroid_mm"], 48, 2.0))
+           for s, v in zip(seg, gt["vertebrae"])]
+    cents = [v["centroid_mm"] for v in gt["vertebrae"]]
+    ups = spine_axes([20, 21], cents)
+    net = build_keypoint_model(base=4, depth=3)
+    for offsets in ((0.0,), (-1.5, 0.0, 1.5)):
+        planes, kps = locate_keypoints(net, ct, fgs, cents, ups, 96, 0.75, use_mask=False, offsets_mm=offsets)
+        assert len(planes) == len(kps) == 2
+        for plane, kp in zip(planes, kps):
+            normal = np.cross(plane.col_axis, plane.row_axis)
+            for p in kp.values():
+                assert abs(float(np.subtract(p, plane.centre_mm) @ normal)) < 1e-6
