@@ -269,3 +269,15 @@ def test_relabelling_undoes_two_labels_shifted_onto_the_next_bodies():
     assert [LEVELS[k].name for k, _, _ in found] == names
     for k, p, _ in found:
         assert abs(p[0] - zs[LEVELS[k].name]) < 0.3
+
+
+def test_two_labels_on_one_body_are_merged_but_a_cut_end_vertebra_is_kept():
+    from pipeline.localization.inference import merge_crowded
+
+    k = lambda n: BY_NAME[n].order
+    # 1 mm grid; steps of 20 mm, except C6 -> C7 (8 mm: two channels on the C7 body) and the
+    # last step to a cut T4 (9 mm: its centroid is that of its visible part).
+    z = {"C4": 100.0, "C5": 80.0, "C6": 60.0, "C7": 52.0, "T1": 32.0, "T2": 12.0, "T3": -8.0, "T4": -17.0}
+    found = [(k(n), np.array([zz, 0.0, 0.0]), 0.5 if n == "C6" else 0.8) for n, zz in z.items()]
+    kept = merge_crowded(found, 1.0)
+    assert [LEVELS[o].name for o, _, _ in kept] == ["C4", "C5", "C7", "T1", "T2", "T3", "T4"]
