@@ -189,31 +189,22 @@ def locate_keypoints(model: torch.nn.Module, ct: sitk.Image, fgs: Sequence[sitk.
     return run(second, tuple(offsets_mm) or (0.0,))
 
 
-@torch.no_grad()
 def predict_heatmaps_2d(model: torch.nn.Module, inputs: np.ndarray, device: str | torch.device = "cpu",
                         batch: int = 16) -> np.ndarray:
     """The network's six heatmaps ``[n, 6, row, col]`` for inputs ``[n, 2, row, col]``."""
-    model.eval()
-    out = []
-    for i in range(0, len(inputs), batch):
-        x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch])).float().to(device)
-        out.append(model(x).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 6) + tuple(inputs.shape[-2:]), np.float32)
+    from pipeline.nets.batched import forward_batched
+
+    return forward_batched(model, inputs, device, batch, empty_shape=(0, 6) + tuple(inputs.shape[-2:]))
 
 
-@torch.no_grad()
 def predict_keypoints(model: torch.nn.Module, inputs: np.ndarray, planes: Sequence[SagittalPlane],
                       device: str | torch.device = "cpu", batch: int = 16, shape_prior: bool = True
                       ) -> list[dict[str, tuple[float, float, float]]]:
     """Keypoints in LPS mm for each input ``[2, row, col]`` on its plane: decoded by
     :func:`decode_keypoints`, or by each channel's argmax (the paper's eq. 16) with
     ``shape_prior=False``."""
-    model.eval()
     result = []
-    for i in range(0, len(inputs), batch):
-        x = torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch])).float().to(device)
-        hm = model(x).float().cpu().numpy()
-        for h, plane in zip(hm, planes[i:i + batch]):
-            rc = decode_keypoints(h, plane.spacing_mm) if shape_prior else decode_heatmaps(h)
-            result.append({name: plane.to_mm(rc[k]) for k, name in enumerate(KEYPOINT_NAMES)})
+    for h, plane in zip(predict_heatmaps_2d(model, inputs, device, batch), planes):
+        rc = decode_keypoints(h, plane.spacing_mm) if shape_prior else decode_heatmaps(h)
+        result.append({name: plane.to_mm(rc[k]) for k, name in enumerate(KEYPOINT_NAMES)})
     return result

@@ -56,16 +56,13 @@ class SegmentationResult:
     vertebrae: list[SegmentedVertebra]
 
 
-@torch.no_grad()
 def predict_crops(model: torch.nn.Module, crops: np.ndarray, device: str | torch.device = "cpu",
                   batch: int = 2) -> np.ndarray:
     """Softmax probabilities ``[n, 3, z, y, x]`` of normalised crops ``[n, z, y, x]``."""
-    model.eval()
-    out = []
-    for i in range(0, len(crops), batch):
-        x = torch.from_numpy(np.ascontiguousarray(crops[i:i + batch][:, None])).to(device)
-        out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 3) + crops.shape[1:], np.float32)
+    from pipeline.nets.batched import forward_batched
+
+    return forward_batched(model, np.asarray(crops)[:, None], device, batch,
+                           post=lambda y: torch.softmax(y, dim=1), empty_shape=(0, 3) + crops.shape[1:])
 
 
 def _sub_grid(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> sitk.Image:
