@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="localization weight files to compare (e.g. the ablation arms) instead of the shipped model")
     ap.add_argument("--slice-spacing", type=float, help="force this slice spacing and thickness (mm) on every seed")
     ap.add_argument("--slices", type=int, help="force this many slices per series (300 at 3 mm: C1-L5)")
-    ap.add_argument("--relabel", choices=("on", "off", "both"), default="on",
+    ap.add_argument("--relabel", choices=("on", "off", "both"), default="off",
                     help="the localization's joint relabelling along the spine "
                          "(pipeline.localization.inference.relabel_on_path); "
                          "'both' compares the shipped weights with and without it")
@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         acq.update(slice_spacing=args.slice_spacing, slice_thickness=args.slice_spacing)
     if args.slices is not None:
         acq["n_slices"] = args.slices
-    if args.models or args.relabel != "on":
+    if args.models or args.relabel != "off":
         import copy
 
         import torch

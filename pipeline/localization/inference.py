@@ -10,9 +10,9 @@
 4. :func:`plausible_chain`: the labels must read in anatomical order along the spine (cranial to
    caudal), neighbours at a plausible distance, and no two levels on one vertebra; of the
    candidates, the highest-scoring subset that obeys these rules is kept.
-5. :func:`relabel_on_path`: two labels crowded on one body are merged (:func:`merge_crowded`),
-   then the found vertebrae and the unclaimed bodies between them (a channel that peaked on a
-   neighbour's body leaves one) are labelled jointly, one level per body.
+5. optionally (model meta ``relabel``; off by default, see :data:`RELABEL`)
+   :func:`relabel_on_path`: two labels crowded on one body are merged (:func:`merge_crowded`),
+   then the found vertebrae and the unclaimed bodies between them are labelled jointly.
 The model's ``meta`` names the decoder and its threshold (chosen on validation phantoms).
 """
 from __future__ import annotations
@@ -35,12 +35,13 @@ MIN_SEPARATION_MM = 9.0      # two detections closer than this sit on one verteb
 MAX_STEP_MM = 55.0           # adjacent levels are never further apart (lumbar ~35-40 mm)
 MIN_CAUDAL_COS = 0.3         # the step to the next level points caudally (lordosis/kyphosis allowed)
 OPTIONAL_LEVELS = frozenset({"T13", "L6"})  # transitional: may be absent between present levels
-#: Relabel the found spine jointly, one level per body (:func:`relabel_on_path`), unless the
-#: model's metadata says otherwise. Measured with the shipped weights (`python -m pipeline.evaluate
-#: --relabel both`, MODEL_CARD.md): test 9001-9010 id 0.969 -> 0.988 (false vertebrae 1 -> 0 with
-#: :func:`merge_crowded`), validation 8001-8012 1.000 (unchanged), held-out 8201-8205 at 3 mm
-#: (whole spines) 0.872 -> 0.967; no false vertebra added.
-RELABEL = True
+#: Relabel the found spine jointly, one level per body (:func:`relabel_on_path`), when the
+#: model's metadata asks for it (``meta["relabel"]``). Off by default: on the fresh seeds
+#: 9011-9030 it lowered the identification rate from 0.893 to 0.843 (`python -m pipeline.evaluate
+#: --seeds 9011-9030 --relabel both`): where the network's own labels disagree along the spine
+#: (9014, 9016, 9021) it makes every label of the case agree with the wrong offset. It helped
+#: 9001-9010 (0.969 -> 1.000, tuned) and 3 mm whole spines (0.872 -> 0.967): MODEL_CARD.md.
+RELABEL = False
 
 
 @dataclass(frozen=True)
