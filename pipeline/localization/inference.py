@@ -179,37 +179,19 @@ def _allowed_steps() -> np.ndarray:
 _STEPS = _allowed_steps()
 
 
-def _joint_candidates(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
-                      skip_penalty: float = 0.5) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Vertebrae found level-agnostically, then labelled jointly along the spine.
-
-    1. Detection: local maxima of the sum over channels (each vertebra's Gaussian, whatever its
-       label) above ``threshold``, at least :data:`MIN_SEPARATION_MM` apart.
-    2. Labelling: the detections, cranial to caudal, get strictly caudal-ward labels that
-       maximise the summed heatmap evidence of the chosen channel at each detection (dynamic
-       programming); skipping a non-optional level costs ``skip_penalty``, so labels stay
-       contiguous unless the evidence says a vertebra was missed.
-    """
-    from scipy.ndimage import maximum_filter
-
-    total = heatmaps.sum(axis=0)
-    peaks = (total == maximum_filter(total, size=3, mode="nearest")) & (total >= threshold)
-    idx = np.argwhere(peaks)
-    if not len(idx):
-        return [], np.zeros((0, 3)), np.zeros(0)
-    order = np.argsort(-total[tuple(idx.T)])
-    kept: list[np.ndarray] = []
-    for i in order:  # non-maximum suppression by distance
-        p = idx[i]
-        if all(np.linalg.norm((p - q) * spacing_mm) >= MIN_SEPARATION_MM for q in kept):
-            kept.append(p)
-    kept.sort(key=lambda p: -p[0])  # cranial (high z index) first
-    pos = np.array([refine_peak(total, tuple(int(v) for v in p)) for p in kept])
-    # evidence of each channel at each detection: the channel's maximum in the 3^3 neighbourhood
-    ev = np.zeros((len(kept), heatmaps.shape[0]))
-    for i, p in enumerate(kept):
-        sl = tuple(slice(max(0, int(v) - 1), int(v) + 2) for v in p)
+def _evidence(heatmaps: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``[n, C]``: each channel's maximum in the 3^3 neighbourhood of each grid position."""
+    ev = np.zeros((len(positions), heatmaps.shape[0]))
+    for i, p in enumerate(positions):
+        sl = tuple(slice(max(0, int(round(v)) - 1), int(round(v)) + 2) for v in p)
         ev[i] = heatmaps[(slice(None),) + sl].reshape(heatmaps.shape[0], -1).max(axis=1)
+    return ev
+
+
+def _label_chain(ev: np.ndarray, skip_penalty: float) -> list[int] | None:
+    """Strictly caudal-ward levels for detections ordered cranial to caudal that maximise the
+    summed evidence ``ev[i, level]``, skipping a non-optional level costing ``skip_penalty``
+    (dynamic programming); ``None`` when no labelling fits (more detections than levels)."""
     n, c = ev.shape
     best = np.full((n, c), -np.inf)
     prev = np.zeros((n, c), dtype=int)
@@ -219,13 +201,32 @@ def _joint_candidates(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
         cand = best[i - 1][:, None] + pen  # [previous level, level]
         prev[i] = cand.argmax(axis=0)
         best[i] = cand.max(axis=0) + ev[i]
-    if not np.isfinite(best[-1].max()):  # more detections than levels: per-channel maxima instead
-        return _argmax_candidates(heatmaps, threshold)
+    if not np.isfinite(best[-1].max()):
+        return None
     labels = [int(best[-1].argmax())]
     for i in range(n - 1, 0, -1):
         labels.append(int(prev[i][labels[-1]]))
-    labels = labels[::-1]
-    scores = np.array([total[tuple(int(v) for v in p)] for p in kept])
+    return labels[::-1]
+
+
+def _joint_candidates(heatmaps: np.ndarray, threshold: float, spacing_mm: float,
+                      skip_penalty: float = 0.5) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Vertebrae found level-agnostically, then labelled jointly along the spine.
+
+    1. Detection: :func:`_agnostic_detections` (local maxima of the sum over channels).
+    2. Labelling: the detections, cranial to caudal, get strictly caudal-ward labels that
+       maximise the summed heatmap evidence of the chosen channel at each detection
+       (:func:`_label_chain`); skipping a non-optional level costs ``skip_penalty``, so labels
+       stay contiguous unless the evidence says a vertebra was missed.
+    """
+    pos, scores = _agnostic_detections(heatmaps, threshold, spacing_mm)
+    if not len(pos):
+        return [], np.zeros((0, 3)), np.zeros(0)
+    order = np.argsort(-pos[:, 0])  # cranial (high z index) first
+    pos, scores = pos[order], scores[order]
+    labels = _label_chain(_evidence(heatmaps, pos), skip_penalty)
+    if labels is None:  # more detections than levels: per-channel maxima instead
+        return _argmax_candidates(heatmaps, threshold)
     return labels, pos, scores
 
 
@@ -317,7 +318,7 @@ def relabel_on_path(found: list[tuple[int, np.ndarray, float]], heatmaps: np.nda
     left out); they get strictly caudal-ward levels, cranial to caudal, maximising the summed
     evidence of each body's channel (its maximum in the 3^3 neighbourhood), with
     ``skip_penalty`` (default :data:`RELABEL_SKIP_PENALTY`) per non-optional level skipped
-    (dynamic programming, as :func:`_joint_candidates`).
+    (:func:`_label_chain`, as :func:`_joint_candidates`).
     Nothing is added beyond the found ends.
     """
     found = merge_crowded(found, spacing_mm)
@@ -330,25 +331,10 @@ def relabel_on_path(found: list[tuple[int, np.ndarray, float]], heatmaps: np.nda
     extra = _on_path(fmm, _grid_mm(pos, spacing_mm), max_off_axis_mm) if len(pos) else []
     bodies = sorted([(float(i), fpos[i]) for i in range(len(found))] + [(t, pos[i]) for t, i in extra],
                     key=lambda b: b[0])
-    ev = np.zeros((len(bodies), heatmaps.shape[0]))
-    for i, (_, p) in enumerate(bodies):
-        sl = tuple(slice(max(0, int(round(v)) - 1), int(round(v)) + 2) for v in p)
-        ev[i] = heatmaps[(slice(None),) + sl].reshape(heatmaps.shape[0], -1).max(axis=1)
-    n = len(bodies)
-    best = np.full((n, ev.shape[1]), -np.inf)
-    prev = np.zeros((n, ev.shape[1]), dtype=int)
-    best[0] = ev[0]
-    pen = np.where(_STEPS >= 0, -skip_penalty * np.maximum(_STEPS, 0), -np.inf)
-    for i in range(1, n):
-        cand = best[i - 1][:, None] + pen
-        prev[i] = cand.argmax(axis=0)
-        best[i] = cand.max(axis=0) + ev[i]
-    if not np.isfinite(best[-1].max()):
+    ev = _evidence(heatmaps, np.array([p for _, p in bodies]))
+    labels = _label_chain(ev, skip_penalty)
+    if labels is None:
         return found
-    labels = [int(best[-1].argmax())]
-    for i in range(n - 1, 0, -1):
-        labels.append(int(prev[i][labels[-1]]))
-    labels = labels[::-1]
     return [(k, p, float(ev[i, k])) for i, (k, (_, p)) in enumerate(zip(labels, bodies))]
 
 
