@@ -3,7 +3,7 @@
 Each vertebra gives ``n_aug`` planes through (near) its body, jittered as inference will see
 them: the plane's centre moves by up to ``max_shift_mm`` around the true body centre (the mean of
 the six keypoints; inference centres its second pass on the first pass's points,
-:func:`pipeline.keypoints.infer.predict_keypoints`), the plane turns by up to
+:func:`pipeline.keypoints.infer.locate_keypoints`), the plane turns by up to
 ``max_angle`` degrees in the sagittal plane (paper section 3.2: rotation, translation) and its
 x position moves by up to 1.5 mm (localization error), and the spine axis tilts by a few
 degrees out of the plane. The plane follows the spine axis from the neighbouring centroids

@@ -127,6 +127,14 @@ def decode_keypoints(heatmaps: np.ndarray, spacing_mm: float) -> np.ndarray:
     return np.stack([refine_peak(hm[k], p) for k, (_, p) in enumerate(best)])
 
 
+def points_mm(heatmaps: np.ndarray, plane: SagittalPlane, shape_prior: bool = True
+              ) -> dict[str, tuple[float, float, float]]:
+    """The six points of one plane's heatmaps in LPS mm: :func:`decode_keypoints`, or each
+    channel's argmax (the paper's eq. 16) with ``shape_prior=False``."""
+    rc = decode_keypoints(heatmaps, plane.spacing_mm) if shape_prior else decode_heatmaps(heatmaps)
+    return {name: plane.to_mm(rc[k]) for k, name in enumerate(KEYPOINT_NAMES)}
+
+
 def first_centre(fg: sitk.Image | None, centroid_mm: Sequence[float], up: Sequence[float]
                  ) -> tuple[float, float, float]:
     """Where the first keypoint pass centres its plane: the body on the segmentation
@@ -161,21 +169,14 @@ def locate_keypoints(model: torch.nn.Module, ct: sitk.Image, fgs: Sequence[sitk.
         for o in offsets:
             inputs = []
             for fg, pl in zip(fgs, planes):
-                normal = np.cross(np.array(pl.col_axis), np.array(pl.row_axis))
-                moved = SagittalPlane(tuple((np.array(pl.centre_mm) + o * normal).tolist()), pl.row_axis,
-                                      pl.col_axis, pl.size, pl.spacing_mm)
-                x = plane_input(ct, fg, moved)
+                x = plane_input(ct, fg, pl.shifted(o))
                 if not use_mask:
                     x[1] = 0.0  # a keypoint model trained on the CT alone
                 inputs.append(x)
             h = predict_heatmaps_2d(model, np.stack(inputs), device)
             heatmaps = h if heatmaps is None else heatmaps + h
         heatmaps /= len(offsets)
-        kps = []
-        for h, pl in zip(heatmaps, planes):
-            rc = decode_keypoints(h, pl.spacing_mm) if shape_prior else decode_heatmaps(h)
-            kps.append({name: pl.to_mm(rc[k]) for k, name in enumerate(KEYPOINT_NAMES)})
-        return planes, kps
+        return planes, [points_mm(h, pl, shape_prior) for h, pl in zip(heatmaps, planes)]
 
     if not fgs:
         return [], []
@@ -203,8 +204,4 @@ def predict_keypoints(model: torch.nn.Module, inputs: np.ndarray, planes: Sequen
     """Keypoints in LPS mm for each input ``[2, row, col]`` on its plane: decoded by
     :func:`decode_keypoints`, or by each channel's argmax (the paper's eq. 16) with
     ``shape_prior=False``."""
-    result = []
-    for h, plane in zip(predict_heatmaps_2d(model, inputs, device, batch), planes):
-        rc = decode_keypoints(h, plane.spacing_mm) if shape_prior else decode_heatmaps(h)
-        result.append({name: plane.to_mm(rc[k]) for k, name in enumerate(KEYPOINT_NAMES)})
-    return result
+    return [points_mm(h, plane, shape_prior) for h, plane in zip(predict_heatmaps_2d(model, inputs, device, batch), planes)]

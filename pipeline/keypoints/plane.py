@@ -12,6 +12,7 @@ and :meth:`~SagittalPlane.to_px` convert between pixel (row, col) and LPS millim
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,10 +35,20 @@ class SagittalPlane:
     size: int = PLANE_SIZE
     spacing_mm: float = PLANE_SPACING_MM
 
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit normal of the plane (``col x row``: the patient's left-right axis up to the tilt)."""
+        return np.cross(np.array(self.col_axis), np.array(self.row_axis))
+
+    def shifted(self, offset_mm: float) -> "SagittalPlane":
+        """The parallel plane ``offset_mm`` along :attr:`normal` (same axes, size and spacing)."""
+        centre = np.array(self.centre_mm, float) + offset_mm * self.normal
+        return dataclasses.replace(self, centre_mm=tuple(float(v) for v in centre))
+
     def reference(self) -> sitk.Image:
         """A 3D image one voxel thick whose array is ``[row, col, 0]``."""
         row, col = np.array(self.row_axis), np.array(self.col_axis)
-        normal = np.cross(col, row)
+        normal = self.normal
         n, s = self.size, self.spacing_mm
         ref = sitk.Image([1, n, n], sitk.sitkUInt8)
         ref.SetSpacing([1.0, s, s])

@@ -127,3 +127,5 @@ def test_locate_keypoints_returns_points_on_each_final_plane_with_parasagittal_a
             normal = np.cross(plane.col_axis, plane.row_axis)
             for p in kp.values():
                 assert abs(float(np.subtract(p, plane.centre_mm) @ normal)) < 1e-6
+            moved = plane.shifted(1.5)
+            assert np.subtract(moved.centre_mm, plane.centre_mm) == pytest.approx(1.5 * normal)
