@@ -12,15 +12,18 @@ asleep in them, and the rest partly spent polling. Socket reads are also done 4 
 What :func:`install` changes, for every association of the process (SCP and SCU alike), and
 nothing else:
 
-- the DUL reactor, instead of sleeping 1 ms, waits up to 1 ms in ``select()`` on the peer
-  socket and on a wake-up socket pair: data from the peer is read the moment it arrives, and
-  ``send_pdu`` (a primitive to send, e.g. the C-STORE response) wakes it at once instead of
-  after up to 1 ms. Measured on a quiet machine, a pynetdicom SCP that answers at once took
-  0.48-0.50 s for 300 instances with the wake-up and 0.73-0.74 s without
-  (`bench/scp_floor.py`; bench/README.md). An earlier wake-up through a pipe had measured
-  slower on the machine loaded to 6-9 (the woken DUL thread competing for the GIL); on the
-  quiet machine the full node gained little but lost nothing, so the wake-up stays, and
-  ``SPINE_FAST_DUL_PARTS=dul+assoc+recv`` leaves it out.
+- the DUL reactor, instead of sleeping 1 ms, waits in ``select()`` on the peer socket and on a
+  wake-up socket pair: data from the peer is read the moment it arrives, and ``send_pdu`` (a
+  primitive to send, e.g. the C-STORE response), ``kill_dul`` and ``stop_dul`` wake it at
+  once instead of after up to 1 ms. As nothing waits on the timeout any more, it is 50 ms
+  (it only bounds how late an expired ARTIM timer is seen), so an idle association's DUL
+  thread no longer takes the GIL 1000 times a second (four concurrent senders: node CPU
+  1.17 vs 1.32 s, wall 1.12 vs 1.22 s; bench/README.md). Measured on a quiet machine, a
+  pynetdicom SCP that answers at once took 0.48-0.50 s for 300 instances with the wake-up
+  and 0.73-0.74 s without (`bench/scp_floor.py`; bench/README.md). An earlier wake-up
+  through a pipe had measured slower on the machine loaded to 6-9 (the woken DUL thread
+  competing for the GIL); on the quiet machine the full node gained little but lost nothing,
+  so the wake-up stays, and ``SPINE_FAST_DUL_PARTS=dul+assoc+recv`` leaves it out.
 - the association reactor blocks on the DIMSE message queue's condition instead of sleeping
   before each look, and is marked paused while it waits (it is not touching the queue), so
   that ``send_c_*`` from another thread need not wait for it either. The DUL reactor wakes it
@@ -58,9 +61,14 @@ log = get_logger("spine_node.fast_dul")
 
 #: pynetdicom versions whose reactor loops the copies below match.
 SUPPORTED_VERSIONS = ("3.0.4",)
-#: Longest the DUL reactor waits on the socket: a primitive to send (a C-STORE response) is
-#: seen after at most this long, as with pynetdicom's own 1 ms sleep.
+#: Longest the DUL reactor waits on the socket without the wake-up: a primitive to send (a
+#: C-STORE response) is seen after at most this long, as with pynetdicom's own 1 ms sleep.
 _DUL_WAIT_S = 0.001
+#: Longest it waits with the wake-up (the default): whatever it must act on wakes it at once
+#: (data from the peer, ``send_pdu``, ``kill_dul``/``stop_dul``), so the timeout only bounds how
+#: late an expired ARTIM timer is noticed. A 1 ms timeout here had every idle association's
+#: DUL thread take the GIL 1000 times a second, which four concurrent senders felt.
+_DUL_WAKE_WAIT_S = 0.05
 #: Longest the association reactor waits without a wake-up (idle timer, local abort).
 _ASSOC_WAIT_S = 0.02
 
@@ -71,8 +79,9 @@ _install_lock = threading.Lock()
 
 # -- DUL reactor ----------------------------------------------------------------------------
 def _dul_wait(dul: DULServiceProvider) -> None:
-    """Block until the peer sent data, or at most ``_DUL_WAIT_S`` (pynetdicom sleeps that long
-    without looking at the socket)."""
+    """Block until the peer sent data or something woke the reactor, or at most
+    ``_DUL_WAKE_WAIT_S`` (``_DUL_WAIT_S`` without the wake-up; pynetdicom sleeps 1 ms without
+    looking at the socket)."""
     if dul.to_provider_queue.qsize() or dul.event_queue.qsize() or dul._kill_thread:
         return
     sock = dul.socket
@@ -84,7 +93,10 @@ def _dul_wait(dul: DULServiceProvider) -> None:
         return  # decrypted bytes already buffered: select would not see them
     wake = getattr(dul, "_spn_wake", None)
     try:
-        ready, _, _ = select.select([raw] if wake is None else [raw, wake[0]], [], [], _DUL_WAIT_S)
+        if wake is None:
+            ready, _, _ = select.select([raw], [], [], _DUL_WAIT_S)
+        else:
+            ready, _, _ = select.select([raw, wake[0]], [], [], _DUL_WAKE_WAIT_S)
     except (OSError, ValueError):  # closed under us: the reactor's own checks handle it
         time.sleep(_DUL_WAIT_S)
         return
@@ -121,15 +133,38 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def _send_pdu(self: DULServiceProvider, primitive) -> None:  # noqa: ANN001
-    """pynetdicom's ``send_pdu`` (queue the primitive), then wake the DUL reactor's wait."""
-    _orig_send_pdu(self, primitive)
-    wake = getattr(self, "_spn_wake", None)
+def _wake(dul: DULServiceProvider) -> None:
+    """End the DUL reactor's wait now (a no-op once its reactor has ended)."""
+    wake = getattr(dul, "_spn_wake", None)
     if wake is not None:
         try:
             wake[1].send(b"\0")
         except OSError:  # full (a wake-up is pending anyway) or closed (the reactor ended)
             pass
+
+
+def _send_pdu(self: DULServiceProvider, primitive) -> None:  # noqa: ANN001
+    """pynetdicom's ``send_pdu`` (queue the primitive), then wake the DUL reactor's wait."""
+    _orig_send_pdu(self, primitive)
+    _wake(self)
+
+
+def _kill_dul(self: DULServiceProvider) -> None:
+    """pynetdicom's ``kill_dul`` (flag the reactor to stop), then wake it to see the flag."""
+    self._kill_thread = True
+    _wake(self)
+
+
+def _stop_dul(self: DULServiceProvider) -> bool:
+    """pynetdicom 3.0.4's ``stop_dul`` with a wake-up after the flag: stop the reactor if the
+    state is Sta1 (idle) and wait for its thread to end."""
+    if self.state_machine.current_state == "Sta1":
+        self._kill_thread = True
+        _wake(self)
+        while self.is_alive():
+            time.sleep(self._run_loop_delay)
+        return True
+    return False
 
 
 def _notify_user(dul: DULServiceProvider) -> None:
@@ -314,6 +349,8 @@ def install() -> bool:
             if "wake" in parts:
                 _wake_enabled = True
                 DULServiceProvider.send_pdu = _send_pdu
+                DULServiceProvider.kill_dul = _kill_dul
+                DULServiceProvider.stop_dul = _stop_dul
         if "assoc" in parts:
             Association._run_reactor = _assoc_run_reactor
         if "recv" in parts:
