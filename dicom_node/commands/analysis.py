@@ -53,6 +53,9 @@ def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> d
     if not files:
         raise typer.BadParameter(f"no DICOM files under {dicom_dir}", param_hint="DICOM_DIR")
     series = load_series(files)
+    _repair_sop_class(series.headers)
+    for note in _repair_identity(series):
+        typer.echo(f"warning: {note}", err=True)
     t_load = time.perf_counter() - t0
     result = analyse(series, device=device)
     result.timings_s = {"load": t_load, **result.timings_s}
@@ -66,7 +69,6 @@ def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> d
         build_outputs = None
     if build_outputs is not None:
         t = time.perf_counter()
-        _repair_sop_class(series.headers)
         objs = build_outputs(series, result)
         for name in ("seg", "sr", "key_image"):
             ds = getattr(objs, name, None)
@@ -96,6 +98,30 @@ def _repair_sop_class(headers) -> None:
             h.SOPClassUID = meta.MediaStorageSOPClassUID
         if not str(h.get("SOPInstanceUID", "")) and meta is not None and meta.get("MediaStorageSOPInstanceUID"):
             h.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+
+
+def _repair_identity(series) -> list[str]:
+    """Study and Series Instance UID are Type 1 in every result object (PS3.3 C.7.2.1, C.7.3.1;
+    the SR's evidence references, C.17.2.1): anonymised files without them (the TotalSegmentator
+    example) would give results that no validator or PACS accepts. ``process`` reads files from a
+    folder, not from the SCP (which refuses such instances), so it gives the series UIDs derived
+    from its SOP Instance UIDs (the same files always get the same UIDs) and says so. Returns
+    the warnings."""
+    import pydicom.uid
+
+    sops = sorted(str(h.get("SOPInstanceUID", "")) for h in series.headers)
+    notes = []
+    for attr, keyword, what in (("study_instance_uid", "StudyInstanceUID", "study"),
+                                ("series_instance_uid", "SeriesInstanceUID", "series")):
+        if str(getattr(series, attr) or "").strip():
+            continue
+        uid = str(pydicom.uid.generate_uid(entropy_srcs=["spine-node source", what, *sops]))
+        setattr(series, attr, uid)
+        for h in series.headers:
+            setattr(h, keyword, uid)
+        notes.append(f"the series has no {keyword}; the results use {uid}, derived from its "
+                     "SOP Instance UIDs")
+    return notes
 
 
 def _has_enforce() -> bool:

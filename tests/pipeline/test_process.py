@@ -127,3 +127,22 @@ def test_process_runs_a_real_jpeg2000_ct_without_error(tmp_path):
     for v in s["vertebrae"]:
         assert CONTRACT_VERTEBRA_KEYS <= set(v)
     assert sorted(p.name for p in out.glob("*.dcm")), "no DICOM result written"
+    # The files carry no Study/Series Instance UID: the results get derived ones (same files,
+    # same UIDs), say so, and still validate (Type 1 in every result object).
+    assert "has no StudyInstanceUID" in res.output and "has no SeriesInstanceUID" in res.output
+    assert s["study_instance_uid"] and s["series_instance_uid"]
+    import pydicom
+
+    from tests.synthetic_results import dciodvfy_errors
+
+    for path in sorted(out.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID == s["study_instance_uid"]
+        errors, output = dciodvfy_errors(ds, tmp_path / f"check-{path.name}")
+        assert not errors, f"{path.name}:\n{output}"
+    again = tmp_path / "again"
+    res2 = CliRunner().invoke(app, ["process", str(REAL_CT), "--out", str(again), "--device", "cpu"])
+    assert res2.exit_code == 0, res2.output
+    s2 = json.loads((again / "summary.json").read_text())
+    assert (s2["study_instance_uid"], s2["series_instance_uid"]) == \
+        (s["study_instance_uid"], s["series_instance_uid"])
