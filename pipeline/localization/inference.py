@@ -36,11 +36,11 @@ MAX_STEP_MM = 55.0           # adjacent levels are never further apart (lumbar ~
 MIN_CAUDAL_COS = 0.3         # the step to the next level points caudally (lordosis/kyphosis allowed)
 OPTIONAL_LEVELS = frozenset({"T13", "L6"})  # transitional: may be absent between present levels
 #: Relabel the found spine jointly, one level per body (:func:`relabel_on_path`), when the
-#: model's metadata asks for it (``meta["relabel"]``). Off by default: on the fresh seeds
-#: 9011-9030 it lowered the identification rate from 0.893 to 0.843 (`python -m pipeline.evaluate
-#: --seeds 9011-9030 --relabel both`): where the network's own labels disagree along the spine
-#: (9014, 9016, 9021) it makes every label of the case agree with the wrong offset. It helped
-#: 9001-9010 (0.969 -> 1.000, tuned) and 3 mm whole spines (0.872 -> 0.967): MODEL_CARD.md.
+#: model's metadata asks for it (``meta["relabel"]``); this default applies to weight files that
+#: do not say. The shipped weights of iteration 6000 say yes (validation 8001-8030: id 0.991 ->
+#: 1.000; fresh seeds 9011-9030 0.965 -> 0.994). The weights of iteration 3600 did not: with
+#: them it lowered the fresh seeds from 0.893 to 0.843 (where the network's own labels disagree
+#: along the spine it makes every label agree with the wrong offset). MODEL_CARD.md.
 RELABEL = False
 
 
