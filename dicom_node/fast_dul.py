@@ -106,6 +106,7 @@ def _dul_wait(dul: DULServiceProvider) -> None:
 
 # -- wake-up: a primitive to send (the C-STORE response) ends the DUL's wait at once ----------
 _orig_send_pdu = DULServiceProvider.send_pdu
+_orig_kill_dul = DULServiceProvider.kill_dul
 
 
 def _open_wake(dul: DULServiceProvider) -> None:
@@ -151,7 +152,7 @@ def _send_pdu(self: DULServiceProvider, primitive) -> None:  # noqa: ANN001
 
 def _kill_dul(self: DULServiceProvider) -> None:
     """pynetdicom's ``kill_dul`` (flag the reactor to stop), then wake it to see the flag."""
-    self._kill_thread = True
+    _orig_kill_dul(self)
     _wake(self)
 
 
