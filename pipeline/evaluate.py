@@ -432,10 +432,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="localization weight files to compare (e.g. the ablation arms) instead of the shipped model")
     ap.add_argument("--slice-spacing", type=float, help="force this slice spacing and thickness (mm) on every seed")
     ap.add_argument("--slices", type=int, help="force this many slices per series (300 at 3 mm: C1-L5)")
-    ap.add_argument("--relabel", choices=("on", "off", "both"), default="off",
+    ap.add_argument("--relabel", choices=("file", "on", "off", "both"), default="file",
                     help="the localization's joint relabelling along the spine "
-                         "(pipeline.localization.inference.relabel_on_path); "
-                         "'both' compares the shipped weights with and without it")
+                         "(pipeline.localization.inference.relabel_on_path): as each weight "
+                         "file's meta says (default), forced on or off, or 'both' to compare "
+                         "the shipped weights with and without it")
     args = ap.parse_args(argv)
     keys = REPORT_KEYS + ("errors_over_mm", "false_positive_vertebrae", "timings_s")
     acq: dict[str, Any] = {}
@@ -443,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         acq.update(slice_spacing=args.slice_spacing, slice_thickness=args.slice_spacing)
     if args.slices is not None:
         acq["n_slices"] = args.slices
-    if args.models or args.relabel != "off":
+    if args.models or args.relabel != "file":
         import copy
 
         import torch
@@ -455,8 +456,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 ap.error("--relabel both compares the shipped weights; give on or off with --models")
             models = {str(p): build_from_checkpoint(torch.load(p, map_location="cpu", weights_only=True))
                       for p in args.models}
-            for m in models.values():
-                m.meta["relabel"] = args.relabel == "on"
+            if args.relabel != "file":
+                for m in models.values():
+                    m.meta["relabel"] = args.relabel == "on"
         else:
             models = {}
             for v in (("on", "off") if args.relabel == "both" else (args.relabel,)):

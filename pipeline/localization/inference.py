@@ -10,7 +10,7 @@
 4. :func:`plausible_chain`: the labels must read in anatomical order along the spine (cranial to
    caudal), neighbours at a plausible distance, and no two levels on one vertebra; of the
    candidates, the highest-scoring subset that obeys these rules is kept.
-5. optionally (model meta ``relabel``; off by default, see :data:`RELABEL`)
+5. where the model meta ``relabel`` asks for it (the shipped weights do; see :data:`RELABEL`)
    :func:`relabel_on_path`: two labels crowded on one body are merged (:func:`merge_crowded`),
    then the found vertebrae and the unclaimed bodies between them are labelled jointly.
 The model's ``meta`` names the decoder and its threshold (chosen on validation phantoms).
