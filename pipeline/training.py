@@ -10,6 +10,8 @@ Used by :mod:`pipeline.segmentation.train`, :mod:`pipeline.segmentation.train_re
   scheduler (the paper's plateau scheduler);
 - :func:`optimizer_step`: zero-grad, backward, gradient-norm clipping (paper: 2.0), step;
 - :class:`Progress`: running loss, s/step, ETA and the wall-clock limit;
+- :func:`cosine_lr`, :func:`anneal`: cosine annealing over what is left of a run (its steps or
+  its wall-clock limit, whichever ends it first), the alternative to the plateau scheduler;
 - :func:`save_best`, :func:`save_last`, :func:`resume`: the ``best.pt`` and ``last.ckpt``
   formats (unchanged: ``{config, state_dict, step, val, train}`` and
   ``{model, opt, sched, step, best, rng}``).
@@ -98,6 +100,32 @@ class Progress:
 
     def timed_out(self) -> bool:
         return self.max_minutes is not None and (time.time() - self.t0) / 60 > self.max_minutes
+
+    def fraction(self, step: int) -> float:
+        """How much of this run (since its start or resume) is done: the larger of the steps'
+        and the time limit's fractions, so that an annealing ends with the run whichever stops it."""
+        f = (step - self.s0) / max(self.steps - self.s0, 1)
+        if self.max_minutes:
+            f = max(f, (time.time() - self.t0) / 60 / self.max_minutes)
+        return f
+
+
+def cosine_lr(lr: float, progress: float, floor: float = 0.01) -> float:
+    """Cosine annealing from ``lr`` (progress 0) to ``floor * lr`` (progress 1)."""
+    p = min(max(progress, 0.0), 1.0)
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def anneal(opt: torch.optim.Optimizer, lr: float, progress: float) -> None:
+    """Set every parameter group's learning rate to :func:`cosine_lr` at ``progress``."""
+    for group in opt.param_groups:
+        group["lr"] = cosine_lr(lr, progress)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (a resumed run that restarts its annealing)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def save_best(path: Path, model: torch.nn.Module, step: int, val: dict, cfg: Any) -> None:

@@ -30,6 +30,7 @@ from pipeline.localization.dataset import EVALUATION_SEEDS, Case, PatchSampler, 
 from pipeline.localization.inference import detect, predict_heatmaps
 from pipeline.nets import MSCN
 from pipeline.registry import weights_payload
+from pipeline.training import cosine_lr
 
 BUILDER = "pipeline.nets.mscn:build_mscn"
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
@@ -76,12 +77,6 @@ class TrainConfig:
         d["cache_dir"] = None if self.cache_dir is None else str(self.cache_dir)
         d["seeds"], d["val_seeds"], d["patch"] = list(self.seeds), list(self.val_seeds), list(self.patch)
         return d
-
-
-def cosine_lr(lr: float, progress: float, floor: float = 0.01) -> float:
-    """Cosine annealing from ``lr`` (progress 0) to ``floor * lr`` (progress 1)."""
-    p = min(max(progress, 0.0), 1.0)
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, fg_weight: float = 0.0) -> torch.Tensor:

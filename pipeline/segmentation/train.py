@@ -12,6 +12,8 @@ Checkpoints (``last.ckpt``) make the run resumable; progress with ETA goes to ``
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
 from pipeline.segmentation.model import UNet3D
-from pipeline.training import (Progress, config_from_argv, keep_best, make_optimizer, optimizer_step, resume,
-                               save_last, start_run, validation_due)
+from pipeline.training import (Progress, anneal, config_from_argv, keep_best, make_optimizer, optimizer_step,
+                               resume, save_last, set_lr, start_run, validation_due)
 
 DICE_EPS = 1e-5
 
@@ -47,6 +49,8 @@ class SegTrainConfig:
     val_every: int = 100
     ckpt_every: int = 50
     max_minutes: float | None = None
+    schedule: str = "plateau"                 # plateau (the paper's) | cosine (to lr/100 over the run)
+    reset_lr: bool = False                    # on resume, restart from ``lr`` (a new annealing)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -86,6 +90,10 @@ def validate(model: torch.nn.Module, val, batch: int = 2) -> dict[str, float]:
 
 def train(cfg: SegTrainConfig, log=None) -> Path:
     """Train (or resume) and return the path of the best checkpoint."""
+    if cfg.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r} (plateau | cosine)")
+    previous = Path(cfg.out_dir) / "config.json"
+    old_val = json.loads(previous.read_text()).get("val_seeds") if previous.exists() else None
     out, say = start_run(cfg, log, EVALUATION_SEEDS)
     train_s = cached_phantom_samples(cfg.train_seeds, Path(cfg.cache_dir), cfg.phantom_spacing_mm, say)
     val_s = cached_phantom_samples(cfg.val_seeds, Path(cfg.cache_dir), cfg.phantom_spacing_mm, say)
@@ -97,12 +105,20 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
     step, best = resume(ckpt, model, opt, sched, rng, say)
+    if step and old_val is not None and list(old_val) != list(cfg.val_seeds):
+        best = math.inf   # another validation set: the old best loss is not comparable
+        say(f"validation seeds changed ({old_val} -> {cfg.val_seeds}): best.pt is replaced at the next validation")
+    if step and cfg.reset_lr:
+        set_lr(opt, cfg.lr)
+        say(f"learning rate reset to {cfg.lr:.2e}")
     # Fractured crops are a minority: sample them at up to a third of each batch.
     frac_idx = [i for i, s in enumerate(train_s) if s.fractured]
     norm_idx = [i for i, s in enumerate(train_s) if not s.fractured]
     model.train()
     progress = Progress(say, cfg.steps, step, every=10, digits=4, max_minutes=cfg.max_minutes)
     while step < cfg.steps:
+        if cfg.schedule == "cosine":
+            anneal(opt, cfg.lr, progress.fraction(step))
         idx = []
         for _ in range(cfg.batch):
             pool = frac_idx if (frac_idx and rng.random() < 0.33) else norm_idx or frac_idx
@@ -116,7 +132,8 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         timed_out = progress.timed_out()
         if validation_due(step, cfg.val_every, cfg.steps, timed_out):
             v = validate(model, val_s)
-            sched.step(v["loss"])
+            if cfg.schedule == "plateau":
+                sched.step(v["loss"])
             say(f"val step {step}: loss {v['loss']:.4f} dice {v['dice']:.4f} "
                 f"fracture acc {v['fracture_acc']:.3f} lr {opt.param_groups[0]['lr']:.2e}")
             best = keep_best(v["loss"], best, out / "best.pt", model, step, v, cfg)
