@@ -163,7 +163,11 @@ def _z_extent(image: sitk.Image) -> tuple[float, float]:
 
 def _cut_by_fov(sv, z_lo: float, z_hi: float) -> bool:
     """The vertebra's crop foreground reaches the first or last slice of the volume: the
-    vertebra continues beyond the field of view."""
+    vertebra continues beyond the field of view.
+
+    Only an end of the volume that lies within the crop counts: foreground that reaches the
+    crop's own border inside the volume (a segmentation leaking into a neighbour) is no cut.
+    """
     fg = sv.foreground
     if fg.max() <= 0.5:
         return False
@@ -171,14 +175,16 @@ def _cut_by_fov(sv, z_lo: float, z_hi: float) -> bool:
     spacing = ref.GetSpacing()[2]
     z0 = ref.GetOrigin()[2]
     zs = z0 + np.arange(fg.shape[0]) * spacing
-    inside = (zs >= z_lo) & (zs <= z_hi)
+    inside = (zs >= z_lo - 1e-3) & (zs <= z_hi + 1e-3)
     rows = (fg > 0.5).reshape(fg.shape[0], -1).sum(axis=1)
     if rows.max() == 0:
         return False
     idx = np.nonzero(rows)[0]
     top, bottom = idx.max(), idx.min()
-    # foreground reaching the last row inside the volume means the vertebra continues beyond it
     inside_idx = np.nonzero(inside)[0]
     if len(inside_idx) == 0:
         return True
-    return bool(top >= inside_idx.max() or bottom <= inside_idx.min())
+    # the volume's lowest (highest) slice lies within the crop, and the foreground reaches it
+    cut_below = zs[0] <= z_lo + spacing / 2 and bottom <= inside_idx.min()
+    cut_above = zs[-1] >= z_hi - spacing / 2 and top >= inside_idx.max()
+    return bool(cut_below or cut_above)
