@@ -16,7 +16,7 @@ import typer
 train_app = typer.Typer(help="Train a model of the pipeline (phantom or VerSe data).", no_args_is_help=True)
 
 #: Modules that add a ``train`` subcommand through ``register(train_app)``.
-TRAIN_MODULES = ("train_segmentation", "train_keypoints")
+TRAIN_MODULES = ("train_segmentation", "train_refiner", "train_keypoints")
 
 
 def seeds_option(spec: str) -> list[int]:

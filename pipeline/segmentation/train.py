@@ -145,26 +145,49 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     return out / "best.pt"
 
 
-def install(best: Path, refiner: Path | None = None, half: bool = False) -> Path:
-    """Install a ``best.pt`` (and the refiner's ``best.pt``) as the shipped ``segmentation`` weights."""
-    from pipeline.registry import install_weights, weights_payload
+def install(best: Path | None, refiner: Path | None = None, half: bool = False,
+            weights_dir: Path | None = None) -> Path:
+    """Install a 2 mm network ``best.pt`` and/or a refiner ``best.pt``
+    (:mod:`pipeline.segmentation.train_refiner`) as the shipped ``segmentation`` weights.
+
+    The part not given is kept from the shipped weights: the refiner is trained on simulated
+    priors, independently of the 2 mm network, so either can be retrained alone.
+    """
+    from pipeline.registry import WEIGHTS_DIR, install_weights, load_model, read_manifest, weights_payload
     from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
     from pipeline.segmentation.model import SegmentationModel
 
-    ck = torch.load(best, map_location="cpu", weights_only=False)
-    rk = torch.load(refiner, map_location="cpu", weights_only=False) if refiner else None
-    model = SegmentationModel(ck["config"], rk["config"] if rk else None)
-    model.coarse.load_state_dict(ck["state_dict"])
-    if rk:
-        model.refiner.load_state_dict(rk["state_dict"])
+    if best is None and refiner is None:
+        raise ValueError("nothing to install: give the 2 mm network's or the refiner's best.pt")
+    wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    shipped = load_model("segmentation", "cpu", wdir) if "segmentation" in read_manifest(wdir) else None
+    if best is not None:
+        ck = torch.load(best, map_location="cpu", weights_only=False)
+        coarse_cfg, coarse_state = ck["config"], ck["state_dict"]
+        coarse_meta = {"step": ck.get("step"), "val": ck.get("val"), "train_seeds": ck["train"]["train_seeds"],
+                       "val_seeds": ck["train"]["val_seeds"]}
+    elif shipped is not None:
+        coarse_cfg, coarse_state = shipped.config["coarse"], shipped.coarse.state_dict()
+        coarse_meta = {k: shipped.meta.get(k) for k in ("step", "val", "train_seeds", "val_seeds")}
+    else:
+        raise ValueError("no 2 mm network installed: install one before its refiner")
+    ref_cfg = ref_state = ref_meta = None
+    if refiner is not None:
+        rk = torch.load(refiner, map_location="cpu", weights_only=False)
+        ref_cfg, ref_state = rk["config"], rk["state_dict"]
+        ref_meta = {"step": rk.get("step"), "val": rk.get("val"), "train_seeds": rk["train"]["train_seeds"]}
+    elif shipped is not None and shipped.refiner is not None:
+        ref_cfg, ref_state = shipped.config["refiner"], shipped.refiner.state_dict()
+        ref_meta = shipped.meta.get("refiner")
+    model = SegmentationModel(coarse_cfg, ref_cfg)
+    model.coarse.load_state_dict(coarse_state)
+    if ref_state is not None:
+        model.refiner.load_state_dict(ref_state)
     meta = {"crop_size": CROP_SIZE, "crop_spacing_mm": CROP_SPACING_MM, "classes": ["background", "normal", "fractured"],
-            "step": ck.get("step"), "val": ck.get("val"), "train_seeds": ck["train"]["train_seeds"],
-            "val_seeds": ck["train"]["val_seeds"],
-            "refiner": None if not rk else {"step": rk.get("step"), "val": rk.get("val"),
-                                            "train_seeds": rk["train"]["train_seeds"]}}
-    tmp = Path(best).with_name("segmentation.pt")
+            **coarse_meta, "refiner": ref_meta}
+    tmp = Path(refiner if best is None else best).with_name("segmentation.pt")
     torch.save(weights_payload(model, "pipeline.segmentation.model:build_segmentation", meta, half=half), tmp)
-    return install_weights("segmentation", tmp, trained_steps=ck.get("step"))
+    return install_weights("segmentation", tmp, wdir, trained_steps=coarse_meta.get("step"))
 
 
 def main() -> None:

@@ -1,12 +1,15 @@
 """Training of the 1 mm boundary refiner (:mod:`pipeline.segmentation.refine`).
 
 Loss: binary cross-entropy + soft Dice on the occupancy target (eq. 13 with one foreground
-class). Adam, clipping 2.0, weight decay 5e-4, plateau scheduler; patches of 40^3 at 1 mm near
-the surface, simulated coarse prior, left-right flip, HU gain/offset.
+class). Adam, clipping 2.0, weight decay 5e-4, plateau scheduler (or cosine annealing); patches
+of 40^3 at 1 mm near the surface, simulated coarse prior, left-right flip, HU gain/offset.
+
+Each phantom's 1 mm crops (one per whole vertebra) are generated once and cached under
+``cache_dir`` as ``ref-phantom-<seed>-acq.npz``; ``last.ckpt`` makes the run resumable (the
+formats of :mod:`pipeline.training`). Command: ``spine-node train refiner``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +20,8 @@ import torch.nn.functional as F
 from pipeline.segmentation.dataset import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine import refine_batch
-from pipeline.training import (Progress, keep_best, make_optimizer, optimizer_step, seed_range, start_run,
-                               validation_due)
+from pipeline.training import (Progress, anneal, keep_best, make_optimizer, optimizer_step, resume, save_last,
+                               set_lr, start_run, validation_due, config_from_argv)
 
 
 @dataclass
@@ -36,16 +39,43 @@ class RefineTrainConfig:
     seed: int = 0
     threads: int = 1
     val_every: int = 100
+    ckpt_every: int = 50
     max_minutes: float | None = None
+    schedule: str = "plateau"                 # plateau | cosine (to lr/100 over the run)
+    reset_lr: bool = False                    # on resume, restart from ``lr``
+    init_from: str | None = None              # a refiner best.pt to start from (fine-tuning)
 
 
 def refine_cache_path(cache_dir: Path, seed: int) -> Path:
     return Path(cache_dir) / f"ref-phantom-{seed}-acq.npz"
 
 
-def load_refine(cache_dir: Path, seeds) -> tuple[np.ndarray, np.ndarray]:
-    parts = [np.load(refine_cache_path(cache_dir, s)) for s in seeds]
-    return np.concatenate([p["ct"] for p in parts]), np.concatenate([p["occ"] for p in parts])
+def phantom_refine_samples(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 1 mm crops of phantom ``seed`` on its acquisition grid (whole vertebrae only)."""
+    from pipeline.phantom import generate
+    from pipeline.segmentation.refine import refine_samples
+
+    if seed in EVALUATION_SEEDS:
+        raise ValueError(f"seed {seed} is an evaluation seed (9001-9010); do not train on it")
+    ph = generate(seed)
+    return refine_samples(ph.ct, ph.labels, [v for v in ph.gt["vertebrae"] if not v.get("partial")])
+
+
+def load_refine(cache_dir: Path, seeds, log=print) -> tuple[np.ndarray, np.ndarray]:
+    """The cached crops of ``seeds`` (each phantom generated and cached on first use)."""
+    cts, occs = [], []
+    for seed in seeds:
+        path = refine_cache_path(cache_dir, seed)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ct, occ = phantom_refine_samples(seed)
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez(tmp, ct=ct, occ=occ)
+            tmp.replace(path)
+            log(f"cached {path.name}")
+        with np.load(path) as z:
+            cts.append(z["ct"]); occs.append(z["occ"])
+    return np.concatenate(cts), np.concatenate(occs)
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,17 +85,28 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train(cfg: RefineTrainConfig, log=None) -> Path:
+    if cfg.schedule not in ("plateau", "cosine"):
+        raise ValueError(f"unknown schedule {cfg.schedule!r} (plateau | cosine)")
     out, say = start_run(cfg, log, EVALUATION_SEEDS, "evaluation seeds (9001-9010) are not for training")
-    cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds)
-    vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds)
+    cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds, say)
+    vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds, say)
     say(f"{len(cts)} training crops, {len(vcts)} validation crops")
     vx, vt = refine_batch(vcts, voccs, np.random.default_rng(123), 16)
     model = ShallowRefiner(in_channels=2, width=cfg.width)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    step, best = 0, math.inf
-    progress = Progress(say, cfg.steps, every=20, digits=4, max_minutes=cfg.max_minutes)
+    ckpt = out / "last.ckpt"
+    step, best = resume(ckpt, model, opt, sched, rng, say)
+    if step == 0 and cfg.init_from:
+        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=False)["state_dict"])
+        say(f"initialised from {cfg.init_from}")
+    if step and cfg.reset_lr:
+        set_lr(opt, cfg.lr)
+        say(f"learning rate reset to {cfg.lr:.2e}")
+    progress = Progress(say, cfg.steps, step, every=20, digits=4, max_minutes=cfg.max_minutes)
     while step < cfg.steps:
+        if cfg.schedule == "cosine":
+            anneal(opt, cfg.lr, progress.fraction(step))
         x, t = refine_batch(cts, occs, rng, cfg.batch)
         loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(t))
         optimizer_step(model, opt, loss, cfg.clip)
@@ -83,27 +124,30 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
                 d = 2 * (p & g).sum() / (p.sum() + g.sum())
                 d0 = 2 * (prior & g).sum() / (prior.sum() + g.sum())
             model.train()
-            sched.step(vl)
+            if cfg.schedule == "plateau":
+                sched.step(vl)
             say(f"val step {step}: loss {vl:.4f} patch dice {d:.4f} (prior {d0:.4f})")
             best = keep_best(vl, best, out / "best.pt", model, step,
                              {"loss": vl, "dice": float(d), "prior_dice": float(d0)}, cfg)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out:
+            save_last(ckpt, model, opt, sched, step, best, rng)
         if timed_out:
+            say(f"stopping at step {step}: time limit of {cfg.max_minutes} min")
             break
     return out / "best.pt"
 
 
-def main() -> None:
-    import argparse
+def install(best: Path, weights_dir: Path | None = None) -> Path:
+    """Install a refiner ``best.pt`` into the shipped ``segmentation`` weights, beside the
+    shipped 2 mm network (:func:`pipeline.segmentation.train.install`)."""
+    from pipeline.segmentation.train import install as install_segmentation
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--train-seeds", default="100-115")
-    ap.add_argument("--val-seeds", default="8001")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--max-minutes", type=float)
-    ap.add_argument("--out-dir", default="runs/refiner")
-    a = ap.parse_args()
-    train(RefineTrainConfig(out_dir=a.out_dir, train_seeds=seed_range(a.train_seeds), val_seeds=seed_range(a.val_seeds),
-                            steps=a.steps, max_minutes=a.max_minutes))
+    return install_segmentation(None, refiner=best, weights_dir=weights_dir)
+
+
+def main() -> None:
+    train(config_from_argv(RefineTrainConfig, __doc__.splitlines()[0],
+                           str_fields=("train_seeds", "val_seeds", "init_from", "schedule")))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""``spine-node train refiner``: the 1 mm boundary refiner of the segmentation
+(:mod:`pipeline.segmentation.refine`)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dicom_node.commands import train_options as o
+
+
+def register(train_app: typer.Typer) -> None:
+    @train_app.command("refiner")
+    def refiner(
+        seeds: str = o.seeds_opt(),
+        val_seeds: str = o.val_seeds_opt(),
+        steps: int = o.steps_opt(1500),
+        batch: int = typer.Option(4, help="Batch size (40^3 patches at 1 mm)."),
+        lr: float = typer.Option(2e-3, help="Learning rate (Adam)."),
+        schedule: str = typer.Option("plateau", help="plateau | cosine (to lr/100 over the run)."),
+        reset_lr: bool = typer.Option(False, "--reset-lr", help="On resume, restart the learning rate at --lr."),
+        init_from: Optional[Path] = typer.Option(None, help="Start from these refiner weights (a best.pt)."),
+        out: Path = o.out_opt("runs/refiner"),
+        cache: Path = o.cache_opt("1 mm crops"),
+        time_limit_min: Optional[float] = o.time_limit_opt(),
+        threads: int = o.threads_opt(),
+        seed: int = o.seed_opt(),
+        install: bool = o.install_opt(),
+    ) -> None:
+        """Train the 1 mm boundary refiner (CT + the 2 mm network's prior -> foreground); --install
+        puts it beside the shipped 2 mm segmentation network."""
+        from pipeline.segmentation.train_refiner import RefineTrainConfig, install as install_weights, train
+
+        cfg = o.phantom_config(RefineTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
+                               time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr,
+                               schedule=schedule, reset_lr=reset_lr,
+                               init_from=str(init_from) if init_from else None, threads=threads, seed=seed)
+        o.run_training(train, install_weights, cfg, install)
