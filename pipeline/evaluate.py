@@ -437,6 +437,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "(pipeline.localization.inference.relabel_on_path): as each weight "
                          "file's meta says (default), forced on or off, or 'both' to compare "
                          "the shipped weights with and without it")
+    ap.add_argument("--gt-centroids", action="store_true",
+                    help="start the segmentation from the true centroids (evaluates it and the grading alone)")
+    ap.add_argument("--segmentation", type=Path,
+                    help="a 2 mm segmentation network's best.pt (a training run) instead of the shipped one")
+    ap.add_argument("--refiner",
+                    help="a refiner best.pt instead of the shipped one, or 'none' to leave the refiner out")
     args = ap.parse_args(argv)
     keys = REPORT_KEYS + ("errors_over_mm", "false_positive_vertebrae", "timings_s")
     acq: dict[str, Any] = {}
@@ -444,6 +450,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         acq.update(slice_spacing=args.slice_spacing, slice_thickness=args.slice_spacing)
     if args.slices is not None:
         acq["n_slices"] = args.slices
+    if args.segmentation or args.refiner or args.gt_centroids:
+        if args.models or args.relabel != "file":
+            ap.error("--segmentation/--refiner/--gt-centroids evaluate the whole pipeline with the shipped localization")
+        models = None
+        if args.segmentation or args.refiner:
+            from pipeline.segmentation.train import assemble
+
+            none = args.refiner is not None and args.refiner.lower() == "none"
+            seg, meta = assemble(args.segmentation, None if none or not args.refiner else Path(args.refiner),
+                                 drop_refiner=none)
+            seg.meta = meta
+            models = {"segmentation": seg}
+        report = evaluate_pipeline(parse_seeds(args.seeds), args.device, args.json, gt_centroids=args.gt_centroids,
+                                   models=models, log=print, acquisition=acq or None)
+        print(json.dumps({k: report.get(k) for k in keys}, indent=2))
+        return
     if args.models or args.relabel != "file":
         import copy
 

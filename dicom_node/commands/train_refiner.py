@@ -18,6 +18,7 @@ def register(train_app: typer.Typer) -> None:
         steps: int = o.steps_opt(1500),
         batch: int = typer.Option(4, help="Batch size (40^3 patches at 1 mm)."),
         lr: float = typer.Option(2e-3, help="Learning rate (Adam)."),
+        width: int = typer.Option(8, help="Channels of the refiner's convolutions."),
         schedule: str = typer.Option("plateau", help="plateau | cosine (to lr/100 over the run)."),
         reset_lr: bool = typer.Option(False, "--reset-lr", help="On resume, restart the learning rate at --lr."),
         init_from: Optional[Path] = typer.Option(None, help="Start from these refiner weights (a best.pt)."),
@@ -34,6 +35,6 @@ def register(train_app: typer.Typer) -> None:
 
         cfg = o.phantom_config(RefineTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr,
-                               schedule=schedule, reset_lr=reset_lr,
+                               width=width, schedule=schedule, reset_lr=reset_lr,
                                init_from=str(init_from) if init_from else None, threads=threads, seed=seed)
         o.run_training(train, install_weights, cfg, install)

@@ -145,20 +145,19 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     return out / "best.pt"
 
 
-def install(best: Path | None, refiner: Path | None = None, half: bool = False,
-            weights_dir: Path | None = None) -> Path:
-    """Install a 2 mm network ``best.pt`` and/or a refiner ``best.pt``
-    (:mod:`pipeline.segmentation.train_refiner`) as the shipped ``segmentation`` weights.
+def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool = False,
+             weights_dir: Path | None = None):
+    """A :class:`~pipeline.segmentation.model.SegmentationModel` and its ``meta`` from a 2 mm network
+    ``best.pt`` and/or a refiner ``best.pt`` (:mod:`pipeline.segmentation.train_refiner`).
 
-    The part not given is kept from the shipped weights: the refiner is trained on simulated
-    priors, independently of the 2 mm network, so either can be retrained alone.
+    The part not given is taken from the shipped weights (the refiner is trained on simulated
+    priors, independently of the 2 mm network, so either can be retrained alone);
+    ``drop_refiner`` leaves the refiner out.
     """
-    from pipeline.registry import WEIGHTS_DIR, install_weights, load_model, read_manifest, weights_payload
+    from pipeline.registry import WEIGHTS_DIR, load_model, read_manifest
     from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
     from pipeline.segmentation.model import SegmentationModel
 
-    if best is None and refiner is None:
-        raise ValueError("nothing to install: give the 2 mm network's or the refiner's best.pt")
     wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     shipped = load_model("segmentation", "cpu", wdir) if "segmentation" in read_manifest(wdir) else None
     if best is not None:
@@ -176,7 +175,7 @@ def install(best: Path | None, refiner: Path | None = None, half: bool = False,
         rk = torch.load(refiner, map_location="cpu", weights_only=False)
         ref_cfg, ref_state = rk["config"], rk["state_dict"]
         ref_meta = {"step": rk.get("step"), "val": rk.get("val"), "train_seeds": rk["train"]["train_seeds"]}
-    elif shipped is not None and shipped.refiner is not None:
+    elif not drop_refiner and shipped is not None and shipped.refiner is not None:
         ref_cfg, ref_state = shipped.config["refiner"], shipped.refiner.state_dict()
         ref_meta = shipped.meta.get("refiner")
     model = SegmentationModel(coarse_cfg, ref_cfg)
@@ -185,9 +184,22 @@ def install(best: Path | None, refiner: Path | None = None, half: bool = False,
         model.refiner.load_state_dict(ref_state)
     meta = {"crop_size": CROP_SIZE, "crop_spacing_mm": CROP_SPACING_MM, "classes": ["background", "normal", "fractured"],
             **coarse_meta, "refiner": ref_meta}
+    return model, meta
+
+
+def install(best: Path | None, refiner: Path | None = None, half: bool = False,
+            weights_dir: Path | None = None) -> Path:
+    """Install a 2 mm network ``best.pt`` and/or a refiner ``best.pt`` as the shipped
+    ``segmentation`` weights; the part not given is kept from the shipped weights (:func:`assemble`)."""
+    from pipeline.registry import WEIGHTS_DIR, install_weights, weights_payload
+
+    if best is None and refiner is None:
+        raise ValueError("nothing to install: give the 2 mm network's or the refiner's best.pt")
+    wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    model, meta = assemble(best, refiner, weights_dir=wdir)
     tmp = Path(refiner if best is None else best).with_name("segmentation.pt")
     torch.save(weights_payload(model, "pipeline.segmentation.model:build_segmentation", meta, half=half), tmp)
-    return install_weights("segmentation", tmp, wdir, trained_steps=coarse_meta.get("step"))
+    return install_weights("segmentation", tmp, wdir, trained_steps=meta.get("step"))
 
 
 def main() -> None:

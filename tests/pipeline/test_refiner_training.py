@@ -10,7 +10,7 @@ import torch
 
 from pipeline.registry import load_model, read_manifest
 from pipeline.segmentation.model import UNet3D
-from pipeline.segmentation.train import SegTrainConfig, install
+from pipeline.segmentation.train import SegTrainConfig, assemble, install
 from pipeline.segmentation.train_refiner import RefineTrainConfig, refine_cache_path, train
 from pipeline.training import save_best
 
@@ -77,3 +77,6 @@ def test_installing_one_part_keeps_the_other(tmp_path):
     assert all(torch.equal(v, m2.refiner.state_dict()[k]) for k, v in refiner_state.items())
     assert all(torch.equal(v, m2.coarse.state_dict()[k]) for k, v in coarse2.state_dict().items())
     assert read_manifest(wdir)["segmentation"]["trained_steps"] == 9
+    # what `python -m pipeline.evaluate --refiner none` evaluates: the shipped network alone
+    alone, meta = assemble(None, drop_refiner=True, weights_dir=wdir)
+    assert alone.refiner is None and meta["refiner"] is None and meta["step"] == 9
