@@ -10,8 +10,9 @@ Used by :mod:`pipeline.segmentation.train`, :mod:`pipeline.segmentation.train_re
   scheduler (the paper's plateau scheduler);
 - :func:`optimizer_step`: zero-grad, backward, gradient-norm clipping (paper: 2.0), step;
 - :class:`Progress`: running loss, s/step, ETA and the wall-clock limit;
-- :func:`cosine_lr`, :func:`anneal`: cosine annealing over what is left of a run (its steps or
-  its wall-clock limit, whichever ends it first), the alternative to the plateau scheduler;
+- :func:`cosine_lr`, :func:`anneal`, :class:`LrSchedule`: the learning-rate policy of a run, the
+  plateau scheduler or cosine annealing over what is left of the run (its steps or its
+  wall-clock limit, whichever ends it first);
 - :func:`save_best`, :func:`save_last`, :func:`resume`: the ``best.pt`` and ``last.ckpt``
   formats (unchanged: ``{config, state_dict, step, val, train}`` and
   ``{model, opt, sched, step, best, rng}``).
@@ -126,6 +127,37 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """Set every parameter group's learning rate (a resumed run that restarts its annealing)."""
     for group in opt.param_groups:
         group["lr"] = lr
+
+
+class LrSchedule:
+    """A run's learning-rate policy: ``plateau`` (the paper's ``ReduceLROnPlateau``, stepped on
+    the validation loss) or ``cosine`` (from ``lr`` to ``lr/100`` over the rest of the run)."""
+
+    KINDS = ("plateau", "cosine")
+
+    def __init__(self, kind: str, lr: float, opt: torch.optim.Optimizer, plateau) -> None:
+        self.check(kind)
+        self.kind, self.lr, self.opt, self.plateau = kind, lr, opt, plateau
+
+    @classmethod
+    def check(cls, kind: str) -> None:
+        """Refuse an unknown schedule (before a run spends minutes loading its data)."""
+        if kind not in cls.KINDS:
+            raise ValueError(f"unknown schedule {kind!r} (plateau | cosine)")
+
+    def resumed(self, step: int, reset_lr: bool, say: Logger) -> None:
+        """After :func:`resume`: restart at ``lr`` when asked (a new annealing of a resumed run)."""
+        if step and reset_lr:
+            set_lr(self.opt, self.lr)
+            say(f"learning rate reset to {self.lr:.2e}")
+
+    def before_step(self, progress: Progress, step: int) -> None:
+        if self.kind == "cosine":
+            anneal(self.opt, self.lr, progress.fraction(step))
+
+    def validated(self, loss: float) -> None:
+        if self.kind == "plateau":
+            self.plateau.step(loss)
 
 
 def save_best(path: Path, model: torch.nn.Module, step: int, val: dict, cfg: Any) -> None:

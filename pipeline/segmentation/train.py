@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
 from pipeline.segmentation.model import UNet3D
-from pipeline.training import (Progress, anneal, config_from_argv, keep_best, make_optimizer, optimizer_step,
-                               resume, save_last, set_lr, start_run, validation_due)
+from pipeline.training import (LrSchedule, Progress, config_from_argv, keep_best, make_optimizer, optimizer_step,
+                               resume, save_last, start_run, validation_due)
 
 DICE_EPS = 1e-5
 
@@ -90,8 +90,7 @@ def validate(model: torch.nn.Module, val, batch: int = 2) -> dict[str, float]:
 
 def train(cfg: SegTrainConfig, log=None) -> Path:
     """Train (or resume) and return the path of the best checkpoint."""
-    if cfg.schedule not in ("plateau", "cosine"):
-        raise ValueError(f"unknown schedule {cfg.schedule!r} (plateau | cosine)")
+    LrSchedule.check(cfg.schedule)
     previous = Path(cfg.out_dir) / "config.json"
     old_val = json.loads(previous.read_text()).get("val_seeds") if previous.exists() else None
     out, say = start_run(cfg, log, EVALUATION_SEEDS)
@@ -105,20 +104,18 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
     step, best = resume(ckpt, model, opt, sched, rng, say)
+    schedule = LrSchedule(cfg.schedule, cfg.lr, opt, sched)
     if step and old_val is not None and list(old_val) != list(cfg.val_seeds):
         best = math.inf   # another validation set: the old best loss is not comparable
         say(f"validation seeds changed ({old_val} -> {cfg.val_seeds}): best.pt is replaced at the next validation")
-    if step and cfg.reset_lr:
-        set_lr(opt, cfg.lr)
-        say(f"learning rate reset to {cfg.lr:.2e}")
+    schedule.resumed(step, cfg.reset_lr, say)
     # Fractured crops are a minority: sample them at up to a third of each batch.
     frac_idx = [i for i, s in enumerate(train_s) if s.fractured]
     norm_idx = [i for i, s in enumerate(train_s) if not s.fractured]
     model.train()
     progress = Progress(say, cfg.steps, step, every=10, digits=4, max_minutes=cfg.max_minutes)
     while step < cfg.steps:
-        if cfg.schedule == "cosine":
-            anneal(opt, cfg.lr, progress.fraction(step))
+        schedule.before_step(progress, step)
         idx = []
         for _ in range(cfg.batch):
             pool = frac_idx if (frac_idx and rng.random() < 0.33) else norm_idx or frac_idx
@@ -132,8 +129,7 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         timed_out = progress.timed_out()
         if validation_due(step, cfg.val_every, cfg.steps, timed_out):
             v = validate(model, val_s)
-            if cfg.schedule == "plateau":
-                sched.step(v["loss"])
+            schedule.validated(v["loss"])
             say(f"val step {step}: loss {v['loss']:.4f} dice {v['dice']:.4f} "
                 f"fracture acc {v['fracture_acc']:.3f} lr {opt.param_groups[0]['lr']:.2e}")
             best = keep_best(v["loss"], best, out / "best.pt", model, step, v, cfg)
@@ -182,8 +178,8 @@ def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool 
     model.coarse.load_state_dict(coarse_state)
     if ref_state is not None:
         model.refiner.load_state_dict(ref_state)
-    meta = {"crop_size": CROP_SIZE, "crop_spacing_mm": CROP_SPACING_MM, "classes": ["background", "normal", "fractured"],
-            **coarse_meta, "refiner": ref_meta}
+    meta = {"crop_size": CROP_SIZE, "crop_spacing_mm": CROP_SPACING_MM,
+            "classes": ["background", "normal", "fractured"], **coarse_meta, "refiner": ref_meta}
     return model, meta
 
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from pipeline.segmentation.dataset import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine import refine_batch
-from pipeline.training import (Progress, anneal, keep_best, make_optimizer, optimizer_step, resume, save_last,
-                               set_lr, start_run, validation_due, config_from_argv)
+from pipeline.training import (LrSchedule, Progress, config_from_argv, keep_best, make_optimizer, optimizer_step,
+                               resume, save_last, start_run, validation_due)
 
 
 @dataclass
@@ -85,8 +85,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train(cfg: RefineTrainConfig, log=None) -> Path:
-    if cfg.schedule not in ("plateau", "cosine"):
-        raise ValueError(f"unknown schedule {cfg.schedule!r} (plateau | cosine)")
+    LrSchedule.check(cfg.schedule)
     out, say = start_run(cfg, log, EVALUATION_SEEDS, "evaluation seeds (9001-9010) are not for training")
     cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds, say)
     vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds, say)
@@ -97,16 +96,14 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
     step, best = resume(ckpt, model, opt, sched, rng, say)
+    schedule = LrSchedule(cfg.schedule, cfg.lr, opt, sched)
     if step == 0 and cfg.init_from:
         model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=False)["state_dict"])
         say(f"initialised from {cfg.init_from}")
-    if step and cfg.reset_lr:
-        set_lr(opt, cfg.lr)
-        say(f"learning rate reset to {cfg.lr:.2e}")
+    schedule.resumed(step, cfg.reset_lr, say)
     progress = Progress(say, cfg.steps, step, every=20, digits=4, max_minutes=cfg.max_minutes)
     while step < cfg.steps:
-        if cfg.schedule == "cosine":
-            anneal(opt, cfg.lr, progress.fraction(step))
+        schedule.before_step(progress, step)
         x, t = refine_batch(cts, occs, rng, cfg.batch)
         loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(t))
         optimizer_step(model, opt, loss, cfg.clip)
@@ -124,8 +121,7 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
                 d = 2 * (p & g).sum() / (p.sum() + g.sum())
                 d0 = 2 * (prior & g).sum() / (prior.sum() + g.sum())
             model.train()
-            if cfg.schedule == "plateau":
-                sched.step(vl)
+            schedule.validated(vl)
             say(f"val step {step}: loss {vl:.4f} patch dice {d:.4f} (prior {d0:.4f})")
             best = keep_best(vl, best, out / "best.pt", model, step,
                              {"loss": vl, "dice": float(d), "prior_dice": float(d0)}, cfg)

@@ -33,3 +33,26 @@ def test_anneal_and_set_lr_change_every_parameter_group():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-5, 2e-5])
     set_lr(opt, 7e-4)
     assert [g["lr"] for g in opt.param_groups] == [7e-4, 7e-4]
+
+
+def test_lr_schedule_cosine_anneals_and_plateau_steps_on_the_validation_loss():
+    from pipeline.training import LrSchedule
+
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        LrSchedule.check("step")
+    cosine = LrSchedule("cosine", 1e-3, opt, plateau)
+    cosine.resumed(100, True, lambda m: None)
+    assert opt.param_groups[0]["lr"] == 1e-3
+    cosine.before_step(Progress(lambda m: None, steps=200, start_step=100), 150)
+    assert opt.param_groups[0]["lr"] == pytest.approx(cosine_lr(1e-3, 0.5))
+    cosine.validated(1.0); cosine.validated(2.0)                # the plateau scheduler is not stepped
+    assert opt.param_groups[0]["lr"] == pytest.approx(cosine_lr(1e-3, 0.5))
+    set_lr(opt, 1e-3)
+    flat = LrSchedule("plateau", 1e-3, opt, plateau)
+    flat.before_step(Progress(lambda m: None, steps=200), 150)  # no annealing
+    assert opt.param_groups[0]["lr"] == 1e-3
+    flat.validated(1.0); flat.validated(2.0)                    # no improvement: halved
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
