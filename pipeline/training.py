@@ -15,16 +15,24 @@ Used by :mod:`pipeline.segmentation.train`, :mod:`pipeline.segmentation.train_re
   wall-clock limit, whichever ends it first);
 - :func:`save_best`, :func:`save_last`, :func:`resume`: the ``best.pt`` and ``last.ckpt``
   formats (unchanged: ``{config, state_dict, step, val, train}`` and
-  ``{model, opt, sched, step, best, rng}``).
+  ``{model, opt, sched, step, best, rng}``); checkpoints load onto the CPU first, so that a run
+  trained on a GPU resumes or installs on a machine without one;
+- :func:`train_device`, :func:`autocast`: the device of a run (``cpu`` | ``cuda`` | ``auto``) and
+  bf16 autocasting of the forward pass on a GPU;
+- :class:`Prefetch`: training batches assembled in a background thread while the GPU computes;
+- :func:`generate_parallel`: a trainer's missing phantom caches written by a process pool.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import queue
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -187,12 +195,108 @@ def resume(path: Path, model: torch.nn.Module, opt, sched, rng: np.random.Genera
     """Load ``path`` (a :func:`save_last` checkpoint) if it exists; returns ``(step, best)``."""
     if not path.exists():
         return 0, math.inf
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     rng.bit_generator.state = state["rng"]
     say(f"resumed at step {state['step']}")
     return state["step"], state["best"]
+
+
+def train_device(name: str = "cpu") -> torch.device:
+    """The device of a training run: ``cpu``, ``cuda`` (refused without a GPU) or ``auto``."""
+    from pipeline.registry import resolve_device
+
+    return resolve_device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocasting of the forward pass on a GPU (losses are computed in float32 by the
+    callers); on the CPU, nothing (float32 throughout, as before)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Prefetch:
+    """Batches from ``make()`` assembled ``depth`` ahead in one background thread (numpy releases
+    the GIL in the crop arithmetic), so that a GPU does not wait for the CPU between steps.
+
+    One producer keeps the batch order of the sequential loop; the sampling generator runs ahead of
+    the consumed steps by at most ``depth`` batches, so a resumed run draws those again.
+    """
+
+    def __init__(self, make: Callable[[], Any], depth: int = 4) -> None:
+        self._make, self._q = make, queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="batch-prefetch")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (self._make(), None)
+            except BaseException as exc:  # hand the error to the training loop
+                item = (None, exc)
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is not None:
+                return
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        batch, exc = self._q.get()
+        if exc is not None:
+            raise exc
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def batches(make: Callable[[], Any], device: torch.device) -> Iterator[Any]:
+    """``make()`` again and again: in the loop's own thread on the CPU (exactly reproducible on
+    resume), through :class:`Prefetch` on a GPU."""
+    if device.type != "cuda":
+        while True:
+            yield make()
+    pf = Prefetch(make)
+    try:
+        yield from pf
+    finally:
+        pf.close()
+
+
+def generate_parallel(missing: list[int], work: Callable[[int], Any], workers: int, say: Logger) -> list[Any]:
+    """``[work(seed) for seed in missing]`` (each writes one cache file), on a pool of ``workers``
+    processes when ``workers > 1`` (``spawn``: no torch or CUDA state is inherited; ``work`` must
+    be importable, e.g. a ``functools.partial`` of a module-level function), one torch thread each."""
+    if not missing:
+        return []
+    if workers <= 1 or len(missing) == 1:
+        out = []
+        for seed in missing:
+            out.append(work(seed))
+            say(f"cached phantom {seed}")
+        return out
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    t0, out = time.time(), []
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for n, result in enumerate(pool.map(work, missing), 1):
+            out.append(result)
+            if n % 10 == 0 or n == len(missing):
+                say(f"generated {n}/{len(missing)} phantoms ({time.time() - t0:.0f} s, {workers} processes)")
+    return out
 
 
 def validation_due(step: int, every: int, steps: int, timed_out: bool) -> bool:

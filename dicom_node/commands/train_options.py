@@ -44,6 +44,27 @@ def seed_opt() -> Any:
     return typer.Option(0, help="Seed of initialisation and sampling.")
 
 
+def device_opt() -> Any:
+    return typer.Option("cpu", help="cpu | cuda | auto: where to train (bf16 autocast on a GPU).")
+
+
+def workers_opt() -> Any:
+    return typer.Option(1, help="Processes that generate the missing phantom caches.")
+
+
+def schedule_opt(paper: str = "the paper's") -> Any:
+    return typer.Option("plateau", help=f"plateau ({paper}) | cosine (to lr/100 over the run).")
+
+
+def reset_lr_opt() -> Any:
+    return typer.Option(False, "--reset-lr", help="On resume, restart the learning rate at --lr.")
+
+
+def init_from_opt(what: str) -> Any:
+    return typer.Option(None, help=f"Start from these {what} weights (a best.pt of a run); "
+                                   "ignored when the run directory resumes.")
+
+
 def install_opt() -> Any:
     return typer.Option(False, "--install", help="Install the best weights into pipeline/weights.")
 

@@ -19,9 +19,11 @@ def register(train_app: typer.Typer) -> None:
         batch: int = typer.Option(4, help="Batch size (40^3 patches at 1 mm)."),
         lr: float = typer.Option(2e-3, help="Learning rate (Adam)."),
         width: int = typer.Option(8, help="Channels of the refiner's convolutions."),
-        schedule: str = typer.Option("plateau", help="plateau | cosine (to lr/100 over the run)."),
-        reset_lr: bool = typer.Option(False, "--reset-lr", help="On resume, restart the learning rate at --lr."),
-        init_from: Optional[Path] = typer.Option(None, help="Start from these refiner weights (a best.pt)."),
+        schedule: str = o.schedule_opt("as the segmentation"),
+        reset_lr: bool = o.reset_lr_opt(),
+        init_from: Optional[Path] = o.init_from_opt("refiner"),
+        device: str = o.device_opt(),
+        workers: int = o.workers_opt(),
         out: Path = o.out_opt("runs/refiner"),
         cache: Path = o.cache_opt("1 mm crops"),
         time_limit_min: Optional[float] = o.time_limit_opt(),
@@ -36,5 +38,6 @@ def register(train_app: typer.Typer) -> None:
         cfg = o.phantom_config(RefineTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr,
                                width=width, schedule=schedule, reset_lr=reset_lr,
-                               init_from=str(init_from) if init_from else None, threads=threads, seed=seed)
+                               init_from=str(init_from) if init_from else None, threads=threads, seed=seed,
+                               device=device, workers=workers)
         o.run_training(train, install_weights, cfg, install)

@@ -19,8 +19,11 @@ def register(train_app: typer.Typer) -> None:
         optimizer: str = typer.Option("adam", help="adam | sgd (the paper's)."),
         lr: float = typer.Option(1e-3, help="Learning rate (paper: SGD 1e-4)."),
         base: int = typer.Option(8, help="Channels of the first U-Net level."),
-        schedule: str = typer.Option("plateau", help="plateau (the paper's) | cosine (to lr/100 over the run)."),
-        reset_lr: bool = typer.Option(False, "--reset-lr", help="On resume, restart the learning rate at --lr."),
+        schedule: str = o.schedule_opt(),
+        reset_lr: bool = o.reset_lr_opt(),
+        init_from: Optional[Path] = o.init_from_opt("segmentation network"),
+        device: str = o.device_opt(),
+        workers: int = o.workers_opt(),
         out: Path = o.out_opt("runs/segmentation"),
         cache: Path = o.cache_opt("crops"),
         time_limit_min: Optional[float] = o.time_limit_opt(),
@@ -34,5 +37,6 @@ def register(train_app: typer.Typer) -> None:
         cfg = o.phantom_config(SegTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, optimizer=optimizer,
                                lr=lr, base=base, threads=threads, seed=seed, schedule=schedule,
-                               reset_lr=reset_lr)
+                               reset_lr=reset_lr, init_from=str(init_from) if init_from else None,
+                               device=device, workers=workers)
         o.run_training(train, install_weights, cfg, install)

@@ -106,19 +106,35 @@ def keypoint_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = N
     return Path(cache_dir) / f"kp-phantom-{seed}-{tag}.npz"
 
 
+def seg_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = None) -> Path:
+    tag = "acq" if spacing_mm is None else f"{spacing_mm:g}mm"
+    return Path(cache_dir) / f"seg-phantom-{seed}-{tag}.npz"
+
+
+def write_phantom_cache(seed: int, cache_dir: Path, spacing_mm: float | None = None) -> Path:
+    """Generate phantom ``seed`` once and write its segmentation (and keypoint) samples."""
+    path = seg_cache_path(cache_dir, seed, spacing_mm)
+    save_samples(phantom_samples(seed, spacing_mm, keypoint_cache_path(cache_dir, seed, spacing_mm)), path)
+    return path
+
+
 def cached_phantom_samples(seeds: Iterable[int], cache_dir: Path, spacing_mm: float | None = None,
-                           log=print) -> list[Sample]:
-    """Samples of several phantoms, each generated once and cached under ``cache_dir``."""
+                           log=print, workers: int = 1) -> list[Sample]:
+    """Samples of several phantoms, each generated once and cached under ``cache_dir``
+    (the missing ones by ``workers`` processes)."""
+    from functools import partial
+
+    from pipeline.training import generate_parallel
+
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    missing = [s for s in seeds if not seg_cache_path(cache_dir, s, spacing_mm).exists()]
+    generate_parallel(missing, partial(write_phantom_cache, cache_dir=cache_dir, spacing_mm=spacing_mm),
+                      workers, log)
     out: list[Sample] = []
-    tag = "acq" if spacing_mm is None else f"{spacing_mm:g}mm"
     for seed in seeds:
-        path = cache_dir / f"seg-phantom-{seed}-{tag}.npz"
-        if not path.exists():
-            save_samples(phantom_samples(seed, spacing_mm, keypoint_cache_path(cache_dir, seed, spacing_mm)), path)
-            log(f"cached {path.name}")
-        out.extend(load_samples(path))
+        out.extend(load_samples(seg_cache_path(cache_dir, seed, spacing_mm)))
     return out
 
 

@@ -66,20 +66,37 @@ def refine(model: torch.nn.Module, image: sitk.Image, fg: np.ndarray, crop: sitk
     return p, grid
 
 
-def simulated_prior(occ_fine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def simulated_prior(occ_fine: np.ndarray, rng: np.random.Generator,
+                    box: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
     """What the 2 mm network would give, from the 1 mm occupancy (0..1) of the ground truth:
     block-averaged to 2 mm, trilinearly back to 1 mm, shifted by up to one 1 mm voxel and
-    thickened or thinned by a random power (the coarse network's bias)."""
+    thickened or thinned by a random power (the coarse network's bias).
+
+    ``box = (lo, hi)``: only that part of the result (a training patch) is wanted; it is computed
+    from an even-aligned sub-volume 4 voxels larger on each side, which gives the same values as the
+    whole crop inside the box (the 2 mm blocks and the interpolation see the same voxels) at a
+    fraction of the cost, except where the box touches the crop's border (there the whole crop's
+    shift wraps around its other side; the sub-volume's wraps around its own).
+    """
     import torch.nn.functional as F
 
-    n = occ_fine.shape
-    t = torch.from_numpy(occ_fine[None, None].astype(np.float32))
+    full = np.array(occ_fine.shape)
+    if box is None:
+        lo, hi = np.zeros(3, int), full
+    else:
+        lo = np.maximum((np.asarray(box[0]) - 4) // 2 * 2, 0)
+        hi = np.minimum(-((-(np.asarray(box[1]) + 4)) // 2) * 2, full)
+    sub = occ_fine[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+    t = torch.from_numpy(np.ascontiguousarray(sub[None, None], np.float32))
     coarse = F.avg_pool3d(t, 2, ceil_mode=True)
-    up = F.interpolate(coarse, size=n, mode="trilinear", align_corners=False)[0, 0].numpy()
+    up = F.interpolate(coarse, size=sub.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
     shift = rng.integers(-1, 2, 3)
     up = np.roll(up, tuple(int(s) for s in shift), axis=(0, 1, 2))
     gamma = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
-    return np.clip(up, 0.0, 1.0) ** gamma
+    out = np.clip(up, 0.0, 1.0) ** gamma
+    if box is None:
+        return out
+    return out[tuple(slice(int(a - l), int(b - l)) for a, b, l in zip(box[0], box[1], lo))]
 
 
 def fine_occupancy(labels: sitk.Image, label: int, centre_mm: Sequence[float], size: int,
@@ -125,7 +142,7 @@ def refine_batch(cts: np.ndarray, occs: np.ndarray, rng: np.random.Generator, ba
         c = surf[int(rng.integers(len(surf)))] + rng.integers(-patch // 4, patch // 4 + 1, 3)
         o = np.clip(c - patch // 2, 0, s - patch)
         sl = tuple(slice(int(a), int(a) + patch) for a in o)
-        prior = simulated_prior(occ, rng)[sl]
+        prior = simulated_prior(occ, rng, (o, o + patch))
         hu = cts[i][sl].astype(np.float32) * float(rng.uniform(0.93, 1.07)) + float(rng.uniform(-20, 20))
         x = np.stack([ct_channel(hu), prior])
         t = occ[sl][None]

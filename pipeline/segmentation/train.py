@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
 from pipeline.segmentation.model import UNet3D
-from pipeline.training import (LrSchedule, Progress, config_from_argv, keep_best, make_optimizer, optimizer_step,
-                               resume, save_last, start_run, validation_due)
+from pipeline.training import (LrSchedule, Progress, autocast, batches, config_from_argv, keep_best, make_optimizer,
+                               optimizer_step, resume, save_last, start_run, train_device, validation_due)
 
 DICE_EPS = 1e-5
 
@@ -51,6 +51,9 @@ class SegTrainConfig:
     max_minutes: float | None = None
     schedule: str = "plateau"                 # plateau (the paper's) | cosine (to lr/100 over the run)
     reset_lr: bool = False                    # on resume, restart from ``lr`` (a new annealing)
+    init_from: str | None = None              # a best.pt of this network to start from (fine-tuning)
+    device: str = "cpu"                       # cpu | cuda | auto (bf16 autocast on a GPU)
+    workers: int = 1                          # processes that generate the missing phantom caches
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,15 +70,17 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, val, batch: int = 2) -> dict[str, float]:
-    """Loss, hard Dice of the vertebra and fracture accuracy on unaugmented, centred crops."""
+def validate(model: torch.nn.Module, val, batch: int = 2, device: torch.device | None = None) -> dict[str, float]:
+    """Loss, hard Dice of the vertebra and fracture accuracy on unaugmented, centred crops
+    (in float32 on ``device``, whatever the training's autocasting)."""
     model.eval()
+    device = device or torch.device("cpu")
     rng = np.random.default_rng(0)
     losses, dices, correct = [], [], 0
     for i in range(0, len(val), batch):
         chunk = val[i:i + batch]
         x, t = augmented_batch(chunk, rng, shift=False, flip=False, intensity=False)
-        logits = model(torch.from_numpy(x))
+        logits = model(torch.from_numpy(x).to(device)).float().cpu()
         losses.append(float(dice_ce_loss(logits, torch.from_numpy(t))))
         p = torch.softmax(logits, 1).numpy()
         for k, s in enumerate(chunk):
@@ -93,13 +98,22 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     LrSchedule.check(cfg.schedule)
     previous = Path(cfg.out_dir) / "config.json"
     old_val = json.loads(previous.read_text()).get("val_seeds") if previous.exists() else None
+    device = train_device(cfg.device)
     out, say = start_run(cfg, log, EVALUATION_SEEDS)
-    train_s = cached_phantom_samples(cfg.train_seeds, Path(cfg.cache_dir), cfg.phantom_spacing_mm, say)
-    val_s = cached_phantom_samples(cfg.val_seeds, Path(cfg.cache_dir), cfg.phantom_spacing_mm, say)
+    cache = Path(cfg.cache_dir)
+    train_s = cached_phantom_samples(cfg.train_seeds, cache, cfg.phantom_spacing_mm, say, cfg.workers)
+    val_s = cached_phantom_samples(cfg.val_seeds, cache, cfg.phantom_spacing_mm, say, cfg.workers)
     n_frac = sum(s.fractured for s in train_s)
     say(f"{len(train_s)} training crops ({n_frac} fractured), {len(val_s)} validation crops")
 
     model = UNet3D(base=cfg.base, depth=cfg.depth)
+    if cfg.init_from and not (Path(cfg.out_dir) / "last.ckpt").exists():
+        init = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+        if init["config"] != model.config:
+            raise ValueError(f"--init-from {cfg.init_from}: network {init['config']} is not {model.config}")
+        model.load_state_dict(init["state_dict"])
+        say(f"initialised from {cfg.init_from} (step {init.get('step')})")
+    model.to(device)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, "sgd" if cfg.optimizer == "sgd" else "adamw")
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
@@ -113,22 +127,30 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     frac_idx = [i for i, s in enumerate(train_s) if s.fractured]
     norm_idx = [i for i, s in enumerate(train_s) if not s.fractured]
     model.train()
-    progress = Progress(say, cfg.steps, step, every=10, digits=4, max_minutes=cfg.max_minutes)
-    while step < cfg.steps:
-        schedule.before_step(progress, step)
+    progress = Progress(say, cfg.steps, step, every=10 if device.type == "cpu" else 100, digits=4,
+                        max_minutes=cfg.max_minutes)
+
+    def make_batch():
         idx = []
         for _ in range(cfg.batch):
             pool = frac_idx if (frac_idx and rng.random() < 0.33) else norm_idx or frac_idx
             idx.append(pool[int(rng.integers(len(pool)))])
-        x, t = augmented_batch([train_s[i] for i in idx], rng)
-        loss = dice_ce_loss(model(torch.from_numpy(x)), torch.from_numpy(t))
+        return augmented_batch([train_s[i] for i in idx], rng)
+
+    feed = batches(make_batch, device)
+    while step < cfg.steps:
+        schedule.before_step(progress, step)
+        x, t = next(feed)
+        with autocast(device):
+            logits = model(torch.from_numpy(x).to(device, non_blocking=True))
+        loss = dice_ce_loss(logits.float(), torch.from_numpy(t).to(device, non_blocking=True))
         optimizer_step(model, opt, loss, cfg.clip)
         step += 1
         progress.update(step, loss)
         last = step == cfg.steps
         timed_out = progress.timed_out()
         if validation_due(step, cfg.val_every, cfg.steps, timed_out):
-            v = validate(model, val_s)
+            v = validate(model, val_s, device=device)
             schedule.validated(v["loss"])
             say(f"val step {step}: loss {v['loss']:.4f} dice {v['dice']:.4f} "
                 f"fracture acc {v['fracture_acc']:.3f} lr {opt.param_groups[0]['lr']:.2e}")
@@ -138,6 +160,7 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         if timed_out:
             say(f"stopping at step {step}: time limit of {cfg.max_minutes} min")
             break
+    feed.close()
     return out / "best.pt"
 
 
@@ -199,7 +222,8 @@ def install(best: Path | None, refiner: Path | None = None, half: bool = False,
 
 
 def main() -> None:
-    train(config_from_argv(SegTrainConfig, __doc__.splitlines()[0]))
+    train(config_from_argv(SegTrainConfig, __doc__.splitlines()[0],
+                           str_fields=("train_seeds", "val_seeds", "init_from", "schedule", "device")))
 
 
 if __name__ == "__main__":

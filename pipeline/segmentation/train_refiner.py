@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from pipeline.segmentation.dataset import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine import refine_batch
-from pipeline.training import (LrSchedule, Progress, config_from_argv, keep_best, make_optimizer, optimizer_step,
-                               resume, save_last, start_run, validation_due)
+from pipeline.training import (LrSchedule, Progress, autocast, batches, config_from_argv, generate_parallel, keep_best,
+                               make_optimizer, optimizer_step, resume, save_last, start_run, train_device,
+                               validation_due)
 
 
 @dataclass
@@ -44,6 +45,8 @@ class RefineTrainConfig:
     schedule: str = "plateau"                 # plateau | cosine (to lr/100 over the run)
     reset_lr: bool = False                    # on resume, restart from ``lr``
     init_from: str | None = None              # a refiner best.pt to start from (fine-tuning)
+    device: str = "cpu"                       # cpu | cuda | auto (bf16 autocast on a GPU)
+    workers: int = 1                          # processes that generate the missing phantom caches
 
 
 def refine_cache_path(cache_dir: Path, seed: int) -> Path:
@@ -61,19 +64,28 @@ def phantom_refine_samples(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return refine_samples(ph.ct, ph.labels, [v for v in ph.gt["vertebrae"] if not v.get("partial")])
 
 
-def load_refine(cache_dir: Path, seeds, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """The cached crops of ``seeds`` (each phantom generated and cached on first use)."""
+def write_refine_cache(seed: int, cache_dir: Path) -> Path:
+    """Generate phantom ``seed`` once and write its 1 mm crops."""
+    path = refine_cache_path(cache_dir, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ct, occ = phantom_refine_samples(seed)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, ct=ct, occ=occ)
+    tmp.replace(path)
+    return path
+
+
+def load_refine(cache_dir: Path, seeds, log=print, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The cached crops of ``seeds`` (each phantom generated and cached on first use, the missing
+    ones by ``workers`` processes)."""
+    from functools import partial
+
+    seeds = list(seeds)
+    missing = [s for s in seeds if not refine_cache_path(cache_dir, s).exists()]
+    generate_parallel(missing, partial(write_refine_cache, cache_dir=Path(cache_dir)), workers, log)
     cts, occs = [], []
     for seed in seeds:
-        path = refine_cache_path(cache_dir, seed)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ct, occ = phantom_refine_samples(seed)
-            tmp = path.with_name(path.name + ".tmp.npz")
-            np.savez(tmp, ct=ct, occ=occ)
-            tmp.replace(path)
-            log(f"cached {path.name}")
-        with np.load(path) as z:
+        with np.load(refine_cache_path(cache_dir, seed)) as z:
             cts.append(z["ct"]); occs.append(z["occ"])
     return np.concatenate(cts), np.concatenate(occs)
 
@@ -86,12 +98,13 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train(cfg: RefineTrainConfig, log=None) -> Path:
     LrSchedule.check(cfg.schedule)
+    device = train_device(cfg.device)
     out, say = start_run(cfg, log, EVALUATION_SEEDS, "evaluation seeds (9001-9010) are not for training")
-    cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds, say)
-    vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds, say)
+    cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds, say, cfg.workers)
+    vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds, say, cfg.workers)
     say(f"{len(cts)} training crops, {len(vcts)} validation crops")
     vx, vt = refine_batch(vcts, voccs, np.random.default_rng(123), 16)
-    model = ShallowRefiner(in_channels=2, width=cfg.width)
+    model = ShallowRefiner(in_channels=2, width=cfg.width).to(device)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
@@ -101,11 +114,15 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
         model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=False)["state_dict"])
         say(f"initialised from {cfg.init_from}")
     schedule.resumed(step, cfg.reset_lr, say)
-    progress = Progress(say, cfg.steps, step, every=20, digits=4, max_minutes=cfg.max_minutes)
+    progress = Progress(say, cfg.steps, step, every=20 if device.type == "cpu" else 200, digits=4,
+                        max_minutes=cfg.max_minutes)
+    feed = batches(lambda: refine_batch(cts, occs, rng, cfg.batch), device)
     while step < cfg.steps:
         schedule.before_step(progress, step)
-        x, t = refine_batch(cts, occs, rng, cfg.batch)
-        loss = loss_fn(model(torch.from_numpy(x)), torch.from_numpy(t))
+        x, t = next(feed)
+        with autocast(device):
+            logits = model(torch.from_numpy(x).to(device, non_blocking=True))
+        loss = loss_fn(logits.float(), torch.from_numpy(t).to(device, non_blocking=True))
         optimizer_step(model, opt, loss, cfg.clip)
         step += 1
         progress.update(step, loss)
@@ -113,7 +130,7 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
         if validation_due(step, cfg.val_every, cfg.steps, timed_out):
             model.eval()
             with torch.no_grad():
-                lg = model(torch.from_numpy(vx))
+                lg = model(torch.from_numpy(vx).to(device)).float().cpu()
                 vl = float(loss_fn(lg, torch.from_numpy(vt)))
                 p = torch.sigmoid(lg).numpy() > 0.5
                 g = vt > 0.5
@@ -130,6 +147,7 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
         if timed_out:
             say(f"stopping at step {step}: time limit of {cfg.max_minutes} min")
             break
+    feed.close()
     return out / "best.pt"
 
 
