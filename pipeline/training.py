@@ -17,8 +17,8 @@ Used by :mod:`pipeline.segmentation.train`, :mod:`pipeline.segmentation.train_re
   formats (unchanged: ``{config, state_dict, step, val, train}`` and
   ``{model, opt, sched, step, best, rng}``); checkpoints load onto the CPU first, so that a run
   trained on a GPU resumes or installs on a machine without one;
-- :func:`train_device`, :func:`autocast`: the device of a run (``cpu`` | ``cuda`` | ``auto``) and
-  bf16 autocasting of the forward pass on a GPU;
+- :func:`train_device`, :func:`autocast`, :func:`train_step`: the device of a run (``cpu`` |
+  ``cuda`` | ``auto``), bf16 autocasting of the forward pass on a GPU, one step on a numpy batch;
 - :class:`Prefetch`: training batches assembled in a background thread while the GPU computes;
 - :func:`generate_parallel`: a trainer's missing phantom caches written by a process pool.
 """
@@ -259,6 +259,18 @@ class Prefetch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: np.ndarray, target: np.ndarray,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
+               clip: float) -> torch.Tensor:
+    """One step on a numpy batch: the forward pass under :func:`autocast`, ``loss_fn`` on float32
+    logits, then :func:`optimizer_step`; returns the loss."""
+    with autocast(device):
+        logits = model(torch.from_numpy(x).to(device, non_blocking=True))
+    loss = loss_fn(logits.float(), torch.from_numpy(target).to(device, non_blocking=True))
+    optimizer_step(model, opt, loss, clip)
+    return loss
 
 
 def batches(make: Callable[[], Any], device: torch.device) -> Iterator[Any]:

@@ -105,15 +105,16 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
         roi_lo = np.min([b[0] for b in present], axis=0)
         roi_hi = np.max([b[1] for b in present], axis=0)
         shape = tuple((roi_hi - roi_lo)[::-1])
-        best = np.zeros(shape, np.float16)
+        # float32: numpy converts float32 -> float16 at ~60 ns a voxel (1.3 s a study on this CPU)
+        best = np.zeros(shape, np.float32)
         owner = np.zeros(shape, np.uint8)
         for k, (fine, box) in enumerate(zip(fines, boxes)):
             if box is None:
                 continue
             lo, hi = box
             sub = _sub_grid(image, lo, hi)
-            p = sitk.GetArrayFromImage(sitk.Resample(fine, sub, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                     sitk.sitkFloat32)).astype(np.float16)
+            p = sitk.GetArrayViewFromImage(sitk.Resample(fine, sub, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                         sitk.sitkFloat32))
             a, b = lo - roi_lo, hi - roi_lo
             sl = (slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0]))
             win = (p > best[sl]) & (p > 0.5)

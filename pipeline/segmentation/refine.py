@@ -38,11 +38,22 @@ def ct_channel(hu: np.ndarray) -> np.ndarray:
 def refine_grid(fg: np.ndarray, crop: sitk.Image, threshold: float = 0.02,
                 spacing_mm: float = REFINE_SPACING_MM, margin_mm: float = REFINE_MARGIN_MM,
                 multiple: int = 4) -> sitk.Image | None:
-    """An LPS-aligned 1 mm grid over the coarse foreground (``fg > threshold``) plus a margin;
-    its size a multiple of ``multiple`` (the refiner's pooling)."""
-    idx = np.argwhere(fg > threshold)
-    if len(idx) == 0:
+    """An LPS-aligned 1 mm grid over the coarse foreground (the largest 26-connected part of
+    ``fg > threshold``) plus a margin; its size a multiple of ``multiple`` (the refiner's pooling).
+
+    Only the largest part: faint responses elsewhere in the 128 mm crop (a neighbour's process, a
+    rib) more than doubled the box (on a 22-vertebra study, 1.08 M voxels per vertebra on average
+    against 0.47 M), and the merge keeps only each vertebra's largest component anyway.
+    """
+    import cc3d
+
+    above = fg > threshold
+    if not above.any():
         return None
+    cc = cc3d.connected_components(above.astype(np.uint8), connectivity=26)
+    sizes = np.bincount(cc.ravel())
+    sizes[0] = 0
+    idx = np.argwhere(cc == int(sizes.argmax()))
     cs = np.array(crop.GetSpacing())
     lo_mm = np.array(crop.TransformContinuousIndexToPhysicalPoint(idx.min(0)[::-1].astype(float).tolist())) - margin_mm - cs / 2
     hi_mm = np.array(crop.TransformContinuousIndexToPhysicalPoint(idx.max(0)[::-1].astype(float).tolist())) + margin_mm + cs / 2

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
 from pipeline.segmentation.model import UNet3D
-from pipeline.training import (LrSchedule, Progress, autocast, batches, config_from_argv, keep_best, make_optimizer,
-                               optimizer_step, resume, save_last, start_run, train_device, validation_due)
+from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, keep_best, make_optimizer,
+                               resume, save_last, start_run, train_device, train_step, validation_due)
 
 DICE_EPS = 1e-5
 
@@ -141,10 +141,7 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     while step < cfg.steps:
         schedule.before_step(progress, step)
         x, t = next(feed)
-        with autocast(device):
-            logits = model(torch.from_numpy(x).to(device, non_blocking=True))
-        loss = dice_ce_loss(logits.float(), torch.from_numpy(t).to(device, non_blocking=True))
-        optimizer_step(model, opt, loss, cfg.clip)
+        loss = train_step(model, opt, x, t, dice_ce_loss, device, cfg.clip)
         step += 1
         progress.update(step, loss)
         last = step == cfg.steps

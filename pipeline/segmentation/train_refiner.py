@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from pipeline.segmentation.dataset import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine import refine_batch
-from pipeline.training import (LrSchedule, Progress, autocast, batches, config_from_argv, generate_parallel, keep_best,
-                               make_optimizer, optimizer_step, resume, save_last, start_run, train_device,
+from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, generate_parallel, keep_best,
+                               make_optimizer, resume, save_last, start_run, train_device, train_step,
                                validation_due)
 
 
@@ -120,10 +120,7 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     while step < cfg.steps:
         schedule.before_step(progress, step)
         x, t = next(feed)
-        with autocast(device):
-            logits = model(torch.from_numpy(x).to(device, non_blocking=True))
-        loss = loss_fn(logits.float(), torch.from_numpy(t).to(device, non_blocking=True))
-        optimizer_step(model, opt, loss, cfg.clip)
+        loss = train_step(model, opt, x, t, loss_fn, device, cfg.clip)
         step += 1
         progress.update(step, loss)
         timed_out = progress.timed_out()

@@ -75,3 +75,19 @@ def test_overlapping_crops_give_each_voxel_to_the_most_confident_one():
     arr = sitk.GetArrayFromImage(res.label_map)
     assert arr[10, 20, 20] == 20 and arr[29, 20, 20] == 21
     assert arr[19, 20, 20] == 20 and arr[21, 20, 20] == 21   # the boundary falls halfway
+
+
+def test_the_refiners_box_covers_the_vertebra_not_a_faint_response_elsewhere_in_the_crop():
+    from pipeline.segmentation.refine import refine_grid
+
+    fg = np.zeros((32, 32, 32), np.float32)
+    fg[12:20, 13:19, 11:21] = 0.9          # the vertebra (2 mm voxels)
+    fg[11, 12:20, 10:22] = 0.04            # its faint rim: part of it
+    crop = reference_grid((0.0, 0.0, 0.0), 32, 2.0)
+    alone = refine_grid(fg, crop)
+    fg[2:4, 28:30, 1:3] = 0.05             # a faint response far away (a neighbour's process)
+    with_blob = refine_grid(fg, crop)
+    assert with_blob.GetSize() == alone.GetSize() and with_blob.GetOrigin() == alone.GetOrigin()
+    # the rim is inside: 11 voxels of 2 mm in x (10..21) + 4 mm margins -> at least 30 mm
+    assert alone.GetSize()[0] * alone.GetSpacing()[0] >= 24 * 2.0 / 2 + 8
+    assert refine_grid(np.zeros_like(fg), crop) is None
