@@ -78,11 +78,12 @@ def refine(model: torch.nn.Module, image: sitk.Image, fg: np.ndarray, crop: sitk
 
 
 def simulated_prior(occ_fine: np.ndarray, rng: np.random.Generator,
-                    box: tuple[Sequence[int], Sequence[int]] | None = None) -> np.ndarray:
+                    box: tuple[Sequence[int], Sequence[int]] | None = None, scale: float = 1.0) -> np.ndarray:
     """What the 2 mm network would give, from the 1 mm occupancy (0..1) of the ground truth:
     block-averaged to 2 mm, trilinearly back to 1 mm, shifted by up to one 1 mm voxel and
     thickened or thinned by a random power (the coarse network's bias).
 
+    ``scale``: of ``occ_fine`` to 0..1 (1/8 for the cached eighths).
     ``box = (lo, hi)``: only that part of the result (a training patch) is wanted; it is computed
     from an even-aligned sub-volume 4 voxels larger on each side, which gives the same values as the
     whole crop inside the box (the 2 mm blocks and the interpolation see the same voxels) at a
@@ -98,7 +99,7 @@ def simulated_prior(occ_fine: np.ndarray, rng: np.random.Generator,
         lo = np.maximum((np.asarray(box[0]) - 4) // 2 * 2, 0)
         hi = np.minimum(-((-(np.asarray(box[1]) + 4)) // 2) * 2, full)
     sub = occ_fine[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
-    t = torch.from_numpy(np.ascontiguousarray(sub[None, None], np.float32))
+    t = torch.from_numpy(np.ascontiguousarray(sub[None, None], np.float32) * np.float32(scale))
     coarse = F.avg_pool3d(t, 2, ceil_mode=True)
     up = F.interpolate(coarse, size=sub.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
     shift = rng.integers(-1, 2, 3)
@@ -138,25 +139,44 @@ def refine_samples(ct: sitk.Image, labels: sitk.Image, vertebrae, size: int = RE
     return np.stack(cts), np.stack(occs)
 
 
+def surface_points(occs: np.ndarray, cap: int = 4096, seed: int = 0) -> list[np.ndarray]:
+    """For each crop of ``occs`` (eighths), the flat indices of up to ``cap`` voxels of its surface
+    band (1-7 eighths inside), drawn once: where :func:`refine_batch` centres its patches."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for occ in occs:
+        flat = np.flatnonzero((occ >= 1) & (occ <= 7))
+        if len(flat) > cap:
+            flat = rng.choice(flat, cap, replace=False)
+        out.append(flat)
+    return out
+
+
 def refine_batch(cts: np.ndarray, occs: np.ndarray, rng: np.random.Generator, batch: int,
-                 patch: int = REFINE_PATCH) -> tuple[np.ndarray, np.ndarray]:
+                 patch: int = REFINE_PATCH, surfaces: Sequence[np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches centred near the vertebra's surface (where refinement matters), with a simulated
-    prior: ``x [b, 2, p, p, p]``, target ``[b, 1, p, p, p]`` (occupancy 0..1)."""
+    prior: ``x [b, 2, p, p, p]``, target ``[b, 1, p, p, p]`` (occupancy 0..1).
+
+    ``surfaces``: :func:`surface_points` of ``occs``, computed once by a trainer (otherwise each
+    drawn crop's surface is found again)."""
     xs, ts = [], []
     s = cts.shape[1]
+    shape = occs.shape[1:]
     for _ in range(batch):
         i = int(rng.integers(len(cts)))
-        occ = occs[i].astype(np.float32) / 8.0
-        surf = np.argwhere((occ > 0.05) & (occ < 0.95))
+        surf = surfaces[i] if surfaces is not None else surface_points(occs[i:i + 1], cap=1 << 30)[0]
         if len(surf) == 0:
-            surf = np.array([[s // 2] * 3])
-        c = surf[int(rng.integers(len(surf)))] + rng.integers(-patch // 4, patch // 4 + 1, 3)
+            centre = np.array([s // 2] * 3)
+        else:
+            centre = np.array(np.unravel_index(int(surf[int(rng.integers(len(surf)))]), shape))
+        c = centre + rng.integers(-patch // 4, patch // 4 + 1, 3)
         o = np.clip(c - patch // 2, 0, s - patch)
         sl = tuple(slice(int(a), int(a) + patch) for a in o)
-        prior = simulated_prior(occ, rng, (o, o + patch))
+        prior = simulated_prior(occs[i], rng, (o, o + patch), scale=1.0 / 8.0)
         hu = cts[i][sl].astype(np.float32) * float(rng.uniform(0.93, 1.07)) + float(rng.uniform(-20, 20))
         x = np.stack([ct_channel(hu), prior])
-        t = occ[sl][None]
+        t = (occs[i][sl].astype(np.float32) / 8.0)[None]
         if rng.random() < 0.5:
             x, t = x[..., ::-1], t[..., ::-1]
         xs.append(x)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
-from pipeline.segmentation.refine import refine_batch
+from pipeline.segmentation.refine import refine_batch, surface_points
 from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, generate_parallel, keep_best,
                                make_optimizer, resume, save_last, start_run, train_device, train_step,
                                validation_due)
@@ -116,7 +116,8 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     schedule.resumed(step, cfg.reset_lr, say)
     progress = Progress(say, cfg.steps, step, every=20 if device.type == "cpu" else 200, digits=4,
                         max_minutes=cfg.max_minutes)
-    feed = batches(lambda: refine_batch(cts, occs, rng, cfg.batch), device)
+    surfaces = surface_points(occs)
+    feed = batches(lambda: refine_batch(cts, occs, rng, cfg.batch, surfaces=surfaces), device)
     while step < cfg.steps:
         schedule.before_step(progress, step)
         x, t = next(feed)

@@ -116,3 +116,22 @@ def test_a_segmentation_run_starts_from_another_runs_weights_and_refuses_another
     with pytest.raises(ValueError, match="is not"):
         train(SegTrainConfig(out_dir=str(tmp_path / "c"), init_from=str(first),
                              **{**common, "base": 4}), log=said.append)
+
+
+def test_refiner_patches_are_centred_on_the_surface_band_drawn_once():
+    from pipeline.segmentation.refine import refine_batch, surface_points
+
+    n = 48
+    z, y, x = np.mgrid[:n, :n, :n]
+    r = np.sqrt((z - 24) ** 2 + (y - 24) ** 2 + (x - 24) ** 2)
+    occ = np.clip(np.round((12.5 - r) * 8), 0, 8).astype(np.uint8)[None].repeat(2, 0)
+    ct = np.where(r < 12, 700, 40).astype(np.int16)[None].repeat(2, 0)
+    surf = surface_points(occ, cap=50)
+    assert [len(s) for s in surf] == [50, 50]
+    band = occ[0].ravel()[surf[0]]
+    assert band.min() >= 1 and band.max() <= 7
+    x, t = refine_batch(ct, occ, np.random.default_rng(0), 6, patch=16, surfaces=surf)
+    assert x.shape == (6, 2, 16, 16, 16) and t.shape == (6, 1, 16, 16, 16)
+    for k in range(6):   # every patch holds some of the surface: inside and outside
+        assert 0.0 < t[k].mean() < 1.0
+        assert abs(float(x[k, 1].mean()) - float(t[k].mean())) < 0.3   # the prior is near the truth
