@@ -292,22 +292,26 @@ def generate_parallel(missing: list[int], work: Callable[[int], Any], workers: i
     be importable, e.g. a ``functools.partial`` of a module-level function), one torch thread each."""
     if not missing:
         return []
-    if workers <= 1 or len(missing) == 1:
-        out = []
-        for seed in missing:
-            out.append(work(seed))
-            say(f"cached phantom {seed}")
-        return out
-    import concurrent.futures as cf
-    import multiprocessing as mp
+    out: list[Any] = []
+    if workers > 1 and len(missing) > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
 
-    t0, out = time.time(), []
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for n, result in enumerate(pool.map(work, missing), 1):
-            out.append(result)
-            if n % 10 == 0 or n == len(missing):
-                say(f"generated {n}/{len(missing)} phantoms ({time.time() - t0:.0f} s, {workers} processes)")
+        t0 = time.time()
+        try:
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                        initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                for n, result in enumerate(pool.map(work, missing), 1):
+                    out.append(result)
+                    if n % 10 == 0 or n == len(missing):
+                        say(f"generated {n}/{len(missing)} phantoms ({time.time() - t0:.0f} s, {workers} processes)")
+        except cf.process.BrokenProcessPool as exc:
+            # e.g. a main script read from stdin, which spawned processes cannot import again
+            say(f"the process pool broke ({exc}); the remaining {len(missing) - len(out)} phantoms "
+                "are generated here, one after the other")
+    for seed in missing[len(out):]:
+        out.append(work(seed))
+        say(f"cached phantom {seed}")
     return out
 
 

@@ -35,6 +35,21 @@ def _pid_plus(seed: int) -> int:
     return os.getpid() + seed
 
 
+def _dies_in_a_worker(seed: int) -> int:
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:
+        os._exit(1)          # what a worker that cannot start looks like to the pool
+    return seed * 10
+
+
+def test_a_broken_pool_falls_back_to_generating_in_this_process():
+    said: list[str] = []
+    assert generate_parallel([1, 2, 3], _dies_in_a_worker, 2, said.append) == [10, 20, 30]
+    assert any("process pool broke" in m for m in said)
+    assert said[-3:] == ["cached phantom 1", "cached phantom 2", "cached phantom 3"]
+
+
 def test_prefetch_keeps_the_order_of_the_batches_and_hands_over_an_error():
     counter = iter(range(100))
     pf = Prefetch(lambda: next(counter), depth=3)
