@@ -261,14 +261,14 @@ class Prefetch:
         self._thread.join(timeout=5)
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: np.ndarray, target: np.ndarray,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
-               clip: float) -> torch.Tensor:
-    """One step on a numpy batch: the forward pass under :func:`autocast`, ``loss_fn`` on float32
-    logits, then :func:`optimizer_step`; returns the loss."""
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: np.ndarray | torch.Tensor,
+               target: np.ndarray | torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               device: torch.device, clip: float) -> torch.Tensor:
+    """One step on a batch (numpy arrays or CPU tensors): the forward pass under :func:`autocast`,
+    ``loss_fn`` on the float32 output, then :func:`optimizer_step`; returns the loss."""
     with autocast(device):
-        logits = model(torch.from_numpy(x).to(device, non_blocking=True))
-    loss = loss_fn(logits.float(), torch.from_numpy(target).to(device, non_blocking=True))
+        logits = model(torch.as_tensor(x).to(device, non_blocking=True))
+    loss = loss_fn(logits.float(), torch.as_tensor(target).to(device, non_blocking=True))
     optimizer_step(model, opt, loss, clip)
     return loss
 

@@ -53,6 +53,7 @@ def localization(
     time_limit_min: Optional[float] = typer.Option(None, help="Stop (and validate) after this many minutes."),
     threads: int = typer.Option(1, help="torch CPU threads."),
     seed: int = typer.Option(0, help="Seed of initialisation and sampling."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto: where to train (bf16 autocast on a GPU)."),
     install: bool = typer.Option(False, "--install", help="Install the best weights into pipeline/weights."),
 ) -> None:
     """Train the M-SCN vertebra localisation network (paper section 2.2)."""
@@ -64,7 +65,7 @@ def localization(
         val_seeds=seeds_option(val_seeds) if data == "phantom" else (), iterations=iterations,
         resume=resume, reset_lr=reset_lr, variant=variant, spacing_mm=spacing_mm,
         patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr, schedule=schedule,
-        base=base, fg_weight=fg_weight, val_every=val_every, threads=threads, seed=seed,
+        base=base, fg_weight=fg_weight, val_every=val_every, threads=threads, seed=seed, device=device,
         time_limit_s=None if time_limit_min is None else 60 * time_limit_min)
     best = train(cfg, log=typer.echo)
     typer.echo(f"best weights: {best}")

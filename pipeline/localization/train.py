@@ -30,7 +30,7 @@ from pipeline.localization.dataset import EVALUATION_SEEDS, Case, PatchSampler, 
 from pipeline.localization.inference import detect, predict_heatmaps
 from pipeline.nets import MSCN
 from pipeline.registry import weights_payload
-from pipeline.training import cosine_lr
+from pipeline.training import cosine_lr, train_device, train_step
 
 BUILDER = "pipeline.nets.mscn:build_mscn"
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
@@ -65,6 +65,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"                     # cpu | cuda | auto (bf16 autocast on a GPU)
     resume: bool = False
     reset_lr: bool = False                  # on resume, set the learning rate to ``lr`` (annealing)
     time_limit_s: float | None = None
@@ -120,10 +121,12 @@ def case_score(found: dict[int, np.ndarray], case: Case) -> dict[str, float]:
             "fp": fp, "penalty": float(sum(clipped) + ID_RADIUS_MM * fp)}
 
 
-def validate(model: torch.nn.Module, cases: Sequence[Case], cfg: TrainConfig) -> dict[str, Any]:
+def validate(model: torch.nn.Module, cases: Sequence[Case], cfg: TrainConfig,
+             device: torch.device | str = "cpu") -> dict[str, Any]:
     """Whole-volume inference on the validation cases; the decoder and threshold with the lowest
     penalty."""
-    maps = [predict_heatmaps(model, c.array, cfg.patch, c.pad_value, cfg.overlap) / cfg.amplitude for c in cases]
+    maps = [predict_heatmaps(model, c.array, cfg.patch, c.pad_value, cfg.overlap, device) / cfg.amplitude
+            for c in cases]
     return choose_decoder(maps, cases)
 
 
@@ -184,7 +187,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
         n_val = max(1, len(cases) // 10) if len(cases) > 1 else 0
         train_cases, val_cases = cases[: len(cases) - n_val], cases[len(cases) - n_val:] or cases
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    device = train_device(cfg.device)
+    model = build_model(cfg).to(device)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adam":
@@ -239,11 +243,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, progress)
         x, y = sampler.batch(cfg.batch)
-        loss = heatmap_loss(model(x), y, cfg.fg_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
+        loss = train_step(model, opt, x, y, lambda p, t: heatmap_loss(p, t, cfg.fg_weight), device, cfg.clip)
         it += 1
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         elapsed = time.time() - t0
@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
         stop = cfg.time_limit_s is not None and elapsed > cfg.time_limit_s
         if it % cfg.val_every == 0 or it == cfg.iterations or stop:
             model.eval()
-            v = validate(model, val_cases, cfg)
+            v = validate(model, val_cases, cfg, device)
             model.train()
             if cfg.schedule == "plateau":
                 sched.step(v["score"])
