@@ -17,6 +17,7 @@ Used by :mod:`pipeline.segmentation.train`, :mod:`pipeline.segmentation.train_re
   formats (unchanged: ``{config, state_dict, step, val, train}`` and
   ``{model, opt, sched, step, best, rng}``); checkpoints load onto the CPU first, so that a run
   trained on a GPU resumes or installs on a machine without one;
+- :func:`init_from`: fine-tuning from another run's ``best.pt``;
 - :func:`train_device`, :func:`autocast`, :func:`train_step`: the device of a run (``cpu`` |
   ``cuda`` | ``auto``), bf16 autocasting of the forward pass on a GPU, one step on a numpy batch;
 - :class:`Prefetch`: training batches assembled in a background thread while the GPU computes;
@@ -201,6 +202,16 @@ def resume(path: Path, model: torch.nn.Module, opt, sched, rng: np.random.Genera
     rng.bit_generator.state = state["rng"]
     say(f"resumed at step {state['step']}")
     return state["step"], state["best"]
+
+
+def init_from(model: torch.nn.Module, path: str | Path, say: Logger) -> None:
+    """Start ``model`` from the weights of another run's ``best.pt`` (fine-tuning); refuses a
+    file of another network (``config``)."""
+    init = torch.load(path, map_location="cpu", weights_only=False)
+    if init["config"] != model.config:
+        raise ValueError(f"--init-from {path}: network {init['config']} is not {model.config}")
+    model.load_state_dict(init["state_dict"])
+    say(f"initialised from {path} (step {init.get('step')})")
 
 
 def train_device(name: str = "cpu") -> torch.device:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
 from pipeline.segmentation.model import UNet3D
-from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, keep_best, make_optimizer,
+from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, init_from, keep_best, make_optimizer,
                                resume, save_last, start_run, train_device, train_step, validation_due)
 
 DICE_EPS = 1e-5
@@ -107,18 +107,14 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     say(f"{len(train_s)} training crops ({n_frac} fractured), {len(val_s)} validation crops")
 
     model = UNet3D(base=cfg.base, depth=cfg.depth)
-    if cfg.init_from and not (Path(cfg.out_dir) / "last.ckpt").exists():
-        init = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
-        if init["config"] != model.config:
-            raise ValueError(f"--init-from {cfg.init_from}: network {init['config']} is not {model.config}")
-        model.load_state_dict(init["state_dict"])
-        say(f"initialised from {cfg.init_from} (step {init.get('step')})")
     model.to(device)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay, "sgd" if cfg.optimizer == "sgd" else "adamw")
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
     step, best = resume(ckpt, model, opt, sched, rng, say)
     schedule = LrSchedule(cfg.schedule, cfg.lr, opt, sched)
+    if step == 0 and cfg.init_from:
+        init_from(model, cfg.init_from, say)
     if step and old_val is not None and list(old_val) != list(cfg.val_seeds):
         best = math.inf   # another validation set: the old best loss is not comparable
         say(f"validation seeds changed ({old_val} -> {cfg.val_seeds}): best.pt is replaced at the next validation")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from pipeline.segmentation.dataset import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine import refine_batch, surface_points
-from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, generate_parallel, keep_best,
-                               make_optimizer, resume, save_last, start_run, train_device, train_step,
+from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, generate_parallel, init_from,
+                               keep_best, make_optimizer, resume, save_last, start_run, train_device, train_step,
                                validation_due)
 
 
@@ -111,8 +111,7 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     step, best = resume(ckpt, model, opt, sched, rng, say)
     schedule = LrSchedule(cfg.schedule, cfg.lr, opt, sched)
     if step == 0 and cfg.init_from:
-        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=False)["state_dict"])
-        say(f"initialised from {cfg.init_from}")
+        init_from(model, cfg.init_from, say)
     schedule.resumed(step, cfg.reset_lr, say)
     progress = Progress(say, cfg.steps, step, every=20 if device.type == "cpu" else 200, digits=4,
                         max_minutes=cfg.max_minutes)
