@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from io import BytesIO
 
 from pydicom.dataset import Dataset
@@ -71,17 +72,57 @@ def file_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: 
     return PREAMBLE + file_meta(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
 
 
-def read_header(dataset: bytes | memoryview, transfer_syntax_uid: str, tags: list[int]) -> Dataset:
+#: How much of a fragmented data set the header is first looked for in (joined once).
+HEADER_PREFIX = 64 * 1024
+
+
+def read_header(dataset: bytes | memoryview | Sequence[bytes | memoryview],
+                transfer_syntax_uid: str, tags: list[int]) -> Dataset:
     """The elements ``tags`` of an encoded data set (no File Meta), reading no further than
-    the largest of them. A deflated data set (PS3.5 A.5) is inflated first.
+    the largest of them. ``dataset`` may be the fragments it was received in (PS3.8 annex E):
+    the elements are looked for in the first ``HEADER_PREFIX`` bytes, and in the whole data
+    set only if the parse reached the end of that prefix without passing the last tag. A
+    deflated data set (PS3.5 A.5) is inflated first.
 
     Raises whatever pydicom raises for a data set it cannot parse.
     """
+    buffers = list(dataset) if isinstance(dataset, (list, tuple)) else [dataset]
     ts = UID(transfer_syntax_uid)
-    raw = dataset
     if ts.is_deflated:
-        raw = zlib.decompress(bytes(dataset), -zlib.MAX_WBITS)
-    last = max(tags)
-    return read_dataset(BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian,
-                        stop_when=lambda tag, _vr, _length: tag > last, specific_tags=tags)
+        raw = zlib.decompress(b"".join(buffers), -zlib.MAX_WBITS)
+        return _parse(raw, ts, tags)[0]
+    total = sum(len(b) for b in buffers)
+    if not buffers or len(buffers[0]) >= min(total, HEADER_PREFIX):
+        prefix = memoryview(buffers[0] if buffers else b"")[:HEADER_PREFIX]
+    else:
+        taken = count = 0
+        while taken < HEADER_PREFIX and count < len(buffers):
+            taken += len(buffers[count])
+            count += 1
+        prefix = memoryview(b"".join(buffers[:count]))[:HEADER_PREFIX]
+    if len(prefix) < total:
+        try:
+            header, passed = _parse(prefix, ts, tags)
+            if passed:
+                return header
+        except Exception:  # noqa: BLE001 - an element cut by the prefix's end: read it all
+            pass
+        prefix = b"".join(buffers)
+    return _parse(prefix, ts, tags)[0]
 
+
+def _parse(raw: bytes | memoryview, ts: UID, tags: list[int]) -> tuple[Dataset, bool]:
+    """The elements ``tags`` of ``raw``, and whether the parse passed the last of them (so
+    that none of them can lie further on)."""
+    last = max(tags)
+    passed = False
+
+    def stop(tag, _vr, _length) -> bool:  # noqa: ANN001
+        nonlocal passed
+        if tag > last:
+            passed = True
+        return passed
+
+    header = read_dataset(BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian,
+                          stop_when=stop, specific_tags=tags)
+    return header, passed

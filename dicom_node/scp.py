@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import ipaddress
+import logging
 import os
 import threading
 import time
@@ -28,7 +29,7 @@ from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage,
                                   Verification)
 
 from config import Settings
-from dicom_node import audit, fast_dul, metrics, part10
+from dicom_node import audit, fast_dimse, fast_dul, metrics, part10
 from dicom_node.acceptors import defer_accept_when_busy, inherited_listener
 from dicom_node.logging import get_logger
 from storage.files import BlobStore, OutOfSpaceError
@@ -121,6 +122,11 @@ class StorageSCP:
         self.tls_server = None  # a second listener when node.tls.port is set
 
         fast_dul.install()  # event-driven waits instead of pynetdicom's 1 ms polling loops
+        fast_dimse.install()  # C-STORE data without copies, responses encoded directly
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's standard handlers format every PDU and DIMSE message for its INFO
+            # and DEBUG logs, which the node keeps at WARNING (dicom_node.logging): not bound.
+            _config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu
         ae.maximum_associations = node.max_associations
@@ -282,16 +288,14 @@ class StorageSCP:
             return (StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED,
                     f"SOP class {sop_class[:40]} not accepted", "refused")
         transfer_syntax = str(event.context.transfer_syntax)
-        dataset = req.DataSet.getbuffer()  # the data set as received, not copied
-        try:
-            return self._store_dataset(req, sop_class, transfer_syntax, dataset, stats)
-        finally:
-            dataset.release()
+        # The data set as received: the PDUs' fragments, not copied (dicom_node.fast_dimse)
+        fragments = fast_dimse.fragments_of(req.DataSet)
+        return self._store_dataset(req, sop_class, transfer_syntax, fragments, stats)
 
     def _store_dataset(self, req, sop_class: str, transfer_syntax: str,  # noqa: ANN001
-                       dataset: memoryview, stats) -> tuple[StoreStatus, str, str]:  # noqa: ANN001
+                       fragments: list, stats) -> tuple[StoreStatus, str, str]:  # noqa: ANN001
         try:
-            header = part10.read_header(dataset, transfer_syntax, _HEADER_TAGS)
+            header = part10.read_header(fragments, transfer_syntax, _HEADER_TAGS)
             study = validate_uid(header.get("StudyInstanceUID"), "Study Instance UID")
             series = validate_uid(header.get("SeriesInstanceUID"), "Series Instance UID")
             sop = validate_uid(header.get("SOPInstanceUID"), "SOP Instance UID")
@@ -321,12 +325,12 @@ class StorageSCP:
             study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
             sop_class_uid=sop_class, transfer_syntax_uid=transfer_syntax,
             modality=str(header.get("Modality", "") or "").strip(), path=relpath,
-            size_bytes=len(prefix) + len(dataset), instance_number=number, frames=frames,
+            size_bytes=len(prefix) + sum(len(f) for f in fragments), instance_number=number, frames=frames,
             calling_ae=stats.calling_ae if stats else "")
         # Data fdatasynced and renamed, directory synced and row committed (grouped with
         # concurrent instances, storage.ingest) before this returns: then Success.
         try:
-            outcome = self.writer.store_instance(record, (prefix, dataset))
+            outcome = self.writer.store_instance(record, (prefix, *fragments))
         except OutOfSpaceError as exc:
             return StoreStatus.OUT_OF_RESOURCES, str(exc), "out_of_resources"
         except OSError as exc:
