@@ -3,10 +3,11 @@
 ``storescu`` sends the benchmark series (bench/ingest.py's, 300 x 512 x 512) to a bare
 pynetdicom SCP in this process that answers Success at once (``--mode null``) or after writing
 the encoded data set without fsync (``--mode write``), with the node's fast_dul patches
-(``--parts``, as ``SPINE_FAST_DUL_PARTS``; ``stock`` for pynetdicom's own loops). What the node
+(``--parts``, as ``SPINE_FAST_DUL_PARTS``, plus ``dimse`` for :mod:`dicom_node.fast_dimse` with
+pynetdicom's log handlers unbound as in the node; ``stock`` for pynetdicom's own loops). What the node
 does on top (sync, index) costs the difference to ``bench/ingest``'s node figure.
 
-    python bench/scp_floor.py --rounds 3 --parts dul+assoc+recv+wake --parts dul+assoc+recv
+    python bench/scp_floor.py --rounds 3 --parts dul+assoc+recv+wake+dimse --parts dul+assoc+recv+wake
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ if parts != "stock":
     os.environ["SPINE_FAST_DUL_PARTS"] = parts
     from dicom_node import fast_dul
     fast_dul.install()
+    if "dimse" in parts.split("+"):
+        from pynetdicom import _config
+        from dicom_node import fast_dimse
+        fast_dimse.install()
+        _config.LOG_HANDLER_LEVEL = "none"  # as the node does (dicom_node.scp)
 from pynetdicom import AE, evt, AllStoragePresentationContexts
 import ingest
 from pathlib import Path
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--matrix", type=int, default=512)
     args = ap.parse_args(argv)
-    variants = args.parts or ["dul+assoc+recv+wake", "dul+assoc+recv", "stock"]
+    variants = args.parts or ["dul+assoc+recv+wake+dimse", "dul+assoc+recv+wake", "stock"]
     import tempfile
     results: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
