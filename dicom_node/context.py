@@ -47,4 +47,5 @@ class NodeContext:
         return cls(settings, db, Index(db), JobQueue(db), store)
 
     def close(self) -> None:
+        self.index.close()
         self.db.dispose()

@@ -5,6 +5,7 @@ the "storage area" of :mod:`storage.files`), so the rest of the node never write
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database, utcnow
+from storage.prepared import PreparedStatement
 from storage.models import (AuditEvent, Delivery, DeliveryState, Instance, Job, JobState,
                             Result, Series, SeriesState, Study)
 
@@ -46,6 +48,11 @@ class StableSeries:
     last_received_at: dt.datetime
 
 
+#: The parameters of the instance insert (storage.prepared compiles it with these).
+_INSTANCE_KEYS = ["series_id", "sop_instance_uid", "sop_class_uid", "transfer_syntax_uid",
+                  "instance_number", "frames", "path", "size_bytes", "calling_ae", "received_at"]
+
+
 def _insert(db: Database):
     if db.is_sqlite:
         from sqlalchemy.dialects.sqlite import insert
@@ -72,6 +79,15 @@ class Index:
         self._instance_path = select(Instance.path).where(
             Instance.sop_instance_uid == bindparam("sop"))
         self._lock = threading.Lock()
+        # add_instances on SQLite: one connection kept for it (no pool checkout per group)
+        # and its two statements run on the DB-API cursor (storage.prepared).
+        self._writer_lock = threading.Lock()
+        self._writer_conn = None
+        self._fast = None
+        if db.is_sqlite:
+            dialect = db.engine.dialect
+            self._fast = (PreparedStatement(self._insert_instance, dialect, _INSTANCE_KEYS),
+                          PreparedStatement(self._touch_series, dialect, ["sid", "now"]))
 
     # -- receiving -------------------------------------------------------------------------
     def has_instance(self, sop_instance_uid: str) -> bool:
@@ -109,67 +125,58 @@ class Index:
         """
         if not records:
             return []
-        try:
-            return self._add_instances(records, use_cache=True, before_commit=before_commit)
-        except IntegrityError:
-            # A cached study/series id whose row is gone: forget the ids, look them up again.
-            with self._lock:
-                self._study_ids.clear()
-                self._series_ids.clear()
-            return self._add_instances(records, use_cache=False, before_commit=before_commit)
+        with self._writer_lock:
+            try:
+                return self._add_instances(records, use_cache=True, before_commit=before_commit)
+            except (IntegrityError, sqlite3.IntegrityError):
+                # A cached study/series id whose row is gone: forget the ids, look them up again.
+                with self._lock:
+                    self._study_ids.clear()
+                    self._series_ids.clear()
+                return self._add_instances(records, use_cache=False,
+                                           before_commit=before_commit)
+
+    def _writer(self):  # noqa: ANN202 - a SQLAlchemy Connection
+        """The connection kept for :meth:`add_instances` (callers hold ``_writer_lock``)."""
+        if self._writer_conn is None or self._writer_conn.closed or self._writer_conn.invalidated:
+            self._writer_conn = self.db.engine.connect()
+        return self._writer_conn
+
+    def _drop_writer(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection is dropped either way
+                pass
+
+    def close(self) -> None:
+        """Return the kept writer connection to the pool (e.g. before the engine is disposed)."""
+        with self._writer_lock:
+            self._drop_writer()
 
     def _add_instances(self, records: list[InstanceRecord], *, use_cache: bool,
                        before_commit: Callable[[list[bool], list[str | None]], None] | None,
                        ) -> list[bool]:
         now = utcnow()
-        ins = self._insert
         new: list[bool] = []
         series_ids: dict[str, int] = {}
         study_ids: dict[str, int] = {}
         touched: set[int] = set()
-        with self.db.engine.begin() as conn:
-            for rec in records:
-                series_id = series_ids.get(rec.series_instance_uid)
-                if series_id is None and use_cache:
-                    series_id = self._series_ids.get(rec.series_instance_uid)
-                if series_id is None:
-                    study_id = self._study_ids.get(rec.study_instance_uid) if use_cache \
-                        else None
-                    if study_id is None:
-                        conn.execute(ins(Study).values(
-                            study_instance_uid=rec.study_instance_uid, created_at=now,
-                            updated_at=now).on_conflict_do_nothing(
-                                index_elements=["study_instance_uid"]))
-                        study_id = conn.scalar(select(Study.id).where(
-                            Study.study_instance_uid == rec.study_instance_uid))
-                    conn.execute(ins(Series).values(
-                        study_id=study_id, series_instance_uid=rec.series_instance_uid,
-                        modality=rec.modality[:16], state=SeriesState.RECEIVING.value,
-                        first_received_at=now, last_received_at=now, updated_at=now)
-                        .on_conflict_do_nothing(index_elements=["series_instance_uid"]))
-                    series_id = conn.scalar(select(Series.id).where(
-                        Series.series_instance_uid == rec.series_instance_uid))
-                    study_ids[rec.study_instance_uid] = study_id
-                series_ids[rec.series_instance_uid] = series_id
-                # One prepared statement, parameters apart: no per-row statement building.
-                result = conn.execute(self._insert_instance, {
-                    "series_id": series_id, "sop_instance_uid": rec.sop_instance_uid,
-                    "sop_class_uid": rec.sop_class_uid,
-                    "transfer_syntax_uid": rec.transfer_syntax_uid,
-                    "instance_number": rec.instance_number,
-                    "frames": max(1, int(rec.frames or 1)), "path": rec.path,
-                    "size_bytes": rec.size_bytes, "calling_ae": rec.calling_ae[:16],
-                    "received_at": now})
-                is_new = bool(result.rowcount)
-                new.append(is_new)
-                if is_new:
-                    touched.add(series_id)
-            for series_id in touched:
-                conn.execute(self._touch_series, {"sid": series_id, "now": now})
-            if before_commit is not None:
-                known = [None if is_new else conn.scalar(self._instance_path, {"sop": rec.sop_instance_uid})
-                         for rec, is_new in zip(records, new)]
-                before_commit(new, known)
+        # SQLite: the kept connection. Other databases: one from the pool each time, whose
+        # pre-ping finds a connection a server restart broke.
+        conn = self._writer() if self._fast else self.db.engine.connect()
+        try:
+            with conn.begin():
+                self._add_in_transaction(conn, records, now, use_cache, new, series_ids,
+                                         study_ids, touched, before_commit)
+        except BaseException:
+            if self._fast:
+                self._drop_writer()  # whatever state it is in, the next group starts afresh
+            raise
+        finally:
+            if not self._fast:
+                conn.close()
         # Cache ids only once their rows are committed.
         with self._lock:
             if len(self._study_ids) > self._CACHE_MAX:
@@ -179,6 +186,64 @@ class Index:
             self._study_ids.update(study_ids)
             self._series_ids.update(series_ids)
         return new
+
+    def _add_in_transaction(self, conn, records: list[InstanceRecord], now: dt.datetime,  # noqa: ANN001, PLR0913
+                            use_cache: bool, new: list[bool], series_ids: dict[str, int],
+                            study_ids: dict[str, int], touched: set[int],
+                            before_commit: Callable[[list[bool], list[str | None]], None] | None,
+                            ) -> None:
+        ins = self._insert
+        cursor = conn.connection.driver_connection.cursor() if self._fast else None
+        for rec in records:
+            series_id = series_ids.get(rec.series_instance_uid)
+            if series_id is None and use_cache:
+                series_id = self._series_ids.get(rec.series_instance_uid)
+            if series_id is None:
+                study_id = self._study_ids.get(rec.study_instance_uid) if use_cache \
+                    else None
+                if study_id is None:
+                    conn.execute(ins(Study).values(
+                        study_instance_uid=rec.study_instance_uid, created_at=now,
+                        updated_at=now).on_conflict_do_nothing(
+                            index_elements=["study_instance_uid"]))
+                    study_id = conn.scalar(select(Study.id).where(
+                        Study.study_instance_uid == rec.study_instance_uid))
+                conn.execute(ins(Series).values(
+                    study_id=study_id, series_instance_uid=rec.series_instance_uid,
+                    modality=rec.modality[:16], state=SeriesState.RECEIVING.value,
+                    first_received_at=now, last_received_at=now, updated_at=now)
+                    .on_conflict_do_nothing(index_elements=["series_instance_uid"]))
+                series_id = conn.scalar(select(Series.id).where(
+                    Series.series_instance_uid == rec.series_instance_uid))
+                study_ids[rec.study_instance_uid] = study_id
+            series_ids[rec.series_instance_uid] = series_id
+            # One prepared statement, parameters apart: no per-row statement building.
+            values = {
+                "series_id": series_id, "sop_instance_uid": rec.sop_instance_uid,
+                "sop_class_uid": rec.sop_class_uid,
+                "transfer_syntax_uid": rec.transfer_syntax_uid,
+                "instance_number": rec.instance_number,
+                "frames": max(1, int(rec.frames or 1)), "path": rec.path,
+                "size_bytes": rec.size_bytes, "calling_ae": rec.calling_ae[:16],
+                "received_at": now}
+            if self._fast:
+                rowcount = self._fast[0].execute(cursor, values)
+            else:
+                rowcount = conn.execute(self._insert_instance, values).rowcount
+            is_new = bool(rowcount)
+            new.append(is_new)
+            if is_new:
+                touched.add(series_id)
+        for series_id in touched:
+            if self._fast:
+                self._fast[1].execute(cursor, {"sid": series_id, "now": now})
+            else:
+                conn.execute(self._touch_series, {"sid": series_id, "now": now})
+        if before_commit is not None:
+            known = [None if is_new else conn.scalar(self._instance_path,
+                                                     {"sop": rec.sop_instance_uid})
+                     for rec, is_new in zip(records, new)]
+            before_commit(new, known)
 
     # -- reading ---------------------------------------------------------------------------
     def series_instances(self, series_instance_uid: str) -> list[Instance]:
