@@ -31,12 +31,11 @@ What :func:`install` changes, in every association of the process:
   pynetdicom.
 
 The state machine, the command set decoding and every event that has a handler are
-pynetdicom's own. :func:`install` refuses another pynetdicom version, like
-:mod:`dicom_node.fast_dul`; ``SPINE_FAST_DIMSE=0`` leaves it out (diagnosis).
+pynetdicom's own. :func:`install` refuses another pynetdicom version than
+``dicom_node.fast_dul.SUPPORTED_VERSIONS``; ``SPINE_FAST_DIMSE=0`` leaves it out (diagnosis).
 """
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import threading
@@ -52,11 +51,11 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicom_node.fast_dul import may_patch
 from dicom_node.logging import get_logger
 
 log = get_logger("spine_node.fast_dimse")
 
-SUPPORTED_VERSIONS = ("3.0.4",)
 _P_DATA_TF = 0x04
 _installed = False
 _install_lock = threading.Lock()
@@ -309,12 +308,7 @@ def install() -> bool:
     with _install_lock:
         if _installed:
             return True
-        if os.environ.get("SPINE_FAST_DIMSE", "1") == "0":
-            log.warning("SPINE_FAST_DIMSE=0: pynetdicom's C-STORE data path kept")
-            return False
-        if pynetdicom.__version__ not in SUPPORTED_VERSIONS:
-            log.warning("pynetdicom version not supported by fast_dimse, its own path kept",
-                        extra={"version": pynetdicom.__version__})
+        if not may_patch("fast_dimse", "SPINE_FAST_DIMSE", "C-STORE data path kept"):
             return False
         DULServiceProvider._read_pdu_data = _read_pdu_data
         DIMSEServiceProvider.receive_primitive = _receive_primitive

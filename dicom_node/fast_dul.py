@@ -329,18 +329,27 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
 
 
 # -- install --------------------------------------------------------------------------------
+def may_patch(module: str, env_var: str, kept: str) -> bool:
+    """Whether ``module`` may patch pynetdicom in this process: not turned off by ``env_var=0``
+    (diagnosis and benchmarks) and pynetdicom a version whose code it was written against.
+    Logs why not, with what stays (``kept``)."""
+    if os.environ.get(env_var, "1") == "0":
+        log.warning(f"{env_var}=0: pynetdicom's {kept}")
+        return False
+    if pynetdicom.__version__ not in SUPPORTED_VERSIONS:
+        log.warning(f"pynetdicom version not supported by {module}, its {kept}",
+                    extra={"version": pynetdicom.__version__})
+        return False
+    return True
+
+
 def install() -> bool:
     """Patch pynetdicom (once per process); False if its version is not one we copied."""
     global _installed
     with _install_lock:
         if _installed:
             return True
-        if os.environ.get("SPINE_FAST_DUL", "1") == "0":  # diagnosis and benchmarks only
-            log.warning("SPINE_FAST_DUL=0: pynetdicom's polling loops kept")
-            return False
-        if pynetdicom.__version__ not in SUPPORTED_VERSIONS:
-            log.warning("pynetdicom version not supported by fast_dul, polling loops kept",
-                        extra={"version": pynetdicom.__version__})
+        if not may_patch("fast_dul", "SPINE_FAST_DUL", "polling loops kept"):
             return False
         global _wake_enabled
         parts = set(os.environ.get("SPINE_FAST_DUL_PARTS", "dul+assoc+recv+wake")

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select, text
 
 from storage.db import Database
-from storage.index import Index, InstanceRecord
+from storage.index import Index
 from storage.models import Instance, Series
 from tests.storage.test_index_queue import _record
 
