@@ -28,7 +28,9 @@ nothing else:
   before each look, and is marked paused while it waits (it is not touching the queue), so
   that ``send_c_*`` from another thread need not wait for it either. The DUL reactor wakes it
   when it hands the service user an A-RELEASE/A-ABORT, so releases are answered at once.
-- ``AssociationSocket.recv`` reads a whole PDU with ``recv_into`` into one buffer.
+- ``AssociationSocket.recv`` reads a whole PDU with ``recv_into`` into one buffer (1 MiB at
+  first, doubled as data arrives: a PDU header that announces gigabytes costs nothing until
+  they come).
 
 The state machine, the PDU and DIMSE code and every event are pynetdicom's own: the two
 reactor loops below are copies of 3.0.4's with only the waits replaced. :func:`install`
@@ -303,6 +305,8 @@ def _assoc_run_reactor(self: Association) -> None:
 
 # -- socket reads ---------------------------------------------------------------------------
 _orig_recv = AssociationSocket.recv
+#: The first buffer of a read (larger than any PDU the node negotiates, node.max_pdu 256 KiB).
+_RECV_FIRST = 1 << 20
 
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -312,18 +316,24 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     sock = self.socket
     if type(sock) is not socket.socket:
         return _orig_recv(self, nr_bytes)
-    buf = bytearray(nr_bytes)
+    # The length comes from the peer's PDU header (up to 4 GiB, whatever was negotiated):
+    # the buffer grows with what actually arrives, never ahead of it by more than it holds.
+    buf = bytearray(min(nr_bytes, _RECV_FIRST))
     view = memoryview(buf)
     nr_read = 0
     try:
         while nr_read < nr_bytes:
-            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if nr_read == len(buf):
+                view.release()
+                buf.extend(bytes(min(nr_bytes - nr_read, len(buf))))
+                view = memoryview(buf)
+            got = sock.recv_into(view[nr_read:], len(buf) - nr_read)
             if not got:
                 break
             nr_read += got
     finally:
         view.release()
-    if nr_read < nr_bytes:
+    if nr_read < len(buf):
         del buf[nr_read:]
     return buf
 

@@ -62,3 +62,36 @@ def test_echo_release_and_abort_are_not_held_by_the_wait_timeout(patched):
     # Each step above would wait out the 5 s timeout without its wake-up.
     assert elapsed < SLOW_TIMEOUT_S / 2, elapsed
     assert server_side_closed < SLOW_TIMEOUT_S, server_side_closed
+
+
+def test_recv_does_not_allocate_what_a_pdu_header_only_announces():
+    """A peer's PDU header may announce up to 4 GiB; the read must not reserve it up front
+    (a hostile header would otherwise cost that much memory before any byte arrives)."""
+    import socket as _socket
+    import tracemalloc
+    if not fast_dul.install():
+        pytest.skip("fast_dul not installed for this pynetdicom version")
+    a, b = _socket.socketpair()
+
+    class Sock:  # what AssociationSocket.recv uses: .socket
+        socket = a
+
+    try:
+        payload = bytes(range(256)) * 12_000           # 3 MB: grows past the first buffer
+
+        def send():
+            b.sendall(payload)
+            b.close()
+
+        import threading
+        sender = threading.Thread(target=send)
+        tracemalloc.start()
+        sender.start()
+        got = fast_dul._recv(Sock(), 2**31)              # announced 2 GiB, 3 MB then closed
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        sender.join(timeout=10)
+    finally:
+        a.close()
+    assert bytes(got) == payload
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a 3 MB read"
