@@ -3,7 +3,10 @@
 Orthanc's split (STYLE.md): :mod:`storage.index` knows what exists, this module holds the bytes.
 A write goes to a temporary file in the destination directory, is fsynced, renamed into place
 and the directory fsynced, so a crash (even ``kill -9`` or power loss) leaves either the whole
-file or nothing under its final name. Only :func:`storage.uids.validate_uid` output and our own
+file or nothing under its final name. The one exception, :meth:`BlobStore.write_new`, writes a
+received instance under a final name that nothing points at yet (issue 8: no rename, a cheaper
+directory fsync); there a crash may leave a partial file, which no index row names and the next
+copy of the instance replaces (:mod:`storage.ingest`). Only :func:`storage.uids.validate_uid` output and our own
 fixed names ever become path components, so no path from a dataset reaches the file system.
 """
 from __future__ import annotations
@@ -185,6 +188,47 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
         return tmp
+
+    def write_new(self, relpath: str, data: bytes | Sequence) -> tuple[Path, int] | None:
+        """Write ``data`` directly under ``relpath`` if nothing is there yet (``O_EXCL``),
+        fdatasynced; returns the path and the file's inode number, or ``None`` when a file is
+        already there (the caller then writes a temporary file and renames it, replacing it).
+
+        No rename, so no directory change after the data's sync: the directory fsync that
+        makes the name durable finds the entry already committed with the data on a
+        journaling file system. Unlike :meth:`write_atomic`, a crash during the write can leave
+        a partial file under the final name; the instance store only does this for names no
+        index row points at yet (:mod:`storage.ingest`), and the next copy replaces it. On
+        any error the file is removed. Raises :class:`OutOfSpaceError` below the floor.
+        """
+        final = self.path(relpath)
+        size = sum(len(c) for c in data) if isinstance(data, (list, tuple)) else len(data)
+        self.check_space(size)
+        self._ensure_dir(final.parent)
+        try:
+            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            return None
+        try:
+            try:
+                inode = os.fstat(fd).st_ino
+                _write_all(fd, data if isinstance(data, (list, tuple)) else (data,))
+                if self.fsync:
+                    _fdatasync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        return final, inode
+
+    def remove_if_same(self, path: Path, inode: int) -> None:
+        """Delete ``path`` if it is still the file with ``inode`` (not one renamed over it)."""
+        try:
+            if os.stat(path).st_ino == inode:
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
     def place(self, tmp: Path, relpath: str) -> Path:
         """Rename a file of :meth:`write_temp` to ``relpath`` (replacing what is there);

@@ -4,14 +4,17 @@ syncs of instances that arrive together (issue 8).
 :meth:`InstanceWriter.store_instance` returns only once the instance is durable in the sense the
 configuration promises, so the SCP can answer Success right after it:
 
-- the data: written to a temporary file in its final directory and fdatasynced, always
-  (:meth:`storage.files.BlobStore.write_temp`).
+- the data: fdatasynced, always; written directly under its final name when no file is there
+  (:meth:`storage.files.BlobStore.write_new`, the usual case: no rename, and the directory's
+  fsync finds the new entry already committed with the data), otherwise to a temporary file
+  in the same directory (:meth:`storage.files.BlobStore.write_temp`): a duplicate, a heal,
+  or a partial file that a crash left under the final name without an index row.
 - the name and the index row: one *group commit* for every instance waiting at that moment.
   The first caller becomes the leader: in one transaction it inserts all rows (an insert that
-  does nothing is a duplicate: no query of its own), renames the new instances' files into
-  place, fsyncs each directory once, then commits (one WAL sync), and wakes the others;
-  callers that arrived meanwhile form the next group. The final name never shows a partial
-  file, and no committed row points at a file that is not in place. One association sends
+  does nothing is a duplicate: no query of its own), renames the temporary files of new
+  instances into place, fsyncs each directory once, then commits (one WAL sync), and wakes the
+  others; callers that arrived meanwhile form the next group. No committed row points at a
+  file that is not complete and in place. One association sends
   instance after instance, so its groups have one member; several concurrent associations
   share the syncs.
 
@@ -141,16 +144,31 @@ class InstanceWriter:
         """Write, sync and index one instance; raises OutOfSpaceError/OSError (nothing kept
         under the final name) or the index's error.
 
-        ``data``: the file's bytes, or buffers written one after the other. The data goes to a
-        temporary file first; the group commit inserts the row and, inside the same
-        transaction, names the file (a new instance), drops it (a duplicate: the first copy
-        stays) or names it at the indexed path (indexed, but its file is gone, e.g. after a
-        power loss with ``storage.sqlite_synchronous = NORMAL``: the re-sent copy heals it).
-        So the duplicate check is the insert itself, not a query of its own.
+        ``data``: the file's bytes, or buffers written one after the other. A new instance's
+        file is written directly under its final name when nothing is there
+        (:meth:`storage.files.BlobStore.write_new`: no rename, and the directory fsync then
+        costs almost nothing); otherwise (a duplicate, a file left by a crash, a heal) the data
+        goes to a temporary file first. The group commit inserts the row and, inside the same
+        transaction, names a temporary file (a new instance), drops the data (a duplicate: the
+        first copy stays) or names it at the indexed path (indexed, but its file is gone, e.g.
+        after a power loss with ``storage.sqlite_synchronous = NORMAL``: the re-sent copy heals
+        it). So the duplicate check is the insert itself, not a query of its own, and no
+        committed row points at a file that is not complete.
         """
+        direct = self.store.write_new(record.path, data)
+        if direct is not None:
+            path, inode = direct
+            try:
+                outcome = self._group.submit((path, record, True))
+            except BaseException:
+                self.store.remove_if_same(path, inode)  # not indexed: nothing stays behind
+                raise
+            if outcome is Outcome.DUPLICATE and self._unindexed(record):
+                self.store.remove_if_same(path, inode)
+            return outcome
         tmp = self.store.write_temp(record.path, data)
         try:
-            outcome = self._group.submit((tmp, record))
+            outcome = self._group.submit((tmp, record, False))
         except BaseException:
             tmp.unlink(missing_ok=True)  # not named: nothing stays behind
             raise
@@ -158,12 +176,28 @@ class InstanceWriter:
             tmp.unlink(missing_ok=True)  # the first copy stays
         return outcome
 
-    def _commit(self, items: list[tuple[Path, InstanceRecord]]) -> list[Outcome]:
+    def _unindexed(self, record: InstanceRecord) -> bool:
+        """A duplicate written under its own final name: is that name one no row points at
+        (the first copy was indexed under another study or series)?"""
+        return self.index.instance_path(record.sop_instance_uid) != record.path
+
+    def _commit(self, items: list[tuple[Path, InstanceRecord, bool]]) -> list[Outcome]:
         outcomes: list[Outcome] = []
 
         def place(new: list[bool], known: list[str | None]) -> None:
-            placed = []
-            for (tmp, record), is_new, known_path in zip(items, new, known):
+            placed: list[Path] = []
+            named: set[str] = set()   # final names a temporary file of this group went to
+            for (path, record, direct), is_new, known_path in zip(items, new, known):
+                if direct:
+                    # Already under its final name. New: nothing to rename. Indexed under this
+                    # very name: it heals a missing file, unless a temporary file of this
+                    # group was renamed onto it (a concurrent copy: then a duplicate).
+                    placed.append(path)
+                    if is_new or (known_path == record.path and record.path not in named):
+                        outcomes.append(Outcome.STORED)
+                    else:
+                        outcomes.append(Outcome.DUPLICATE)
+                    continue
                 if is_new:
                     target = record.path
                 elif known_path is not None and not self.store.exists(known_path):
@@ -171,10 +205,11 @@ class InstanceWriter:
                 else:
                     outcomes.append(Outcome.DUPLICATE)
                     continue
-                placed.append(self.store.place(tmp, target))
+                placed.append(self.store.place(path, target))
+                named.add(target)
                 outcomes.append(Outcome.STORED)
             if self.sync_dirs:
                 self.store.sync_dirs(placed)
 
-        self.index.add_instances([record for _, record in items], before_commit=place)
+        self.index.add_instances([record for _, record, _ in items], before_commit=place)
         return outcomes

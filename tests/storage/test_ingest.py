@@ -118,3 +118,87 @@ def test_durability_level_follows_sqlite_synchronous(parts, tmp_path):
     normal = load_settings(storage={"root": str(tmp_path), "sqlite_synchronous": "NORMAL"})
     assert InstanceWriter.from_settings(full, store, index).sync_dirs
     assert not InstanceWriter.from_settings(normal, store, index).sync_dirs
+
+
+def _no_temporaries(monkeypatch, store):
+    def refuse(*_a, **_k):
+        raise AssertionError("a new instance went through a temporary file")
+    monkeypatch.setattr(store, "write_temp", refuse)
+
+
+def test_new_instance_is_written_under_its_final_name_and_its_directory_synced(
+        parts, monkeypatch):
+    _db, index, store = parts
+    writer = InstanceWriter(store, index)
+    synced = []
+    monkeypatch.setattr(store, "sync_dirs", lambda paths: synced.extend(paths))
+    _no_temporaries(monkeypatch, store)
+    rec = _record(1)
+    assert writer.store_instance(rec, [b"DI", memoryview(b"CM")]) is Outcome.STORED
+    assert store.read_bytes(rec.path) == b"DICM"
+    assert synced == [store.path(rec.path)]          # the name made durable before Success
+    assert index.instance_path(rec.sop_instance_uid) == rec.path
+
+
+def test_a_partial_file_a_crash_left_under_the_final_name_is_replaced(parts):
+    _db, index, store = parts
+    writer = InstanceWriter(store, index)
+    rec = _record(1)
+    final = store.path(rec.path)
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"DI")                          # written, never indexed, then a crash
+    assert writer.store_instance(rec, b"DICM") is Outcome.STORED
+    assert store.read_bytes(rec.path) == b"DICM"
+    assert index.instance_path(rec.sop_instance_uid) == rec.path
+    assert not list(store.root.rglob(".tmp-*"))
+
+
+def test_duplicate_under_another_series_leaves_no_file_and_the_first_copy(parts):
+    _db, index, store = parts
+    writer = InstanceWriter(store, index)
+    first = _record(1)
+    assert writer.store_instance(first, b"DICM") is Outcome.STORED
+    # Same SOP Instance UID, other study/series: another path, written directly, then dropped.
+    other = InstanceRecord(**{**first.__dict__, "study_instance_uid": "1.2.9",
+                              "series_instance_uid": "1.2.9.1",
+                              "path": "instances/1.2.9/1.2.9.1/1.2.3.1.1.dcm"})
+    assert writer.store_instance(other, b"XXXX") is Outcome.DUPLICATE
+    assert not store.path(other.path).exists()
+    assert store.read_bytes(first.path) == b"DICM"
+    assert index.instance_path(first.sop_instance_uid) == first.path
+
+
+def test_failed_commit_removes_the_directly_written_file(parts, monkeypatch):
+    _db, index, store = parts
+    writer = InstanceWriter(store, index)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(index, "add_instances", broken)
+    rec = _record(1)
+    with pytest.raises(RuntimeError):
+        writer.store_instance(rec, b"DICM")
+    assert not store.path(rec.path).exists()
+
+
+def test_same_instance_from_concurrent_senders_is_stored_once_and_intact(parts):
+    _db, index, store = parts
+    writer = InstanceWriter(store, index)
+    for round_ in range(20):
+        rec = _record(round_)
+        outcomes, barrier = [], threading.Barrier(4)
+
+        def send():
+            barrier.wait()
+            outcomes.append(writer.store_instance(rec, b"DICM"))
+
+        threads = [threading.Thread(target=send) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert Outcome.STORED in outcomes and len(outcomes) == 4
+        assert store.read_bytes(rec.path) == b"DICM"          # never removed by a loser
+        assert index.instance_path(rec.sop_instance_uid) == rec.path
+    assert not list(store.root.rglob(".tmp-*"))
