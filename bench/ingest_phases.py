@@ -1,0 +1,122 @@
+"""Where one received instance's time goes: the node's C-STORE handler phase by phase, in
+process (issue 8; a command, not a test).
+
+    python bench/ingest_phases.py [FULL|NORMAL|NOSYNC] [--rounds 3]
+
+A :class:`dicom_node.scp.StorageSCP` runs in this process on a fresh store (removed after each
+round); dcmtk ``storescu`` sends bench/ingest.py's series (300 x 512 x 512) to it. The handler's
+steps are wrapped with timers; per instance it prints the wall time and this thread's CPU time
+of each. ``NOSYNC`` turns every fsync off (``storage.fsync = false``, SQLite ``NORMAL``): what
+the flushes cost is the difference to ``FULL``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import ingest  # noqa: E402 - bench/ingest.py: the series, the tools
+
+import dicom_node.part10 as part10  # noqa: E402
+import storage.files as files  # noqa: E402
+import storage.index as index  # noqa: E402
+import storage.ingest as writer  # noqa: E402
+from config.settings import Settings  # noqa: E402
+from dicom_node import scp  # noqa: E402
+from dicom_node.context import NodeContext  # noqa: E402
+
+WALL: collections.Counter = collections.Counter()
+CPU: collections.Counter = collections.Counter()
+CALLS: collections.Counter = collections.Counter()
+LABELS: list[str] = []   # in the order of _instrument: each step under the one that calls it
+
+
+def _timed(owner: object, name: str, label: str) -> None:
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            WALL[label] += time.perf_counter() - wall
+            CPU[label] += time.thread_time() - cpu
+            CALLS[label] += 1
+
+    setattr(owner, name, wrapper)
+    LABELS.append(label)
+
+
+def _instrument() -> None:
+    _timed(scp.StorageSCP, "_on_store", "on_store (whole handler)")
+    _timed(part10, "read_header", "  read_header")
+    _timed(files.BlobStore, "write_new", "  write_new (final name)")
+    _timed(files.BlobStore, "write_temp", "  write_temp")
+    _timed(files, "_write_all", "    write")
+    _timed(files, "_fdatasync", "    data fdatasync")
+    _timed(writer.GroupCommit, "submit", "  group commit")
+    _timed(index.Index, "add_instances", "    index transaction")
+    _timed(files.BlobStore, "place", "      rename")
+    _timed(files, "_fsync_dir", "      directory fsync")
+
+
+def one_round(mode: str, series: list[Path]) -> float:
+    tmp = Path(tempfile.mkdtemp(prefix="spine-phases-", dir=os.environ.get(
+        "SPINE_BENCH_CACHE", "/var/tmp/spine-node-bench")))
+    port = ingest.free_port()
+    settings = Settings.model_validate({
+        "node": {"ae_title": "SPINENODE", "host": "127.0.0.1", "port": port},
+        "storage": {"root": str(tmp / "store"), "min_free_mb": 1,
+                    "sqlite_synchronous": "NORMAL" if mode == "NOSYNC" else mode,
+                    "fsync": mode != "NOSYNC"},
+        "logging": {"level": "WARNING"}})
+    ctx = NodeContext.open(settings)
+    node = scp.StorageSCP(settings, ctx.index, ctx.store)
+    node.start()
+    try:
+        time.sleep(0.3)
+        start = time.perf_counter()
+        subprocess.run([ingest.tool("storescu"), "-aec", "SPINENODE", "127.0.0.1", str(port),
+                        *map(str, series)], env=ingest.DCMTK_ENV, check=True,
+                       capture_output=True)
+        return time.perf_counter() - start
+    finally:
+        node.drain()
+        ctx.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", nargs="?", default="FULL", choices=("FULL", "NORMAL", "NOSYNC"))
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    cache = Path(os.environ.get("SPINE_BENCH_CACHE", "/var/tmp/spine-node-bench"))
+    _, series, _ = ingest.make_series(300, 512, cache)
+    _instrument()
+    for r in range(args.rounds):
+        WALL.clear(), CPU.clear(), CALLS.clear()
+        seconds = one_round(args.mode, series)
+        n = len(series)
+        print(f"round {r + 1} {args.mode}: {seconds:.2f} s for {n} instances "
+              f"({1e3 * seconds / n:.2f} ms each)")
+        for label in (lbl for lbl in LABELS if CALLS[lbl]):
+            print(f"  {label:26s} {1e3 * WALL[label] / n:6.3f} ms wall  "
+                  f"{1e3 * CPU[label] / n:6.3f} ms CPU per instance ({CALLS[label]} calls)")
+        os.sync()
+
+
+if __name__ == "__main__":
+    main()
