@@ -173,6 +173,12 @@ class BlobStore:
         self._ensure_dir(final.parent)
         tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._fill(fd, tmp, chunks)
+        return tmp
+
+    def _fill(self, fd: int, path: Path, chunks: Iterable) -> None:
+        """Write ``chunks`` to the new file ``fd`` (at ``path``), fdatasync it (unless
+        ``fsync`` is off) and close it; on any error the file is removed."""
         try:
             try:
                 if isinstance(chunks, (list, tuple)):
@@ -185,9 +191,8 @@ class BlobStore:
             finally:
                 os.close(fd)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
-        return tmp
 
     def write_new(self, relpath: str, data: bytes | Sequence) -> tuple[Path, int] | None:
         """Write ``data`` directly under ``relpath`` if nothing is there yet (``O_EXCL``),
@@ -210,16 +215,12 @@ class BlobStore:
         except FileExistsError:
             return None
         try:
-            try:
-                inode = os.fstat(fd).st_ino
-                _write_all(fd, data if isinstance(data, (list, tuple)) else (data,))
-                if self.fsync:
-                    _fdatasync(fd)
-            finally:
-                os.close(fd)
+            inode = os.fstat(fd).st_ino
         except BaseException:
+            os.close(fd)
             final.unlink(missing_ok=True)
             raise
+        self._fill(fd, final, data if isinstance(data, (list, tuple)) else (data,))
         return final, inode
 
     def remove_if_same(self, path: Path, inode: int) -> None:
