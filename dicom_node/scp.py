@@ -2,11 +2,13 @@
 
 The C-STORE handler stays small (STYLE.md, pynetdicom): validate the UIDs and SOP class from
 the header (pixel data is never decoded here), write the encoded bytes exactly as received
-(no re-encoding) through :class:`storage.ingest.InstanceWriter` (temp file, fdatasync, rename;
-directory fsync and index commit grouped with concurrent instances), and only then answer
-Success. A SOP Instance UID already held is answered Success without a second copy. Below the
-free-space floor the answer is Out of Resources (0xA700) and nothing is written. pynetdicom's
-polling loops are replaced by waits in :mod:`dicom_node.fast_dul`.
+(no re-encoding) through :class:`storage.ingest.InstanceWriter` (the received fragments
+written with fdatasync under the final name, or to a temporary file renamed there; directory
+fsync and index commit grouped with concurrent instances), and only then answer Success. A SOP
+Instance UID already held is answered Success without a second copy. Below the free-space floor
+the answer is Out of Resources (0xA700) and nothing is written. pynetdicom's polling loops are
+replaced by waits in :mod:`dicom_node.fast_dul`, its C-STORE data path by
+:mod:`dicom_node.fast_dimse`.
 """
 from __future__ import annotations
 
@@ -325,10 +327,11 @@ class StorageSCP:
             study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop,
             sop_class_uid=sop_class, transfer_syntax_uid=transfer_syntax,
             modality=str(header.get("Modality", "") or "").strip(), path=relpath,
-            size_bytes=len(prefix) + sum(len(f) for f in fragments), instance_number=number, frames=frames,
-            calling_ae=stats.calling_ae if stats else "")
-        # Data fdatasynced and renamed, directory synced and row committed (grouped with
-        # concurrent instances, storage.ingest) before this returns: then Success.
+            size_bytes=len(prefix) + sum(len(f) for f in fragments), instance_number=number,
+            frames=frames, calling_ae=stats.calling_ae if stats else "")
+        # Data fdatasynced under its final name (or renamed there), directory synced and row
+        # committed (grouped with concurrent instances, storage.ingest) before this returns:
+        # then Success.
         try:
             outcome = self.writer.store_instance(record, (prefix, *fragments))
         except OutOfSpaceError as exc:
