@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from dicom_node.commands import train_options as o
+
 train_app = typer.Typer(help="Train a model of the pipeline (phantom or VerSe data).", no_args_is_help=True)
 
 #: Modules that add a ``train`` subcommand through ``register(train_app)``.
@@ -54,6 +56,7 @@ def localization(
     threads: int = typer.Option(1, help="torch CPU threads."),
     seed: int = typer.Option(0, help="Seed of initialisation and sampling."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto: where to train (bf16 autocast on a GPU)."),
+    workers: int = o.workers_opt(),
     install: bool = typer.Option(False, "--install", help="Install the best weights into pipeline/weights."),
 ) -> None:
     """Train the M-SCN vertebra localisation network (paper section 2.2)."""
@@ -66,7 +69,7 @@ def localization(
         resume=resume, reset_lr=reset_lr, variant=variant, spacing_mm=spacing_mm,
         patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr, schedule=schedule,
         base=base, fg_weight=fg_weight, val_every=val_every, threads=threads, seed=seed, device=device,
-        time_limit_s=None if time_limit_min is None else 60 * time_limit_min)
+        workers=workers, time_limit_s=None if time_limit_min is None else 60 * time_limit_min)
     best = train(cfg, log=typer.echo)
     typer.echo(f"best weights: {best}")
     if install:

@@ -104,28 +104,39 @@ def verse_cases(root: Path, spacing_mm: float) -> Iterator[Case]:
         yield make_case(vc.case_id or f"verse-{i}", vc.ct, vc.centroids_mm, spacing_mm)
 
 
-def cached_phantom_cases(seeds: Iterable[int], spacing_mm: float, cache_dir: Path,
-                         log=print) -> list[Case]:
-    """Phantom cases, generated once and cached under ``cache_dir``.
-
-    The cache is keyed on the phantom's version (``PHANTOM_VERSION``), bumped whenever a seed
-    starts to give a different phantom.
-    """
+def phantom_cache_path(cache_dir: Path, seed: int, spacing_mm: float) -> Path:
+    """Where phantom ``seed``'s case is cached, keyed on the phantom's version
+    (``PHANTOM_VERSION``, bumped whenever a seed starts to give a different phantom)."""
     from pipeline.phantom.generator import PHANTOM_VERSION
+
+    return Path(cache_dir) / f"phantom-{seed}-{spacing_mm:g}mm-v{PHANTOM_VERSION}.npz"
+
+
+def write_phantom_case(seed: int, spacing_mm: float, cache_dir: Path) -> Path:
+    """Generate phantom ``seed`` on the ``spacing_mm`` grid and cache it (written whole or not
+    at all)."""
+    path = phantom_cache_path(cache_dir, seed, spacing_mm)
+    tmp = path.with_suffix(".tmp.npz")
+    phantom_case(seed, spacing_mm).save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def cached_phantom_cases(seeds: Iterable[int], spacing_mm: float, cache_dir: Path,
+                         log=print, workers: int = 1) -> list[Case]:
+    """Phantom cases, generated once and cached under ``cache_dir`` (the missing ones by
+    ``workers`` processes, :func:`pipeline.training.generate_parallel`)."""
+    from functools import partial
+
+    from pipeline.training import generate_parallel
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cases = []
-    for seed in seeds:
-        path = cache_dir / f"phantom-{seed}-{spacing_mm:g}mm-v{PHANTOM_VERSION}.npz"
-        if not path.exists():
-            case = phantom_case(seed, spacing_mm)
-            tmp = path.with_suffix(".tmp.npz")
-            case.save(tmp)
-            tmp.replace(path)
-            log(f"cached {path.name}")
-        cases.append(Case.load(path))
-    return cases
+    seeds = list(seeds)
+    missing = [s for s in seeds if not phantom_cache_path(cache_dir, s, spacing_mm).exists()]
+    generate_parallel(missing, partial(write_phantom_case, spacing_mm=spacing_mm,
+                                       cache_dir=cache_dir), workers, log)
+    return [Case.load(phantom_cache_path(cache_dir, s, spacing_mm)) for s in seeds]
 
 
 def _rotation(angles: Sequence[float]) -> np.ndarray:

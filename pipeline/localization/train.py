@@ -65,6 +65,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 1
+    workers: int = 1                        # processes that generate the missing phantom caches
     device: str = "cpu"                     # cpu | cuda | auto (bf16 autocast on a GPU)
     resume: bool = False
     reset_lr: bool = False                  # on resume, set the learning rate to ``lr`` (annealing)
@@ -156,7 +157,7 @@ def load_cases(cfg: TrainConfig, seeds: Sequence[int], log: Callable[[str], None
         if bad:
             raise ValueError(f"seeds {bad} are evaluation seeds (9001-9010); choose others")
         cache = Path(cfg.cache_dir or Path(cfg.out_dir).parent / "cache")
-        return cached_phantom_cases(seeds, cfg.spacing_mm, cache, log)
+        return cached_phantom_cases(seeds, cfg.spacing_mm, cache, log, cfg.workers)
     return list(verse_cases(Path(cfg.data), cfg.spacing_mm))
 
 

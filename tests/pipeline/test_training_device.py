@@ -150,3 +150,19 @@ def test_refiner_patches_are_centred_on_the_surface_band_drawn_once():
     for k in range(6):   # every patch holds some of the surface: inside and outside
         assert 0.0 < t[k].mean() < 1.0
         assert abs(float(x[k, 1].mean()) - float(t[k].mean())) < 0.3   # the prior is near the truth
+
+
+def test_localization_caches_made_by_a_pool_equal_the_ones_made_here(tmp_path):
+    """``train localization --workers N``: the missing phantom caches come from a process pool
+    and hold exactly what generating them in this process gives."""
+    from pipeline.localization.dataset import cached_phantom_cases, phantom_cache_path
+
+    seeds = [8001, 8002]
+    pooled = cached_phantom_cases(seeds, 4.0, tmp_path / "pool", log=lambda _m: None, workers=2)
+    here = cached_phantom_cases(seeds, 4.0, tmp_path / "here", log=lambda _m: None, workers=1)
+    assert all(phantom_cache_path(tmp_path / "pool", s, 4.0).exists() for s in seeds)
+    assert not list((tmp_path / "pool").glob("*.tmp.npz"))
+    for a, b in zip(pooled, here):
+        assert a.name == b.name and np.array_equal(a.array, b.array)
+        assert np.array_equal(a.centers, b.centers, equal_nan=True)
+        assert np.array_equal(a.partial, b.partial)
