@@ -8,6 +8,7 @@ reach a plain pynetdicom handler and the node's store byte for byte.
 from __future__ import annotations
 
 import struct
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -199,3 +200,42 @@ def test_node_stores_what_storescu_sent_byte_for_byte(node_factory, tmp_path, pd
         assert _data_set_bytes(stored) == _data_set_bytes(path)
         meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
         assert meta.MediaStorageSOPInstanceUID == sent.SOPInstanceUID
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.parametrize("kind,pdu", [
+    ("item-overflow", struct.pack(">BBI", 0x04, 0, 10) + struct.pack(">IB", 50, 1) + b"\x03x"),
+    ("item-short", struct.pack(">BBI", 0x04, 0, 4) + struct.pack(">I", 1)),
+    ("announces-2GiB", struct.pack(">BBI", 0x04, 0, 2**31) + b"\x00" * 64),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_malformed_p_data_aborts_that_association_only(node_factory, tmp_path, kind, pdu):
+    """A broken P-DATA-TF PDU on an established association: the node aborts it (or, for a
+    header that announces 2 GiB and sends 64 bytes, waits for the rest without reserving it:
+    the old read took ~2 GB of RSS here), and goes on storing for everyone else."""
+    node = node_factory().start()
+    rss_before = _rss_mb(node.proc.pid)
+    scu = AE(ae_title="STORESCU")
+    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    scu.network_timeout = scu.acse_timeout = 10
+    assoc = scu.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    assoc.dul.socket.send(pdu)
+    if kind == "announces-2GiB":
+        time.sleep(1.0)
+        assert _rss_mb(node.proc.pid) < rss_before + 256
+        assoc.abort()
+    else:
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted, "the node did not abort the association"
+    files = _files(tmp_path / "after", 2)
+    res = storescu(node, files)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(list(node.store_root.rglob("*.dcm"))) == 2
