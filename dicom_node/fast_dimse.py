@@ -68,13 +68,12 @@ class FragmentedDataSet(BytesIO):
     ``write`` keeps a reference instead of copying. Everything that reads it as a ``BytesIO``
     (``getvalue``, ``getbuffer``, ``read``, ``seek``, ...) first joins the fragments once, and
     from then on it is a plain ``BytesIO`` positioned at its end, as after ordinary writes.
-    Readers that know it use :attr:`fragments` and :meth:`nbytes` and copy nothing.
+    Readers that know it use :attr:`fragments` (:func:`fragments_of`) and copy nothing.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.fragments: list[memoryview | bytes] | None = []
-        self._size = 0
 
     def write(self, data: Any) -> int:  # noqa: ANN401 - any bytes-like object
         if self.fragments is None:
@@ -82,11 +81,7 @@ class FragmentedDataSet(BytesIO):
         if not isinstance(data, (bytes, memoryview)):
             data = bytes(data)  # a caller's bytearray may change after the call
         self.fragments.append(data)
-        self._size += len(data)
         return len(data)
-
-    def nbytes(self) -> int:
-        return self._size if self.fragments is not None else len(super().getbuffer())
 
     def _join(self) -> None:
         if self.fragments is not None:

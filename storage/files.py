@@ -63,6 +63,16 @@ def _write_all(fd: int, buffers: Sequence) -> None:
                 written = 0
 
 
+def _chunks(data: bytes | Iterable) -> tuple[Iterable, int]:
+    """``data`` (bytes, or buffers written one after the other) as buffers, and its size (0
+    when an iterator's size is not known in advance)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return (data,), len(data)
+    if isinstance(data, (list, tuple)):
+        return data, sum(len(c) for c in data)
+    return data, 0
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -162,13 +172,7 @@ class BlobStore:
         the free-space floor.
         """
         final = self.path(relpath)
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            chunks: Iterable = (data,)
-            size = len(data)
-        elif isinstance(data, (list, tuple)):
-            chunks, size = data, sum(len(c) for c in data)
-        else:
-            chunks, size = data, 0
+        chunks, size = _chunks(data)
         self.check_space(size)
         self._ensure_dir(final.parent)
         tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
@@ -207,7 +211,7 @@ class BlobStore:
         any error the file is removed. Raises :class:`OutOfSpaceError` below the floor.
         """
         final = self.path(relpath)
-        size = sum(len(c) for c in data) if isinstance(data, (list, tuple)) else len(data)
+        chunks, size = _chunks(data)
         self.check_space(size)
         self._ensure_dir(final.parent)
         try:
@@ -220,7 +224,7 @@ class BlobStore:
             os.close(fd)
             final.unlink(missing_ok=True)
             raise
-        self._fill(fd, final, data if isinstance(data, (list, tuple)) else (data,))
+        self._fill(fd, final, chunks)
         return final, inode
 
     def remove_if_same(self, path: Path, inode: int) -> None:

@@ -4,6 +4,7 @@ the "storage area" of :mod:`storage.files`), so the rest of the node never write
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 import threading
@@ -136,6 +137,22 @@ class Index:
                 return self._add_instances(records, use_cache=False,
                                            before_commit=before_commit)
 
+    @contextlib.contextmanager
+    def _connection(self):  # noqa: ANN202 - yields a SQLAlchemy Connection
+        """The connection of :meth:`add_instances`: on SQLite the kept one (dropped after an
+        error, so that the next group starts afresh); on other databases one from the pool
+        each time, whose pre-ping finds a connection that a server restart broke."""
+        if not self._fast:
+            with self.db.engine.connect() as conn:
+                yield conn
+            return
+        conn = self._writer()
+        try:
+            yield conn
+        except BaseException:
+            self._drop_writer()
+            raise
+
     def _writer(self):  # noqa: ANN202 - a SQLAlchemy Connection
         """The connection kept for :meth:`add_instances` (callers hold ``_writer_lock``)."""
         if self._writer_conn is None or self._writer_conn.closed or self._writer_conn.invalidated:
@@ -163,20 +180,59 @@ class Index:
         series_ids: dict[str, int] = {}
         study_ids: dict[str, int] = {}
         touched: set[int] = set()
-        # SQLite: the kept connection. Other databases: one from the pool each time, whose
-        # pre-ping finds a connection a server restart broke.
-        conn = self._writer() if self._fast else self.db.engine.connect()
-        try:
-            with conn.begin():
-                self._add_in_transaction(conn, records, now, use_cache, new, series_ids,
-                                         study_ids, touched, before_commit)
-        except BaseException:
-            if self._fast:
-                self._drop_writer()  # whatever state it is in, the next group starts afresh
-            raise
-        finally:
-            if not self._fast:
-                conn.close()
+        with self._connection() as conn, conn.begin():
+            ins = self._insert
+            cursor = conn.connection.driver_connection.cursor() if self._fast else None
+            for rec in records:
+                series_id = series_ids.get(rec.series_instance_uid)
+                if series_id is None and use_cache:
+                    series_id = self._series_ids.get(rec.series_instance_uid)
+                if series_id is None:
+                    study_id = self._study_ids.get(rec.study_instance_uid) if use_cache \
+                        else None
+                    if study_id is None:
+                        conn.execute(ins(Study).values(
+                            study_instance_uid=rec.study_instance_uid, created_at=now,
+                            updated_at=now).on_conflict_do_nothing(
+                                index_elements=["study_instance_uid"]))
+                        study_id = conn.scalar(select(Study.id).where(
+                            Study.study_instance_uid == rec.study_instance_uid))
+                    conn.execute(ins(Series).values(
+                        study_id=study_id, series_instance_uid=rec.series_instance_uid,
+                        modality=rec.modality[:16], state=SeriesState.RECEIVING.value,
+                        first_received_at=now, last_received_at=now, updated_at=now)
+                        .on_conflict_do_nothing(index_elements=["series_instance_uid"]))
+                    series_id = conn.scalar(select(Series.id).where(
+                        Series.series_instance_uid == rec.series_instance_uid))
+                    study_ids[rec.study_instance_uid] = study_id
+                series_ids[rec.series_instance_uid] = series_id
+                # One prepared statement, parameters apart: no per-row statement building.
+                values = {
+                    "series_id": series_id, "sop_instance_uid": rec.sop_instance_uid,
+                    "sop_class_uid": rec.sop_class_uid,
+                    "transfer_syntax_uid": rec.transfer_syntax_uid,
+                    "instance_number": rec.instance_number,
+                    "frames": max(1, int(rec.frames or 1)), "path": rec.path,
+                    "size_bytes": rec.size_bytes, "calling_ae": rec.calling_ae[:16],
+                    "received_at": now}
+                if self._fast:
+                    rowcount = self._fast[0].execute(cursor, values)
+                else:
+                    rowcount = conn.execute(self._insert_instance, values).rowcount
+                is_new = bool(rowcount)
+                new.append(is_new)
+                if is_new:
+                    touched.add(series_id)
+            for series_id in touched:
+                if self._fast:
+                    self._fast[1].execute(cursor, {"sid": series_id, "now": now})
+                else:
+                    conn.execute(self._touch_series, {"sid": series_id, "now": now})
+            if before_commit is not None:
+                known = [None if is_new else conn.scalar(self._instance_path,
+                                                         {"sop": rec.sop_instance_uid})
+                         for rec, is_new in zip(records, new)]
+                before_commit(new, known)
         # Cache ids only once their rows are committed.
         with self._lock:
             if len(self._study_ids) > self._CACHE_MAX:
@@ -186,64 +242,6 @@ class Index:
             self._study_ids.update(study_ids)
             self._series_ids.update(series_ids)
         return new
-
-    def _add_in_transaction(self, conn, records: list[InstanceRecord], now: dt.datetime,  # noqa: ANN001, PLR0913
-                            use_cache: bool, new: list[bool], series_ids: dict[str, int],
-                            study_ids: dict[str, int], touched: set[int],
-                            before_commit: Callable[[list[bool], list[str | None]], None] | None,
-                            ) -> None:
-        ins = self._insert
-        cursor = conn.connection.driver_connection.cursor() if self._fast else None
-        for rec in records:
-            series_id = series_ids.get(rec.series_instance_uid)
-            if series_id is None and use_cache:
-                series_id = self._series_ids.get(rec.series_instance_uid)
-            if series_id is None:
-                study_id = self._study_ids.get(rec.study_instance_uid) if use_cache \
-                    else None
-                if study_id is None:
-                    conn.execute(ins(Study).values(
-                        study_instance_uid=rec.study_instance_uid, created_at=now,
-                        updated_at=now).on_conflict_do_nothing(
-                            index_elements=["study_instance_uid"]))
-                    study_id = conn.scalar(select(Study.id).where(
-                        Study.study_instance_uid == rec.study_instance_uid))
-                conn.execute(ins(Series).values(
-                    study_id=study_id, series_instance_uid=rec.series_instance_uid,
-                    modality=rec.modality[:16], state=SeriesState.RECEIVING.value,
-                    first_received_at=now, last_received_at=now, updated_at=now)
-                    .on_conflict_do_nothing(index_elements=["series_instance_uid"]))
-                series_id = conn.scalar(select(Series.id).where(
-                    Series.series_instance_uid == rec.series_instance_uid))
-                study_ids[rec.study_instance_uid] = study_id
-            series_ids[rec.series_instance_uid] = series_id
-            # One prepared statement, parameters apart: no per-row statement building.
-            values = {
-                "series_id": series_id, "sop_instance_uid": rec.sop_instance_uid,
-                "sop_class_uid": rec.sop_class_uid,
-                "transfer_syntax_uid": rec.transfer_syntax_uid,
-                "instance_number": rec.instance_number,
-                "frames": max(1, int(rec.frames or 1)), "path": rec.path,
-                "size_bytes": rec.size_bytes, "calling_ae": rec.calling_ae[:16],
-                "received_at": now}
-            if self._fast:
-                rowcount = self._fast[0].execute(cursor, values)
-            else:
-                rowcount = conn.execute(self._insert_instance, values).rowcount
-            is_new = bool(rowcount)
-            new.append(is_new)
-            if is_new:
-                touched.add(series_id)
-        for series_id in touched:
-            if self._fast:
-                self._fast[1].execute(cursor, {"sid": series_id, "now": now})
-            else:
-                conn.execute(self._touch_series, {"sid": series_id, "now": now})
-        if before_commit is not None:
-            known = [None if is_new else conn.scalar(self._instance_path,
-                                                     {"sop": rec.sop_instance_uid})
-                     for rec, is_new in zip(records, new)]
-            before_commit(new, known)
 
     # -- reading ---------------------------------------------------------------------------
     def series_instances(self, series_instance_uid: str) -> list[Instance]:
