@@ -2,6 +2,7 @@
 within 60 s on the 2-core CPU with peak memory under 4 GB; within 2 s on one H100).
 
     python bench/process.py [--seed 8101] [--slices 300] [--device auto] [--warm N] [--json FILE]
+                            [--profile DIR]
 
 Writes the phantom study once (DICOM, one file per slice) into a temporary folder, then runs
 ``python -m dicom_node process`` in a fresh child process, so that the wall time includes
@@ -12,6 +13,9 @@ start-up, model loading and DICOM decoding, and the child's peak resident set si
 the models loaded once onto the device, and ``analyse`` run N times (the first run includes the
 GPU's warm-up); it reports each run's stage timings and the median of runs 2..N. On a GPU the
 stages end in host copies of their results, so their wall times include the device's work.
+``--profile DIR`` (with ``--warm``) then runs ``analyse`` once more under cProfile and the torch
+profiler and writes ``DIR/cprofile.txt`` (functions by own and by cumulative time) and
+``DIR/torch.txt`` (operators by device time on a GPU, by CPU time otherwise).
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep", type=Path, help="write the study here and keep it")
     ap.add_argument("--warm", type=int, default=0, metavar="N",
                     help="also run analyse N times in this process on preloaded series and models")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="with --warm: profile one more warm run into DIR (cprofile.txt, torch.txt)")
     ap.add_argument("--localization", type=Path,
                     help="a localization weight file to use instead of the shipped one (before it is "
                          "installed): the child then runs load_series + analyse in-process, not the CLI")
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     if proc.returncode != 0:
         report["stderr"] = proc.stderr[-3000:]
     if a.warm:
-        report["warm"] = _warm(study / "dicom", a.device, a.warm)
+        report["warm"] = _warm(study / "dicom", a.device, a.warm, a.profile)
     text = json.dumps(report, indent=2)
     print(text)
     if a.json:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _warm(dicom_dir: Path, device: str, runs: int) -> dict:
+def _warm(dicom_dir: Path, device: str, runs: int, profile: Path | None = None) -> dict:
     """Stage timings of ``analyse`` run ``runs`` times on a series and models loaded once."""
     import statistics
 
@@ -106,8 +112,34 @@ def _warm(dicom_dir: Path, device: str, runs: int) -> dict:
 
         gpu = {"name": torch.cuda.get_device_name(dev), "peak_allocated_mb":
                round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)}
+    if profile:
+        _profile(profile, lambda: analyse(series, device=str(dev), models=models), dev.type == "cuda")
     return {"device": str(dev), "gpu": gpu, "load_series_s": round(t_load, 3), "load_models_s": round(t_models, 3),
             "runs": [{k: round(v, 3) for k, v in r.items()} for r in per_run], "median_after_first": median}
+
+
+def _profile(out: Path, run, cuda: bool) -> None:
+    """One more warm run under cProfile, then one under the torch profiler, into ``out``."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(45)
+    (out / "cprofile.txt").write_text(text.getvalue())
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as tp:
+        run()
+    key = "cuda_time_total" if cuda else "self_cpu_time_total"
+    (out / "torch.txt").write_text(tp.key_averages().table(sort_by=key, row_limit=40) + "\n")
 
 
 def _child(dicom_dir: Path, out: Path, device: str, localization: Path) -> dict:

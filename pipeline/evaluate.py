@@ -185,7 +185,11 @@ def compare_localization(seeds: Iterable[int], models: dict[str, Any], device: s
     Returns name -> localization report."""
     from pipeline.localization.inference import localize
     from pipeline.phantom import generate
+    from pipeline.registry import resolve_device
 
+    dev = resolve_device(device)
+    # weight files are loaded onto the CPU: each network goes where its inputs will be
+    models = {name: (m.to(dev) if m is not None else None) for name, m in models.items()}
     cases: dict[str, list[CaseLocalization]] = {name: [] for name in models}
     for seed in seeds:
         ph = generate(seed, acquisition=acquisition)

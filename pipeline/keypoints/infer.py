@@ -163,16 +163,16 @@ def locate_keypoints(model: torch.nn.Module, ct: sitk.Image, fgs: Sequence[sitk.
     moved by ``offsets_mm`` along the plane's normal (parasagittal planes: the endplates run on,
     a blunder of one plane does not) before decoding. Returns the final planes and the points
     (LPS mm)."""
+    from pipeline.host_threads import host_map
+
     def run(centres, offsets):
         planes = [sagittal_plane(c, up, size, spacing_mm) for c, up in zip(centres, ups)]
         heatmaps = None
         for o in offsets:
-            inputs = []
-            for fg, pl in zip(fgs, planes):
-                x = plane_input(ct, fg, pl.shifted(o))
-                if not use_mask:
+            inputs = host_map(lambda fp: plane_input(ct, fp[0], fp[1].shifted(o)), list(zip(fgs, planes)), device)
+            if not use_mask:
+                for x in inputs:
                     x[1] = 0.0  # a keypoint model trained on the CT alone
-                inputs.append(x)
             h = predict_heatmaps_2d(model, np.stack(inputs), device)
             heatmaps = h if heatmaps is None else heatmaps + h
         heatmaps /= len(offsets)
@@ -195,7 +195,8 @@ def predict_heatmaps_2d(model: torch.nn.Module, inputs: np.ndarray, device: str 
     """The network's six heatmaps ``[n, 6, row, col]`` for inputs ``[n, 2, row, col]``."""
     from pipeline.nets.batched import forward_batched
 
-    return forward_batched(model, inputs, device, batch, empty_shape=(0, 6) + tuple(inputs.shape[-2:]))
+    return forward_batched(model, inputs, device, batch, empty_shape=(0, 6) + tuple(inputs.shape[-2:]),
+                           fixed_shape=torch.device(device).type == "cuda")
 
 
 def predict_keypoints(model: torch.nn.Module, inputs: np.ndarray, planes: Sequence[SagittalPlane],

@@ -82,32 +82,50 @@ def _taper(patch: Sequence[int]) -> np.ndarray:
     return w.astype(np.float32)
 
 
+#: Patches per forward pass on a GPU: one launch sequence for many patches (a GPU idles between
+#: small ones). On the CPU one at a time: a batch there costs the same per patch and more memory.
+GPU_PATCH_BATCH = 8
+
+
 @torch.no_grad()
 def predict_heatmaps(model: torch.nn.Module, array: np.ndarray, patch: Sequence[int], pad_value: float,
-                     overlap: float = 0.25, device: torch.device | str = "cpu") -> np.ndarray:
-    """Heatmaps ``(C, *array.shape)`` from overlapping patches over the whole volume."""
+                     overlap: float = 0.25, device: torch.device | str = "cpu",
+                     batch: int | None = None) -> np.ndarray:
+    """Heatmaps ``(C, *array.shape)`` from overlapping patches over the whole volume.
+
+    The volume, the blend and the weights stay on ``device``; patches go through the network
+    ``batch`` at a time (default: :data:`GPU_PATCH_BATCH` on a GPU, 1 on the CPU), the last batch
+    filled up with copies of its first patch so that every call has the same shape (a GPU library
+    picks its kernels per shape). Returns a float32 array on the CPU.
+    """
+    device = torch.device(device)
+    if batch is None:
+        batch = GPU_PATCH_BATCH if device.type == "cuda" else 1
     patch = tuple(int(p) for p in patch)
     shape = array.shape
     padded_shape = tuple(max(s, p) for s, p in zip(shape, patch))
-    vol = np.full(padded_shape, pad_value, dtype=np.float32)
-    vol[tuple(slice(0, s) for s in shape)] = array
+    vol = torch.full(padded_shape, float(pad_value), dtype=torch.float32, device=device)
+    vol[tuple(slice(0, s) for s in shape)] = torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(device)
+    taper = torch.from_numpy(_taper(patch)).to(device)
+    weight = torch.zeros(padded_shape, dtype=torch.float32, device=device)
     out = None
-    weight = np.zeros(padded_shape, np.float32)
-    taper = _taper(patch)
     starts = [_starts(s, p, overlap) for s, p in zip(padded_shape, patch)]
+    windows = [(slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+               for z in starts[0] for y in starts[1] for x in starts[2]]
     model.eval()
-    for z in starts[0]:
-        for y in starts[1]:
-            for x in starts[2]:
-                sl = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
-                inp = torch.from_numpy(np.ascontiguousarray(vol[sl]))[None, None].to(device)
-                h = model(inp)[0].float().cpu().numpy()
-                if out is None:
-                    out = np.zeros((h.shape[0],) + padded_shape, np.float32)
-                out[(slice(None),) + sl] += h * taper
-                weight[sl] += taper
+    for i in range(0, len(windows), batch):
+        group = windows[i:i + batch]
+        inputs = [vol[sl] for sl in group]
+        if len(windows) > batch:
+            inputs += [inputs[0]] * (batch - len(group))
+        h = model(torch.stack(inputs)[:, None]).float()
+        if out is None:
+            out = torch.zeros((h.shape[1],) + padded_shape, dtype=torch.float32, device=device)
+        for k, sl in enumerate(group):
+            out[(slice(None),) + sl] += h[k] * taper
+            weight[sl] += taper
     out /= weight
-    return out[(slice(None),) + tuple(slice(0, s) for s in shape)]
+    return out[(slice(None),) + tuple(slice(0, s) for s in shape)].cpu().numpy()
 
 
 def _min_gap(k_from: int, k_to: int) -> int:

@@ -74,10 +74,21 @@ class ShallowRefiner(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Foreground logit of ``x [n, 2, z, y, x]``.
+
+        ``mask [n, 1, z, y, x]`` (1 inside each input's own box, 0 in the zeros it was padded with
+        to share a batch): the hidden activations are zeroed outside the box before the next
+        convolution, as the convolution's own zero padding would see them, so each box gets the
+        values it gets alone.
+        """
         prior = x[:, 1:2].clamp(1e-3, 1 - 1e-3)
         y = F.leaky_relu(self.c1(x), 0.1)
+        if mask is not None:
+            y = y * mask
         y = F.leaky_relu(self.c2(y), 0.1)
+        if mask is not None:
+            y = y * mask
         y = F.leaky_relu(self.c3(y), 0.1)
         return torch.log(prior / (1 - prior)) + self.out(y)
 
