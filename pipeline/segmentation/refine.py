@@ -88,9 +88,9 @@ def refine(model: torch.nn.Module, image: sitk.Image, fg: np.ndarray, crop: sitk
 #: rounded up to (so that studies of similar size share the GPU library's choice of kernels).
 GPU_REFINE_BATCH = 8
 GPU_REFINE_ROUND = 16
-#: Most voxels in one such batch: 16 M voxels x 16 channels x 4 bytes = 1 GiB per activation, so
+#: Most voxels in one such batch: 8 M voxels x 16 channels x 4 bytes = 0.5 GiB per activation, so
 #: that a GPU of a few GiB still holds a batch of wide boxes (then fewer per batch).
-GPU_REFINE_VOXELS = 16_000_000
+GPU_REFINE_VOXELS = 8_000_000
 
 
 @torch.no_grad()
