@@ -19,6 +19,8 @@ def register(train_app: typer.Typer) -> None:
         optimizer: str = typer.Option("adam", help="adam | sgd (the paper's)."),
         lr: float = typer.Option(1e-3, help="Learning rate (paper: SGD 1e-4)."),
         base: int = typer.Option(8, help="Channels of the first U-Net level."),
+        crop_size: int = typer.Option(64, help="Voxels per side of a crop (paper: 128)."),
+        crop_spacing_mm: float = typer.Option(2.0, help="Spacing of the crops in mm (paper: 1)."),
         schedule: str = o.schedule_opt(),
         reset_lr: bool = o.reset_lr_opt(),
         init_from: Optional[Path] = o.init_from_opt("segmentation network"),
@@ -38,5 +40,6 @@ def register(train_app: typer.Typer) -> None:
                                time_limit_min=time_limit_min, steps=steps, batch=batch, optimizer=optimizer,
                                lr=lr, base=base, threads=threads, seed=seed, schedule=schedule,
                                reset_lr=reset_lr, init_from=str(init_from) if init_from else None,
-                               device=device, workers=workers)
+                               device=device, workers=workers, crop_size=crop_size,
+                               crop_spacing_mm=crop_spacing_mm)
         o.run_training(train, install_weights, cfg, install)

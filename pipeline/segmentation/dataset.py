@@ -24,6 +24,21 @@ from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
 EVALUATION_SEEDS = range(9001, 9011)
 #: Extra voxels on each side of a training crop: random shifts up to +-MARGIN voxels (2 mm each).
 MARGIN = 4
+#: The same shift range in mm, for crops of another spacing (:func:`margin_for`).
+MARGIN_MM = MARGIN * CROP_SPACING_MM
+
+
+def margin_for(spacing_mm: float) -> int:
+    """Voxels of margin that give crops of ``spacing_mm`` the shifts of :data:`MARGIN_MM`."""
+    return max(1, int(round(MARGIN_MM / float(spacing_mm))))
+
+
+def geometry_tag(size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM) -> str:
+    """Cache file name part of a crop geometry: empty for the shipped one (its caches keep their
+    names), else ``-c<size>x<spacing>mm``."""
+    if int(size) == CROP_SIZE and float(spacing_mm) == CROP_SPACING_MM:
+        return ""
+    return f"-c{int(size)}x{float(spacing_mm):g}mm"
 
 
 @dataclass
@@ -59,8 +74,10 @@ def case_samples(name: str, ct: sitk.Image, labels: sitk.Image, vertebrae: Itera
 
 
 def phantom_samples(seed: int, spacing_mm: float | None = None, keypoint_path: Path | None = None,
-                    n_keypoint_aug: int = 6) -> list[Sample]:
-    """Samples of phantom ``seed`` on its randomised acquisition grid (``spacing_mm=None``).
+                    n_keypoint_aug: int = 6, crop_size: int = CROP_SIZE,
+                    crop_spacing_mm: float = CROP_SPACING_MM) -> list[Sample]:
+    """Samples of phantom ``seed`` on its randomised acquisition grid (``spacing_mm=None``),
+    crops of ``crop_size`` voxels of ``crop_spacing_mm`` (plus :func:`margin_for` on each side).
 
     With ``keypoint_path``, the keypoint network's samples of the same phantom are written there
     too (one phantom generation for both models).
@@ -71,14 +88,15 @@ def phantom_samples(seed: int, spacing_mm: float | None = None, keypoint_path: P
 
     ph = generate(seed, spacing_mm=spacing_mm)
     verts = ph.gt["vertebrae"]
-    samples = case_samples(f"phantom-{seed}", ph.ct, ph.labels, verts)
+    samples = case_samples(f"phantom-{seed}", ph.ct, ph.labels, verts, crop_size, crop_spacing_mm,
+                           margin_for(crop_spacing_mm))
     if keypoint_path is not None:
         from pipeline.keypoints.dataset import keypoint_samples, save_keypoint_samples
         from pipeline.segmentation.crops import array_image
 
         n = samples[0].occupancy.shape[0] if samples else 0
         fgs = [array_image(sm.occupancy.astype(np.float32) / 8.0,
-                           reference_grid(v["centroid_mm"], n, CROP_SPACING_MM))
+                           reference_grid(v["centroid_mm"], n, crop_spacing_mm))
                for sm, v in zip(samples, verts)]
         kps = keypoint_samples(ph.ct, verts, fgs, np.random.default_rng(seed), n_keypoint_aug,
                                f"phantom-{seed}")
@@ -106,20 +124,27 @@ def keypoint_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = N
     return Path(cache_dir) / f"kp-phantom-{seed}-{tag}.npz"
 
 
-def seg_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = None) -> Path:
+def seg_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = None,
+                   crop_size: int = CROP_SIZE, crop_spacing_mm: float = CROP_SPACING_MM) -> Path:
     tag = "acq" if spacing_mm is None else f"{spacing_mm:g}mm"
-    return Path(cache_dir) / f"seg-phantom-{seed}-{tag}.npz"
+    return Path(cache_dir) / f"seg-phantom-{seed}-{tag}{geometry_tag(crop_size, crop_spacing_mm)}.npz"
 
 
-def write_phantom_cache(seed: int, cache_dir: Path, spacing_mm: float | None = None) -> Path:
-    """Generate phantom ``seed`` once and write its segmentation (and keypoint) samples."""
-    path = seg_cache_path(cache_dir, seed, spacing_mm)
-    save_samples(phantom_samples(seed, spacing_mm, keypoint_cache_path(cache_dir, seed, spacing_mm)), path)
+def write_phantom_cache(seed: int, cache_dir: Path, spacing_mm: float | None = None,
+                        crop_size: int = CROP_SIZE, crop_spacing_mm: float = CROP_SPACING_MM) -> Path:
+    """Generate phantom ``seed`` once and write its segmentation samples (and, for the shipped
+    crop geometry, the keypoint network's)."""
+    path = seg_cache_path(cache_dir, seed, spacing_mm, crop_size, crop_spacing_mm)
+    shipped = geometry_tag(crop_size, crop_spacing_mm) == ""
+    kp_path = keypoint_cache_path(cache_dir, seed, spacing_mm) if shipped else None
+    save_samples(phantom_samples(seed, spacing_mm, kp_path, crop_size=crop_size,
+                                 crop_spacing_mm=crop_spacing_mm), path)
     return path
 
 
 def cached_phantom_samples(seeds: Iterable[int], cache_dir: Path, spacing_mm: float | None = None,
-                           log=print, workers: int = 1) -> list[Sample]:
+                           log=print, workers: int = 1, crop_size: int = CROP_SIZE,
+                           crop_spacing_mm: float = CROP_SPACING_MM) -> list[Sample]:
     """Samples of several phantoms, each generated once and cached under ``cache_dir``
     (the missing ones by ``workers`` processes)."""
     from functools import partial
@@ -129,12 +154,13 @@ def cached_phantom_samples(seeds: Iterable[int], cache_dir: Path, spacing_mm: fl
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
-    missing = [s for s in seeds if not seg_cache_path(cache_dir, s, spacing_mm).exists()]
-    generate_parallel(missing, partial(write_phantom_cache, cache_dir=cache_dir, spacing_mm=spacing_mm),
+    geo = {"crop_size": crop_size, "crop_spacing_mm": crop_spacing_mm}
+    missing = [s for s in seeds if not seg_cache_path(cache_dir, s, spacing_mm, **geo).exists()]
+    generate_parallel(missing, partial(write_phantom_cache, cache_dir=cache_dir, spacing_mm=spacing_mm, **geo),
                       workers, log)
     out: list[Sample] = []
     for seed in seeds:
-        out.extend(load_samples(seg_cache_path(cache_dir, seed, spacing_mm)))
+        out.extend(load_samples(seg_cache_path(cache_dir, seed, spacing_mm, **geo)))
     return out
 
 

@@ -6,7 +6,9 @@ scheduler, clamp + z-score, random flip/translation. Changed, and why (MODEL_CAR
 - optimizer Adam (lr 1e-3) instead of SGD lr 1e-4: SGD at 1e-4 does not leave the all-background
   solution within the few thousand steps a 2-core CPU affords;
 - batch 2 instead of 4, crops 64^3 at 2 mm instead of 128^3 at 1 mm (same 128 mm field):
-  measured 2.0 s per step (1 thread) against 7.8 s for one 128^3 step.
+  measured 2.0 s per step (1 thread) against 7.8 s for one 128^3 step. ``crop_size`` and
+  ``crop_spacing_mm`` train another geometry (the paper's 128 at 1 mm, on a GPU); the geometry
+  goes with the weights (``meta``), and inference crops as they say.
 
 Checkpoints (``last.ckpt``) make the run resumable; progress with ETA goes to ``log.txt``.
 """
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
+from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
 from pipeline.segmentation.model import UNet3D
 from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, init_from, keep_best, make_optimizer,
                                resume, save_last, start_run, train_device, train_step, validation_due)
@@ -54,6 +57,8 @@ class SegTrainConfig:
     init_from: str | None = None              # a best.pt of this network to start from (fine-tuning)
     device: str = "cpu"                       # cpu | cuda | auto (bf16 autocast on a GPU)
     workers: int = 1                          # processes that generate the missing phantom caches
+    crop_size: int = CROP_SIZE                # voxels per side of a crop (paper: 128)
+    crop_spacing_mm: float = CROP_SPACING_MM  # their spacing (paper: 1 mm; shipped: 64 at 2 mm)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,7 +75,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, val, batch: int = 2, device: torch.device | None = None) -> dict[str, float]:
+def validate(model: torch.nn.Module, val, batch: int = 2, device: torch.device | None = None,
+             size: int = CROP_SIZE) -> dict[str, float]:
     """Loss, hard Dice of the vertebra and fracture accuracy on unaugmented, centred crops
     (in float32 on ``device``, whatever the training's autocasting)."""
     model.eval()
@@ -79,7 +85,7 @@ def validate(model: torch.nn.Module, val, batch: int = 2, device: torch.device |
     losses, dices, correct = [], [], 0
     for i in range(0, len(val), batch):
         chunk = val[i:i + batch]
-        x, t = augmented_batch(chunk, rng, shift=False, flip=False, intensity=False)
+        x, t = augmented_batch(chunk, rng, size=size, shift=False, flip=False, intensity=False)
         logits = model(torch.from_numpy(x).to(device)).float().cpu()
         losses.append(float(dice_ce_loss(logits, torch.from_numpy(t))))
         p = torch.softmax(logits, 1).numpy()
@@ -101,8 +107,9 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     device = train_device(cfg.device)
     out, say = start_run(cfg, log, EVALUATION_SEEDS)
     cache = Path(cfg.cache_dir)
-    train_s = cached_phantom_samples(cfg.train_seeds, cache, cfg.phantom_spacing_mm, say, cfg.workers)
-    val_s = cached_phantom_samples(cfg.val_seeds, cache, cfg.phantom_spacing_mm, say, cfg.workers)
+    geo = {"crop_size": cfg.crop_size, "crop_spacing_mm": cfg.crop_spacing_mm}
+    train_s = cached_phantom_samples(cfg.train_seeds, cache, cfg.phantom_spacing_mm, say, cfg.workers, **geo)
+    val_s = cached_phantom_samples(cfg.val_seeds, cache, cfg.phantom_spacing_mm, say, cfg.workers, **geo)
     n_frac = sum(s.fractured for s in train_s)
     say(f"{len(train_s)} training crops ({n_frac} fractured), {len(val_s)} validation crops")
 
@@ -131,7 +138,7 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         for _ in range(cfg.batch):
             pool = frac_idx if (frac_idx and rng.random() < 0.33) else norm_idx or frac_idx
             idx.append(pool[int(rng.integers(len(pool)))])
-        return augmented_batch([train_s[i] for i in idx], rng)
+        return augmented_batch([train_s[i] for i in idx], rng, size=cfg.crop_size)
 
     feed = batches(make_batch, device)
     while step < cfg.steps:
@@ -143,7 +150,7 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         last = step == cfg.steps
         timed_out = progress.timed_out()
         if validation_due(step, cfg.val_every, cfg.steps, timed_out):
-            v = validate(model, val_s, device=device)
+            v = validate(model, val_s, device=device, size=cfg.crop_size)
             schedule.validated(v["loss"])
             say(f"val step {step}: loss {v['loss']:.4f} dice {v['dice']:.4f} "
                 f"fracture acc {v['fracture_acc']:.3f} lr {opt.param_groups[0]['lr']:.2e}")
@@ -167,7 +174,6 @@ def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool 
     ``drop_refiner`` leaves the refiner out.
     """
     from pipeline.registry import WEIGHTS_DIR, load_model, read_manifest
-    from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
     from pipeline.segmentation.model import SegmentationModel
 
     wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -176,10 +182,14 @@ def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool 
         ck = torch.load(best, map_location="cpu", weights_only=False)
         coarse_cfg, coarse_state = ck["config"], ck["state_dict"]
         coarse_meta = {"step": ck.get("step"), "val": ck.get("val"), "train_seeds": ck["train"]["train_seeds"],
-                       "val_seeds": ck["train"]["val_seeds"]}
+                       "val_seeds": ck["train"]["val_seeds"],
+                       "crop_size": int(ck["train"].get("crop_size", CROP_SIZE)),
+                       "crop_spacing_mm": float(ck["train"].get("crop_spacing_mm", CROP_SPACING_MM))}
     elif shipped is not None:
         coarse_cfg, coarse_state = shipped.config["coarse"], shipped.coarse.state_dict()
         coarse_meta = {k: shipped.meta.get(k) for k in ("step", "val", "train_seeds", "val_seeds")}
+        coarse_meta.update(crop_size=int(shipped.meta.get("crop_size", CROP_SIZE)),
+                           crop_spacing_mm=float(shipped.meta.get("crop_spacing_mm", CROP_SPACING_MM)))
     else:
         raise ValueError("no 2 mm network installed: install one before its refiner")
     ref_cfg = ref_state = ref_meta = None
@@ -194,8 +204,7 @@ def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool 
     model.coarse.load_state_dict(coarse_state)
     if ref_state is not None:
         model.refiner.load_state_dict(ref_state)
-    meta = {"crop_size": CROP_SIZE, "crop_spacing_mm": CROP_SPACING_MM,
-            "classes": ["background", "normal", "fractured"], **coarse_meta, "refiner": ref_meta}
+    meta = {"classes": ["background", "normal", "fractured"], **coarse_meta, "refiner": ref_meta}
     return model, meta
 
 

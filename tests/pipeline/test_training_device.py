@@ -166,3 +166,27 @@ def test_localization_caches_made_by_a_pool_equal_the_ones_made_here(tmp_path):
         assert a.name == b.name and np.array_equal(a.array, b.array)
         assert np.array_equal(a.centers, b.centers, equal_nan=True)
         assert np.array_equal(a.partial, b.partial)
+
+
+def test_another_crop_geometry_is_cached_apart_trained_and_carried_into_the_weights(tmp_path):
+    """`train segmentation --crop-size 24 --crop-spacing-mm 3`: crops of that geometry (with the
+    margin in mm of the shipped one), cached under their own names; the geometry goes with the
+    checkpoint into the assembled model's meta, which inference crops by."""
+    from pipeline.segmentation.dataset import geometry_tag, margin_for, phantom_samples
+    from pipeline.segmentation.train import assemble
+
+    assert geometry_tag() == "" and geometry_tag(24, 3.0) == "-c24x3mm"
+    assert margin_for(2.0) == 4 and margin_for(1.0) == 8 and margin_for(3.0) == 3
+    assert seg_cache_path(tmp_path, 5) != seg_cache_path(tmp_path, 5, crop_size=24, crop_spacing_mm=3.0)
+    samples = phantom_samples(100, spacing_mm=3.0, crop_size=24, crop_spacing_mm=3.0)
+    assert samples and samples[0].ct_hu.shape == (30, 30, 30) and samples[0].occupancy.max() == 8
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for s in (100, 8001):
+        save_samples(samples, seg_cache_path(cache, s, crop_size=24, crop_spacing_mm=3.0))
+    best = train(SegTrainConfig(out_dir=str(tmp_path / "g"), train_seeds=[100], val_seeds=[8001],
+                                cache_dir=str(cache), steps=2, batch=1, base=2, depth=2, val_every=2,
+                                ckpt_every=2, crop_size=24, crop_spacing_mm=3.0), log=lambda s: None)
+    model, meta = assemble(best, drop_refiner=True)
+    assert meta["crop_size"] == 24 and meta["crop_spacing_mm"] == 3.0 and model.refiner is None
+    assert not list(cache.glob("seg-phantom-*-acq.npz"))        # nothing cached under the shipped name
