@@ -124,8 +124,8 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
             return sitk.GetArrayFromImage(sitk.Resample(fines[k], sub, sitk.Transform(), sitk.sitkLinear, 0.0,
                                                         sitk.sitkFloat32))
 
-        # Next to a GPU all resampled at once on the host threads (22 vertebrae: ~90 MB of float32);
-        # on the CPU one at a time.
+        # Next to a GPU all resampled at once on the host threads (every vertebra's map on its
+        # source box held together); on the CPU one at a time.
         for k, p in enumerate(_ordered(on_source, range(len(fines)), device)):
             if p is None:
                 continue
