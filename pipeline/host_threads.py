@@ -16,7 +16,7 @@ on it: :func:`pipeline.segmentation.crops.ct_crop` stays on the calling thread).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -45,3 +45,11 @@ def host_map(fn: Callable[[T], R], items: Iterable[T], device: str | torch.devic
         return [fn(x) for x in items]
     with ThreadPoolExecutor(workers, thread_name_prefix="spine-host") as pool:
         return list(pool.map(fn, items))
+
+
+def host_iter(fn: Callable[[T], R], items: Iterable[T], device: str | torch.device) -> Iterator[R]:
+    """``fn`` of each item, in order: lazily on one thread (one result alive at a time), else
+    all computed at once by :func:`host_map`."""
+    if host_threads(device) <= 1:
+        return (fn(x) for x in items)
+    return iter(host_map(fn, items, device))

@@ -126,7 +126,9 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
 
         # Next to a GPU all resampled at once on the host threads (every vertebra's map on its
         # source box held together); on the CPU one at a time.
-        for k, p in enumerate(_ordered(on_source, range(len(fines)), device)):
+        from pipeline.host_threads import host_iter
+
+        for k, p in enumerate(host_iter(on_source, range(len(fines)), device)):
             if p is None:
                 continue
             lo, hi = boxes[k]
@@ -154,16 +156,6 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
     label_map = sitk.GetImageFromArray(label_arr)
     label_map.CopyInformation(image)
     return SegmentationResult(label_map=label_map, vertebrae=vertebrae)
-
-
-def _ordered(fn, items, device):
-    """``fn`` of each item in order: a generator on the CPU (one result alive at a time), else
-    computed on the host threads (:mod:`pipeline.host_threads`)."""
-    from pipeline.host_threads import host_map, host_threads
-
-    if host_threads(device) <= 1:
-        return (fn(x) for x in items)
-    return host_map(fn, items, device)
 
 
 def _largest_components(owner: np.ndarray) -> np.ndarray:

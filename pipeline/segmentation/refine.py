@@ -116,19 +116,17 @@ def refine_many(model: torch.nn.Module, image: sitk.Image, fgs: Sequence[np.ndar
     common = np.max([inputs[k][0].shape[1:] for k in present], axis=0)
     common = -(-common // GPU_REFINE_ROUND) * GPU_REFINE_ROUND
     n_batch = max(1, min(batch, len(present), GPU_REFINE_VOXELS // int(np.prod(common))))
+    boxes = {k: tuple(slice(0, n) for n in inputs[k][0].shape[1:]) for k in present}
     for i in range(0, len(present), n_batch):
         group = present[i:i + n_batch]
         x = torch.zeros((n_batch, 2, *common), dtype=torch.float32, device=device)
         mask = torch.zeros((n_batch, 1, *common), dtype=torch.float32, device=device)
         for j, k in enumerate(group):
-            arr = inputs[k][0]
-            box = tuple(slice(0, n) for n in arr.shape[1:])
-            x[(j, slice(None)) + box] = torch.from_numpy(arr).to(device)
-            mask[(j, slice(None)) + box] = 1.0
+            x[(j, slice(None)) + boxes[k]] = torch.from_numpy(inputs[k][0]).to(device)
+            mask[(j, slice(None)) + boxes[k]] = 1.0
         p = torch.sigmoid(model(x, mask)[:, 0].float())
         for j, k in enumerate(group):
-            arr = inputs[k][0]
-            results[k] = (p[(j,) + tuple(slice(0, n) for n in arr.shape[1:])].cpu().numpy(), inputs[k][1])
+            results[k] = (p[(j,) + boxes[k]].cpu().numpy(), inputs[k][1])
     return results
 
 

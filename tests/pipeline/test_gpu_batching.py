@@ -72,13 +72,13 @@ def _refiner_case():
         crops.append(crop)
     fgs.append(np.zeros((24, 24, 24), np.float32))            # nothing found: no box
     crops.append(reference_grid(gt["vertebrae"][0]["centroid_mm"], 24, 2.0))
-    return ct, refiner, fgs, crops
+    return ct, gt, refiner, fgs, crops
 
 
 def test_refiner_boxes_padded_into_one_batch_get_the_values_they_get_alone():
     from pipeline.segmentation.refine import refine_input, refine_many
 
-    ct, refiner, fgs, crops = _refiner_case()
+    ct, _, refiner, fgs, crops = _refiner_case()
     alone = refine_many(refiner, ct, fgs, crops, "cpu", batch=1)
     together = refine_many(refiner, ct, fgs, crops, "cpu", batch=2)
     assert alone[-1] is None and together[-1] is None
@@ -111,8 +111,7 @@ def test_host_threads_change_nothing_in_the_merged_label_map(monkeypatch):
     from pipeline.segmentation.infer import segment
     from pipeline.segmentation.model import SegmentationModel
 
-    ct, refiner, _, _ = _refiner_case()
-    _, _, gt = box_spine(levels=("L1", "L2", "L3"), spacing=(1.5, 1.5, 2.0))
+    ct, gt, refiner, _, _ = _refiner_case()
     model = SegmentationModel({"base": 4, "depth": 2}, {"width": 6})
     model.refiner = refiner
     torch.nn.init.constant_(model.coarse.head.bias, 0.0)
@@ -139,11 +138,10 @@ def test_host_map_keeps_the_order_of_its_items(monkeypatch):
     assert out == list(range(6))
 
 
-def test_compared_weight_files_go_to_the_evaluation_device(monkeypatch):
+def test_compared_weight_files_go_to_the_evaluation_device():
     """`python -m pipeline.evaluate --models A B --device cuda` loads the files onto the CPU; the
     networks must follow the inputs to the device (a GPU run failed on exactly this)."""
     import pipeline.evaluate as ev
-    import pipeline.registry as reg
 
     moved = []
 
@@ -152,6 +150,5 @@ def test_compared_weight_files_go_to_the_evaluation_device(monkeypatch):
             moved.append(args[0] if args else kwargs.get("device"))
             return self
 
-    monkeypatch.setattr(reg, "resolve_device", lambda device: torch.device("cpu") if device == "auto" else torch.device(device))
     ev.compare_localization([], {"a": Recording(), "shipped": None}, device="cpu")
     assert moved == [torch.device("cpu")]
