@@ -346,7 +346,25 @@ def segmentation_grading_report(seg_cases: Sequence[dict], grade_cases: Sequence
         "genant_kappa_weights": "quadratic",
         "vertebrae_graded": len(pairs), "fractured_vertebrae": len(pos),
         "dice_min": min((v["dice"] for c in seg_cases for v in c.values()), default=None),
+        "dice_by_region": dice_by_region(seg_cases),
     }
+
+
+#: Regions of the spine by the first letter of a level's name (C7, T12, L1, ...).
+REGIONS = {"C": "cervical", "T": "thoracic", "L": "lumbar"}
+
+
+def dice_by_region(seg_cases: Sequence[dict]) -> dict[str, dict[str, float | int]]:
+    """Mean Dice per vertebra (pooled over the cases, not per case) of each region, and the
+    number of vertebrae behind it; regions without a vertebra are left out."""
+    pooled: dict[str, list[float]] = {}
+    for case in seg_cases:
+        for name, m in case.items():
+            region = REGIONS.get(name[:1])
+            if region is not None:
+                pooled.setdefault(region, []).append(m["dice"])
+    return {r: {"dice": float(np.mean(pooled[r])), "vertebrae": len(pooled[r])}
+            for r in REGIONS.values() if r in pooled}
 
 
 def evaluate_pipeline(seeds: Iterable[int], device: str = "auto", json_path: Path | None = None,

@@ -16,9 +16,17 @@ def register(train_app: typer.Typer) -> None:
         seeds: str = o.seeds_opt(),
         val_seeds: str = o.val_seeds_opt(),
         steps: int = o.steps_opt(1500),
-        batch: int = typer.Option(4, help="Batch size (40^3 patches at 1 mm)."),
+        batch: int = typer.Option(4, help="Batch size (patches at 1 mm)."),
+        patch: int = typer.Option(40, help="Side of the training patches (1 mm voxels)."),
         lr: float = typer.Option(2e-3, help="Learning rate (Adam)."),
         width: int = typer.Option(8, help="Channels of the refiner's convolutions."),
+        extra_dilations: str = typer.Option("", help="Residual dilated layers after the first three, e.g. "
+                                            "'4,8' (receptive field 9 -> 33 mm); with --init-from a refiner "
+                                            "without them, they start at zero."),
+        prior: str = typer.Option("simulated", help="The coarse prior it learns to correct: 'simulated' from "
+                                  "the truth, or 'coarse', the 2 mm network's own output (a cascade)."),
+        coarse_from: Optional[Path] = typer.Option(None, help="--prior coarse: a 2 mm network's best.pt "
+                                                   "(default: the shipped one)."),
         schedule: str = o.schedule_opt("as the segmentation"),
         reset_lr: bool = o.reset_lr_opt(),
         init_from: Optional[Path] = o.init_from_opt("refiner"),
@@ -37,7 +45,8 @@ def register(train_app: typer.Typer) -> None:
 
         cfg = o.phantom_config(RefineTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr,
-                               width=width, schedule=schedule, reset_lr=reset_lr,
+                               width=width, schedule=schedule, patch=patch, extra_dilations=extra_dilations,
+                               prior=prior, coarse_from=str(coarse_from) if coarse_from else None, reset_lr=reset_lr,
                                init_from=str(init_from) if init_from else None, threads=threads, seed=seed,
                                device=device, workers=workers)
         o.run_training(train, install_weights, cfg, install)

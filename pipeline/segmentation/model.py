@@ -56,23 +56,50 @@ class UNet3D(nn.Module):
 
 
 class ShallowRefiner(nn.Module):
-    """The 1 mm boundary refiner: four plain convolutions (receptive field 9 voxels), cheap enough
-    to run over every vertebra's box at 1 mm on a CPU (a U-Net there costs ~8 s per vertebra).
+    """The 1 mm boundary refiner: plain convolutions, cheap enough to run over every vertebra's
+    box at 1 mm on a CPU (a U-Net there costs ~8 s per vertebra).
 
     Input: 2 channels (CT, coarse foreground probability); output: 1 logit of the foreground.
     The prior enters the output directly (a residual on its logit), so an untrained refiner
     already returns the coarse map.
+
+    Three convolutions (dilations 1, 1, 2: a receptive field of 9 voxels), then, with
+    ``extra_dilations``, residual convolutions of those dilations (``y + act(conv(y))``; e.g.
+    ``(4, 8)`` widens the field to 33 voxels, enough to follow a transverse or spinous process
+    that the 2 mm network lost). They start at zero, so a refiner with them starts as the one
+    without (:meth:`load_base`) and fine-tuning can only move away from it where it pays.
     """
 
-    def __init__(self, in_channels: int = 2, width: int = 8) -> None:
+    def __init__(self, in_channels: int = 2, width: int = 8,
+                 extra_dilations: tuple[int, ...] | list[int] = ()) -> None:
         super().__init__()
+        extra = tuple(int(d) for d in extra_dilations)
         self.config = {"in_channels": in_channels, "width": width}
+        if extra:  # only then, so that the shipped file's config stays what it was
+            self.config["extra_dilations"] = list(extra)
         self.c1 = nn.Conv3d(in_channels, width, 3, padding=1)
         self.c2 = nn.Conv3d(width, width, 3, padding=1)
         self.c3 = nn.Conv3d(width, width, 3, padding=2, dilation=2)
+        self.extra = nn.ModuleList(nn.Conv3d(width, width, 3, padding=d, dilation=d) for d in extra)
+        for conv in self.extra:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
         self.out = nn.Conv3d(width, 1, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    def base_config(self) -> dict:
+        """The config of the same refiner without the extra layers."""
+        return {k: v for k, v in self.config.items() if k != "extra_dilations"}
+
+    def load_base(self, state: dict, config: dict) -> None:
+        """Load a refiner without extra layers (``config`` must be :meth:`base_config`); the extra
+        layers stay at zero, so this model then computes what that one does."""
+        if config != self.base_config():
+            raise ValueError(f"refiner {config} is not the base {self.base_config()} of {self.config}")
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("extra.") for k in missing):
+            raise ValueError(f"not a base refiner: missing {missing}, unexpected {unexpected}")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Foreground logit of ``x [n, 2, z, y, x]``.
@@ -90,6 +117,10 @@ class ShallowRefiner(nn.Module):
         if mask is not None:
             y = y * mask
         y = F.leaky_relu(self.c3(y), 0.1)
+        for conv in self.extra:
+            if mask is not None:
+                y = y * mask
+            y = y + F.leaky_relu(conv(y), 0.1)
         return torch.log(prior / (1 - prior)) + self.out(y)
 
 

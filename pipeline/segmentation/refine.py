@@ -10,9 +10,11 @@ coarse foreground probability upsampled to 1 mm) corrects the coarse map at 1 mm
 where the coarse map is positive or uncertain. (A 3-level U-Net there takes ~8 s per vertebra
 on this CPU: too slow for the 60 s budget of a whole study.)
 
-Training needs no coarse network: the prior is simulated from the ground truth (the 2 mm
-occupancy upsampled, shifted by up to a voxel and thickened or thinned), so both networks train
-at the same time.
+Two ways to train it: on a prior simulated from the ground truth (the 2 mm occupancy upsampled,
+shifted by up to a voxel and thickened or thinned; no coarse network needed, so both can train at
+the same time), or on the 2 mm network's own output (:mod:`pipeline.segmentation.coarse_prior`,
+a cascade: it then learns the network's real misses, whole processes included; how the shipped
+refiner was trained, MODEL_CARD.md "Fifth round").
 """
 from __future__ import annotations
 
@@ -205,20 +207,41 @@ def surface_points(occs: np.ndarray, cap: int = 4096, seed: int = 0) -> list[np.
     return out
 
 
+def error_points(occs: np.ndarray, priors: np.ndarray, cap: int = 4096, seed: int = 0) -> list[np.ndarray]:
+    """For each crop, the flat indices of up to ``cap`` voxels where the real coarse prior
+    (uint8 in 1/255, :mod:`pipeline.segmentation.coarse_prior`) and the truth disagree at 0.5:
+    where a refiner trained on that prior has something to learn."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for occ, prior in zip(occs, priors):
+        flat = np.flatnonzero((prior >= 128) != (occ >= 4))
+        if len(flat) > cap:
+            flat = rng.choice(flat, cap, replace=False)
+        out.append(flat)
+    return out
+
+
 def refine_batch(cts: np.ndarray, occs: np.ndarray, rng: np.random.Generator, batch: int,
-                 patch: int = REFINE_PATCH, surfaces: Sequence[np.ndarray] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 patch: int = REFINE_PATCH, surfaces: Sequence[np.ndarray] | None = None,
+                 priors: np.ndarray | None = None, errors: Sequence[np.ndarray] | None = None,
+                 error_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Patches centred near the vertebra's surface (where refinement matters), with a simulated
     prior: ``x [b, 2, p, p, p]``, target ``[b, 1, p, p, p]`` (occupancy 0..1).
 
     ``surfaces``: :func:`surface_points` of ``occs``, computed once by a trainer (otherwise each
-    drawn crop's surface is found again)."""
+    drawn crop's surface is found again).
+    ``priors`` (uint8 in 1/255, one per crop): the 2 mm network's real prior instead of the
+    simulated one (:mod:`pipeline.segmentation.coarse_prior`); then ``error_share`` of the
+    patches are centred on its :func:`error_points` ``errors`` (where it is wrong), the others on
+    the surface."""
     xs, ts = [], []
     s = cts.shape[1]
     shape = occs.shape[1:]
     for _ in range(batch):
         i = int(rng.integers(len(cts)))
         surf = surfaces[i] if surfaces is not None else surface_points(occs[i:i + 1], cap=1 << 30)[0]
+        if priors is not None and errors is not None and len(errors[i]) and rng.random() < error_share:
+            surf = errors[i]
         if len(surf) == 0:
             centre = np.array([s // 2] * 3)
         else:
@@ -226,7 +249,10 @@ def refine_batch(cts: np.ndarray, occs: np.ndarray, rng: np.random.Generator, ba
         c = centre + rng.integers(-patch // 4, patch // 4 + 1, 3)
         o = np.clip(c - patch // 2, 0, s - patch)
         sl = tuple(slice(int(a), int(a) + patch) for a in o)
-        prior = simulated_prior(occs[i], rng, (o, o + patch), scale=1.0 / 8.0)
+        if priors is not None:
+            prior = priors[i][sl].astype(np.float32) / 255.0
+        else:
+            prior = simulated_prior(occs[i], rng, (o, o + patch), scale=1.0 / 8.0)
         hu = cts[i][sl].astype(np.float32) * float(rng.uniform(0.93, 1.07)) + float(rng.uniform(-20, 20))
         x = np.stack([ct_channel(hu), prior])
         t = (occs[i][sl].astype(np.float32) / 8.0)[None]

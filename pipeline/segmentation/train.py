@@ -169,8 +169,9 @@ def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool 
     """A :class:`~pipeline.segmentation.model.SegmentationModel` and its ``meta`` from a 2 mm network
     ``best.pt`` and/or a refiner ``best.pt`` (:mod:`pipeline.segmentation.train_refiner`).
 
-    The part not given is taken from the shipped weights (the refiner is trained on simulated
-    priors, independently of the 2 mm network, so either can be retrained alone);
+    The part not given is taken from the shipped weights (a refiner trained on simulated priors
+    is independent of the 2 mm network; one trained on a network's own priors, ``--prior
+    coarse``, belongs to that network: a warning says when they are assembled apart);
     ``drop_refiner`` leaves the refiner out.
     """
     from pipeline.registry import WEIGHTS_DIR, load_model, read_manifest
@@ -196,12 +197,24 @@ def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool 
     if refiner is not None:
         rk = torch.load(refiner, map_location="cpu", weights_only=False)
         ref_cfg, ref_state = rk["config"], rk["state_dict"]
-        ref_meta = {"step": rk.get("step"), "val": rk.get("val"), "train_seeds": rk["train"]["train_seeds"]}
+        ref_meta = {"step": rk.get("step"), "val": rk.get("val"), "train_seeds": rk["train"]["train_seeds"],
+                    "prior": rk["train"].get("prior", "simulated"),
+                    "coarse_network": (rk.get("val") or {}).get("coarse_network")}
     elif not drop_refiner and shipped is not None and shipped.refiner is not None:
         ref_cfg, ref_state = shipped.config["refiner"], shipped.refiner.state_dict()
         ref_meta = shipped.meta.get("refiner")
     model = SegmentationModel(coarse_cfg, ref_cfg)
     model.coarse.load_state_dict(coarse_state)
+    trained_on = (ref_meta or {}).get("coarse_network")
+    if trained_on:
+        import warnings
+
+        from pipeline.segmentation.coarse_prior import network_tag
+
+        if network_tag(model.coarse) != trained_on:
+            warnings.warn(f"the refiner was trained on the output of 2 mm network {trained_on}, not of this "
+                          f"one ({network_tag(model.coarse)}): train it again on this network's priors "
+                          "(spine-node train refiner --prior coarse)", stacklevel=2)
     if ref_state is not None:
         model.refiner.load_state_dict(ref_state)
     meta = {"classes": ["background", "normal", "fractured"], **coarse_meta, "refiner": ref_meta}

@@ -2,7 +2,9 @@
 
 Loss: binary cross-entropy + soft Dice on the occupancy target (eq. 13 with one foreground
 class). Adam, clipping 2.0, weight decay 5e-4, plateau scheduler (or cosine annealing); patches
-of 40^3 at 1 mm near the surface, simulated coarse prior, left-right flip, HU gain/offset.
+of 40^3 at 1 mm near the surface, left-right flip, HU gain/offset. The coarse prior is simulated
+from the truth (``prior="simulated"``), or the shipped 2 mm network's own output
+(``prior="coarse"``: :mod:`pipeline.segmentation.coarse_prior`, patches half on its errors).
 
 Each phantom's 1 mm crops (one per whole vertebra) are generated once and cached under
 ``cache_dir`` as ``ref-phantom-<seed>-acq.npz``; ``last.ckpt`` makes the run resumable (the
@@ -47,6 +49,10 @@ class RefineTrainConfig:
     init_from: str | None = None              # a refiner best.pt to start from (fine-tuning)
     device: str = "cpu"                       # cpu | cuda | auto (bf16 autocast on a GPU)
     workers: int = 1                          # processes that generate the missing phantom caches
+    prior: str = "simulated"                  # simulated | coarse (the 2 mm network's output)
+    coarse_from: str | None = None            # prior=coarse: a 2 mm network's best.pt (default: shipped)
+    extra_dilations: str = ""                 # e.g. "4,8": residual dilated layers (ShallowRefiner)
+    patch: int = 40                           # side of the training patches (1 mm voxels)
 
 
 def refine_cache_path(cache_dir: Path, seed: int) -> Path:
@@ -103,20 +109,44 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds, say, cfg.workers)
     vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds, say, cfg.workers)
     say(f"{len(cts)} training crops, {len(vcts)} validation crops")
-    vx, vt = refine_batch(vcts, voccs, np.random.default_rng(123), 16)
-    model = ShallowRefiner(in_channels=2, width=cfg.width).to(device)
+    priors = vpriors = errors = verrors = coarse_tag = None
+    if cfg.prior == "coarse":
+        from pipeline.registry import load_model
+        from pipeline.segmentation.coarse_prior import load_cascade
+        from pipeline.segmentation.refine import error_points
+
+        from pipeline.segmentation.coarse_prior import network_tag
+
+        coarse = load_coarse(cfg.coarse_from) if cfg.coarse_from else load_model("segmentation", "cpu").coarse
+        coarse.eval()
+        coarse_tag = network_tag(coarse)
+        priors = load_cascade(Path(cfg.cache_dir), cfg.train_seeds, coarse, say)
+        vpriors = load_cascade(Path(cfg.cache_dir), cfg.val_seeds, coarse, say)
+        errors, verrors = error_points(occs, priors), error_points(voccs, vpriors)
+        say(f"coarse priors of network {coarse_tag}: {len(priors)} training, {len(vpriors)} validation crops")
+    elif cfg.prior != "simulated":
+        raise ValueError(f"prior {cfg.prior!r}: simulated or coarse")
+    vx, vt = refine_batch(vcts, voccs, np.random.default_rng(123), 16, cfg.patch, priors=vpriors, errors=verrors)
+    extra = tuple(int(d) for d in str(cfg.extra_dilations).replace(" ", "").split(",") if d)
+    model = ShallowRefiner(in_channels=2, width=cfg.width, extra_dilations=extra).to(device)
     opt, sched = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "last.ckpt"
     step, best = resume(ckpt, model, opt, sched, rng, say)
     schedule = LrSchedule(cfg.schedule, cfg.lr, opt, sched)
     if step == 0 and cfg.init_from:
-        init_from(model, cfg.init_from, say)
+        base = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+        if extra and base["config"] == model.base_config():
+            model.load_base(base["state_dict"], base["config"])  # the new layers start at zero
+            say(f"initialised from {cfg.init_from} (step {base.get('step')}), extra layers {extra} at zero")
+        else:
+            init_from(model, cfg.init_from, say)
     schedule.resumed(step, cfg.reset_lr, say)
     progress = Progress(say, cfg.steps, step, every=20 if device.type == "cpu" else 200, digits=4,
                         max_minutes=cfg.max_minutes)
     surfaces = surface_points(occs)
-    feed = batches(lambda: refine_batch(cts, occs, rng, cfg.batch, surfaces=surfaces), device)
+    feed = batches(lambda: refine_batch(cts, occs, rng, cfg.batch, cfg.patch, surfaces=surfaces,
+                                        priors=priors, errors=errors), device)
     while step < cfg.steps:
         schedule.before_step(progress, step)
         x, t = next(feed)
@@ -138,7 +168,8 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
             schedule.validated(vl)
             say(f"val step {step}: loss {vl:.4f} patch dice {d:.4f} (prior {d0:.4f})")
             best = keep_best(vl, best, out / "best.pt", model, step,
-                             {"loss": vl, "dice": float(d), "prior_dice": float(d0)}, cfg)
+                             {"loss": vl, "dice": float(d), "prior_dice": float(d0), "prior": cfg.prior,
+                              "coarse_network": coarse_tag}, cfg)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out:
             save_last(ckpt, model, opt, sched, step, best, rng)
         if timed_out:
@@ -146,6 +177,23 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
             break
     feed.close()
     return out / "best.pt"
+
+
+def load_coarse(path: str | Path) -> torch.nn.Module:
+    """A 2 mm network from its training run's ``best.pt``."""
+    from pipeline.segmentation.model import UNet3D
+
+    from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    train_cfg = ck.get("train") or {}
+    geometry = (int(train_cfg.get("crop_size", CROP_SIZE)), float(train_cfg.get("crop_spacing_mm", CROP_SPACING_MM)))
+    if geometry != (CROP_SIZE, CROP_SPACING_MM):
+        raise ValueError(f"--coarse-from {path}: crops of {geometry[0]} at {geometry[1]:g} mm; the coarse priors "
+                         f"are computed from the {CROP_SIZE} at {CROP_SPACING_MM:g} mm caches only")
+    model = UNet3D(**ck["config"])
+    model.load_state_dict(ck["state_dict"])
+    return model
 
 
 def install(best: Path, weights_dir: Path | None = None) -> Path:
@@ -158,7 +206,8 @@ def install(best: Path, weights_dir: Path | None = None) -> Path:
 
 def main() -> None:
     train(config_from_argv(RefineTrainConfig, __doc__.splitlines()[0],
-                           str_fields=("train_seeds", "val_seeds", "init_from", "schedule")))
+                           str_fields=("train_seeds", "val_seeds", "init_from", "schedule", "prior", "coarse_from",
+                                       "extra_dilations")))
 
 
 if __name__ == "__main__":

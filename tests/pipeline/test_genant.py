@@ -156,3 +156,17 @@ def test_a_mild_grade_within_the_slice_spacing_uncertainty_is_noted_not_changed(
                              genant_grade=GenantGrade.SEVERE, height_loss=0.54)
     note_measurement_uncertainty(severe, 3.0)
     assert not severe.notes
+
+
+def test_dice_by_region_pools_vertebrae_over_cases():
+    from pipeline.evaluate import dice_by_region, segmentation_grading_report
+
+    cases = [{"C4": {"dice": 0.6}, "T1": {"dice": 0.9}}, {"C5": {"dice": 0.8}, "T2": {"dice": 1.0}, "T3": {"dice": 0.8}}]
+    by = dice_by_region(cases)
+    assert by == {"cervical": {"dice": pytest.approx(0.7), "vertebrae": 2},
+                  "thoracic": {"dice": pytest.approx(0.9), "vertebrae": 3}}
+    # pooled per vertebra, unlike the headline Dice, a mean of case means
+    full = [{k: {**v, "precision": 1.0, "recall": 1.0, "assd_mm": 0.1, "mssd_mm": 1.0} for k, v in c.items()}
+            for c in cases]
+    report = segmentation_grading_report(full, [[], []])
+    assert report["dice_by_region"] == by and report["dice"] == pytest.approx((0.75 + 0.8667) / 2, abs=1e-3)
