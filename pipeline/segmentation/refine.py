@@ -226,7 +226,8 @@ def refine_batch(cts: np.ndarray, occs: np.ndarray, rng: np.random.Generator, ba
                  priors: np.ndarray | None = None, errors: Sequence[np.ndarray] | None = None,
                  error_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Patches centred near the vertebra's surface (where refinement matters), with a simulated
-    prior: ``x [b, 2, p, p, p]``, target ``[b, 1, p, p, p]`` (occupancy 0..1).
+    prior (or the real one, ``priors``): ``x [b, 2, p, p, p]``, target ``[b, 1, p, p, p]``
+    (occupancy 0..1).
 
     ``surfaces``: :func:`surface_points` of ``occs``, computed once by a trainer (otherwise each
     drawn crop's surface is found again).

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
-from pipeline.segmentation.refine import refine_batch, surface_points
+from pipeline.segmentation.refine import error_points, refine_batch, surface_points
 from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, generate_parallel, init_from,
                                keep_best, make_optimizer, resume, save_last, start_run, train_device, train_step,
                                validation_due)
@@ -111,19 +111,8 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     say(f"{len(cts)} training crops, {len(vcts)} validation crops")
     priors = vpriors = errors = verrors = coarse_tag = None
     if cfg.prior == "coarse":
-        from pipeline.registry import load_model
-        from pipeline.segmentation.coarse_prior import load_cascade
-        from pipeline.segmentation.refine import error_points
-
-        from pipeline.segmentation.coarse_prior import network_tag
-
-        coarse = load_coarse(cfg.coarse_from) if cfg.coarse_from else load_model("segmentation", "cpu").coarse
-        coarse.eval()
-        coarse_tag = network_tag(coarse)
-        priors = load_cascade(Path(cfg.cache_dir), cfg.train_seeds, coarse, say)
-        vpriors = load_cascade(Path(cfg.cache_dir), cfg.val_seeds, coarse, say)
+        priors, vpriors, coarse_tag = coarse_priors_of(cfg, say)
         errors, verrors = error_points(occs, priors), error_points(voccs, vpriors)
-        say(f"coarse priors of network {coarse_tag}: {len(priors)} training, {len(vpriors)} validation crops")
     elif cfg.prior != "simulated":
         raise ValueError(f"prior {cfg.prior!r}: simulated or coarse")
     vx, vt = refine_batch(vcts, voccs, np.random.default_rng(123), 16, cfg.patch, priors=vpriors, errors=verrors)
@@ -179,11 +168,26 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     return out / "best.pt"
 
 
-def load_coarse(path: str | Path) -> torch.nn.Module:
-    """A 2 mm network from its training run's ``best.pt``."""
-    from pipeline.segmentation.model import UNet3D
+def coarse_priors_of(cfg: RefineTrainConfig, say) -> tuple[np.ndarray, np.ndarray, str]:  # noqa: ANN001
+    """The 2 mm network's priors (``cfg.coarse_from``, else the shipped network) of the training
+    and validation crops, and the network's tag (:mod:`pipeline.segmentation.coarse_prior`)."""
+    from pipeline.registry import load_model
+    from pipeline.segmentation.coarse_prior import load_cascade, network_tag
 
+    coarse = load_coarse(cfg.coarse_from) if cfg.coarse_from else load_model("segmentation", "cpu").coarse
+    coarse.eval()
+    tag = network_tag(coarse)
+    priors = load_cascade(Path(cfg.cache_dir), cfg.train_seeds, coarse, say)
+    vpriors = load_cascade(Path(cfg.cache_dir), cfg.val_seeds, coarse, say)
+    say(f"coarse priors of network {tag}: {len(priors)} training, {len(vpriors)} validation crops")
+    return priors, vpriors, tag
+
+
+def load_coarse(path: str | Path) -> torch.nn.Module:
+    """A 2 mm network from its training run's ``best.pt`` (of the shipped crop geometry: the
+    coarse priors are cut from those caches)."""
     from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+    from pipeline.segmentation.model import UNet3D
 
     ck = torch.load(path, map_location="cpu", weights_only=False)
     train_cfg = ck.get("train") or {}
