@@ -157,7 +157,7 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
             schedule.validated(vl)
             say(f"val step {step}: loss {vl:.4f} patch dice {d:.4f} (prior {d0:.4f})")
             best = keep_best(vl, best, out / "best.pt", model, step,
-                             {"loss": vl, "dice": float(d), "prior_dice": float(d0), "prior": cfg.prior,
+                             {"loss": vl, "dice": float(d), "prior_dice": float(d0),
                               "coarse_network": coarse_tag}, cfg)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out:
             save_last(ckpt, model, opt, sched, step, best, rng)

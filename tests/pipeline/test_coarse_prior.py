@@ -125,7 +125,20 @@ def test_refiner_trains_on_a_networks_own_priors(tmp_path):
     assert any("extra layers (2, 4) at zero" in m for m in lines)
     ck = torch.load(best, weights_only=False)
     assert ck["config"]["extra_dilations"] == [2, 4]
-    assert ck["val"]["prior"] == "coarse" and ck["val"]["coarse_network"] == tag
+    assert ck["train"]["prior"] == "coarse" and ck["val"]["coarse_network"] == tag
+    # installed beside its own network: quiet; beside another one: told to train it again
+    import warnings
+
+    from pipeline.segmentation.train import install
+
+    wdir = tmp_path / "weights"
+    install(coarse_best, weights_dir=wdir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        install(None, refiner=best, weights_dir=wdir)
+    save_best(coarse_best, UNet3D(base=2, depth=2), 4, {"loss": 0.9}, RefineTrainConfig())
+    with pytest.warns(UserWarning, match="train it again"):
+        install(coarse_best, weights_dir=wdir)
     with pytest.raises(ValueError, match="simulated or coarse"):
         train(RefineTrainConfig(out_dir=str(tmp_path / "bad"), train_seeds=[100], val_seeds=[8001],
                                 cache_dir=str(cache), steps=1, prior="truth"), log=lambda m: None)
