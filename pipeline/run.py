@@ -68,7 +68,7 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     from pipeline.keypoints.plane import spine_axes
     from pipeline.registry import load_model, resolve_device
     from pipeline.segmentation.crops import array_image
-    from pipeline.segmentation.infer import segment
+    from pipeline.segmentation.infer import crop_geometry, segment
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -94,10 +94,9 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     timings["localization"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    seg_meta = getattr(models["segmentation"], "meta", {})
+    size, spacing_mm = crop_geometry(getattr(models["segmentation"], "meta", {}))
     seg = segment(image, [(int(v.label), tuple(v.centroid_mm)) for v in found], models["segmentation"],
-                  dev, size=int(seg_meta.get("crop_size", 64)),
-                  spacing_mm=float(seg_meta.get("crop_spacing_mm", 2.0)))
+                  dev, size=size, spacing_mm=spacing_mm)
     timings["segmentation"] = time.perf_counter() - t
 
     t = time.perf_counter()

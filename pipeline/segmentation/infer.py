@@ -26,6 +26,13 @@ CROP_SIZE = 64
 CROP_SPACING_MM = 2.0
 
 
+def crop_geometry(record: dict | None) -> tuple[int, float]:
+    """``(crop_size, crop_spacing_mm)`` that a weights ``meta`` or a training config records; the
+    shipped geometry where it records none (files from before the geometry was recorded)."""
+    record = record or {}
+    return int(record.get("crop_size", CROP_SIZE)), float(record.get("crop_spacing_mm", CROP_SPACING_MM))
+
+
 @dataclass
 class SegmentedVertebra:
     """One vertebra's segmentation.

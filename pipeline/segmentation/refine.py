@@ -18,7 +18,7 @@ refiner was trained, MODEL_CARD.md "Fifth round").
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -194,31 +194,29 @@ def refine_samples(ct: sitk.Image, labels: sitk.Image, vertebrae, size: int = RE
     return np.stack(cts), np.stack(occs)
 
 
-def surface_points(occs: np.ndarray, cap: int = 4096, seed: int = 0) -> list[np.ndarray]:
-    """For each crop of ``occs`` (eighths), the flat indices of up to ``cap`` voxels of its surface
-    band (1-7 eighths inside), drawn once: where :func:`refine_batch` centres its patches."""
+def _capped_points(masks: Iterable[np.ndarray], cap: int, seed: int) -> list[np.ndarray]:
+    """The flat indices of each mask's voxels, at most ``cap`` of them drawn at random."""
     rng = np.random.default_rng(seed)
     out = []
-    for occ in occs:
-        flat = np.flatnonzero((occ >= 1) & (occ <= 7))
+    for mask in masks:
+        flat = np.flatnonzero(mask)
         if len(flat) > cap:
             flat = rng.choice(flat, cap, replace=False)
         out.append(flat)
     return out
+
+
+def surface_points(occs: np.ndarray, cap: int = 4096, seed: int = 0) -> list[np.ndarray]:
+    """For each crop of ``occs`` (eighths), the flat indices of up to ``cap`` voxels of its surface
+    band (1-7 eighths inside), drawn once: where :func:`refine_batch` centres its patches."""
+    return _capped_points(((occ >= 1) & (occ <= 7) for occ in occs), cap, seed)
 
 
 def error_points(occs: np.ndarray, priors: np.ndarray, cap: int = 4096, seed: int = 0) -> list[np.ndarray]:
     """For each crop, the flat indices of up to ``cap`` voxels where the real coarse prior
     (uint8 in 1/255, :mod:`pipeline.segmentation.coarse_prior`) and the truth disagree at 0.5:
     where a refiner trained on that prior has something to learn."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for occ, prior in zip(occs, priors):
-        flat = np.flatnonzero((prior >= 128) != (occ >= 4))
-        if len(flat) > cap:
-            flat = rng.choice(flat, cap, replace=False)
-        out.append(flat)
-    return out
+    return _capped_points(((prior >= 128) != (occ >= 4) for occ, prior in zip(occs, priors)), cap, seed)
 
 
 def refine_batch(cts: np.ndarray, occs: np.ndarray, rng: np.random.Generator, batch: int,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
-from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM, crop_geometry
 from pipeline.segmentation.model import UNet3D
 from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, init_from, keep_best, make_optimizer,
                                resume, save_last, start_run, train_device, train_step, validation_due)
@@ -183,14 +183,12 @@ def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool 
         ck = torch.load(best, map_location="cpu", weights_only=False)
         coarse_cfg, coarse_state = ck["config"], ck["state_dict"]
         coarse_meta = {"step": ck.get("step"), "val": ck.get("val"), "train_seeds": ck["train"]["train_seeds"],
-                       "val_seeds": ck["train"]["val_seeds"],
-                       "crop_size": int(ck["train"].get("crop_size", CROP_SIZE)),
-                       "crop_spacing_mm": float(ck["train"].get("crop_spacing_mm", CROP_SPACING_MM))}
+                       "val_seeds": ck["train"]["val_seeds"]}
+        coarse_meta.update(zip(("crop_size", "crop_spacing_mm"), crop_geometry(ck["train"])))
     elif shipped is not None:
         coarse_cfg, coarse_state = shipped.config["coarse"], shipped.coarse.state_dict()
         coarse_meta = {k: shipped.meta.get(k) for k in ("step", "val", "train_seeds", "val_seeds")}
-        coarse_meta.update(crop_size=int(shipped.meta.get("crop_size", CROP_SIZE)),
-                           crop_spacing_mm=float(shipped.meta.get("crop_spacing_mm", CROP_SPACING_MM)))
+        coarse_meta.update(zip(("crop_size", "crop_spacing_mm"), crop_geometry(shipped.meta)))
     else:
         raise ValueError("no 2 mm network installed: install one before its refiner")
     ref_cfg = ref_state = ref_meta = None

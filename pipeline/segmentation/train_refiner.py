@@ -186,12 +186,11 @@ def coarse_priors_of(cfg: RefineTrainConfig, say) -> tuple[np.ndarray, np.ndarra
 def load_coarse(path: str | Path) -> torch.nn.Module:
     """A 2 mm network from its training run's ``best.pt`` (of the shipped crop geometry: the
     coarse priors are cut from those caches)."""
-    from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+    from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM, crop_geometry
     from pipeline.segmentation.model import UNet3D
 
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    train_cfg = ck.get("train") or {}
-    geometry = (int(train_cfg.get("crop_size", CROP_SIZE)), float(train_cfg.get("crop_spacing_mm", CROP_SPACING_MM)))
+    geometry = crop_geometry(ck.get("train"))
     if geometry != (CROP_SIZE, CROP_SPACING_MM):
         raise ValueError(f"--coarse-from {path}: crops of {geometry[0]} at {geometry[1]:g} mm; the coarse priors "
                          f"are computed from the {CROP_SIZE} at {CROP_SPACING_MM:g} mm caches only")
