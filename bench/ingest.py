@@ -3,15 +3,20 @@
 
     bench/ingest [--rounds 3] [--senders 1|4] [--slices 300] [--matrix 512]
                  [--peers storescp,orthanc,node] [--node-set storage.sqlite_synchronous=NORMAL]
-                 [--max-send-pdu N] [--json FILE]
+                 [--max-send-pdu N] [--delete-between] [--json FILE]
 
 Every round starts each receiver fresh (empty store, new process), in a rotated order so that
-no peer always goes first on a machine whose load changes. Per receiver it reports the median
-seconds (storescu start to last exit), MB/s, instances/s, the receiver's CPU seconds during the
-transfer (``/proc/<pid>/stat`` utime+stime, less noisy than wall time on a shared machine) and
-its peak RSS (``VmHWM``); then the node's throughput as a ratio of Orthanc's and of storescp's
-(>1.0 = the node is faster). ``--senders 4`` splits the series over four concurrent storescu
-processes (four associations).
+no peer always goes first on a machine whose load changes. The stores are kept until the end
+of the run (``--delete-between``: deleted as each receiver stops, the behaviour before
+2026-11-28): on this machine's ext4, which has no journal, the kernel skips inodes deleted in
+the last seconds (minutes while their inode table is not written back) when it allocates a new
+one, one by one, so every file created after a few thousand deletions cost 0.3-0.9 ms of CPU,
+for every receiver alike. A probe (100 empty files) prints that cost at the start and the end.
+Per receiver it reports the median seconds (storescu start to last exit), MB/s, instances/s,
+the receiver's CPU seconds during the transfer (``/proc/<pid>/stat`` utime+stime, less noisy
+than wall time on a shared machine) and its peak RSS (``VmHWM``); then the node's throughput
+as a ratio of Orthanc's and of storescp's (>1.0 = the node is faster). ``--senders 4`` splits
+the series over four concurrent storescu processes (four associations).
 
 The series (a synthetic 512 x 512 CT, Explicit VR Little Endian, one file per slice) is written
 once and cached under ``$SPINE_BENCH_CACHE`` (default ``/var/tmp/spine-node-bench``); the stores
@@ -259,10 +264,21 @@ class Receiver:
         finally:
             con.close()
 
-    def stop(self) -> None:
+    def stop(self, *, keep_store: bool = False) -> None:
         if self.proc is not None:
             stop(self.proc)
-        shutil.rmtree(self.work / "store", ignore_errors=True)
+        if not keep_store:
+            shutil.rmtree(self.work / "store", ignore_errors=True)
+
+
+def creation_ms(directory: Path, count: int = 100) -> float:
+    """Milliseconds per empty file created in a new ``directory`` (kept: deleting them would
+    slow the next creations, see ``--delete-between``)."""
+    directory.mkdir(parents=True)
+    start = time.perf_counter()
+    for i in range(count):
+        os.close(os.open(directory / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+    return 1e3 * (time.perf_counter() - start) / count
 
 
 def _parse_value(text: str) -> object:
@@ -304,6 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "normal::storage.sqlite_synchronous=NORMAL (KEY env:VAR sets an "
                          "environment variable), or base:/tmp/old-checkout: (older code)")
     ap.add_argument("--max-send-pdu", type=int, help="storescu --max-send-pdu")
+    ap.add_argument("--delete-between", action="store_true",
+                    help="delete each receiver's store as soon as it stops (the default keeps "
+                         "them until the end of the run: on ext4 without a journal, files "
+                         "created after many deletions cost up to ~1 ms of CPU each for a while)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
 
@@ -325,13 +345,23 @@ def main(argv: list[str] | None = None) -> dict:
         variants[f"node-{vname}"] = (Path(src).resolve() if src else REPO, overrides)
         peers.append(f"node-{vname}")
     work = Path(tempfile.mkdtemp(prefix="spine-ingest-", dir=cache))
+    keep = not a.delete_between
+    needed = 1.3 * total * len(peers) * a.rounds
+    if keep and shutil.disk_usage(work).free < needed + 2e9:
+        print(f"less than {needed / 1e9:.1f} GB free for the stores: each is deleted when its "
+              "receiver stops (--delete-between)")
+        keep = False
+    probe = {"start": creation_ms(work / "probe-start")}
+    print(f"file creation probe: {probe['start']:.3f} ms per file (a fresh file system: "
+          f"~0.02-0.05)", flush=True)
     results: dict[str, list[dict]] = {p: [] for p in peers}
     try:
         for r in range(a.rounds):
             order = peers[r % len(peers):] + peers[:r % len(peers)]
             for name in order:
                 src, overrides = variants.get(name, (REPO, node_set))
-                rcv = Receiver(name, work / name, node_set=overrides, source=src)
+                rcv = Receiver(name, work / f"round{r + 1}" / name, node_set=overrides,
+                               source=src)
                 try:
                     rcv.start()
                 except Exception:
@@ -345,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rss = peak_rss_mb(rcv.pid)
                     n = rcv.count()
                 finally:
-                    rcv.stop()
+                    rcv.stop(keep_store=keep)
                     # Write back what this receiver left dirty (storescp never syncs) before
                     # the next one starts, so that no receiver pays for another's writeback.
                     os.sync()
@@ -354,8 +384,11 @@ def main(argv: list[str] | None = None) -> dict:
                 results[name].append({"seconds": seconds, "cpu_s": cpu, "peak_rss_mb": rss})
                 print(f"round {r + 1} {name:14s} {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  "
                       f"cpu {cpu:5.2f} s  rss {rss:6.0f} MB", flush=True)
+        probe["end"] = creation_ms(work / "probe-end")
+        print(f"file creation probe at the end: {probe['end']:.3f} ms per file")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        os.sync()  # write the deletions back, so the next run's creations need not skip them
 
     summary: dict[str, dict] = {}
     print(f"\nmedian of {a.rounds} rounds, {len(files)} instances, {mb:.1f} MB, "
@@ -390,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"instances": len(files), "megabytes": mb, "senders": a.senders,
            "node_set": node_set, "variants": {k: [str(v[0]), v[1]] for k, v in
                                               variants.items()}, "summary": summary, "ratios": ratios,
-           "load_average": os.getloadavg()}
+           "load_average": os.getloadavg(), "file_creation_ms": probe,
+           "stores_kept": keep}
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))
     return out

@@ -3,11 +3,16 @@ process (issue 8; a command, not a test).
 
     python bench/ingest_phases.py [FULL|NORMAL|NOSYNC] [--rounds 3]
 
-A :class:`dicom_node.scp.StorageSCP` runs in this process on a fresh store (removed after each
-round); dcmtk ``storescu`` sends bench/ingest.py's series (300 x 512 x 512) to it. The handler's
-steps are wrapped with timers; per instance it prints the wall time and this thread's CPU time
-of each. ``NOSYNC`` turns every fsync off (``storage.fsync = false``, SQLite ``NORMAL``): what
-the flushes cost is the difference to ``FULL``.
+A :class:`dicom_node.scp.StorageSCP` runs in this process on a fresh store (all removed at the
+end: deletions slow later file creations on some file systems, see bench/ingest.py); dcmtk
+``storescu`` sends bench/ingest.py's series (300 x 512 x 512) to it. The handler's steps are
+wrapped with timers; per instance it prints the wall time and this thread's CPU time of each.
+Then the median of each stretch of one instance's round trip outside the handler: from our
+response to the next request's first PDU (storescu's turn), the request's PDUs, from the last
+PDU to the handler (DIMSE decoding, hand-off to the association thread, pynetdicom's service
+class), and from the handler to the response sent. ``NOSYNC`` turns every fsync off
+(``storage.fsync = false``, SQLite ``NORMAL``): what the flushes cost is the difference to
+``FULL``.
 """
 from __future__ import annotations
 
@@ -16,11 +21,15 @@ import collections
 import functools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -33,13 +42,55 @@ import storage.files as files  # noqa: E402
 import storage.index as index  # noqa: E402
 import storage.ingest as writer  # noqa: E402
 from config.settings import Settings  # noqa: E402
-from dicom_node import scp  # noqa: E402
+from dicom_node import fast_dimse, fast_dul, scp  # noqa: E402
 from dicom_node.context import NodeContext  # noqa: E402
 
 WALL: collections.Counter = collections.Counter()
 CPU: collections.Counter = collections.Counter()
 CALLS: collections.Counter = collections.Counter()
 LABELS: list[str] = []   # in the order of _instrument: each step under the one that calls it
+STORES: list[Path] = []
+
+
+EVENTS: list[tuple[float, str]] = []   # (time, what) of the round trip outside the handler
+
+
+def _marked(owner: object, name: str, start: str, end: str) -> None:
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        EVENTS.append((time.perf_counter(), start))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            EVENTS.append((time.perf_counter(), end))
+
+    setattr(owner, name, wrapper)
+
+
+def round_trip() -> dict[str, float]:
+    """Median milliseconds of each stretch of an instance's round trip (module docstring)."""
+    spans: dict[str, list[float]] = collections.defaultdict(list)
+    sent = first = last_pdu = start = end = None
+    for t, what in EVENTS:
+        if what == "pdu" and first is None and sent is not None:
+            first = t
+        elif what == "pdu_end":
+            last_pdu = t
+        elif what == "handler":
+            start = t
+        elif what == "handler_end":
+            end = t
+        elif what == "sent" and end is not None:
+            if None not in (sent, first, last_pdu, start):
+                spans["storescu's turn"].append(first - sent)
+                spans["request PDUs"].append(last_pdu - first)
+                spans["decode, hand-off"].append(start - last_pdu)
+                spans["handler"].append(end - start)
+                spans["response"].append(t - end)
+            sent, first, end = t, None, None
+    return {k: 1e3 * statistics.median(v) for k, v in spans.items()}
 
 
 def _timed(owner: object, name: str, label: str) -> None:
@@ -60,16 +111,22 @@ def _timed(owner: object, name: str, label: str) -> None:
 
 
 def _instrument() -> None:
+    fast_dul.install()
+    fast_dimse.install()
+    _marked(DULServiceProvider, "_read_pdu_data", "pdu", "pdu_end")
+    _marked(DIMSEServiceProvider, "send_msg", "send", "sent")
+    _marked(scp.StorageSCP, "_on_store", "handler", "handler_end")
     _timed(scp.StorageSCP, "_on_store", "on_store (whole handler)")
     _timed(part10, "read_header", "  read_header")
     _timed(files.BlobStore, "write_new", "  write_new (final name)")
     _timed(files.BlobStore, "write_temp", "  write_temp")
     _timed(files, "_write_all", "    write")
-    _timed(files, "_fdatasync", "    data fdatasync")
+    _timed(files, "start_writeback", "    start write-back")
     _timed(writer.GroupCommit, "submit", "  group commit")
     _timed(index.Index, "add_instances", "    index transaction")
     _timed(files.BlobStore, "place", "      rename")
     _timed(files, "_fsync_dir", "      directory fsync")
+    _timed(files, "_fdatasync", "      data fdatasync")
 
 
 def one_round(mode: str, series: list[Path]) -> float:
@@ -95,7 +152,7 @@ def one_round(mode: str, series: list[Path]) -> float:
     finally:
         node.drain()
         ctx.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        STORES.append(tmp)  # removed at the end: deletions slow the next creations (ingest.py)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     _, series, _ = ingest.make_series(300, 512, cache)
     _instrument()
     for r in range(args.rounds):
-        WALL.clear(), CPU.clear(), CALLS.clear()
+        WALL.clear(), CPU.clear(), CALLS.clear(), EVENTS.clear()
         seconds = one_round(args.mode, series)
         n = len(series)
         print(f"round {r + 1} {args.mode}: {seconds:.2f} s for {n} instances "
@@ -115,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
         for label in (lbl for lbl in LABELS if CALLS[lbl]):
             print(f"  {label:26s} {1e3 * WALL[label] / n:6.3f} ms wall  "
                   f"{1e3 * CPU[label] / n:6.3f} ms CPU per instance ({CALLS[label]} calls)")
+        print("  round trip, median ms: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in round_trip().items()))
         os.sync()
+    for tmp in STORES:
+        shutil.rmtree(tmp, ignore_errors=True)
+    os.sync()
 
 
 if __name__ == "__main__":

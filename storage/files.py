@@ -6,17 +6,22 @@ and the directory fsynced, so a crash (even ``kill -9`` or power loss) leaves ei
 file or nothing under its final name. The one exception, :meth:`BlobStore.write_new`, writes a
 received instance under a final name that nothing points at yet (issue 8: no rename, a cheaper
 directory fsync); there a crash may leave a partial file, which no index row names and the next
-copy of the instance replaces (:mod:`storage.ingest`). Only :func:`storage.uids.validate_uid` output and our own
-fixed names ever become path components, so no path from a dataset reaches the file system.
+copy of the instance replaces (:mod:`storage.ingest`). Its data sync may be deferred
+(:class:`PendingSync`): the write-back starts at once and the caller makes it durable later,
+after other work, but before anything points at the file. Only
+:func:`storage.uids.validate_uid` output and our own fixed names ever become path components,
+so no path from a dataset reaches the file system.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from storage.uids import validate_uid
@@ -71,6 +76,80 @@ def _chunks(data: bytes | Iterable) -> tuple[Iterable, int]:
     if isinstance(data, (list, tuple)):
         return data, sum(len(c) for c in data)
     return data, 0
+
+
+#: ``SYNC_FILE_RANGE_WRITE`` of sync_file_range(2): start writing dirty pages back, no waiting.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range():  # noqa: ANN202 - a ctypes function or None
+    """Linux's ``sync_file_range`` from the C library (Python's ``os`` has none), or ``None``
+    where there is none (other systems: the later fdatasync then does all the work)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to the device without waiting for them (a hint: it
+    makes no promise of durability, only that a later fdatasync has less left to wait for)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors: fdatasync reports them
+
+
+class PendingSync:
+    """An open file whose data has been written and whose write-back has started, but which is
+    not yet durable. :meth:`sync` fdatasyncs and closes it: once, whoever calls it first;
+    concurrent and later callers wait for that call and get its outcome (so an association
+    thread and the group commit's leader may both call it). :meth:`close` closes it without a
+    sync (error paths)."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._closed = False
+        self._error: BaseException | None = None
+        self.synced = False
+
+    def sync(self) -> None:
+        with self._lock:
+            if not self._closed:
+                try:
+                    _fdatasync(self._fd)
+                    self.synced = True
+                except BaseException as exc:  # noqa: BLE001 - kept for every caller
+                    self._error = exc
+                finally:
+                    self._closed = True
+                    os.close(self._fd)
+        if self._error is not None:
+            raise self._error
+        if not self.synced:
+            raise OSError("the file was closed before its data was synced")
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+
+@dataclass
+class NewFile:
+    """A file :meth:`BlobStore.write_new` created under its final name."""
+
+    path: Path
+    inode: int
+    #: Set when the data sync was deferred: call ``pending.sync()`` before anything may
+    #: point at the file (and ``pending.close()`` on every way out).
+    pending: PendingSync | None = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -180,9 +259,14 @@ class BlobStore:
         self._fill(fd, tmp, chunks)
         return tmp
 
-    def _fill(self, fd: int, path: Path, chunks: Iterable) -> None:
+    def _fill(self, fd: int, path: Path, chunks: Iterable, *,
+              defer_sync: bool = False) -> PendingSync | None:
         """Write ``chunks`` to the new file ``fd`` (at ``path``), fdatasync it (unless
-        ``fsync`` is off) and close it; on any error the file is removed."""
+        ``fsync`` is off) and close it; on any error the file is removed.
+
+        ``defer_sync`` (with ``fsync`` on): start the write-back instead and return the still
+        open file as a :class:`PendingSync`; the caller syncs it later.
+        """
         try:
             try:
                 if isinstance(chunks, (list, tuple)):
@@ -190,25 +274,37 @@ class BlobStore:
                 else:
                     for chunk in chunks:
                         _write_all(fd, (chunk,))
+                if self.fsync and defer_sync:
+                    start_writeback(fd)
+                    pending, fd = PendingSync(fd), -1
+                    return pending
                 if self.fsync:
                     _fdatasync(fd)
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        return None
 
-    def write_new(self, relpath: str, data: bytes | Sequence) -> tuple[Path, int] | None:
+    def write_new(self, relpath: str, data: bytes | Sequence, *,
+                  defer_sync: bool = False) -> NewFile | None:
         """Write ``data`` directly under ``relpath`` if nothing is there yet (``O_EXCL``),
         fdatasynced; returns the path and the file's inode number, or ``None`` when a file is
         already there (the caller then writes a temporary file and renames it, replacing it).
 
-        No rename, so no directory change after the data's sync: the directory fsync that
-        makes the name durable finds the entry already committed with the data on a
-        journaling file system. Unlike :meth:`write_atomic`, a crash during the write can leave
-        a partial file under the final name; the instance store only does this for names no
-        index row points at yet (:mod:`storage.ingest`), and the next copy replaces it. On
-        any error the file is removed. Raises :class:`OutOfSpaceError` below the floor.
+        ``defer_sync=True``: the data's write-back is started but not waited for; the returned
+        :attr:`NewFile.pending` makes it durable (:mod:`storage.ingest` does so after the index
+        insert, before the commit, so the insert's CPU time overlaps the device's work).
+
+        No rename, so the directory only changes when the file is created: its fsync, which
+        makes the name durable, costs a device flush and little else (and may run while the
+        data is still being written back). Unlike :meth:`write_atomic`, a crash during the
+        write can leave a partial file under the final name; the instance store only does
+        this for names no index row points at yet (:mod:`storage.ingest`), and the next copy
+        replaces it. On any error the file is removed. Raises :class:`OutOfSpaceError` below
+        the floor.
         """
         final = self.path(relpath)
         chunks, size = _chunks(data)
@@ -224,8 +320,8 @@ class BlobStore:
             os.close(fd)
             final.unlink(missing_ok=True)
             raise
-        self._fill(fd, final, chunks)
-        return final, inode
+        pending = self._fill(fd, final, chunks, defer_sync=defer_sync)
+        return NewFile(final, inode, pending)
 
     def remove_if_same(self, path: Path, inode: int) -> None:
         """Delete ``path`` if it is still the file with ``inode`` (not one renamed over it)."""

@@ -4,19 +4,25 @@ syncs of instances that arrive together (issue 8).
 :meth:`InstanceWriter.store_instance` returns only once the instance is durable in the sense the
 configuration promises, so the SCP can answer Success right after it:
 
-- the data: fdatasynced, always; written directly under its final name when no file is there
-  (:meth:`storage.files.BlobStore.write_new`, the usual case: no rename, and the directory's
-  fsync finds the new entry already committed with the data), otherwise to a temporary file
-  in the same directory (:meth:`storage.files.BlobStore.write_temp`): a duplicate, a heal,
-  or a partial file that a crash left under the final name without an index row.
+- the data: fdatasynced before its row is committed, always; written directly under its final
+  name when no file is there (:meth:`storage.files.BlobStore.write_new`, the usual case: no
+  rename), otherwise to a temporary file in the same directory
+  (:meth:`storage.files.BlobStore.write_temp`, synced at once): a duplicate, a heal, or a
+  partial file that a crash left under the final name without an index row.
 - the name and the index row: one *group commit* for every instance waiting at that moment.
   The first caller becomes the leader: in one transaction it inserts all rows (an insert that
   does nothing is a duplicate: no query of its own), renames the temporary files of new
-  instances into place, fsyncs each directory once, then commits (one WAL sync), and wakes the
-  others; callers that arrived meanwhile form the next group. No committed row points at a
-  file that is not complete and in place. One association sends
-  instance after instance, so its groups have one member; several concurrent associations
-  share the syncs.
+  instances into place, fsyncs each directory once, makes every member's data durable, then
+  commits (one WAL sync), and wakes the others; callers that arrived meanwhile form the next
+  group. No committed row points at a file that is not complete and in place.
+- the order of the work: a directly written file's write-back is started at once
+  (``sync_file_range``) and its fdatasync deferred (:class:`storage.files.PendingSync`). A
+  caller that has to wait for the group before it syncs its own data meanwhile (several
+  associations: their syncs run side by side, as before); a leader syncs its own after the
+  inserts and the directory fsync, so that their CPU time and that flush overlap the data's
+  way to the device instead of following it. One association sends instance after instance
+  (storescu waits for each answer), so its groups have one member and each instance waits
+  for the device once less in a row.
 
 Durability levels, from ``storage.sqlite_synchronous`` (SQLite only; other databases commit
 durably and get the first):
@@ -41,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.files import BlobStore
+from storage.files import BlobStore, PendingSync
 from storage.index import Index, InstanceRecord
 
 #: Most instances in one group commit (bounds the latency of the group's first member).
@@ -84,13 +90,22 @@ class GroupCommit:
         self._pending: list[_Waiter] = []
         self._busy = False
 
-    def submit(self, item: Any) -> Any:
+    def submit(self, item: Any, prepare: Callable[[], object] | None = None) -> Any:
+        """``fn``'s result for ``item``. ``prepare``: the caller's own share of the work, run
+        while it waits for the group before its own (not when it leads at once: then ``fn``
+        does it). Its errors are ignored here, so ``fn`` must meet them again (an idempotent
+        step, such as :meth:`storage.files.PendingSync.sync`)."""
         me = _Waiter(item, threading.Event())
         with self._lock:
             self._pending.append(me)
             lead = not self._busy
             self._busy = True
         if not lead:
+            if prepare is not None:
+                try:
+                    prepare()
+                except BaseException:  # noqa: BLE001 - fn meets it again, reports it per member
+                    pass
             me.ready.wait()
             if not me.lead:
                 return me.outcome()
@@ -146,29 +161,34 @@ class InstanceWriter:
 
         ``data``: the file's bytes, or buffers written one after the other. A new instance's
         file is written directly under its final name when nothing is there
-        (:meth:`storage.files.BlobStore.write_new`: no rename, and the directory fsync then
-        costs almost nothing); otherwise (a duplicate, a file left by a crash, a heal) the data
-        goes to a temporary file first. The group commit inserts the row and, inside the same
-        transaction, names a temporary file (a new instance), drops the data (a duplicate: the
+        (:meth:`storage.files.BlobStore.write_new`: no rename; its fdatasync deferred until
+        the row is inserted, see the module docstring); otherwise (a duplicate, a file left by
+        a crash, a heal) the data goes to a temporary file first. The group commit inserts the
+        row and, inside the same transaction, syncs the data of a directly written file, names
+        a temporary file (a new instance), drops the data (a duplicate: the
         first copy stays) or names it at the indexed path (indexed, but its file is gone, e.g.
         after a power loss with ``storage.sqlite_synchronous = NORMAL``: the re-sent copy heals
         it). So the duplicate check is the insert itself, not a query of its own, and no
         committed row points at a file that is not complete.
         """
-        direct = self.store.write_new(record.path, data)
-        if direct is not None:
-            path, inode = direct
+        new = self.store.write_new(record.path, data, defer_sync=True)
+        if new is not None:
+            pending = new.pending
             try:
-                outcome = self._group.submit((path, record, True))
+                outcome = self._group.submit((new.path, record, True, pending),
+                                             prepare=pending.sync if pending else None)
             except BaseException:
-                self.store.remove_if_same(path, inode)  # not indexed: nothing stays behind
+                self.store.remove_if_same(new.path, new.inode)  # not indexed: nothing stays
                 raise
+            finally:
+                if pending is not None:
+                    pending.close()  # synced by the commit, or an error: closed either way
             if outcome is Outcome.DUPLICATE and self._unindexed(record):
-                self.store.remove_if_same(path, inode)
+                self.store.remove_if_same(new.path, new.inode)
             return outcome
         tmp = self.store.write_temp(record.path, data)
         try:
-            outcome = self._group.submit((tmp, record, False))
+            outcome = self._group.submit((tmp, record, False, None))
         except BaseException:
             tmp.unlink(missing_ok=True)  # not named: nothing stays behind
             raise
@@ -181,13 +201,15 @@ class InstanceWriter:
         (the first copy was indexed under another study or series)?"""
         return self.index.instance_path(record.sop_instance_uid) != record.path
 
-    def _commit(self, items: list[tuple[Path, InstanceRecord, bool]]) -> list[Outcome]:
+    def _commit(self, items: list[tuple[Path, InstanceRecord, bool, PendingSync | None]],
+                ) -> list[Outcome]:
         outcomes: list[Outcome] = []
 
         def place(new: list[bool], known: list[str | None]) -> None:
             placed: list[Path] = []
             named: set[str] = set()   # final names a temporary file of this group went to
-            for (path, record, direct), is_new, known_path in zip(items, new, known):
+            outcomes.clear()          # a retried transaction places again
+            for (path, record, direct, _), is_new, known_path in zip(items, new, known):
                 if direct:
                     # Already under its final name. New: nothing to rename. Indexed under this
                     # very name: it heals a missing file, unless a temporary file of this
@@ -210,6 +232,9 @@ class InstanceWriter:
                 outcomes.append(Outcome.STORED)
             if self.sync_dirs:
                 self.store.sync_dirs(placed)
+            for *_, pending in items:  # the data is durable before its row is committed
+                if pending is not None:
+                    pending.sync()
 
-        self.index.add_instances([record for _, record, _ in items], before_commit=place)
+        self.index.add_instances([item[1] for item in items], before_commit=place)
         return outcomes

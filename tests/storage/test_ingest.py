@@ -2,6 +2,7 @@
 durability level taken from the configuration."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -202,3 +203,126 @@ def test_same_instance_from_concurrent_senders_is_stored_once_and_intact(parts):
         assert store.read_bytes(rec.path) == b"DICM"          # never removed by a loser
         assert index.instance_path(rec.sop_instance_uid) == rec.path
     assert not list(store.root.rglob(".tmp-*"))
+
+
+def test_group_commit_lets_waiting_members_prepare_and_not_the_leader():
+    started, release = threading.Event(), threading.Event()
+    prepared: list[int] = []
+
+    def commit(items):
+        if 0 in items:
+            started.set()
+            release.wait(10)   # the first group is slow: the others wait for it
+        return list(items)
+
+    group = GroupCommit(commit)
+    leader = threading.Thread(target=lambda: group.submit(0, prepare=lambda: prepared.append(0)))
+    leader.start()
+    assert started.wait(10)
+    followers = [threading.Thread(target=group.submit,
+                                  args=(i,), kwargs={"prepare": lambda i=i: prepared.append(i)})
+                 for i in (1, 2)]
+    for t in followers:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(prepared) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(prepared) == [1, 2]        # while the group before theirs still runs
+    release.set()
+    for t in [leader, *followers]:
+        t.join(10)
+    assert 0 not in prepared                 # a leader's share is done by the commit itself
+
+
+def test_pending_sync_runs_once_for_every_caller_and_keeps_its_error(tmp_path, monkeypatch):
+    import storage.files as files
+
+    calls = []
+    monkeypatch.setattr(files, "_fdatasync", lambda fd: calls.append(fd))
+    fd = os.open(tmp_path / "a", os.O_WRONLY | os.O_CREAT)
+    pending = files.PendingSync(fd)
+    threads = [threading.Thread(target=pending.sync) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    pending.sync()
+    pending.close()
+    assert calls == [fd] and pending.synced
+
+    def eio(_fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(files, "_fdatasync", eio)
+    bad = files.PendingSync(os.open(tmp_path / "b", os.O_WRONLY | os.O_CREAT))
+    for _ in range(2):                       # the second caller hears the same error
+        with pytest.raises(OSError, match="Input/output"):
+            bad.sync()
+    closed = files.PendingSync(os.open(tmp_path / "c", os.O_WRONLY | os.O_CREAT))
+    closed.close()
+    with pytest.raises(OSError, match="closed before"):
+        closed.sync()                        # never reported as durable
+
+
+def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatch):
+    import storage.files as files
+
+    _db, index, store = parts
+    writer = InstanceWriter(store, index)
+    rec = _record(1)
+    events: list[str] = []
+    real_sync, real_start = files._fdatasync, files.start_writeback
+
+    def start(fd):
+        events.append("write-back started")
+        real_start(fd)
+
+    def sync(fd):
+        # The row is inserted in the open transaction, not committed: not yet visible.
+        events.append("data synced, row " + ("visible" if index.instance_path(
+            rec.sop_instance_uid) else "not committed"))
+        real_sync(fd)
+
+    monkeypatch.setattr(files, "start_writeback", start)
+    monkeypatch.setattr(files, "_fdatasync", sync)
+    monkeypatch.setattr(store, "sync_dirs", lambda paths: events.append("directory synced"))
+    assert writer.store_instance(rec, b"DICM") is Outcome.STORED
+    assert events == ["write-back started", "directory synced",
+                      "data synced, row not committed"]
+    assert index.instance_path(rec.sop_instance_uid) == rec.path
+    assert store.read_bytes(rec.path) == b"DICM"
+
+
+def test_a_failed_data_sync_fails_that_instance_alone(parts, monkeypatch):
+    import storage.files as files
+
+    _db, index, store = parts
+    writer = InstanceWriter(store, index)
+    real_sync = files._fdatasync
+    bad = _record(3)
+
+    def sync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(bad.sop_instance_uid + ".dcm"):
+            raise OSError(5, "Input/output error")
+        real_sync(fd)
+
+    monkeypatch.setattr(files, "_fdatasync", sync)
+    outcomes, errors, barrier = {}, {}, threading.Barrier(6)
+
+    def send(k):
+        barrier.wait()
+        try:
+            outcomes[k] = writer.store_instance(_record(k), b"DICM")
+        except OSError as exc:
+            errors[k] = exc
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert list(errors) == [3] and len(outcomes) == 5
+    assert set(outcomes.values()) == {Outcome.STORED}
+    assert index.instance_path(bad.sop_instance_uid) is None
+    assert not store.path(bad.path).exists()          # not indexed, not kept
+    assert len(index.series_instances("1.2.3.1")) == 5
