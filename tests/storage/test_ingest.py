@@ -278,9 +278,15 @@ def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatc
         real_start(fd)
 
     def sync(fd):
-        # The row is inserted in the open transaction, not committed: not yet visible.
-        events.append("data synced, row " + ("visible" if index.instance_path(
-            rec.sop_instance_uid) else "not committed"))
+        # Inside the leader's transaction the row is already inserted; another connection
+        # does not see it yet (not committed).
+        conn = index._writer_conn   # the connection of add_instances' open transaction
+        mine = conn is not None and conn.exec_driver_sql(
+            "SELECT count(*) FROM instances WHERE sop_instance_uid = ?",
+            (rec.sop_instance_uid,)).scalar()
+        others = index.instance_path(rec.sop_instance_uid)
+        events.append(f"data synced, row {'inserted' if mine else 'not inserted'}, "
+                      f"{'visible' if others else 'not committed'}")
         real_sync(fd)
 
     monkeypatch.setattr(files, "start_writeback", start)
@@ -288,7 +294,7 @@ def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatc
     monkeypatch.setattr(store, "sync_dirs", lambda paths: events.append("directory synced"))
     assert writer.store_instance(rec, b"DICM") is Outcome.STORED
     assert events == ["write-back started", "directory synced",
-                      "data synced, row not committed"]
+                      "data synced, row inserted, not committed"]
     assert index.instance_path(rec.sop_instance_uid) == rec.path
     assert store.read_bytes(rec.path) == b"DICM"
 
