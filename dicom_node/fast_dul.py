@@ -26,7 +26,9 @@ nothing else:
   so the wake-up stays, and ``SPINE_FAST_DUL_PARTS=dul+assoc+recv`` leaves it out.
 - the association reactor blocks on the DIMSE message queue's condition instead of sleeping
   before each look, and is marked paused while it waits (it is not touching the queue), so
-  that ``send_c_*`` from another thread need not wait for it either. The DUL reactor wakes it
+  that ``send_c_*`` from another thread need not wait for it either. It takes a request off
+  the queue and marks itself as serving it in one step (``_spn_serving``), which
+  :mod:`dicom_node.fast_dimse` checks before it serves a C-STORE in the DUL thread. The DUL reactor wakes it
   when it hands the service user an A-RELEASE/A-ABORT, so releases are answered at once.
 - ``AssociationSocket.recv`` reads a whole PDU with ``recv_into`` into one buffer (1 MiB at
   first, doubled as data arrives: a PDU header that announces gigabytes costs nothing until
@@ -147,9 +149,11 @@ def _wake(dul: DULServiceProvider) -> None:
 
 
 def _send_pdu(self: DULServiceProvider, primitive) -> None:  # noqa: ANN001
-    """pynetdicom's ``send_pdu`` (queue the primitive), then wake the DUL reactor's wait."""
+    """pynetdicom's ``send_pdu`` (queue the primitive), then wake the DUL reactor's wait
+    (not needed when the DUL thread queues it itself: its next pass sends it)."""
     _orig_send_pdu(self, primitive)
-    _wake(self)
+    if threading.current_thread() is not self:
+        _wake(self)
 
 
 def _kill_dul(self: DULServiceProvider) -> None:
@@ -246,6 +250,8 @@ def _assoc_run_reactor(self: Association) -> None:
     msg_queue = self.dimse.msg_queue
     cond = msg_queue.not_empty
     self._is_paused = False
+    self._spn_serving = False
+    self._spn_reactor = True  # dicom_node.fast_dimse may serve a C-STORE in the DUL thread
     while not self._kill:
         # Waiting here the reactor does not touch the queue: count as paused, so that a
         # send_c_*() of another thread (which pauses us, then reads the queue) goes on at once.
@@ -261,9 +267,21 @@ def _assoc_run_reactor(self: Association) -> None:
         if self._kill:
             break
 
-        context_id, msg = self.dimse.get_msg(block=False)
+        # Taken and marked as being served in one step, under the queue's lock:
+        # dicom_node.fast_dimse serves a C-STORE in the DUL thread only while this thread is
+        # neither holding nor about to serve a request (responses keep the requests' order).
+        with msg_queue.mutex:
+            if msg_queue._qsize():
+                context_id, msg = msg_queue._get()
+                self._spn_serving = True
+            else:
+                context_id, msg = None, None
         if msg:
-            self._serve_request(msg, cast(int, context_id))
+            try:
+                self._serve_request(msg, cast(int, context_id))
+            finally:
+                with msg_queue.mutex:
+                    self._spn_serving = False
 
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
@@ -290,7 +308,9 @@ def _assoc_run_reactor(self: Association) -> None:
             self.kill()
             return
 
-        if self.dul.idle_timer_expired():
+        if self.dul.idle_timer_expired() and not self._spn_serving:
+            # (not while the DUL thread serves a request: pynetdicom's reactor does not look at
+            # the timer while it serves one either)
             pynetdicom.association.LOGGER.error("Network timeout reached")
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True

@@ -8,7 +8,9 @@ fsync and index commit grouped with concurrent instances), and only then answer 
 Instance UID already held is answered Success without a second copy. Below the free-space floor
 the answer is Out of Resources (0xA700) and nothing is written. pynetdicom's polling loops are
 replaced by waits in :mod:`dicom_node.fast_dul`, its C-STORE data path by
-:mod:`dicom_node.fast_dimse`.
+:mod:`dicom_node.fast_dimse`, which also runs this handler in the association's DUL thread
+(no thread hand-off per instance): so the handler must not block on its own association (no
+``send_c_*``, no blocking ``abort``), which a storage SCP has no reason to do.
 """
 from __future__ import annotations
 
@@ -124,7 +126,8 @@ class StorageSCP:
         self.tls_server = None  # a second listener when node.tls.port is set
 
         fast_dul.install()  # event-driven waits instead of pynetdicom's 1 ms polling loops
-        fast_dimse.install()  # C-STORE data without copies, responses encoded directly
+        fast_dimse.install(inline_store=True)  # C-STORE data without copies, served in the
+        # DUL thread, responses encoded directly
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
             # pynetdicom's standard handlers format every PDU and DIMSE message for its INFO
             # and DEBUG logs, which the node keeps at WARNING (dicom_node.logging): not bound.

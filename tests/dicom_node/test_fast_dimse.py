@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
 from dicom_node import fast_dimse, part10
 from dicom_node.fast_dimse import (FragmentedDataSet, c_store_rsp_command, fragments_of,
@@ -239,3 +239,231 @@ def test_malformed_p_data_aborts_that_association_only(node_factory, tmp_path, k
     res = storescu(node, files)
     assert res.returncode == 0, res.stdout + res.stderr
     assert len(list(node.store_root.rglob("*.dcm"))) == 2
+
+
+# -- C-STORE-RQ command sets parsed directly -------------------------------------------------
+def _c_store_rq_pdatas(sop: str, *, priority: int = 0, mover: str | None = None,
+                       max_pdu: int = 16384) -> list:
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    req = C_STORE()
+    req.MessageID = 7
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = sop
+    req.Priority = priority
+    if mover is not None:
+        req.MoveOriginatorApplicationEntityTitle = mover
+        req.MoveOriginatorMessageID = 65535
+    req.DataSet = BytesIO(b"\x08\x00\x18\x00" + b"\x00" * 96)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    return list(msg.encode_msg(5, max_pdu))
+
+
+_PRIMITIVE_FIELDS = ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
+                     "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID",
+                     "_context_id")
+
+
+@pytest.mark.parametrize("sop", ["1.2.3", "1.2.34", "2.25.1234567890123456789012345678901234567"])
+@pytest.mark.parametrize("priority,mover,max_pdu", [(0, None, 16384), (2, "MOVER", 16384),
+                                                     (1, "A", 40)])
+def test_c_store_rq_parsed_directly_gives_pynetdicoms_primitive(sop, priority, mover, max_pdu):
+    """Odd and even UID lengths (null padding), the optional move originator, a command set in
+    fragments (40-byte PDUs): the directly parsed primitive equals pynetdicom's, and so does the
+    command set decoded on demand."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+    pdatas = _c_store_rq_pdatas(sop, priority=priority, mover=mover, max_pdu=max_pdu)
+    if max_pdu == 40:
+        assert sum(1 for p in pdatas for _, v in p.presentation_data_value_list
+                   if v[0] & 1) > 3
+    results = []
+    for decode in (lambda m, p: m.decode_msg(p, None), fast_dimse.decode_msg):
+        msg = DIMSEMessage()
+        msg.data_set = BytesIO()
+        done = [decode(msg, p) for p in pdatas]
+        assert done[-1] and not any(done[:-1])
+        primitive = msg.message_to_primitive()
+        results.append((msg, {k: getattr(primitive, k) for k in _PRIMITIVE_FIELDS},
+                        primitive.DataSet.getvalue()))
+    (plain, plain_fields, plain_data), (fast, fast_fields, fast_data) = results
+    assert type(fast) is fast_dimse.ParsedCStoreRQ and type(plain).__name__ == "C_STORE_RQ"
+    assert fast_fields == plain_fields and fast_data == plain_data
+    assert list(fast.command_set) == list(plain.command_set)
+
+
+def _element(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0, elem, len(value)) + value
+
+
+_GOOD = {0x0002: CTImageStorage.encode() + b"\0", 0x0100: struct.pack("<H", 1),
+         0x0110: struct.pack("<H", 7), 0x0700: struct.pack("<H", 0),
+         0x0800: struct.pack("<H", 0), 0x1000: b"1.2.3\0"}
+
+
+def _command(**changes: bytes | None) -> bytes:
+    elements = dict(_GOOD)
+    for key, value in changes.items():
+        elem = int(key[1:], 16)
+        if value is None:
+            elements.pop(elem)
+        else:
+            elements[elem] = value
+    return b"".join(_element(e, v) for e, v in sorted(elements.items()))
+
+
+def test_unusual_command_sets_are_left_to_pydicom():
+    """Anything but a plain C-STORE-RQ command set: ``parse_c_store_rq`` declines, and
+    ``decode_msg`` decodes it with pydicom, as pynetdicom does."""
+    assert fast_dimse.parse_c_store_rq(_command())[0x1000] == "1.2.3"
+    for unusual in (_command(e0100=struct.pack("<H", 0x0030)),      # C-ECHO-RQ
+                    _command(e0100=struct.pack("<H", 0x8001)),      # C-STORE-RSP
+                    _command(e0900=struct.pack("<H", 0)),           # an element not in it
+                    _command(e0110=struct.pack("<HH", 7, 8)),       # US with two values
+                    _command(e1000=b"1.2.3\\1.2.4"),                # UI with two values
+                    _command(e1000=b""),                            # empty UID
+                    _command(e0700=None),                           # Priority missing
+                    _command()[:-3],                                # truncated
+                    _command() + _element(0x0110, struct.pack("<H", 9))):  # twice
+        assert fast_dimse.parse_c_store_rq(unusual) is None
+    from pynetdicom.dimse_messages import C_ECHO_RQ, DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+    echo = _command(e0100=struct.pack("<H", 0x0030), e0800=struct.pack("<H", 0x0101),
+                    e1000=None)
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[1, b"\x03" + echo]]
+    msg = DIMSEMessage()
+    msg.data_set = BytesIO()
+    assert fast_dimse.decode_msg(msg, primitive)
+    assert type(msg) is C_ECHO_RQ and msg.command_set.MessageID == 7
+
+
+# -- C-STORE served in the DUL thread --------------------------------------------------------
+class _FakeAssoc:
+    """What ``_serve_inline`` looks at on an association."""
+
+    def __init__(self, fail: bool = False):
+        import queue
+        from types import SimpleNamespace
+        self.is_acceptor = True
+        self._spn_reactor = True
+        self._spn_serving = False
+        self._sent_release = False
+        self._accepted_cx = {5: object()}
+        self.dimse = SimpleNamespace(msg_queue=queue.Queue())
+        self.dul = SimpleNamespace(_idle_timer=SimpleNamespace(restart=lambda: None))
+        self.served: list[tuple[object, int, bool]] = []
+        self.aborted: list[bool] = []
+        self.fail = fail
+
+    def _serve_request(self, primitive, context_id):  # noqa: ANN001
+        self.served.append((primitive, context_id, self._spn_serving))
+        if self.fail:
+            raise RuntimeError("boom")
+
+    def abort(self, block: bool = True) -> None:
+        self.aborted.append(block)
+
+
+def _store_request() -> C_STORE:
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = "1.2.3"
+    req.Priority = 0
+    return req
+
+
+def test_a_c_store_is_served_in_the_dul_thread_only_when_that_keeps_the_order(monkeypatch):
+    monkeypatch.setattr(fast_dimse, "_inline_store", True)
+    req = _store_request()
+    assoc = _FakeAssoc()
+    assert fast_dimse._serve_inline(assoc, req, 5)
+    assert assoc.served == [(req, 5, True)] and assoc._spn_serving is False
+
+    declined = []
+    queued = _FakeAssoc()
+    queued.dimse.msg_queue.put((5, "an earlier request"))   # not yet taken
+    declined.append(queued)
+    serving = _FakeAssoc()
+    serving._spn_serving = True                             # the association thread serves one
+    declined.append(serving)
+    requestor = _FakeAssoc()
+    requestor.is_acceptor = False                           # an SCU's association
+    declined.append(requestor)
+    plain_reactor = _FakeAssoc()
+    plain_reactor._spn_reactor = False                      # pynetdicom's own reactor
+    declined.append(plain_reactor)
+    releasing = _FakeAssoc()
+    releasing._sent_release = True
+    declined.append(releasing)
+    for other in declined:
+        assert not fast_dimse._serve_inline(other, req, 5) and not other.served
+    assert not fast_dimse._serve_inline(_FakeAssoc(), req, 3)           # unknown context
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    assert not fast_dimse._serve_inline(_FakeAssoc(), echo, 5)          # not a C-STORE
+    rsp = _store_request()
+    rsp.MessageIDBeingRespondedTo = 1
+    assert not fast_dimse._serve_inline(_FakeAssoc(), rsp, 5)           # a response
+    monkeypatch.setattr(fast_dimse, "_inline_store", False)
+    assert not fast_dimse._serve_inline(_FakeAssoc(), req, 5)           # not asked for
+
+
+def test_a_failure_while_serving_in_the_dul_thread_aborts_without_waiting(monkeypatch):
+    """What would have ended the association thread: logged, the association aborted
+    without blocking (the DUL thread itself must send the A-ABORT), the flag cleared."""
+    monkeypatch.setattr(fast_dimse, "_inline_store", True)
+    assoc = _FakeAssoc(fail=True)
+    assert fast_dimse._serve_inline(assoc, _store_request(), 5)
+    assert assoc.aborted == [False] and assoc._spn_serving is False
+
+
+def test_the_storage_scp_serves_c_store_in_the_dul_thread_and_c_echo_in_its_own(tmp_path,
+                                                                               monkeypatch):
+    """A pynetdicom SCP in a process where the node's patches are installed with
+    ``inline_store``: each C-STORE handler runs in the DUL thread of its association, a C-ECHO
+    in the association thread; a pynetdicom SCU gets every answer."""
+    import threading
+
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.sop_class import Verification
+
+    from dicom_node import fast_dul
+    assert fast_dul.install() and fast_dimse.install(inline_store=True)
+    monkeypatch.setattr(fast_dimse, "_inline_store", True)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+    threads: dict[str, list] = {"store": [], "echo": []}
+
+    def on_store(event):  # noqa: ANN001
+        threads["store"].append(threading.current_thread())
+        return 0x0000
+
+    def on_echo(event):  # noqa: ANN001
+        threads["echo"].append(threading.current_thread())
+        return 0x0000
+
+    ae = AE(ae_title="PLAINSCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store),
+                                           (evt.EVT_C_ECHO, on_echo)])
+    try:
+        files = _files(tmp_path / "series", 3)
+        scu = AE(ae_title="PLAINSCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="PLAINSCP")
+        assert assoc.is_established
+        statuses = []
+        for path in files:
+            statuses.append(assoc.send_c_store(path).Status)
+            statuses.append(assoc.send_c_echo().Status)
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0x0000] * 6
+    assert len(threads["store"]) == 3 and len(threads["echo"]) == 3
+    assert all(isinstance(t, DULServiceProvider) for t in threads["store"])
+    assert not any(isinstance(t, DULServiceProvider) for t in threads["echo"])
