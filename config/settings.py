@@ -160,6 +160,10 @@ class StorageSettings(_Section):
     min_free_mb: int = Field(1024, ge=0)
     #: fsync every instance file and its directory before answering Success.
     fsync: bool = True
+    #: Write instance and result files with O_DIRECT where the file system takes it: straight
+    #: from a reused buffer to the device, without a copy into the page cache (which a busy
+    #: node would fill with images it does not read again soon). False: through the page cache.
+    direct_io: bool = True
     #: SQLite only: PRAGMA synchronous (FULL survives power loss, NORMAL only process crashes).
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 

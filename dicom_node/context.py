@@ -43,7 +43,8 @@ class NodeContext:
         if upgrade:
             db.upgrade()
         store = BlobStore(settings.storage.root, min_free_mb=settings.storage.min_free_mb,
-                          fsync=settings.storage.fsync)
+                          fsync=settings.storage.fsync,
+                          direct_io=settings.storage.direct_io)
         return cls(settings, db, Index(db), JobQueue(db), store)
 
     def close(self) -> None:

@@ -11,10 +11,21 @@ copy of the instance replaces (:mod:`storage.ingest`). Its data sync may be defe
 after other work, but before anything points at the file. Only
 :func:`storage.uids.validate_uid` output and our own fixed names ever become path components,
 so no path from a dataset reaches the file system.
+
+Files are written with ``O_DIRECT`` where the file system takes it (``storage.direct_io``,
+default on; :func:`_write_direct`): the data is copied once into a reused, page-aligned staging
+buffer and goes from there to the device, instead of being copied into newly allocated page
+cache pages and written back later. On this project's 2-core VM the copy into the page cache
+cost 0.2-2.3 ms of CPU per 0.5 MB slice, depending on the host (fresh guest pages are
+expensive to touch); the staging copy ~0.15 ms (bench/README.md, "Sixth round"). The write
+returns once the device has the data, so the later fdatasync only has the last partial block
+and the file's metadata left to write. Nothing changes in what is durable when.
 """
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import mmap
 import os
 import re
 import shutil
@@ -76,6 +87,76 @@ def _chunks(data: bytes | Iterable) -> tuple[Iterable, int]:
     if isinstance(data, (list, tuple)):
         return data, sum(len(c) for c in data)
     return data, 0
+
+
+#: ``O_DIRECT`` where the system has it (Linux); 0 elsewhere, and then no direct I/O.
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+#: Alignment of a direct write's buffer, file offset and length: 4096 covers devices with
+#: 512-byte and with 4096-byte logical blocks.
+DIRECT_ALIGN = 4096
+#: Size of a staging buffer (a multiple of ``DIRECT_ALIGN``): a CT slice (0.5 MB) goes to the
+#: device in one write; larger files go through it a piece at a time.
+DIRECT_CHUNK = 2 << 20
+
+
+class _StagingPool:
+    """Page-aligned buffers (anonymous ``mmap``) for direct writes, reused: a buffer is taken
+    for one file and given back, so a busy node keeps as many as it writes files at once and
+    touches no new memory per file."""
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, DIRECT_CHUNK)
+
+    def give(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+_staging = _StagingPool()
+
+
+def _write_blocks(fd: int, view: memoryview, size: int) -> None:
+    """Write ``view[:size]``: whole blocks with ``O_DIRECT``, a last partial block through the
+    page cache after ``O_DIRECT`` is cleared (the file keeps its exact length)."""
+    whole = size - size % DIRECT_ALIGN
+    if whole:
+        _write_all(fd, (view[:whole],))
+    if size > whole:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        _write_all(fd, (view[whole:size],))
+
+
+def _write_direct(fd: int, buffers: Iterable) -> None:
+    """Write ``buffers`` one after the other to ``fd``, a new file opened with ``O_DIRECT`` at
+    offset 0: copied into an aligned staging buffer and written from there in whole blocks,
+    straight to the device (no copy into the page cache), a piece at a time for files larger
+    than the buffer; a last partial block goes through the page cache (:func:`_write_blocks`)."""
+    buf = _staging.take()
+    view = memoryview(buf)
+    try:
+        fill = 0
+        for chunk in buffers:
+            data = memoryview(chunk).cast("B")
+            pos, size = 0, len(data)
+            while pos < size:
+                n = min(size - pos, DIRECT_CHUNK - fill)
+                view[fill:fill + n] = data[pos:pos + n]
+                fill += n
+                pos += n
+                if fill == DIRECT_CHUNK:
+                    _write_all(fd, (view,))
+                    fill = 0
+        _write_blocks(fd, view, fill)
+    finally:
+        view.release()
+        _staging.give(buf)
 
 
 #: ``SYNC_FILE_RANGE_WRITE`` of sync_file_range(2): start writing dirty pages back, no waiting.
@@ -165,10 +246,13 @@ class BlobStore:
     ``results/<study>/<series>/v<version>-job<id>/<name>``."""
 
     def __init__(self, root: str | os.PathLike[str], *, min_free_mb: int = 0,
-                 fsync: bool = True):
+                 fsync: bool = True, direct_io: bool = True):
         self.root = Path(root).resolve()
         self.min_free_bytes = int(min_free_mb) * 1024 * 1024
         self.fsync = fsync
+        #: Write files with O_DIRECT (:func:`_write_direct`); ``None`` until a first write
+        #: found out whether the file system takes it.
+        self._direct: bool | None = None if (direct_io and _O_DIRECT) else False
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
 
@@ -208,6 +292,37 @@ class BlobStore:
                 f"free disk below storage.min_free_mb = {self.min_free_bytes // 2**20}")
 
     # -- writing -------------------------------------------------------------------------
+    @property
+    def direct_io(self) -> bool:
+        """Whether new files are written with ``O_DIRECT``: asked for (``storage.direct_io``)
+        and taken by the file system under the root (tried once, with a probe file: tmpfs and
+        some network file systems refuse it, and then the page cache is used)."""
+        if self._direct is None:
+            with self._lock:
+                if self._direct is None:
+                    self._direct = self._probe_direct()
+        return self._direct
+
+    def _probe_direct(self) -> bool:
+        self.root.mkdir(parents=True, exist_ok=True)
+        probe = self.root / f"{TMP_PREFIX}direct-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o640)
+            try:
+                _write_direct(fd, (bytes(DIRECT_ALIGN + 1),))
+            finally:
+                os.close(fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.unlink(missing_ok=True)
+
+    def _create(self, path: Path) -> int:
+        """Open a new file (``O_EXCL``), with ``O_DIRECT`` when :attr:`direct_io`."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (_O_DIRECT if self.direct_io else 0)
+        return os.open(path, flags, 0o640)
+
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:
             return
@@ -255,21 +370,24 @@ class BlobStore:
         self.check_space(size)
         self._ensure_dir(final.parent)
         tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        self._fill(fd, tmp, chunks)
+        fd = self._create(tmp)
+        self._fill(fd, tmp, chunks, direct=self.direct_io)
         return tmp
 
-    def _fill(self, fd: int, path: Path, chunks: Iterable, *,
+    def _fill(self, fd: int, path: Path, chunks: Iterable, *, direct: bool,
               defer_sync: bool = False) -> PendingSync | None:
-        """Write ``chunks`` to the new file ``fd`` (at ``path``), fdatasync it (unless
-        ``fsync`` is off) and close it; on any error the file is removed.
+        """Write ``chunks`` to the new file ``fd`` (at ``path``; opened with ``O_DIRECT`` if
+        ``direct``), fdatasync it (unless ``fsync`` is off) and close it; on any error the
+        file is removed.
 
         ``defer_sync`` (with ``fsync`` on): start the write-back instead and return the still
         open file as a :class:`PendingSync`; the caller syncs it later.
         """
         try:
             try:
-                if isinstance(chunks, (list, tuple)):
+                if direct:
+                    _write_direct(fd, chunks)
+                elif isinstance(chunks, (list, tuple)):
                     _write_all(fd, chunks)
                 else:
                     for chunk in chunks:
@@ -311,7 +429,7 @@ class BlobStore:
         self.check_space(size)
         self._ensure_dir(final.parent)
         try:
-            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = self._create(final)
         except FileExistsError:
             return None
         try:
@@ -320,7 +438,7 @@ class BlobStore:
             os.close(fd)
             final.unlink(missing_ok=True)
             raise
-        pending = self._fill(fd, final, chunks, defer_sync=defer_sync)
+        pending = self._fill(fd, final, chunks, direct=self.direct_io, defer_sync=defer_sync)
         return NewFile(final, inode, pending)
 
     def remove_if_same(self, path: Path, inode: int) -> None:

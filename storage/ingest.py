@@ -22,7 +22,11 @@ configuration promises, so the SCP can answer Success right after it:
   inserts and the directory fsync, so that their CPU time and that flush overlap the data's
   way to the device instead of following it. One association sends instance after instance
   (storescu waits for each answer), so its groups have one member and each instance waits
-  for the device once less in a row.
+  for the device once less in a row. With direct I/O (``storage.direct_io``, the default
+  where the file system takes it) the data is on the device when ``write_new`` returns, and
+  the deferred fdatasync has only the last partial block and the metadata left; handing the
+  direct write to a helper thread, to overlap it with the inserts, measured slower (the
+  directory fsync then waited for it: bench/README.md, "Sixth round").
 
 Durability levels, from ``storage.sqlite_synchronous`` (SQLite only; other databases commit
 durably and get the first):

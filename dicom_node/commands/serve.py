@@ -87,6 +87,9 @@ def serve(config: Path = CONFIG_OPTION) -> None:
     stop = _stop_on_signals()
     ctx = NodeContext.open(settings, upgrade=True)
     _recover(ctx)
+    # Found out now rather than at the first C-STORE (a probe file): logged for the operator.
+    log.info("storage", extra={"root": str(ctx.store.root), "direct_io": ctx.store.direct_io,
+                               "fsync": ctx.store.fsync})
     metrics.register_jobs_collector(ctx.index)
 
     http = None
