@@ -10,7 +10,9 @@ wrapped with timers; per instance it prints the wall time and this thread's CPU 
 Then the median of each stretch of one instance's round trip outside the handler: from our
 response to the next request's first PDU (storescu's turn), the request's PDUs, from the last
 PDU to the handler (DIMSE decoding, hand-off to the association thread, pynetdicom's service
-class), and from the handler to the response sent. ``NOSYNC`` turns every fsync off
+class), and from the handler to the response sent. The association's DUL thread, which also runs the handler since it serves C-STOREs itself
+(:mod:`dicom_node.fast_dimse`), is timed whole and in parts (waiting for the peer, reading
+PDUs, DIMSE decoding, sending), and so is the garbage collector. ``NOSYNC`` turns every fsync off
 (``storage.fsync = false``, SQLite ``NORMAL``): what the flushes cost is the difference to
 ``FULL``.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import os
 import shutil
 import statistics
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -110,12 +114,31 @@ def _timed(owner: object, name: str, label: str) -> None:
     LABELS.append(label)
 
 
+_GC: dict[str, float] = {"seconds": 0.0, "runs": 0, "started": 0.0}
+
+
+def _gc_timer(phase: str, info: dict) -> None:  # noqa: ARG001
+    if phase == "start":
+        _GC["started"] = time.perf_counter()
+    else:
+        _GC["seconds"] += time.perf_counter() - _GC["started"]
+        _GC["runs"] += 1
+
+
 def _instrument() -> None:
+    gc.callbacks.append(_gc_timer)
     fast_dul.install()
     fast_dimse.install()
     _marked(DULServiceProvider, "_read_pdu_data", "pdu", "pdu_end")
     _marked(DIMSEServiceProvider, "send_msg", "send", "sent")
     _marked(scp.StorageSCP, "_on_store", "handler", "handler_end")
+    # The association's DUL thread, which also runs the handler (dicom_node.fast_dimse):
+    # everything it does for the association, divided by the instances.
+    _timed(fast_dul, "_reactor_loop", "DUL thread, all of it")
+    _timed(fast_dul, "_dul_wait", "  waiting for the peer")
+    _timed(DULServiceProvider, "_read_pdu_data", "  reading PDUs")
+    _timed(fast_dimse, "decode_msg", "  DIMSE decoding")
+    _timed(AssociationSocket, "send", "  sending PDUs")
     _timed(scp.StorageSCP, "_on_store", "on_store (whole handler)")
     _timed(part10, "read_header", "  read_header")
     _timed(files.BlobStore, "write_new", "  write_new (final name)")
@@ -172,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         for label in (lbl for lbl in LABELS if CALLS[lbl]):
             print(f"  {label:26s} {1e3 * WALL[label] / n:6.3f} ms wall  "
                   f"{1e3 * CPU[label] / n:6.3f} ms CPU per instance ({CALLS[label]} calls)")
+        print(f"  garbage collection: {_GC['runs']} runs, "
+              f"{1e3 * _GC['seconds'] / n:.3f} ms per instance")
+        _GC.update(seconds=0.0, runs=0)
         print("  round trip, median ms: " + ", ".join(
             f"{k} {v:.3f}" for k, v in round_trip().items()))
         os.sync()

@@ -393,7 +393,8 @@ class BlobStore:
                     for chunk in chunks:
                         _write_all(fd, (chunk,))
                 if self.fsync and defer_sync:
-                    start_writeback(fd)
+                    if not direct:  # written directly, the data is on the device already
+                        start_writeback(fd)
                     pending, fd = PendingSync(fd), -1
                     return pending
                 if self.fsync:

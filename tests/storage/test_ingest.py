@@ -264,18 +264,30 @@ def test_pending_sync_runs_once_for_every_caller_and_keeps_its_error(tmp_path, m
         closed.sync()                        # never reported as durable
 
 
-def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatch):
+@pytest.mark.parametrize("direct", [False, True])
+def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatch, direct):
+    """Through the page cache the write-back is started at once; written directly
+    (``O_DIRECT``) the data is on the device when the write returns. Either way the data is
+    synced inside the leader's transaction, after the insert and the directory."""
     import storage.files as files
 
     _db, index, store = parts
+    store = BlobStore(store.root, direct_io=direct)
+    if direct and not store.direct_io:
+        pytest.skip("the file system under tmp_path refuses O_DIRECT")
     writer = InstanceWriter(store, index)
     rec = _record(1)
     events: list[str] = []
-    real_sync, real_start = files._fdatasync, files.start_writeback
+    real_sync, real_start, real_blocks = (files._fdatasync, files.start_writeback,
+                                          files._write_blocks)
 
     def start(fd):
         events.append("write-back started")
         real_start(fd)
+
+    def blocks(fd, view, size):
+        events.append("written directly")
+        real_blocks(fd, view, size)
 
     def sync(fd):
         # Inside the leader's transaction the row is already inserted; another connection
@@ -290,11 +302,12 @@ def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatc
         real_sync(fd)
 
     monkeypatch.setattr(files, "start_writeback", start)
+    monkeypatch.setattr(files, "_write_blocks", blocks)
     monkeypatch.setattr(files, "_fdatasync", sync)
     monkeypatch.setattr(store, "sync_dirs", lambda paths: events.append("directory synced"))
     assert writer.store_instance(rec, b"DICM") is Outcome.STORED
-    assert events == ["write-back started", "directory synced",
-                      "data synced, row inserted, not committed"]
+    assert events == ["written directly" if direct else "write-back started",
+                      "directory synced", "data synced, row inserted, not committed"]
     assert index.instance_path(rec.sop_instance_uid) == rec.path
     assert store.read_bytes(rec.path) == b"DICM"
 
