@@ -10,11 +10,11 @@ wrapped with timers; per instance it prints the wall time and this thread's CPU 
 Then the median of each stretch of one instance's round trip outside the handler: from our
 response to the next request's first PDU (storescu's turn), the request's PDUs, from the last
 PDU to the handler (DIMSE decoding, hand-off to the association thread, pynetdicom's service
-class), and from the handler to the response sent. The association's DUL thread, which also runs the handler since it serves C-STOREs itself
-(:mod:`dicom_node.fast_dimse`), is timed whole and in parts (waiting for the peer, reading
-PDUs, DIMSE decoding, sending), and so is the garbage collector. ``NOSYNC`` turns every fsync off
-(``storage.fsync = false``, SQLite ``NORMAL``): what the flushes cost is the difference to
-``FULL``.
+class), and from the handler to the response sent. The association's DUL thread, which also
+runs the handler since it serves C-STOREs itself (:mod:`dicom_node.fast_dimse`), is timed
+whole and in parts (waiting for the peer, reading PDUs, DIMSE decoding, sending), and so is
+the garbage collector. ``NOSYNC`` turns every fsync off (``storage.fsync = false``, SQLite
+``NORMAL``): what the flushes cost is the difference to ``FULL``.
 """
 from __future__ import annotations
 
