@@ -28,8 +28,9 @@ nothing else:
   before each look, and is marked paused while it waits (it is not touching the queue), so
   that ``send_c_*`` from another thread need not wait for it either. It takes a request off
   the queue and marks itself as serving it in one step (``_spn_serving``), which
-  :mod:`dicom_node.fast_dimse` checks before it serves a C-STORE in the DUL thread. The DUL reactor wakes it
-  when it hands the service user an A-RELEASE/A-ABORT, so releases are answered at once.
+  :mod:`dicom_node.fast_dimse` checks before it serves a C-STORE in the DUL thread. The DUL
+  reactor wakes it when it hands the service user an A-RELEASE/A-ABORT, so releases are
+  answered at once.
 - ``AssociationSocket.recv`` reads a whole PDU with ``recv_into`` into one buffer (1 MiB at
   first, doubled as data arrives: a PDU header that announces gigabytes costs nothing until
   they come).
