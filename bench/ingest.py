@@ -415,10 +415,14 @@ def main(argv: list[str] | None = None) -> dict:
                 ratios[f"{node}_vs_{peer}"] = {
                     "median_of_medians": summary[peer]["seconds"] / summary[node]["seconds"],
                     "median_per_round": statistics.median(per_round),
+                    "per_round": per_round,
                     "cpu": summary[peer]["cpu_s"] / summary[node]["cpu_s"]}
     for key, value in ratios.items():
+        # The range matters as much as the median: on a VM the peers that write through the
+        # page cache swing with the host's memory (bench/README.md, sixth round).
         print(f"{key}: throughput {value['median_of_medians']:.2f}x "
-              f"(per-round median {value['median_per_round']:.2f}x), "
+              f"(per-round median {value['median_per_round']:.2f}x, "
+              f"{min(value['per_round']):.2f}-{max(value['per_round']):.2f}x), "
               f"CPU efficiency {value['cpu']:.2f}x")
     out = {"instances": len(files), "megabytes": mb, "senders": a.senders,
            "node_set": node_set, "variants": {k: [str(v[0]), v[1]] for k, v in
