@@ -44,6 +44,18 @@ def test_c_store_response_is_byte_identical_to_pynetdicoms(sop, message_id, stat
     assert pdv == b"\x03" + c_store_rsp_command(CTImageStorage, message_id, status, sop)
 
 
+@pytest.mark.parametrize("context_id", [1, 3, 255])
+def test_the_response_pdu_is_byte_identical_to_pynetdicoms(context_id):
+    """What the lean C-STORE service writes to the socket is the P-DATA-TF PDU that
+    pynetdicom's DT-1 would encode for the same response."""
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+    command = c_store_rsp_command(CTImageStorage, 7, 0xA700, "1.2.3.4")
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[context_id, b"\x03" + command]]
+    assert fast_dimse.p_data_tf_command(context_id, command) == P_DATA_TF(primitive).encode()
+
+
 def _item(context_id: int, pdv: bytes) -> bytes:
     return struct.pack(">IB", len(pdv) + 1, context_id) + pdv
 
@@ -375,6 +387,7 @@ def _store_request() -> C_STORE:
 
 def test_a_c_store_is_served_in_the_dul_thread_only_when_that_keeps_the_order(monkeypatch):
     monkeypatch.setattr(fast_dimse, "_inline_store", True)
+    monkeypatch.setattr(fast_dimse, "_lean_store", False)   # the fake serves it itself
     req = _store_request()
     assoc = _FakeAssoc()
     assert fast_dimse._serve_inline(assoc, req, 5)
@@ -414,6 +427,7 @@ def test_a_failure_while_serving_in_the_dul_thread_aborts_without_waiting(monkey
     """What would have ended the association thread: logged, the association aborted
     without blocking (the DUL thread itself must send the A-ABORT), the flag cleared."""
     monkeypatch.setattr(fast_dimse, "_inline_store", True)
+    monkeypatch.setattr(fast_dimse, "_lean_store", False)
     assoc = _FakeAssoc(fail=True)
     assert fast_dimse._serve_inline(assoc, _store_request(), 5)
     assert assoc.aborted == [False] and assoc._spn_serving is False
@@ -467,3 +481,105 @@ def test_the_storage_scp_serves_c_store_in_the_dul_thread_and_c_echo_in_its_own(
     assert len(threads["store"]) == 3 and len(threads["echo"]) == 3
     assert all(isinstance(t, DULServiceProvider) for t in threads["store"])
     assert not any(isinstance(t, DULServiceProvider) for t in threads["echo"])
+
+
+def _serve_with(tmp_path, monkeypatch, on_store, *, lean: bool, extra_handlers=(),
+                count: int = 2):  # noqa: ANN001
+    """C-STOREs from a pynetdicom SCU to a pynetdicom SCP in a process where the node's
+    patches are installed with ``inline_store``: the response command sets the SCU decoded,
+    the responses the DIMSE provider's ``send_msg`` sent, and the context IDs of those the lean service
+    wrote to the socket itself."""
+    from dicom_node import fast_dul
+    assert fast_dul.install() and fast_dimse.install(inline_store=True)
+    monkeypatch.setattr(fast_dimse, "_inline_store", True)
+    monkeypatch.setattr(fast_dimse, "_lean_store", lean)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+    from pynetdicom.dimse import DIMSEServiceProvider
+    sent_by_pynetdicom = []   # responses only: the SCU's requests go through it too
+    orig = DIMSEServiceProvider.send_msg
+
+    def send_msg(dimse, primitive, cx):  # noqa: ANN001, ANN202
+        if primitive.MessageIDBeingRespondedTo is not None:
+            sent_by_pynetdicom.append(primitive)
+        return orig(dimse, primitive, cx)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", send_msg)
+    direct = []
+    real_pdata = fast_dimse.p_data_tf_command
+    monkeypatch.setattr(fast_dimse, "p_data_tf_command",
+                        lambda cx, command: (direct.append(cx), real_pdata(cx, command))[1])
+    ae = AE(ae_title="PLAINSCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store), *extra_handlers])
+    try:
+        scu = AE(ae_title="PLAINSCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        received = []   # the response command sets, as the SCU decoded them
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="PLAINSCP",
+                              evt_handlers=[(evt.EVT_DIMSE_RECV, lambda event: received.append(
+                                  event.message.command_set))])
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(path) for path in _files(tmp_path / "s", count)]
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert [c.Status for c in received] == [s.Status for s in statuses]
+    return received, sent_by_pynetdicom, direct
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_the_lean_store_service_answers_as_pynetdicom_does(tmp_path, monkeypatch, lean):
+    """The status a handler returns reaches the SCU, with the request's UIDs and message ID;
+    with the lean service as one PDU written by the DUL thread itself, without it through
+    pynetdicom's service class (the same answer)."""
+    seen = []
+
+    def on_store(event):  # noqa: ANN001
+        seen.append((event.request.AffectedSOPInstanceUID, event.request.MessageID))
+        return 0xB000 if len(seen) == 2 else 0x0000
+
+    responses, by_pynetdicom, direct = _serve_with(tmp_path, monkeypatch, on_store, lean=lean)
+    assert [r.Status for r in responses] == [0x0000, 0xB000]
+    assert [(str(r.AffectedSOPInstanceUID), r.MessageIDBeingRespondedTo)
+            for r in responses] == seen
+    assert all(r.AffectedSOPClassUID == CTImageStorage for r in responses)
+    assert all(r.CommandField == 0x8001 and r.CommandDataSetType == 0x0101
+               for r in responses)
+    if lean:
+        assert len(direct) == 2 and not by_pynetdicom
+    else:
+        assert not direct and len(by_pynetdicom) == 2
+
+
+def test_the_lean_store_service_keeps_pynetdicoms_answers_to_unusual_handlers(tmp_path,
+                                                                             monkeypatch):
+    """A status Dataset (with an Error Comment) goes through pynetdicom's validation and
+    encoding; a handler that raises is answered 0xC211, as pynetdicom answers it."""
+    calls = []
+
+    def on_store(event):  # noqa: ANN001
+        calls.append(1)
+        if len(calls) == 1:
+            status = Dataset()
+            status.Status = 0xA900
+            status.ErrorComment = "does not match"
+            return status
+        raise RuntimeError("handler failed")
+
+    responses, by_pynetdicom, direct = _serve_with(tmp_path, monkeypatch, on_store, lean=True)
+    assert [r.Status for r in responses] == [0xA900, 0xC211]
+    assert responses[0].ErrorComment == "does not match"
+    assert len(by_pynetdicom) == 1 and direct == [1]   # the 0xC211 is status-only
+
+
+def test_the_lean_store_service_leaves_sending_to_pynetdicom_when_a_handler_wants_it(
+        tmp_path, monkeypatch):
+    """With a handler bound to an event of sending (here EVT_DIMSE_SENT) the response goes
+    through pynetdicom, so that the handler sees it."""
+    dimse_sent = []
+    responses, by_pynetdicom, direct = _serve_with(
+        tmp_path, monkeypatch, lambda event: 0x0000, lean=True,
+        extra_handlers=[(evt.EVT_DIMSE_SENT, lambda event: dimse_sent.append(event.message))])
+    assert [r.Status for r in responses] == [0x0000, 0x0000]
+    assert not direct and len(by_pynetdicom) == 2 and len(dimse_sent) == 2
