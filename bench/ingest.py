@@ -2,7 +2,7 @@
 ``storescp``, to Orthanc and to ``spine-node serve``, alternately, for several rounds.
 
     bench/ingest [--rounds 3] [--senders 1|4] [--slices 300] [--matrix 512]
-                 [--peers storescp,orthanc,node] [--node-set storage.sqlite_synchronous=NORMAL]
+                 [--peers storescp,orthanc,node[,storage]] [--node-set storage.sqlite_synchronous=NORMAL]
                  [--max-send-pdu N] [--delete-between] [--json FILE]
 
 Every round starts each receiver fresh (empty store, new process), in a rotated order so that
@@ -17,6 +17,12 @@ the receiver's CPU seconds during the transfer (``/proc/<pid>/stat`` utime+stime
 than wall time on a shared machine) and its peak RSS (``VmHWM``); then the node's throughput
 as a ratio of Orthanc's and of storescp's (>1.0 = the node is faster). ``--senders 4`` splits
 the series over four concurrent storescu processes (four associations).
+
+``--peers`` may name ``storage``: no receiver, but the node's storage path alone
+(bench/storage_path.py: the same instances written, synced and indexed as the SCP does after the
+last PDU, one after the other, no network). With ``storescp`` in the same rounds it prints a
+bound: no receiver that answers only once an instance is durable, as the node does, can take
+less than storescp's time plus this one with one sender (storescu waits for each answer).
 
 The series (a synthetic 512 x 512 CT, Explicit VR Little Endian, one file per slice) is written
 once and cached under ``$SPINE_BENCH_CACHE`` (default ``/var/tmp/spine-node-bench``); the stores
@@ -288,6 +294,32 @@ def _parse_value(text: str) -> object:
         return text
 
 
+def storage_path(work: Path, files: list[Path], overrides: dict[str, str],
+                 keep: bool) -> tuple[float, float]:
+    """The ``storage`` peer: bench/storage_path.py in a fresh process on a fresh store under
+    ``work``, with the node's settings (``env:`` overrides go to its environment); its
+    seconds for the instances and its CPU seconds meanwhile."""
+    shutil.rmtree(work, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_NODE_")}
+    sets = []
+    for key, value in overrides.items():
+        if key.startswith("env:"):
+            env[key[4:]] = value
+        else:
+            sets += ["--set", f"{key}={value}"]
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "storage_path.py"),
+                           str(work), *map(str, files), *sets], env=env, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/storage_path.py exited {proc.returncode}:\n"
+                           + proc.stderr.decode(errors="replace")[-2000:])
+    if not keep:
+        shutil.rmtree(work / "store", ignore_errors=True)
+    os.sync()
+    result = json.loads(proc.stdout)
+    return result["seconds"], result["cpu_s"]
+
+
 def send(rcv: Receiver, files: list[Path], senders: int, extra: list[str]) -> float:
     groups = [files[i::senders] for i in range(senders)]
     start = time.perf_counter()
@@ -360,6 +392,14 @@ def main(argv: list[str] | None = None) -> dict:
             order = peers[r % len(peers):] + peers[:r % len(peers)]
             for name in order:
                 src, overrides = variants.get(name, (REPO, node_set))
+                if name == "storage":
+                    seconds, cpu = storage_path(work / f"round{r + 1}" / name, files,
+                                                overrides, keep)
+                    results[name].append({"seconds": seconds, "cpu_s": cpu,
+                                          "peak_rss_mb": 0.0})
+                    print(f"round {r + 1} {name:14s} {seconds:6.2f} s  (no network: the "
+                          f"node's storage path alone)  cpu {cpu:5.2f} s", flush=True)
+                    continue
                 rcv = Receiver(name, work / f"round{r + 1}" / name, node_set=overrides,
                                source=src)
                 try:
@@ -417,7 +457,21 @@ def main(argv: list[str] | None = None) -> dict:
                     "median_per_round": statistics.median(per_round),
                     "per_round": per_round,
                     "cpu": summary[peer]["cpu_s"] / summary[node]["cpu_s"]}
+    if "storage" in results and "storescp" in results:
+        # A receiver with the node's promise answers only once the instance is durable, and
+        # one sender waits for each answer: storescp's time plus the storage path's bounds
+        # its time from below, however fast its network code (bench/storage_path.py).
+        per_round = [p["seconds"] / (p["seconds"] + s_["seconds"])
+                     for p, s_ in zip(results["storescp"], results["storage"])]
+        ratios["bound_vs_storescp"] = {
+            "median_per_round": statistics.median(per_round), "per_round": per_round}
+        if a.senders == 1:
+            print(f"bound for one sender with the node's durability (storescp / (storescp + "
+                  f"storage path)): per-round median {statistics.median(per_round):.2f}x, "
+                  f"{min(per_round):.2f}-{max(per_round):.2f}x")
     for key, value in ratios.items():
+        if key == "bound_vs_storescp":
+            continue
         # The range matters as much as the median: on a VM the peers that write through the
         # page cache swing with the host's memory (bench/README.md, sixth round).
         print(f"{key}: throughput {value['median_of_medians']:.2f}x "
