@@ -41,10 +41,11 @@ What :func:`install` changes, in every association of the process:
   ``EVT_C_STORE`` called through ``evt.trigger``, an exception answered 0xC211, a status
   ``Dataset`` validated and sent by pynetdicom) without building their objects, and writes a
   status-only response to the socket at once as one P-DATA-TF PDU (:func:`p_data_tf_command`)
-  when nothing is queued before it and no handler is bound to an event of sending. In process,
-  alternating rounds of 300 slices: the DUL thread's CPU 2.69 against 3.31 ms per instance,
-  1.39 s against 1.68 s (faster in 6 of 6 rounds; bench/README.md, seventh round).
-  ``SPINE_LEAN_STORE=0`` leaves it to pynetdicom.
+  when nothing is queued before it and no handler is bound to an event of sending. Four
+  senders, 300 slices, against pynetdicom's service path in the same runs: 1.11 s against
+  1.26 s, faster in 8 rounds of 9, 1.03 s of CPU against 1.14; one sender 1.45 s against
+  1.62 s, faster in 7 of 9 (bench/README.md, seventh round). ``SPINE_LEAN_STORE=0`` leaves
+  it to pynetdicom.
 - a C-STORE response that carries only a status (no Offending Element, no Error Comment) is
   encoded directly (PS3.7 section 9.3.1.2 and annex E: the command set, Implicit VR Little
   Endian), byte for byte what pynetdicom encodes (tests/dicom_node/test_fast_dimse.py
