@@ -1,0 +1,71 @@
+"""bench/ingest's storage peer (bench/storage_path.py): small smoke versions of the benchmark
+commands (issue 8). The storage path must write what the storage SCP writes, or its bound
+would not be the node's."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from dicom_node import part10
+from tests.conftest import dcmtk
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench_module(name: str) -> ModuleType:
+    """A module of bench/ loaded from its file (bench/ is not a package, and not put on
+    sys.path, where its names could shadow others)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+ingest = _bench_module("ingest")
+storage_path = _bench_module("storage_path")
+
+
+def test_the_storage_path_writes_and_indexes_what_the_scp_would(tmp_path):
+    _, files, _ = ingest.make_series(3, 32, tmp_path / "cache")
+    seconds, cpu = storage_path.run(tmp_path / "run", files)
+    assert seconds > 0 and cpu >= 0
+    con = sqlite3.connect(tmp_path / "run" / "store" / "spine-node.db")
+    try:
+        rows = con.execute("SELECT path, size_bytes FROM instances ORDER BY instance_number")\
+            .fetchall()
+    finally:
+        con.close()
+    assert len(rows) == 3
+    for source, (relpath, size) in zip(files, rows):
+        stored = (tmp_path / "run" / "store" / relpath).read_bytes()
+        original = source.read_bytes()
+        dataset = original[storage_path.part10_offset(memoryview(original)):]
+        sop = Path(relpath).stem
+        # as the SCP stores it: its Part 10 prefix, then the data set exactly as received
+        assert stored == part10.file_prefix(storage_path._CT, sop, storage_path._EXPLICIT_LE) \
+            + dataset
+        assert size == len(stored)
+
+
+def test_bench_ingest_prints_the_bound_from_storescp_and_the_storage_path(tmp_path):
+    dcmtk("storescp")   # the peer must be installed (.ci/run installs dcmtk)
+    out = tmp_path / "ingest.json"
+    env = {**os.environ, "SPINE_BENCH_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "ingest.py"), "--rounds", "1",
+                          "--slices", "3", "--matrix", "32", "--peers", "storescp,storage",
+                          "--json", str(out)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "bound for one sender with the node's durability" in run.stdout
+    result = json.loads(out.read_text())
+    [bound] = result["ratios"]["bound_vs_storescp"]["per_round"]
+    storescp = result["summary"]["storescp"]["seconds"]
+    storage = result["summary"]["storage"]["seconds"]
+    assert bound == storescp / (storescp + storage) and 0 < bound < 1
