@@ -2,7 +2,8 @@
 ``storescp``, to Orthanc and to ``spine-node serve``, alternately, for several rounds.
 
     bench/ingest [--rounds 3] [--senders 1|4] [--slices 300] [--matrix 512]
-                 [--peers storescp,orthanc,node[,storage]] [--node-set storage.sqlite_synchronous=NORMAL]
+                 [--peers storescp,orthanc,node[,storage]]
+                 [--node-set storage.sqlite_synchronous=NORMAL]
                  [--max-send-pdu N] [--delete-between] [--json FILE]
 
 Every round starts each receiver fresh (empty store, new process), in a rotated order so that

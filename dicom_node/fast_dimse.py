@@ -69,9 +69,9 @@ from typing import Any
 import pynetdicom
 from pydicom.dataset import Dataset
 from pynetdicom import _config, evt
-from pynetdicom import service_class as _service_class_mod
 from pynetdicom import dimse as _dimse
 from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom import service_class as _service_class_mod
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_CANCEL, C_STORE, N_EVENT_REPORT
