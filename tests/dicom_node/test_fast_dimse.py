@@ -487,8 +487,8 @@ def _serve_with(tmp_path, monkeypatch, on_store, *, lean: bool, extra_handlers=(
                 count: int = 2):  # noqa: ANN001
     """C-STOREs from a pynetdicom SCU to a pynetdicom SCP in a process where the node's
     patches are installed with ``inline_store``: the response command sets the SCU decoded,
-    the responses the DIMSE provider's ``send_msg`` sent, and the context IDs of those the lean service
-    wrote to the socket itself."""
+    the responses the DIMSE provider's ``send_msg`` sent, and the context IDs of those the
+    lean service wrote to the socket itself."""
     from dicom_node import fast_dul
     assert fast_dul.install() and fast_dimse.install(inline_store=True)
     monkeypatch.setattr(fast_dimse, "_inline_store", True)
