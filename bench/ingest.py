@@ -22,8 +22,9 @@ the series over four concurrent storescu processes (four associations).
 ``--peers`` may name ``storage``: no receiver, but the node's storage path alone
 (bench/storage_path.py: the same instances written, synced and indexed as the SCP does after the
 last PDU, one after the other, no network). With ``storescp`` in the same rounds it prints a
-bound: no receiver that answers only once an instance is durable, as the node does, can take
-less than storescp's time plus this one with one sender (storescu waits for each answer).
+bound: a receiver that does this work after the last PDU and only then answers, as the node
+does, cannot take less than storescp's time plus this one with one sender (storescu waits for
+each answer).
 
 The series (a synthetic 512 x 512 CT, Explicit VR Little Endian, one file per slice) is written
 once and cached under ``$SPINE_BENCH_CACHE`` (default ``/var/tmp/spine-node-bench``); the stores
@@ -459,9 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "per_round": per_round,
                     "cpu": summary[peer]["cpu_s"] / summary[node]["cpu_s"]}
     if "storage" in results and "storescp" in results:
-        # A receiver with the node's promise answers only once the instance is durable, and
-        # one sender waits for each answer: storescp's time plus the storage path's bounds
-        # its time from below, however fast its network code (bench/storage_path.py).
+        # The node does the storage work after the last PDU and answers only then, and one
+        # sender waits for each answer: storescp's time plus the storage path's bounds such
+        # a receiver's time from below, however fast its network code (storage_path.py).
         per_round = [p["seconds"] / (p["seconds"] + s_["seconds"])
                      for p, s_ in zip(results["storescp"], results["storage"])]
         ratios["bound_vs_storescp"] = {

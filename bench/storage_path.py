@@ -11,12 +11,13 @@ default settings unless ``--set`` changes them), one after the other as one send
 instances arrive, and prints the seconds for all of them and the process's CPU seconds
 meanwhile as JSON (``{"seconds": ..., "cpu_s": ...}``).
 
-Why: a receiver that keeps the node's promise (Success only once the instance is durable) must
-wait for this before each answer, and one sender (``storescu``) waits for each answer before
-it sends the next instance. So ``storescp``'s time plus this time, in the same round, bounds
-from below what any receiver with this promise could take on this disk, however fast its
-network code; ``bench/ingest --peers storescp,storage,node`` prints that bound as a ratio
-(bench/README.md, seventh round).
+Why: the node does this work after the last PDU of each instance and answers Success only
+then, and one sender (``storescu``) waits for each answer before it sends the next instance.
+So ``storescp``'s time plus this time, in the same round, bounds from below what a receiver
+that works this way could take on this disk, however fast its network code;
+``bench/ingest --peers storescp,storage,node`` prints that bound as a ratio (bench/README.md,
+seventh round). (A receiver that wrote the data while it arrives could do better; that
+measured slower here, bench/README.md.)
 """
 from __future__ import annotations
 
