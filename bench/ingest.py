@@ -468,8 +468,9 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["bound_vs_storescp"] = {
             "median_per_round": statistics.median(per_round), "per_round": per_round}
         if a.senders == 1:
-            print(f"bound for one sender with the node's durability (storescp / (storescp + "
-                  f"storage path)): per-round median {statistics.median(per_round):.2f}x, "
+            print(f"bound for one sender, the storage work after the last PDU (storescp / "
+                  f"(storescp + storage path)): per-round median "
+                  f"{statistics.median(per_round):.2f}x, "
                   f"{min(per_round):.2f}-{max(per_round):.2f}x")
     for key, value in ratios.items():
         if key == "bound_vs_storescp":

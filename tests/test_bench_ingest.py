@@ -63,7 +63,7 @@ def test_bench_ingest_prints_the_bound_from_storescp_and_the_storage_path(tmp_pa
                           "--json", str(out)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "bound for one sender with the node's durability" in run.stdout
+    assert "bound for one sender, the storage work after the last PDU" in run.stdout
     result = json.loads(out.read_text())
     [bound] = result["ratios"]["bound_vs_storescp"]["per_round"]
     storescp = result["summary"]["storescp"]["seconds"]
