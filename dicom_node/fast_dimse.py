@@ -391,14 +391,19 @@ def _serve_store(assoc: Any, req: C_STORE, context_id: int) -> bool:  # noqa: AN
                 f"Unknown status value returned by callback - 0x{status:04X}")
         _send_store_rsp(dimse, context_id, req, status)
         return True
+    rsp = StorageServiceClass(assoc).validate_status(status, _store_rsp(req))
+    dimse.send_msg(rsp, context_id)
+    return True
+
+
+def _store_rsp(req: C_STORE) -> C_STORE:
+    """The response primitive pynetdicom's ``StorageServiceClass.SCP`` starts from."""
     rsp = C_STORE()
     rsp.MessageID = req.MessageID
     rsp.MessageIDBeingRespondedTo = req.MessageID
     rsp.AffectedSOPInstanceUID = req.AffectedSOPInstanceUID
     rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
-    rsp = StorageServiceClass(assoc).validate_status(status, rsp)
-    dimse.send_msg(rsp, context_id)
-    return True
+    return rsp
 
 
 @functools.lru_cache(maxsize=64)
@@ -434,10 +439,7 @@ def _send_store_rsp(dimse: DIMSEServiceProvider, context_id: int, req: C_STORE,
             and not assoc.get_handlers(evt.EVT_FSM_TRANSITION)):
         dul.socket.send(p_data_tf_command(context_id, command))
         return
-    rsp = C_STORE()
-    rsp.MessageIDBeingRespondedTo = req.MessageID
-    rsp.AffectedSOPInstanceUID = req.AffectedSOPInstanceUID
-    rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+    rsp = _store_rsp(req)
     rsp.Status = status
     dimse.send_msg(rsp, context_id)
 
