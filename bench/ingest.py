@@ -228,27 +228,7 @@ class Receiver:
             wait_port(self.port, self.proc)
         else:
             self.aet = "SPINENODE"
-            sections: dict[str, dict[str, object]] = {
-                "node": {"ae_title": self.aet, "host": "127.0.0.1", "port": self.port},
-                "storage": {"root": str(self.work / "store"), "min_free_mb": 1},
-                "worker": {"count": 0},
-                "scheduler": {"stable_seconds": 3600},
-                "http": {"enabled": False},
-                "logging": {"level": "WARNING"},
-            }
-            env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_NODE_")}
-            for key, value in self.node_set.items():
-                if key.startswith("env:"):
-                    env[key[4:]] = value
-                    continue
-                section, _, name = key.partition(".")
-                sections.setdefault(section, {})[name] = _parse_value(value)
-            lines = []
-            for section, values in sections.items():
-                lines.append(f"[{section}]")
-                lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-            (self.work / "node.toml").write_text("\n".join(lines) + "\n")
-            env["PYTHONPATH"] = str(self.source) + os.pathsep + env.get("PYTHONPATH", "")
+            env = write_node_config(self.work, self.node_set, self.port, self.source)
             self.proc = subprocess.Popen([sys.executable, "-m", "dicom_node", "serve",
                                           "--config", str(self.work / "node.toml")],
                                          env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -279,6 +259,37 @@ class Receiver:
             shutil.rmtree(self.work / "store", ignore_errors=True)
 
 
+def write_node_config(work: Path, overrides: dict[str, str], port: int,
+                      source: Path = REPO) -> dict[str, str]:
+    """Write ``work/node.toml``, the node's settings in this benchmark (its store in
+    ``work/store``) with ``overrides`` (SECTION.KEY=VALUE); returns the environment for a
+    process that runs the node's code from ``source``: no SPINE_NODE_* of ours, and the
+    ``env:VAR`` overrides set."""
+    sections: dict[str, dict[str, object]] = {
+        "node": {"ae_title": "SPINENODE", "host": "127.0.0.1", "port": port},
+        "storage": {"root": str(work / "store"), "min_free_mb": 1},
+        "worker": {"count": 0},
+        "scheduler": {"stable_seconds": 3600},
+        "http": {"enabled": False},
+        "logging": {"level": "WARNING"},
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_NODE_")}
+    for key, value in overrides.items():
+        if key.startswith("env:"):
+            env[key[4:]] = value
+            continue
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = _parse_value(value)
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "node.toml").write_text("\n".join(lines) + "\n")
+    env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def creation_ms(directory: Path, count: int = 100) -> float:
     """Milliseconds per empty file created in a new ``directory`` (kept: deleting them would
     slow the next creations, see ``--delete-between``)."""
@@ -299,19 +310,13 @@ def _parse_value(text: str) -> object:
 def storage_path(work: Path, files: list[Path], overrides: dict[str, str],
                  keep: bool) -> tuple[float, float]:
     """The ``storage`` peer: bench/storage_path.py in a fresh process on a fresh store under
-    ``work``, with the node's settings (``env:`` overrides go to its environment); its
+    ``work``, with the node's settings in this benchmark (:func:`write_node_config`); its
     seconds for the instances and its CPU seconds meanwhile."""
     shutil.rmtree(work, ignore_errors=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPINE_NODE_")}
-    sets = []
-    for key, value in overrides.items():
-        if key.startswith("env:"):
-            env[key[4:]] = value
-        else:
-            sets += ["--set", f"{key}={value}"]
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env = write_node_config(work, overrides, free_port())
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "storage_path.py"),
-                           str(work), *map(str, files), *sets], env=env, capture_output=True)
+                           str(work / "node.toml"), *map(str, files)], env=env,
+                          capture_output=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench/storage_path.py exited {proc.returncode}:\n"
                            + proc.stderr.decode(errors="replace")[-2000:])

@@ -1,13 +1,13 @@
 """The node's storage path alone: what a received instance costs on this machine's disk with
 no network and no DICOM decoding at all (issue 8; a command, and a peer of ``bench/ingest``).
 
-    python bench/storage_path.py STORE_DIR FILE... [--set storage.sqlite_synchronous=NORMAL]
+    python bench/storage_path.py NODE_TOML FILE...
 
 Reads the given DICOM files into memory first, then stores each through
 :class:`storage.ingest.InstanceWriter` exactly as the storage SCP does after the last PDU of a
 C-STORE (Part 10 prefix plus the data set in 128 KiB fragments; the file written under its
-final name, fdatasynced, its directory fsynced and its index row committed, with the node's
-default settings unless ``--set`` changes them), one after the other as one sender's
+final name, fdatasynced, its directory fsynced and its index row committed, with the settings
+of NODE_TOML, as ``bench/ingest`` writes them for its nodes), one after the other as one sender's
 instances arrive, and prints the seconds for all of them and the process's CPU seconds
 meanwhile as JSON (``{"seconds": ..., "cpu_s": ...}``).
 
@@ -42,33 +42,10 @@ _CT = "1.2.840.10008.5.1.4.1.1.2"
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
-def _settings(overrides: list[str], root: Path):  # noqa: ANN202 - config.Settings
-    """The node's settings for a store under ``root``, as ``bench/ingest`` gives them to its
-    ``serve``, with ``overrides`` (SECTION.KEY=VALUE)."""
-    sections: dict[str, dict[str, object]] = {"storage": {"root": str(root / "store"),
-                                                          "min_free_mb": 1}}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        try:
-            parsed: object = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        sections.setdefault(section, {})[name] = parsed
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "node.toml").write_text("\n".join(lines) + "\n")
-    return load_settings(root / "node.toml")
-
-
-def run(root: Path, files: list[Path],
-        overrides: list[str] | None = None) -> tuple[float, float]:
-    """Seconds to store ``files`` one after the other under ``root`` (see the module
-    docstring), and the process's CPU seconds meanwhile."""
-    ctx = NodeContext.open(_settings(overrides or [], root))
+def run(config: Path, files: list[Path]) -> tuple[float, float]:
+    """Seconds to store ``files`` one after the other with the node's settings in ``config``
+    (see the module docstring), and the process's CPU seconds meanwhile."""
+    ctx = NodeContext.open(load_settings(config))
     store = ctx.store
     writer = InstanceWriter.from_settings(ctx.settings, store, ctx.index)
     study, series = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.1.1"
@@ -106,11 +83,10 @@ def part10_offset(raw: memoryview) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("root", type=Path)
+    ap.add_argument("config", type=Path)
     ap.add_argument("files", type=Path, nargs="+")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     a = ap.parse_args(argv)
-    seconds, cpu = run(a.root, a.files, a.set)
+    seconds, cpu = run(a.config, a.files)
     print(json.dumps({"seconds": seconds, "cpu_s": cpu, "instances": len(a.files)}))
 
 

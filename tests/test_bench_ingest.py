@@ -34,7 +34,8 @@ storage_path = _bench_module("storage_path")
 
 def test_the_storage_path_writes_and_indexes_what_the_scp_would(tmp_path):
     _, files, _ = ingest.make_series(3, 32, tmp_path / "cache")
-    seconds, cpu = storage_path.run(tmp_path / "run", files)
+    ingest.write_node_config(tmp_path / "run", {}, 11112)
+    seconds, cpu = storage_path.run(tmp_path / "run" / "node.toml", files)
     assert seconds > 0 and cpu >= 0
     con = sqlite3.connect(tmp_path / "run" / "store" / "spine-node.db")
     try:
