@@ -12,12 +12,11 @@ instances arrive, and prints the seconds for all of them and the process's CPU s
 meanwhile as JSON (``{"seconds": ..., "cpu_s": ...}``).
 
 Why: the node does this work after the last PDU of each instance and answers Success only
-then, and one sender (``storescu``) waits for each answer before it sends the next instance.
-So ``storescp``'s time plus this time, in the same round, bounds from below what a receiver
-that works this way could take on this disk, however fast its network code;
-``bench/ingest --peers storescp,storage,node`` prints that bound as a ratio (bench/README.md,
-seventh round). (A receiver that wrote the data while it arrives could do better; that
-measured slower here, bench/README.md.)
+then, and one sender (``storescu``) waits for each answer before it sends the next instance,
+so this is the part of a one-sender transfer that faster network code would not remove.
+``bench/ingest --peers storage,node`` prints it as a share of the node's time in the same round
+(bench/README.md, eighth round: an earlier reading of storescp's time plus this one as a bound
+on the node was wrong, and the node beat it).
 """
 from __future__ import annotations
 
