@@ -25,8 +25,8 @@ last PDU, one after the other, no network). With a node in the same rounds it pr
 path's share of that node's time, per round: how much of a one-sender transfer is disk and index
 work that no faster network code would remove. (Until 2026-12-06 this printed storescp / (storescp
 + storage path) as a bound on the node against storescp; the node then beat it in every round,
-0.65x against 0.51x: storescp's time includes its own decoding and writing, so it is not a floor
-under the node's network work, and the sum bounds nothing. bench/README.md, eighth round.)
+e.g. 0.63x against 0.51x: storescp's time includes its own decoding and writing, so it is not a
+floor under the node's network work, and the sum bounds nothing. bench/README.md, eighth round.)
 
 The series (a synthetic 512 x 512 CT, Explicit VR Little Endian, one file per slice) is written
 once and cached under ``$SPINE_BENCH_CACHE`` (default ``/var/tmp/spine-node-bench``); the stores
