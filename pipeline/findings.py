@@ -79,6 +79,25 @@ class VertebraFinding:
     grading_source: str = "keypoints"   # "keypoints" | "mask" | "none" (not graded: C1, C2)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def assessed(self) -> bool:
+        """Whether the grade rests on measured heights: not for a vertebra cut by the field of
+        view (``partial``) nor for one the grading left out (``grading_source == "none"``: C1,
+        C2, no usable heights). An unassessed vertebra keeps grade 0 in summary.json (contract)
+        but the SR and the key image report it as not assessed."""
+        return not self.partial and self.grading_source != "none"
+
+    @property
+    def not_assessed_reason(self) -> str | None:
+        """Why the vertebra was not assessed (``None`` when it was)."""
+        if self.partial:
+            return "cut by the field of view"
+        if self.grading_source == "none":
+            if self.name in ("C1", "C2"):
+                return "no vertebral body to grade"
+            return "heights not measurable"
+        return None
+
     def summary(self) -> dict[str, Any]:
         """The per-vertebra object of summary.json (DESIGN.md, contract)."""
         return {

@@ -9,9 +9,10 @@ Height loss and grade (DESIGN.md, step 4):
   middle -> biconcave, posterior -> crush;
 - against the neighbouring normal vertebrae, for crush fractures where the whole body is lower
   and eq. 18 alone sees nothing: ``loss = 1 - max(HA, HM, HP) / reference``, with the reference
-  the mean of the largest heights of the nearest normal vertebra above and below
-  (:func:`reference_heights`; C1 and C2 never serve). The loss reported is the larger of the
-  two, and the morphology is crush when the reference loss is the larger;
+  the mean of the largest heights of the nearest normal vertebra above and below in the same
+  region (cervical, thoracic, lumbar: a normal C7 is much lower than T1; :func:`reference_heights`;
+  C1 and C2 never serve). The loss reported is the larger of the two, and the morphology is
+  crush when the reference loss is the larger;
 - grade (:meth:`GenantGrade.from_height_loss`): 0 below 20 %, 1 = 20-25 %, 2 = 25-40 %, 3 above.
   The paper's two-class cut (G < 0.74 moderate/severe, 0.74-0.8 mild) is a special case.
 
@@ -43,6 +44,23 @@ MASK_EDGE_FRACTION = 0.88
 _LOSS_DECIMALS = 9
 #: A vertebra this much taller than the local median of its neighbours serves as no reference.
 TALLER_THAN_NEIGHBOURS = 1.3
+#: Typical largest (posterior) vertebral body height of a normal adult vertebra per level, in mm.
+#: Approximate values read from the morphometry of Panjabi et al.: cervical C3-C7 (Spine 1991;
+#: 16:861-869), thoracic T1-T12 (Spine 1991;16:888-901), lumbar L1-L5 (Spine 1992;17:299-306);
+#: T13 and L6 are given their neighbours' heights. Individual spines differ by 10-15 %, so the
+#: table only scales a neighbour of the other region where a vertebra has none of its own
+#: (:data:`REFERENCE_FALLBACK`); it never replaces a same-region neighbour.
+TYPICAL_BODY_HEIGHT_MM: dict[str, float] = {
+    "C3": 14.0, "C4": 14.0, "C5": 14.0, "C6": 14.0, "C7": 15.0,
+    "T1": 16.0, "T2": 17.0, "T3": 17.5, "T4": 18.0, "T5": 18.5, "T6": 19.0, "T7": 19.5,
+    "T8": 20.0, "T9": 21.0, "T10": 22.0, "T11": 23.0, "T12": 24.0, "T13": 24.5,
+    "L1": 25.0, "L2": 26.0, "L3": 26.5, "L4": 26.5, "L5": 26.0, "L6": 26.0,
+}
+#: Regions whose neighbours may stand in, scaled by :data:`TYPICAL_BODY_HEIGHT_MM`, for a
+#: vertebra with no normal neighbour of its own region (a T12 at the top of a lumbar scan).
+#: Never between cervical and thoracic: the step from C7 to T1 is too large and too variable
+#: (a normal C7 judged against T1 was called a grade 3 fracture on real CT).
+REFERENCE_FALLBACK: dict[str, tuple[str, ...]] = {"C": (), "T": ("L",), "L": ("T",), "?": ()}
 
 
 @dataclass(frozen=True)
@@ -121,32 +139,53 @@ def reference_heights(orders: Sequence[int], heights: Sequence[Heights | None],
     """The normal-neighbour reference (mm) of each vertebra of a spine, for crush fractures.
 
     The mean of the largest heights of the nearest normal vertebra above and of the nearest
-    below (one side only at the ends of the scan). ``orders`` are the levels' anatomical orders
-    (:attr:`pipeline.levels.Level.order`). A vertebra is "normal" when its own heights show less
-    than 20 % within-vertebra loss and its largest height is neither 20 % below nor 30 % above the
-    median of the candidates within two levels (a crushed neighbour would lower the reference, a
-    keypoint blunder raise it); ``names`` in :data:`NO_REFERENCE` never serve.
+    below (one side only at the ends of the scan or of a region), taken only from the vertebra's
+    own region (cervical, thoracic, lumbar: :attr:`pipeline.levels.Level.region`). A vertebra
+    with no normal neighbour of its own region borrows those of :data:`REFERENCE_FALLBACK`
+    (thoracic <-> lumbar), scaled by the ratio of the levels' typical heights
+    (:data:`TYPICAL_BODY_HEIGHT_MM`); a cervical vertebra never borrows. ``orders`` are the
+    levels' anatomical orders (:attr:`pipeline.levels.Level.order`). A vertebra is "normal" when
+    its own heights show less than 20 % within-vertebra loss and its largest height is neither
+    20 % below nor 30 % above the median of the candidates of its region within two levels (a
+    crushed neighbour would lower the reference, a keypoint blunder raise it); ``names`` in
+    :data:`NO_REFERENCE` never serve.
     """
+    from pipeline.levels import BY_NAME, LEVELS
+
     tops = [None if h is None else max(h.anterior, h.middle, h.posterior) for h in heights]
     ok = [t is not None and within_loss(h)[0] < FRACTURE_LOSS for t, h in zip(tops, heights)]
     if names is not None:
         ok = [o and n not in NO_REFERENCE for o, n in zip(ok, names)]
+    level_names = list(names) if names is not None else [LEVELS[int(o)].name for o in orders]
+    region = [BY_NAME[n].region if n in BY_NAME else "?" for n in level_names]
+
+    def scaled(i: int, j: int) -> float:
+        if region[i] == region[j]:
+            return float(tops[j])
+        typical = TYPICAL_BODY_HEIGHT_MM
+        return float(tops[j]) * typical.get(level_names[i], 1.0) / typical.get(level_names[j], 1.0)
 
     def refs_of(ok_: list[bool]) -> list[float | None]:
         out: list[float | None] = []
         for i, oi in enumerate(orders):
-            above = [(oi - orders[j], tops[j]) for j in range(len(orders)) if ok_[j] and orders[j] < oi]
-            below = [(orders[j] - oi, tops[j]) for j in range(len(orders)) if ok_[j] and orders[j] > oi]
-            sides = [min(side)[1] for side in (above, below) if side]
+            pool = [j for j in range(len(orders)) if ok_[j] and j != i and region[j] == region[i]]
+            if not pool:
+                pool = [j for j in range(len(orders))
+                        if ok_[j] and region[j] in REFERENCE_FALLBACK[region[i]]]
+            above = [(oi - orders[j], j) for j in pool if orders[j] < oi]
+            below = [(orders[j] - oi, j) for j in pool if orders[j] > oi]
+            sides = [scaled(i, min(side)[1]) for side in (above, below) if side]
             out.append(float(np.mean(sides)) if sides else None)
         return out
 
     # A crushed vertebra passes the within-vertebra test, and a keypoint blunder can make a
     # vertebra implausibly tall: neither serves as a reference. Both are judged against the local
-    # median of the candidates within two levels (itself included), which one outlier cannot move.
+    # median of the candidates of its region within two levels (itself included), which one
+    # outlier cannot move.
     odd = []
     for i, oi in enumerate(orders):
-        window = [tops[j] for j in range(len(orders)) if ok[j] and abs(orders[j] - oi) <= 2]
+        window = [tops[j] for j in range(len(orders))
+                  if ok[j] and abs(orders[j] - oi) <= 2 and region[j] == region[i]]
         med = float(np.median(window)) if window else None
         odd.append(ok[i] and med is not None
                    and not ((1.0 - FRACTURE_LOSS) * med <= tops[i] <= TALLER_THAN_NEIGHBOURS * med))
@@ -194,7 +233,8 @@ def heights_from_mask(prob_rc: np.ndarray, spacing_mm: float, threshold: float =
 def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> None:
     """Grade every finding of one spine in place.
 
-    :data:`NOT_GRADED` levels keep grade 0 with no heights and ``grading_source = "none"``.
+    :data:`NOT_GRADED` levels keep grade 0 with no heights and ``grading_source = "none"``, as
+    does a vertebra with neither keypoint nor mask heights (not assessed).
     Uses ``heights_mm`` (keypoints) where present, else ``mask_heights_mm``. When both exist and
     their grades differ by more than one, the finding says so in ``notes``; the keypoint grade
     decides unless the keypoint heights are implausible (outside 3-60 mm), in which case the mask
@@ -218,6 +258,7 @@ def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> N
             chosen, source = a_mk, "mask"
         if chosen is None:
             f.notes.append("no heights: neither keypoints nor a mask slice were usable")
+            f.grading_source = "none"
             continue
         if a_kp is not None and a_mk is not None and abs(int(a_kp.grade) - int(a_mk.grade)) > 1:
             f.notes.append(

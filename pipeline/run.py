@@ -1,6 +1,8 @@
 """The pipeline's one entry point: a loaded series in, findings and a label map out.
 
-``analyse`` runs the paper's steps (DESIGN.md "Pipeline"): localization (M-SCN) ->
+``analyse`` runs the paper's steps (DESIGN.md "Pipeline"): localization (M-SCN) -> the
+anatomical anchors of the level names (ribs, sacrum, skull base: :mod:`pipeline.anchors`, which
+rename the chain where they contradict the localizer, or mark the numbering uncertain) ->
 per-vertebra segmentation (3D U-Net, :mod:`pipeline.segmentation`) -> Genant keypoints on the
 mid-sagittal plane (2D M-SCN, :mod:`pipeline.keypoints`) -> grading (:mod:`pipeline.genant`).
 ``process``, the ``serve`` worker and ``evaluate`` all call it, so they report the same thing.
@@ -20,26 +22,35 @@ import SimpleITK as sitk
 
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
 from pipeline.levels import BY_LABEL
+from pipeline.numbering import Numbering
 
 
 @dataclass
 class AnalysisResult:
-    """What ``analyse`` found in one series (docs/internal-interfaces.md)."""
+    """What ``analyse`` found in one series (docs/internal-interfaces.md).
+
+    ``numbering`` says whether the level names rest on anatomical anchors (ribs, sacrum, skull
+    base: :mod:`pipeline.anchors`, :mod:`pipeline.numbering`) or are uncertain, and why.
+    """
 
     study_instance_uid: str
     series_instance_uid: str
     vertebrae: list[VertebraFinding]
     label_map: sitk.Image
     timings_s: dict[str, float] = field(default_factory=dict)
+    numbering: Numbering | None = None
 
     def summary(self) -> dict[str, Any]:
-        """summary.json (DESIGN.md, contract)."""
-        return {
+        """summary.json (DESIGN.md, contract), plus ``numbering`` (:meth:`Numbering.as_dict`)."""
+        out: dict[str, Any] = {
             "study_instance_uid": self.study_instance_uid,
             "series_instance_uid": self.series_instance_uid,
             "vertebrae": [v.summary() for v in self.vertebrae],
-            "timings_s": {k: round(float(v), 3) for k, v in self.timings_s.items()},
         }
+        if self.numbering is not None:
+            out["numbering"] = self.numbering.as_dict()
+        out["timings_s"] = {k: round(float(v), 3) for k, v in self.timings_s.items()}
+        return out
 
 
 def _localize(image: sitk.Image, device: str, model=None):
@@ -90,7 +101,7 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
             found = _localize(image, str(dev), models["localization"])
     else:
         found = list(centroids)
-    found = sorted(found, key=lambda v: BY_LABEL[int(v.label)].order)
+    found, numbering = _anchor_levels(image, found, renumber=centroids is None)
     timings["localization"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -143,7 +154,35 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     timings["total"] = time.perf_counter() - t_start
     return AnalysisResult(study_instance_uid=series.study_instance_uid,
                           series_instance_uid=series.series_instance_uid,
-                          vertebrae=[f for f, _ in findings], label_map=seg.label_map, timings_s=timings)
+                          vertebrae=[f for f, _ in findings], label_map=seg.label_map,
+                          timings_s=timings, numbering=numbering)
+
+
+def _anchor_levels(image: sitk.Image, found: list, renumber: bool) -> tuple[list, Numbering]:
+    """The found vertebrae in anatomical order and the numbering of their levels.
+
+    The anchors (:func:`pipeline.anchors.find_numbering`) are measured right after
+    localization; where they fix the levels and contradict the localizer, the whole chain is
+    renamed consistently (``renumber``). Labels the caller supplied are kept; where the anchors
+    name them otherwise the numbering says so and is uncertain.
+    """
+    from dataclasses import replace
+
+    from pipeline.anchors import find_numbering
+    from pipeline.numbering import apply_numbering
+
+    found = sorted(found, key=lambda v: BY_LABEL[int(v.label)].order)
+    numbering = find_numbering(image, found)
+    if renumber:
+        return apply_numbering(found, numbering)
+    names = [BY_LABEL[int(v.label)].name for v in found]
+    if not numbering.uncertain and list(numbering.names) != names:
+        numbering = replace(
+            numbering, status="uncertain",
+            reason=(f"the labels supplied by the caller ({names[0]}-{names[-1]}) were kept; "
+                    f"the anatomical anchors name these vertebrae {numbering.names[0]}-"
+                    f"{numbering.names[-1]} ({numbering.reason})"))
+    return found, numbering
 
 
 def _slice_spacing_mm(image: sitk.Image) -> float:

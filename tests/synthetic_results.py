@@ -55,6 +55,8 @@ class SyntheticResult:
     vertebrae: list[VertebraFinding]
     label_map: sitk.Image
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: ``pipeline.numbering.Numbering`` or None (the outputs then state no numbering).
+    numbering: object | None = None
 
     def summary(self) -> dict:
         return {"study_instance_uid": self.study_instance_uid,

@@ -81,7 +81,8 @@ def build_outputs(
     Each object is in its own new series of the source study ("spine-node vN ..."); see
     :func:`pipeline.outputs.common.output_identity` for how the UIDs are made.
     When no vertebra was found there is no SEG (it needs a segment); the SR (one "no vertebra
-    found" group) and the key image (no overlay) still say that the series was analysed.
+    found" group) and the key image (no overlay) still say that the series was analysed. The
+    result's ``numbering`` (where it has one) goes into the SR and onto the key image.
     Raises ``ValueError`` when the label map is not on the source grid.
     """
     from pipeline.outputs.key_image import build_key_image
@@ -103,9 +104,11 @@ def build_outputs(
     seg = build_seg(headers, result.label_map, segments,
                     output_identity(source_uid, version, ResultKind.SEG, salt),
                     algorithm) if segments else None
+    numbering = getattr(result, "numbering", None)
     sr = build_sr(headers, seg, segments, unsegmented,
-                  output_identity(source_uid, version, ResultKind.SR, salt), algorithm)
+                  output_identity(source_uid, version, ResultKind.SR, salt), algorithm,
+                  numbering=numbering)
     key = build_key_image(series.image, result.label_map, findings, headers[0],
                           output_identity(source_uid, version, ResultKind.KEY_IMAGE, salt),
-                          algorithm)
+                          algorithm, numbering=numbering)
     return ResultObjects(seg=seg, sr=sr, key_image=key, version=version)

@@ -80,9 +80,27 @@ MORPHOLOGY_CODES: dict[Morphology, Code] = {
     Morphology.BICONCAVE: _private("SPN-M2", "Biconcave deformity"),
     Morphology.CRUSH: _private("SPN-M3", "Crush deformity"),
 }
+#: Value of the :data:`FRACTURE` evaluation of a vertebra that was not assessed, by the reason
+#: (:attr:`pipeline.findings.VertebraFinding.not_assessed_reason`): it states no finding.
+NOT_ASSESSED_CODES: dict[str, Code] = {
+    "cut by the field of view": _private("SPN-NA1", "Not assessed: cut by the field of view"),
+    "no vertebral body to grade": _private("SPN-NA2", "Not assessed: no vertebral body to grade"),
+    "heights not measurable": _private("SPN-NA3", "Not assessed: heights not measurable"),
+}
+#: TID 1500 row "Qualitative Evaluations" (report level) and what it says about the numbering of
+#: the levels (:mod:`pipeline.anchors`): a coded status and the statement as text.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+LEVEL_NUMBERING = _private("SPN-0004", "Vertebral level numbering")
+LEVEL_NUMBERING_CODES: dict[str, Code] = {
+    "anchored": _private("SPN-N1", "Anchored on anatomical landmarks"),
+    "uncertain": _private("SPN-N2", "Uncertain"),
+}
+LEVEL_NUMBERING_STATEMENT = _private("SPN-0005", "Vertebral level numbering statement")
+
 #: Reverse look-ups, for reading our own SR back.
 GRADE_BY_CODE: dict[str, GenantGrade] = {c.value: g for g, c in GENANT_GRADE_CODES.items()}
 MORPHOLOGY_BY_CODE: dict[str, Morphology] = {c.value: m for m, c in MORPHOLOGY_CODES.items()}
+NOT_ASSESSED_BY_CODE: dict[str, str] = {c.value: r for r, c in NOT_ASSESSED_CODES.items()}
 
 
 def private_coding_scheme() -> CodingSchemeIdentificationItem:

@@ -4,9 +4,12 @@ Many PACS and viewers show neither SEG nor SR; every one shows an RGB Secondary 
 (PS3.3 A.8.1 Secondary Capture Image IOD). The image is the mid-sagittal plane of the CT in a
 bone window (W 1800 / L 400), reformatted on a curve that follows the vertebrae's mean
 left-right position so that a scoliotic spine stays in the plane; fractured vertebrae are
-tinted red, normal ones white, and each level's name, Genant grade and morphology are written
-beside it. A banner burns in "NOT FOR PRIMARY DIAGNOSIS"; Burned In Annotation is YES, and
-the Image Comments say the same (PS3.3 C.7.6.1, C.8.6.2).
+tinted red, normal ones white (one not assessed is only outlined, in blue-grey), and each
+level's name, Genant grade and morphology are written beside it. A banner burns in "NOT FOR
+PRIMARY DIAGNOSIS"; Burned In Annotation is YES, and the Image Comments say the same (PS3.3
+C.7.6.1, C.8.6.2). Where the level numbering is uncertain (:mod:`pipeline.numbering`), an
+orange warning under the banner says so and why, and the Image Comments carry the same
+statement; a vertebra that was not assessed is captioned so, never with a grade.
 
 Display convention (as a radiologist reads a sagittal spine): head up, anterior left; the
 Patient Orientation is therefore P\\F (rows run towards posterior, columns towards the feet).
@@ -25,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
+from pipeline.numbering import Numbering
 from pipeline.findings import GenantGrade, VertebraFinding
 from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, new_instance_arguments
 from pipeline.outputs.enums import BurnedInAnnotation
@@ -38,9 +42,14 @@ WINDOW_WIDTH = 1800.0
 #: Height in pixels of the longer side of the reformatted plane.
 TARGET_PIXELS = 768
 NOT_FOR_DIAGNOSIS = "NOT FOR PRIMARY DIAGNOSIS"
+#: Colour of the uncertain-numbering warning (orange: neither a fracture's red nor white).
+WARNING_COLOUR = (255, 140, 0)
 
 _RED = np.array([255, 40, 40], dtype=np.float32)
 _WHITE = np.array([255, 255, 255], dtype=np.float32)
+#: A vertebra that was not assessed (cut by the field of view, C1/C2): outlined, not tinted, so
+#: that it reads neither as a fracture (red) nor as normal (white).
+_NOT_ASSESSED = np.array([140, 170, 255], dtype=np.float32)
 _GRADE_WORD = {GenantGrade.NORMAL: "normal", GenantGrade.MILD: "mild",
                GenantGrade.MODERATE: "moderate", GenantGrade.SEVERE: "severe"}
 
@@ -136,14 +145,28 @@ def caption_rows(true_rows: Sequence[float], lo: float, hi: float, gap: float) -
     return [min(row, hi - (n - 1 - i) * gap) for i, row in enumerate(rows)]
 
 
+def wrap(font: ImageFont.ImageFont, text: str, width: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a word longer than
+    the width gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and _text_width(font, f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def render(
     hu: np.ndarray, labels: np.ndarray, findings: Sequence[VertebraFinding], pixel_mm: float,
-    z_top: float, banner: str,
+    z_top: float, banner: str, warning: str | None = None,
 ) -> tuple[np.ndarray, int]:
     """The RGB key image (rows, columns, 3) uint8: windowed CT, tinted vertebrae, captions.
 
     Returns the image and the row at which the plane starts (a banner is above it; the plane
-    fills columns ``0 .. hu.shape[1] - 1``, the captions are to its right).
+    fills columns ``0 .. hu.shape[1] - 1``, the captions are to its right). ``warning`` (the
+    uncertain level numbering) is written in :data:`WARNING_COLOUR` under the banner, wrapped to
+    the image's width.
     """
     gray = np.clip((hu - (WINDOW_CENTER - WINDOW_WIDTH / 2)) / WINDOW_WIDTH, 0.0, 1.0) * 255.0
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
@@ -151,7 +174,8 @@ def render(
         mask = labels == f.label
         if not mask.any():
             continue
-        colour, alpha = (_RED, 0.55) if f.fractured else (_WHITE, 0.30)
+        colour, alpha = ((_RED, 0.55) if f.fractured else (_WHITE, 0.30) if f.assessed
+                         else (_NOT_ASSESSED, 0.0))
         rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
         edge = mask & ~ndimage.binary_erosion(mask)
         rgb[edge] = colour
@@ -167,13 +191,16 @@ def render(
     # The caption column is at least as tall as the plane, taller when the captions need it
     # (many vertebrae on a short plane, e.g. a thin slab).
     panel_h = max(h, int(math.ceil(max(len(findings) - 1, 0) * gap + size * 1.2)))
-    top = int(size * 3.2)
+    warn_lines = wrap(small, warning, w + panel_w - size) if warning else []
+    top = int(size * 3.2 + len(warn_lines) * size * 1.0)
     bottom = int(size * 1.8)
     canvas = Image.new("RGB", (w + panel_w, panel_h + top + bottom), (0, 0, 0))
     canvas.paste(plane, (0, top))
     draw = ImageDraw.Draw(canvas)
     draw.text((size // 2, size // 4), NOT_FOR_DIAGNOSIS, fill=(255, 220, 0), font=font)
     draw.text((size // 2, int(size * 1.6)), banner, fill=(200, 200, 200), font=small)
+    for k, line in enumerate(warn_lines):
+        draw.text((size // 2, int(size * (2.6 + k))), line, fill=WARNING_COLOUR, font=small)
     draw.text((size // 2, top + panel_h + size // 4), "Automatic result, not verified by a physician",
               fill=(200, 200, 200), font=small)
     draw.text((4, top + h // 2), "A", fill=(255, 220, 0), font=small)
@@ -183,7 +210,8 @@ def render(
     true_rows = [top + (z_top - f.centroid_mm[2]) / pixel_mm for f in ordered]
     rows = caption_rows(true_rows, top + size * 0.6, top + panel_h - size * 0.6, gap)
     for row, true_row, f in zip(rows, true_rows, ordered):
-        colour = (255, 60, 60) if f.fractured else (255, 255, 255)
+        colour = ((255, 60, 60) if f.fractured else (255, 255, 255) if f.assessed
+                  else tuple(int(c) for c in _NOT_ASSESSED))
         draw.line([(w + 2, true_row), (w + size // 2, row)], fill=colour, width=max(1, size // 10))
         draw.text((w + size // 2 + 4, row - size * 0.55), captions[f.label], fill=colour, font=font)
     return np.asarray(canvas, dtype=np.uint8).copy(), top
@@ -196,14 +224,18 @@ def build_key_image(
     reference: "Dataset",
     identity: OutputIdentity,
     algorithm: AlgorithmInfo,
+    numbering: Numbering | None = None,
 ) -> hd.sc.SCImage:
-    """The Secondary Capture instance (RGB, single frame) in the source's Patient and Study."""
+    """The Secondary Capture instance (RGB, single frame) in the source's Patient and Study;
+    ``numbering`` where uncertain is written on it (:func:`render`) and into Image Comments."""
     hu, labels, pixel_mm, (z_top, _) = reformat_sagittal(image, label_map, findings)
     n_fractured = sum(1 for f in findings if f.fractured)
     found = (f"{len(findings)} vertebrae, {n_fractured} fractured" if findings
              else "no vertebra found")
     banner = f"{identity.series_description} | {found} | {algorithm.model_name} {algorithm.version}"
-    pixels, _top = render(hu, labels, findings, pixel_mm, z_top, banner)
+    warning = numbering.statement.upper() if numbering is not None and numbering.uncertain \
+        and findings else None
+    pixels, _top = render(hu, labels, findings, pixel_mm, z_top, banner, warning)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference,
         pixel_array=pixels,
@@ -227,6 +259,8 @@ def build_key_image(
     sc.LossyImageCompression = "00"
     sc.ImageComments = (f"{NOT_FOR_DIAGNOSIS}. Automatic vertebral fracture result "
                         f"({algorithm.name} {algorithm.version}), not verified by a physician.")
+    if warning:
+        sc.ImageComments = f"{sc.ImageComments} {numbering.statement}"[:10240]  # LT
     sc.DerivationDescription = (
         f"Curved mid-sagittal reformat of series {reference.SeriesInstanceUID}, bone window "
         f"W{WINDOW_WIDTH:.0f}/L{WINDOW_CENTER:.0f}; fractured vertebrae red, normal white")[:1024]

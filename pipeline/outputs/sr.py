@@ -14,6 +14,15 @@ Content tree (PS3.16 TID 1500, built with :class:`highdicom.sr.MeasurementReport
     height loss 1 - min/max in % (private code, DESIGN.md "Pipeline" step 4);
   - qualitative evaluations: SCT 72704001 "Fracture" = Present / Absent, the Genant grade and
     the morphology (private codes, declared in the Coding Scheme Identification Sequence);
+  - a vertebra that was not assessed (cut by the field of view, C1/C2, no usable heights) has
+    no measurement, no grade and no morphology: its one evaluation is "Fracture" = a private
+    "Not assessed: <why>" code, so the report never states a finding nobody made;
+  - where the level numbering is uncertain (:mod:`pipeline.numbering`), a TEXT qualitative
+    evaluation (TID 1411 row "Qualitative Evaluation", value type TEXT) with the statement
+    "Vertebral level numbering uncertain: <reason>": the finding site code rests on it;
+- the level numbering, anchored or uncertain, at the report level: TID 1500 "Qualitative
+  Evaluations" (UMLS C0034375) holding a CODE (private "Vertebral level numbering" = Anchored /
+  Uncertain) and a TEXT item with the statement;
 - no vertebra at all: one TID 1501 group, Finding Site "Spine", "Vertebra" = Absent;
 - a vertebra reported without voxels in the label map (cannot happen with the current pipeline,
   kept for robustness) gets a TID 1501 group with the same content but no region reference.
@@ -36,6 +45,7 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 
+from pipeline.numbering import Numbering
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
 from pipeline.levels import level
 from pipeline.outputs import codes
@@ -56,6 +66,16 @@ def _algorithm_id(algorithm: AlgorithmInfo) -> AlgorithmIdentification:
 def _group_content(f: VertebraFinding, algorithm: AlgorithmInfo) -> dict:
     """Finding, site, measurements and evaluations of one vertebra (shared by TID 1411/1501)."""
     vertebra = codes.vertebra_code(level(f.label))
+    if not f.assessed:
+        why = codes.NOT_ASSESSED_CODES[f.not_assessed_reason or "heights not measurable"]
+        return dict(
+            finding_type=vertebra,
+            finding_category=codes.ANATOMICAL_STRUCTURE,
+            finding_sites=[FindingSite(vertebra)],
+            algorithm_id=_algorithm_id(algorithm),
+            measurements=[],
+            qualitative_evaluations=[QualitativeEvaluation(codes.FRACTURE, why)],
+        )
     measurements: list[Measurement] = []
     if f.heights_mm is not None:
         for modifier, value in (
@@ -112,6 +132,32 @@ def _referenced_segment(seg: "Dataset", number: int) -> hd.sr.ReferencedSegment:
                                    segment_number=number, source_images=sources)
 
 
+def _numbering_text(numbering: Numbering) -> hd.sr.TextContentItem:
+    """The numbering statement as a TEXT qualitative evaluation."""
+    return hd.sr.TextContentItem(
+        name=codes.LEVEL_NUMBERING_STATEMENT, value=numbering.statement[:MAX_TEXT_CHARS],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+
+
+def _numbering_evaluations(numbering: Numbering) -> hd.sr.ContainerContentItem:
+    """TID 1500 "Qualitative Evaluations" (UMLS C0034375): the numbering's status (CODE) and
+    its statement (TEXT)."""
+    container = hd.sr.ContainerContentItem(
+        name=codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.CodeContentItem(
+            name=codes.LEVEL_NUMBERING, value=codes.LEVEL_NUMBERING_CODES[numbering.status],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
+        _numbering_text(numbering),
+    ])
+    return container
+
+
+#: The statement is UT (no practical limit); this keeps a runaway reason readable.
+MAX_TEXT_CHARS = 1024
+
+
 def build_sr(
     headers: Sequence["Dataset"],
     seg: "Dataset | None",
@@ -119,11 +165,14 @@ def build_sr(
     unsegmented: Sequence[tuple[VertebraFinding, str]],
     identity: OutputIdentity,
     algorithm: AlgorithmInfo,
+    numbering: Numbering | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR instance; ``unsegmented`` are (finding, tracking UID) of vertebrae without voxels.
 
     With no vertebra at all the report has one "no vertebra found" group: it still records
-    that the series was analysed and nothing was found.
+    that the series was analysed and nothing was found. ``numbering`` (the analysis's
+    :class:`pipeline.numbering.Numbering`) goes to the report level, and into every vertebra's
+    group where it is uncertain.
     """
     groups: list = []
     for s in segments:
@@ -136,6 +185,9 @@ def build_sr(
         content.pop("finding_category")
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(f, uid), **content))
+    if numbering is not None and numbering.uncertain:
+        for g in groups:
+            g[0].ContentSequence.append(_numbering_text(numbering))
 
     if not groups:
         # TID 1500 needs one group: "no vertebra found" as a spine-level evaluation.
@@ -160,6 +212,8 @@ def build_sr(
         imaging_measurements=groups,
         title=codes.IMAGING_MEASUREMENT_REPORT,
     )
+    if numbering is not None:
+        report[0].ContentSequence.append(_numbering_evaluations(numbering))
     return hd.sr.Comprehensive3DSR(
         evidence=[*headers, seg] if seg is not None else list(headers),
         content=report[0],
@@ -175,16 +229,29 @@ def build_sr(
 
 @dataclass(frozen=True)
 class ReportedVertebra:
-    """One vertebra as our SR says it (what a receiving system reads back)."""
+    """One vertebra as our SR says it (what a receiving system reads back).
+
+    ``assessed`` is False for a vertebra reported as not assessed; it then has no grade, no
+    morphology and no fracture flag (``None``), and ``not_assessed`` says why.
+    """
 
     name: str
-    fractured: bool
-    genant_grade: GenantGrade
-    morphology: Morphology
+    fractured: bool | None
+    genant_grade: GenantGrade | None
+    morphology: Morphology | None
     heights_mm: dict[str, float]
     height_loss_percent: float | None
     referenced_segment_number: int | None
     tracking_uid: str
+    assessed: bool = True
+    not_assessed: str | None = None
+    numbering_note: str | None = None
+
+
+def _texts(group) -> dict[str, str]:  # noqa: ANN001 - a highdicom measurement group
+    """TEXT children of a group's container, by concept code value."""
+    return {item.ConceptNameCodeSequence[0].CodeValue: str(item.TextValue)
+            for item in group[0].ContentSequence if item.ValueType == "TEXT"}
 
 
 def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
@@ -211,6 +278,17 @@ def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
         if (codes.FRACTURE.value, "SCT") not in evaluations:
             continue  # not a vertebra group (the "no vertebra found" group)
         fracture = evaluations[(codes.FRACTURE.value, "SCT")]
+        segment = None
+        if isinstance(g, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
+            segment = int(g.referenced_segment.referenced_segment_numbers[0])
+        note = _texts(g).get(codes.LEVEL_NUMBERING_STATEMENT.value)
+        if fracture.value in codes.NOT_ASSESSED_BY_CODE:
+            out.append(ReportedVertebra(
+                name=name, fractured=None, genant_grade=None, morphology=None, heights_mm={},
+                height_loss_percent=None, referenced_segment_number=segment,
+                tracking_uid=str(g.tracking_uid), assessed=False,
+                not_assessed=codes.NOT_ASSESSED_BY_CODE[fracture.value], numbering_note=note))
+            continue
         grade = evaluations[(codes.GENANT_GRADE.value, codes.PRIVATE_SCHEME)]
         morph = evaluations[(codes.FRACTURE_MORPHOLOGY.value, codes.PRIVATE_SCHEME)]
         heights: dict[str, float] = {}
@@ -219,9 +297,6 @@ def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
             if modifier is not None:
                 heights[topo[modifier.value]] = float(m.value)
         losses = g.get_measurements(name=codes.HEIGHT_LOSS)
-        segment = None
-        if isinstance(g, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
-            segment = int(g.referenced_segment.referenced_segment_numbers[0])
         out.append(ReportedVertebra(
             name=name,
             fractured=fracture.value == codes.PRESENT.value,
@@ -231,5 +306,35 @@ def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
             height_loss_percent=float(losses[0].value) if losses else None,
             referenced_segment_number=segment,
             tracking_uid=str(g.tracking_uid),
+            numbering_note=note,
         ))
     return out
+
+
+@dataclass(frozen=True)
+class ReportedNumbering:
+    """The report-level statement on the level numbering (TID 1500 "Qualitative Evaluations")."""
+
+    status: str
+    statement: str
+
+
+def read_numbering(dataset: "Dataset") -> ReportedNumbering | None:
+    """The numbering our SR states at the report level (``None`` where it states none)."""
+    root = dataset.ContentSequence
+    for item in root:
+        concept = item.ConceptNameCodeSequence[0]
+        wanted = codes.QUALITATIVE_EVALUATIONS
+        if (concept.CodeValue, concept.CodingSchemeDesignator) != (
+                wanted.value, wanted.scheme_designator):
+            continue
+        status, statement = "", ""
+        for child in item.ContentSequence:
+            name = child.ConceptNameCodeSequence[0].CodeValue
+            if child.ValueType == "CODE" and name == codes.LEVEL_NUMBERING.value:
+                meaning = child.ConceptCodeSequence[0].CodeValue
+                status = {c.value: s for s, c in codes.LEVEL_NUMBERING_CODES.items()}[meaning]
+            elif child.ValueType == "TEXT" and name == codes.LEVEL_NUMBERING_STATEMENT.value:
+                statement = str(child.TextValue)
+        return ReportedNumbering(status=status, statement=statement)
+    return None

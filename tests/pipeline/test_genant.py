@@ -170,3 +170,67 @@ def test_dice_by_region_pools_vertebrae_over_cases():
             for c in cases]
     report = segmentation_grading_report(full, [[], []])
     assert report["dice_by_region"] == by and report["dice"] == pytest.approx((0.75 + 0.8667) / 2, abs=1e-3)
+
+
+def _spine(levels_heights):
+    """Findings with uniform heights, and their anatomical orders, from ``[(name, mm), ...]``."""
+    from pipeline.levels import BY_NAME
+
+    fs, orders = [], []
+    for name, mm in levels_heights:
+        lv = BY_NAME[name]
+        f = VertebraFinding(label=lv.label, name=name, centroid_mm=(0, 0, -lv.order * 20.0))
+        f.heights_mm = Heights(mm, mm, mm)
+        fs.append(f)
+        orders.append(lv.order)
+    return fs, orders
+
+
+def test_a_normal_c7_is_not_graded_against_the_taller_thoracic_vertebrae():
+    """Real thoracic CT: C7 (13 mm, normal for a cervical body) next to T1-T3 (20 mm) was called
+    grade 3 when the crush reference took T1; the reference stays within the region."""
+    fs, orders = _spine([("C5", 13.0), ("C6", 13.2), ("C7", 13.0), ("T1", 20.0), ("T2", 20.5),
+                         ("T3", 21.0)])
+    refs = reference_heights(orders, [f.heights_mm for f in fs], [f.name for f in fs])
+    assert refs[2] == pytest.approx(13.2)       # C6 only: T1 is of another region
+    assert refs[3] == pytest.approx(20.5)       # T2 only
+    grade_spine(fs, orders)
+    assert [int(f.genant_grade) for f in fs] == [0] * 6
+
+
+def test_a_c7_without_cervical_neighbours_borrows_no_thoracic_reference():
+    fs, orders = _spine([("C7", 13.0), ("T1", 20.0), ("T2", 20.5)])
+    assert reference_heights(orders, [f.heights_mm for f in fs], [f.name for f in fs])[0] is None
+    grade_spine(fs, orders)
+    assert fs[0].genant_grade == GenantGrade.NORMAL
+
+
+def test_a_crushed_lumbar_vertebra_among_normal_lumbar_ones_is_still_graded():
+    fs, orders = _spine([("T12", 24.0), ("L1", 26.0), ("L2", 26.5), ("L3", 17.0), ("L4", 27.0),
+                         ("L5", 26.5)])
+    grade_spine(fs, orders)
+    crushed = fs[3]
+    assert crushed.morphology == Morphology.CRUSH and crushed.genant_grade == GenantGrade.MODERATE
+    assert crushed.height_loss == pytest.approx(1 - 17.0 / 26.75)   # mean of L2 and L4
+    assert all(f.genant_grade == GenantGrade.NORMAL for i, f in enumerate(fs) if i != 3)
+
+
+def test_a_thoracic_vertebra_alone_in_its_region_borrows_scaled_lumbar_neighbours():
+    """A crushed T12 at the top of a lumbar scan: no thoracic neighbour, so L1 stands in, scaled
+    by the typical heights (T12 24 mm, L1 25 mm)."""
+    from pipeline.genant import TYPICAL_BODY_HEIGHT_MM as typical
+
+    fs, orders = _spine([("T12", 15.0), ("L1", 26.0), ("L2", 26.5)])
+    refs = reference_heights(orders, [f.heights_mm for f in fs], [f.name for f in fs])
+    assert refs[0] == pytest.approx(26.0 * typical["T12"] / typical["L1"])
+    assert refs[1] == pytest.approx(26.5)      # L1 has a lumbar neighbour: T12 is not used
+    grade_spine(fs, orders)
+    assert fs[0].genant_grade >= GenantGrade.MILD and fs[0].morphology == Morphology.CRUSH
+
+
+def test_a_vertebra_without_any_heights_is_marked_not_assessed():
+    fs, orders = _spine([("L1", 26.0), ("L2", 26.0)])
+    fs[1].heights_mm = None
+    grade_spine(fs, orders)
+    assert fs[1].grading_source == "none" and fs[1].genant_grade == GenantGrade.NORMAL
+    assert any("no heights" in n for n in fs[1].notes)

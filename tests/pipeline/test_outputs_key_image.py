@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
+from pipeline.numbering import Numbering
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
-from pipeline.outputs.key_image import _caption, caption_rows, reformat_sagittal, render
+from pipeline.outputs import build_outputs
+from pipeline.outputs.key_image import (
+    WARNING_COLOUR,
+    _caption,
+    _font,
+    _text_width,
+    caption_rows,
+    reformat_sagittal,
+    render,
+    wrap,
+)
 from tests import synthetic_results as synth
 
 
@@ -89,3 +101,70 @@ def test_key_image_grows_to_fit_many_captions_on_a_thin_slab(case):
                                     centroid_mm=(0.0, 0.0, float(-i))) for i in range(20)]
     pixels, top = render(hu, labels, findings, pixel_mm=1.0, z_top=0.0, banner="test")
     assert pixels.shape[0] - top > 20 * 12 * 1.15 - 1   # 20 captions, 1.15 x 12 px apart
+
+
+def _orange(rgb):
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    return (np.abs(r - WARNING_COLOUR[0]) < 40) & (np.abs(g - WARNING_COLOUR[1]) < 40) \
+        & (b < 80)
+
+
+def test_uncertain_numbering_is_written_on_the_key_image(case, tmp_path):
+    series, result, out = case
+    reason = "ribs not assessable (field of view too narrow beside the spine)"
+    uncertain = dataclasses.replace(result, numbering=Numbering("uncertain", reason))
+    warned = build_outputs(series, uncertain, version=1).key_image
+    header = warned.pixel_array[: warned.Rows // 4]
+    assert _orange(header).sum() > 50                      # the warning, written in orange
+    assert not _orange(out.key_image.pixel_array[: out.key_image.Rows // 4]).any()
+    assert warned.Rows > out.key_image.Rows                # room made for it above the plane
+    assert f"Vertebral level numbering uncertain: {reason}" in warned.ImageComments
+    errors, output = synth.dciodvfy_errors(warned, tmp_path / "key.dcm")
+    assert errors == [], output
+
+
+def test_anchored_numbering_writes_no_warning(case):
+    series, result, out = case
+    anchored = dataclasses.replace(result, numbering=Numbering("anchored", "sacrum below L5"))
+    key = build_outputs(series, anchored, version=1).key_image
+    assert not _orange(key.pixel_array).any()
+    assert "numbering" not in key.ImageComments
+    assert key.Rows == out.key_image.Rows
+
+
+def test_render_puts_the_warning_between_banner_and_plane():
+    hu = np.zeros((200, 120), np.float32)
+    labels = np.zeros((200, 120), np.int32)
+    plain, top0 = render(hu, labels, [], 1.0, 0.0, "banner")
+    warned, top1 = render(hu, labels, [], 1.0, 0.0, "banner", "NUMBERING UNCERTAIN: " + "x " * 80)
+    assert top1 > top0 and warned.shape[0] > plain.shape[0]
+    assert _orange(warned[:top1]).any() and not _orange(warned[top1:]).any()
+
+
+def test_wrap_keeps_every_line_within_the_width():
+    font = _font(12)
+    text = "Vertebral level numbering uncertain: no rib-bearing to rib-free transition, no " \
+           "sacrum and no C2 in the field of view"
+    lines = wrap(font, text, 150)
+    assert " ".join(lines) == text and len(lines) > 1
+    assert all(_text_width(font, line) <= 150 for line in lines if " " in line)
+
+
+def test_a_vertebra_not_assessed_is_outlined_neither_red_nor_tinted_white(case):
+    series, result, _out = case
+    vertebrae = [dataclasses.replace(v) for v in result.vertebrae]
+    vertebrae[2].partial = True                      # L2: as if cut by the field of view
+    hu, labels, pixel_mm, (z_top, _y) = reformat_sagittal(series.image, result.label_map,
+                                                          vertebrae)
+    tinted, top = render(hu, labels, result.vertebrae, pixel_mm, z_top, "test")
+    shown, top2 = render(hu, labels, vertebrae, pixel_mm, z_top, "test")
+    mask = labels == vertebrae[2].label
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    plane = shown[top2:top2 + hu.shape[0], :hu.shape[1]]
+    before = tinted[top:top + hu.shape[0], :hu.shape[1]]
+    assert not _red(plane[mask]).any()
+    assert plane[inner].mean() < before[inner].mean() - 20    # no white tint inside
+    edge = plane[mask & ~ndimage.binary_erosion(mask)].astype(int)
+    assert (edge[:, 2] > edge[:, 0]).mean() > 0.9              # a blue-grey outline

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from pipeline.numbering import Anchor, Numbering
 from pipeline.outputs import build_outputs, codes
 from pipeline.outputs.enums import VerificationFlag
-from pipeline.outputs.sr import read_vertebrae
+from pipeline.outputs.sr import read_numbering, read_vertebrae
 from tests import synthetic_results as synth
 
 
@@ -119,3 +120,84 @@ def test_a_single_vertebra_report_references_its_segment_and_is_valid(case, tmp_
     assert reported.name == keep.name and reported.referenced_segment_number == 1
     errors, output = synth.dciodvfy_errors(out.sr, tmp_path / "sr.dcm")
     assert errors == [], output
+
+
+def _group_items(out_sr, name: str):
+    """Every content item (recursively) of the measurement group of vertebra ``name``."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(out_sr, copy=True)
+    for g in sr.content.get_volumetric_roi_measurement_groups():
+        if str(g.tracking_identifier) == f"{name} vertebra":
+            stack, items = list(g[0].ContentSequence), []
+            while stack:
+                item = stack.pop()
+                items.append(item)
+                stack.extend(item.get("ContentSequence", []))
+            return items
+    raise AssertionError(f"no group for {name}")
+
+
+def _codes_in(items) -> set[tuple[str, str]]:
+    out = set()
+    for item in items:
+        for key in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            for c in item.get(key, []):
+                out.add((c.CodeValue, c.CodingSchemeDesignator))
+    return out
+
+
+def test_a_vertebra_not_assessed_states_no_finding(case, tmp_path):
+    """A partial vertebra (cut by the field of view) and one the grading left out carry neither
+    "Fracture Absent", nor a Genant grade, nor heights: only "not assessed" and why."""
+    series, result, _out = case
+    vertebrae = [dataclasses.replace(v, notes=list(v.notes)) for v in result.vertebrae]
+    vertebrae[0].partial = True                       # T12: cut by the field of view
+    vertebrae[-1].grading_source = "none"             # L4: no usable heights
+    vertebrae[-1].heights_mm = None
+    out = build_outputs(series, dataclasses.replace(result, vertebrae=vertebrae), version=1)
+    reported = {v.name: v for v in read_vertebrae(out.sr)}
+    for name, why in (("T12", "cut by the field of view"), ("L4", "heights not measurable")):
+        r = reported[name]
+        assert not r.assessed and r.not_assessed == why
+        assert (r.fractured, r.genant_grade, r.morphology) == (None, None, None)
+        assert r.heights_mm == {} and r.height_loss_percent is None
+        found = _codes_in(_group_items(out.sr, name))
+        assert (codes.ABSENT.value, "SCT") not in found
+        assert (codes.PRESENT.value, "SCT") not in found
+        assert (codes.GENANT_GRADE.value, codes.PRIVATE_SCHEME) not in found
+        assert (codes.HEIGHT.value, "DCM") not in found
+        assert (codes.NOT_ASSESSED_CODES[why].value, codes.PRIVATE_SCHEME) in found
+    assert reported["L1"].assessed and reported["L1"].genant_grade == 2   # the others as before
+    errors, output = synth.dciodvfy_errors(out.sr, tmp_path / "sr.dcm")
+    assert errors == [], output
+
+
+def test_uncertain_numbering_is_stated_in_the_report_and_in_every_group(case, tmp_path):
+    series, result, _out = case
+    numbering = Numbering("uncertain", "no rib-bearing to rib-free transition, no sacrum and no "
+                                       "C2 in the field of view")
+    out = build_outputs(series, dataclasses.replace(result, numbering=numbering), version=1)
+    stated = read_numbering(out.sr)
+    assert stated is not None and stated.status == "uncertain"
+    assert stated.statement == ("Vertebral level numbering uncertain: no rib-bearing to rib-free "
+                                "transition, no sacrum and no C2 in the field of view")
+    reported = read_vertebrae(out.sr)
+    assert len(reported) == len(result.vertebrae)
+    assert all(r.numbering_note == stated.statement for r in reported)
+    errors, output = synth.dciodvfy_errors(out.sr, tmp_path / "sr.dcm")
+    assert errors == [], output
+
+
+def test_anchored_numbering_is_stated_once_at_the_report_level(case, tmp_path):
+    series, result, _out = case
+    numbering = Numbering("anchored", "the vertebra above the sacrum (...) is L5",
+                          (Anchor("sacrum", "L5", "L5", "the vertebra above the sacrum"),))
+    out = build_outputs(series, dataclasses.replace(result, numbering=numbering), version=1)
+    stated = read_numbering(out.sr)
+    assert stated.status == "anchored" and "anchored" in stated.statement
+    assert all(r.numbering_note is None for r in read_vertebrae(out.sr))
+    errors, output = synth.dciodvfy_errors(out.sr, tmp_path / "sr.dcm")
+    assert errors == [], output
+
+
+def test_without_a_numbering_the_report_states_none(case):
+    assert read_numbering(case[2].sr) is None
