@@ -160,7 +160,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate")
     def evaluate(
-        seeds: str = typer.Option(..., "--seeds", help="phantom seeds, e.g. 9001-9010"),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="phantom seeds, e.g. 9001-9010"),
+        data: Optional[Path] = typer.Option(
+            None, "--data", exists=True, file_okay=False,
+            help="real cases in VerSe layout (CT, vertebra mask, centroids; grades.json "
+                 "optional) instead of phantoms"),
+        split: str = typer.Option(
+            "validation", "--split",
+            help="with --data of the real-spine pack: validation | train | all subjects of "
+                 "pipeline/realdata/split.json (another folder: all its cases)"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
         gt_centroids: bool = typer.Option(False, "--gt-centroids",
@@ -169,13 +177,26 @@ def register(app: typer.Typer) -> None:
             None, "--slice-spacing", min=0.5, max=5.0,
             help="force this slice spacing and thickness (mm) on every seed, e.g. 3 for routine thick-slice CT"),
         slices: Optional[int] = typer.Option(None, "--slices", min=8, help="force this many slices per series"),
+        segmentation: Optional[Path] = typer.Option(
+            None, "--segmentation", exists=True, dir_okay=False,
+            help="a 2 mm segmentation network's best.pt (a training run) instead of the installed one"),
+        refiner: Optional[str] = typer.Option(
+            None, "--refiner", help="a refiner best.pt instead of the installed one, or 'none'"),
     ) -> None:
-        """Phantoms with these seeds through the pipeline; metrics against their ground truth."""
+        """Phantoms with these seeds (--seeds), or real cases (--data), through the pipeline;
+        metrics against their ground truth."""
         from pipeline import evaluate as ev
         from pipeline.registry import read_manifest
 
-        seed_list = ev.parse_seeds(seeds)
+        if (seeds is None) == (data is None):
+            typer.echo("evaluate: give either --seeds (phantoms) or --data (real cases)", err=True)
+            raise typer.Exit(2)
         dev = _device(None, device)
+        models = _candidate_models(segmentation, refiner)
+        if data is not None:
+            _evaluate_real(data, split, dev, json_out, gt_centroids, models)
+            return
+        seed_list = ev.parse_seeds(seeds)
         installed = set(read_manifest())
         if {"segmentation", "keypoints"} <= installed and (gt_centroids or "localization" in installed):
             acq: dict = {}
@@ -184,7 +205,8 @@ def register(app: typer.Typer) -> None:
             if slices is not None:
                 acq["n_slices"] = slices
             report = ev.evaluate_pipeline(seed_list, dev, json_out, gt_centroids=gt_centroids,
-                                          log=lambda m: typer.echo(m, err=True), acquisition=acq or None)
+                                          log=lambda m: typer.echo(m, err=True), acquisition=acq or None,
+                                          models=models)
         else:  # only the localization is shipped: its keys, the others null
             report = ev.evaluate(seed_list, dev, json_out, log=lambda m: typer.echo(m, err=True))
         keys = ev.REPORT_KEYS + tuple(k for k in ("detection_precision", "detection_recall", "genant_weighted_kappa_linear",
@@ -192,3 +214,55 @@ def register(app: typer.Typer) -> None:
                                                   "acquisition")
                                       if k in report)
         sys.stdout.write(json.dumps({k: report.get(k) for k in keys}, indent=2) + "\n")
+
+
+def _candidate_models(segmentation: Optional[Path], refiner: Optional[str]) -> Optional[dict]:
+    """The models to evaluate instead of the installed ones (``--segmentation``, ``--refiner``)."""
+    if segmentation is None and refiner is None:
+        return None
+    from pipeline.segmentation.train import assemble
+
+    none = refiner is not None and refiner.lower() == "none"
+    if refiner is not None and not none and not Path(refiner).is_file():
+        typer.echo(f"evaluate: --refiner {refiner}: no such file (or 'none')", err=True)
+        raise typer.Exit(2)
+    seg, meta = assemble(segmentation, None if none or refiner is None else Path(refiner),
+                         drop_refiner=none)
+    seg.meta = meta
+    return {"segmentation": seg}
+
+
+def _evaluate_real(data: Path, split: str, device: str, json_out: Optional[Path],
+                   gt_centroids: bool, models: Optional[dict] = None) -> None:
+    """``evaluate --data``: real cases through the pipeline; pooled contract keys, the expert
+    block and one block per case on stdout (all of it in ``--json``)."""
+    from pipeline.evaluate import REPORT_KEYS
+    from pipeline.realdata.evaluation import evaluate_cases
+    from pipeline.realdata.pack import is_pack, iter_folder_cases, iter_pack_cases
+    from pipeline.realdata.split import load_split
+    from pipeline.verse import VerseError
+
+    if split not in ("validation", "train", "all"):
+        typer.echo(f"evaluate: --split {split!r} is not validation, train or all", err=True)
+        raise typer.Exit(2)
+    if is_pack(data):
+        subjects = None if split == "all" else list(load_split().side(split))
+        cases = iter_pack_cases(data, subjects)
+        name = split
+    else:
+        cases, name = iter_folder_cases(data), "all"
+    try:
+        report = evaluate_cases(cases, device, json_out, log=lambda m: typer.echo(m, err=True),
+                                split_name=name, gt_centroids=gt_centroids, models=models)
+    except (VerseError, ValueError) as exc:
+        typer.echo(f"evaluate: {exc}", err=True)
+        raise typer.Exit(2) from None
+    extra = ("detection_precision", "detection_recall", "grade0_called_normal",
+             "grade2plus_called_fractured", "vertebrae_reported_where_none", "centroids", "split",
+             "subjects")
+    out = {k: report.get(k) for k in REPORT_KEYS + extra}
+    out["expert"] = report.get("expert")
+    out["cases"] = [{k: c[k] for k in ("case_id", "annotation", "id_rate", "dice", "missed",
+                                       "false_positive_vertebrae", "predicted")}
+                    for c in report["cases"]]
+    sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")

@@ -29,7 +29,14 @@ def register(train_app: typer.Typer) -> None:
                                                    "(default: the shipped one)."),
         schedule: str = o.schedule_opt("as the segmentation"),
         reset_lr: bool = o.reset_lr_opt(),
-        init_from: Optional[Path] = o.init_from_opt("refiner"),
+        init_from: Optional[str] = typer.Option(
+            None, help="Start from these weights: a refiner best.pt, or 'shipped' (the installed "
+                       "refiner); ignored when the run resumes."),
+        real_data: Optional[Path] = typer.Option(
+            None, "--real-data", exists=True, file_okay=False,
+            help="Real CT with vertebra masks in VerSe layout (the real-spine pack: only its "
+                 "train side of pipeline/realdata/split.json); --prior simulated."),
+        real_repeat: int = typer.Option(4, min=1, help="Each real crop counts this many times."),
         device: str = o.device_opt(),
         workers: int = o.workers_opt(),
         out: Path = o.out_opt("runs/refiner"),
@@ -48,5 +55,6 @@ def register(train_app: typer.Typer) -> None:
                                width=width, schedule=schedule, patch=patch, extra_dilations=extra_dilations,
                                prior=prior, coarse_from=str(coarse_from) if coarse_from else None, reset_lr=reset_lr,
                                init_from=str(init_from) if init_from else None, threads=threads, seed=seed,
-                               device=device, workers=workers)
+                               device=device, workers=workers,
+                               real_data=str(real_data) if real_data else None, real_repeat=real_repeat)
         o.run_training(train, install_weights, cfg, install)

@@ -23,7 +23,15 @@ def register(train_app: typer.Typer) -> None:
         crop_spacing_mm: float = typer.Option(2.0, help="Spacing of the crops in mm (paper: 1)."),
         schedule: str = o.schedule_opt(),
         reset_lr: bool = o.reset_lr_opt(),
-        init_from: Optional[Path] = o.init_from_opt("segmentation network"),
+        init_from: Optional[str] = typer.Option(
+            None, help="Start from these weights: a best.pt of a run, or 'shipped' (the installed "
+                       "network, e.g. to fine-tune it on real CT); ignored when the run resumes."),
+        real_data: Optional[Path] = typer.Option(
+            None, "--real-data", exists=True, file_okay=False,
+            help="Real CT with vertebra masks in VerSe layout (the real-spine pack: only its "
+                 "train side of pipeline/realdata/split.json)."),
+        real_fraction: float = typer.Option(0.5, min=0.0, max=1.0,
+                                            help="Share of each batch drawn from --real-data."),
         device: str = o.device_opt(),
         workers: int = o.workers_opt(),
         out: Path = o.out_opt("runs/segmentation"),
@@ -41,5 +49,7 @@ def register(train_app: typer.Typer) -> None:
                                lr=lr, base=base, threads=threads, seed=seed, schedule=schedule,
                                reset_lr=reset_lr, init_from=str(init_from) if init_from else None,
                                device=device, workers=workers, crop_size=crop_size,
-                               crop_spacing_mm=crop_spacing_mm)
+                               crop_spacing_mm=crop_spacing_mm,
+                               real_data=str(real_data) if real_data else None,
+                               real_fraction=real_fraction)
         o.run_training(train, install_weights, cfg, install)

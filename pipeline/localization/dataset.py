@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -94,14 +94,6 @@ def phantom_case(seed: int, spacing_mm: float, phantom_spacing_mm: float = 2.0) 
     verts = ph.gt["vertebrae"]
     return make_case(f"phantom-{seed}", ph.ct, {v["label"]: v["centroid_mm"] for v in verts}, spacing_mm,
                      [v["label"] for v in verts if v.get("partial")])
-
-
-def verse_cases(root: Path, spacing_mm: float) -> Iterator[Case]:
-    """The cases of a VerSe layout (``pipeline.verse.iter_verse_cases``)."""
-    from pipeline.verse import iter_verse_cases
-
-    for i, vc in enumerate(iter_verse_cases(Path(root))):
-        yield make_case(vc.case_id or f"verse-{i}", vc.ct, vc.centroids_mm, spacing_mm)
 
 
 def phantom_cache_path(cache_dir: Path, seed: int, spacing_mm: float) -> Path:

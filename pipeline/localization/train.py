@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.levels import LEVELS
-from pipeline.localization.dataset import EVALUATION_SEEDS, Case, PatchSampler, cached_phantom_cases, verse_cases
+from pipeline.localization.dataset import EVALUATION_SEEDS, Case, PatchSampler, cached_phantom_cases
 from pipeline.localization.inference import detect, predict_heatmaps
 from pipeline.nets import MSCN
 from pipeline.registry import weights_payload
@@ -158,7 +158,26 @@ def load_cases(cfg: TrainConfig, seeds: Sequence[int], log: Callable[[str], None
             raise ValueError(f"seeds {bad} are evaluation seeds (9001-9010); choose others")
         cache = Path(cfg.cache_dir or Path(cfg.out_dir).parent / "cache")
         return cached_phantom_cases(seeds, cfg.spacing_mm, cache, log, cfg.workers)
-    return list(verse_cases(Path(cfg.data), cfg.spacing_mm))
+    return real_cases(Path(cfg.data), cfg.spacing_mm, log)
+
+
+def real_cases(data: Path, spacing_mm: float, log: Callable[[str], None]) -> list[Case]:
+    """The real training cases of a VerSe-layout folder (the real-spine pack: only the train
+    side of its split, :func:`pipeline.realdata.samples.training_cases`), in the axial LPS
+    layout of a DICOM series; vertebrae cut by the field of view are marked partial."""
+    from pipeline.localization.dataset import make_case
+    from pipeline.realdata.evaluation import axial_lps, truth_vertebrae
+    from pipeline.realdata.samples import training_cases
+
+    key, cases = training_cases(data)
+    out = []
+    for case in cases():
+        truth = truth_vertebrae(case, axial_lps(case.mask))
+        partial = [v["label"] for v in truth if v["partial"]]
+        out.append(make_case(case.case_id, axial_lps(case.ct), case.centroids_mm, spacing_mm,
+                             partial))
+    log(f"{len(out)} real cases from {data} ({key})")
+    return out
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Sequence[Case] | None = None,

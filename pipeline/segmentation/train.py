@@ -59,6 +59,8 @@ class SegTrainConfig:
     workers: int = 1                          # processes that generate the missing phantom caches
     crop_size: int = CROP_SIZE                # voxels per side of a crop (paper: 128)
     crop_spacing_mm: float = CROP_SPACING_MM  # their spacing (paper: 1 mm; shipped: 64 at 2 mm)
+    real_data: str | None = None              # real CT in VerSe layout (the pack: its train side)
+    real_fraction: float = 0.5                # share of each batch's crops drawn from real_data
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -112,6 +114,14 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     val_s = cached_phantom_samples(cfg.val_seeds, cache, cfg.phantom_spacing_mm, say, cfg.workers, **geo)
     n_frac = sum(s.fractured for s in train_s)
     say(f"{len(train_s)} training crops ({n_frac} fractured), {len(val_s)} validation crops")
+    real_s = []
+    if cfg.real_data:
+        from pipeline.realdata.samples import cached_real_samples, training_cases
+
+        key, cases = training_cases(Path(cfg.real_data))
+        real_s = cached_real_samples(cases, key, cache, cfg.crop_size, cfg.crop_spacing_mm, say)
+        say(f"{len(real_s)} real training crops from {cfg.real_data} ({key}), "
+            f"{cfg.real_fraction:.0%} of each batch")
 
     model = UNet3D(base=cfg.base, depth=cfg.depth)
     model.to(device)
@@ -120,7 +130,9 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     ckpt = out / "last.ckpt"
     step, best = resume(ckpt, model, opt, sched, rng, say)
     schedule = LrSchedule(cfg.schedule, cfg.lr, opt, sched)
-    if step == 0 and cfg.init_from:
+    if step == 0 and cfg.init_from == "shipped":
+        _init_from_shipped(model, say)
+    elif step == 0 and cfg.init_from:
         init_from(model, cfg.init_from, say)
     if step and old_val is not None and list(old_val) != list(cfg.val_seeds):
         best = math.inf   # another validation set: the old best loss is not comparable
@@ -134,11 +146,14 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
                         max_minutes=cfg.max_minutes)
 
     def make_batch():
-        idx = []
+        chosen = []
         for _ in range(cfg.batch):
+            if real_s and rng.random() < cfg.real_fraction:
+                chosen.append(real_s[int(rng.integers(len(real_s)))])
+                continue
             pool = frac_idx if (frac_idx and rng.random() < 0.33) else norm_idx or frac_idx
-            idx.append(pool[int(rng.integers(len(pool)))])
-        return augmented_batch([train_s[i] for i in idx], rng, size=cfg.crop_size)
+            chosen.append(train_s[pool[int(rng.integers(len(pool)))]])
+        return augmented_batch(chosen, rng, size=cfg.crop_size)
 
     feed = batches(make_batch, device)
     while step < cfg.steps:
@@ -162,6 +177,18 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
             break
     feed.close()
     return out / "best.pt"
+
+
+def _init_from_shipped(model: torch.nn.Module, say) -> None:  # noqa: ANN001
+    """Start from the installed segmentation's 2 mm network (fine-tuning it, e.g. on real CT)."""
+    from pipeline.registry import load_model
+
+    shipped = load_model("segmentation", "cpu")
+    if shipped.config["coarse"] != model.config:
+        raise ValueError(f"--init-from shipped: the installed network {shipped.config['coarse']} "
+                         f"is not {model.config}")
+    model.load_state_dict(shipped.coarse.state_dict())
+    say(f"initialised from the installed segmentation network (step {shipped.meta.get('step')})")
 
 
 def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool = False,

@@ -53,6 +53,8 @@ class RefineTrainConfig:
     coarse_from: str | None = None            # prior=coarse: a 2 mm network's best.pt (default: shipped)
     extra_dilations: str = ""                 # e.g. "4,8": residual dilated layers (ShallowRefiner)
     patch: int = 40                           # side of the training patches (1 mm voxels)
+    real_data: str | None = None              # real CT in VerSe layout (the pack: its train side)
+    real_repeat: int = 4                      # each real crop counts this many times (prior=simulated)
 
 
 def refine_cache_path(cache_dir: Path, seed: int) -> Path:
@@ -109,6 +111,16 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds, say, cfg.workers)
     vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds, say, cfg.workers)
     say(f"{len(cts)} training crops, {len(vcts)} validation crops")
+    if cfg.real_data:
+        if cfg.prior != "simulated":
+            raise ValueError("--real-data trains on simulated priors only (prior=simulated)")
+        from pipeline.realdata.samples import real_refine_samples, training_cases
+
+        key, cases = training_cases(Path(cfg.real_data))
+        rcts, roccs = real_refine_samples(cases(), Path(cfg.cache_dir), key, say)
+        cts = np.concatenate([cts] + [rcts] * cfg.real_repeat)
+        occs = np.concatenate([occs] + [roccs] * cfg.real_repeat)
+        say(f"{len(rcts)} real training crops from {cfg.real_data} ({key}), each x{cfg.real_repeat}")
     priors = vpriors = errors = verrors = coarse_tag = None
     if cfg.prior == "coarse":
         priors, vpriors, coarse_tag = coarse_priors_of(cfg, say)
@@ -123,7 +135,16 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     ckpt = out / "last.ckpt"
     step, best = resume(ckpt, model, opt, sched, rng, say)
     schedule = LrSchedule(cfg.schedule, cfg.lr, opt, sched)
-    if step == 0 and cfg.init_from:
+    if step == 0 and cfg.init_from == "shipped":
+        from pipeline.registry import load_model
+
+        shipped = load_model("segmentation", "cpu").refiner
+        if shipped is None or shipped.config != model.config:
+            raise ValueError("--init-from shipped: the installed refiner is not this network "
+                             f"({None if shipped is None else shipped.config} vs {model.config})")
+        model.load_state_dict(shipped.state_dict())
+        say("initialised from the installed refiner")
+    elif step == 0 and cfg.init_from:
         base = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
         if extra and base["config"] == model.base_config():
             model.load_base(base["state_dict"], base["config"])  # the new layers start at zero
