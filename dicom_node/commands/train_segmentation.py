@@ -32,6 +32,13 @@ def register(train_app: typer.Typer) -> None:
                  "train side of pipeline/realdata/split.json)."),
         real_fraction: float = typer.Option(0.5, min=0.0, max=1.0,
                                             help="Share of each batch drawn from --real-data."),
+        synth_from: Optional[Path] = typer.Option(
+            None, "--synth-from", exists=True, file_okay=False,
+            help="Real vertebra masks (the real-spine pack: its train side) to synthesise CT "
+                 "from (pipeline/synthesis: real anatomy, randomised appearance)."),
+        synth_cases: int = typer.Option(200, min=1, help="Synthesised cases (cached)."),
+        synth_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
+                                             help="Share of each batch drawn from --synth-from."),
         device: str = o.device_opt(),
         workers: int = o.workers_opt(),
         out: Path = o.out_opt("runs/segmentation"),
@@ -51,5 +58,7 @@ def register(train_app: typer.Typer) -> None:
                                device=device, workers=workers, crop_size=crop_size,
                                crop_spacing_mm=crop_spacing_mm,
                                real_data=str(real_data) if real_data else None,
-                               real_fraction=real_fraction)
+                               real_fraction=real_fraction,
+                               synth_real_dir=str(synth_from) if synth_from else None,
+                               synth_cases=synth_cases, synth_fraction=synth_fraction)
         o.run_training(train, install_weights, cfg, install)

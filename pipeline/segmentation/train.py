@@ -61,6 +61,9 @@ class SegTrainConfig:
     crop_spacing_mm: float = CROP_SPACING_MM  # their spacing (paper: 1 mm; shipped: 64 at 2 mm)
     real_data: str | None = None              # real CT in VerSe layout (the pack: its train side)
     real_fraction: float = 0.5                # share of each batch's crops drawn from real_data
+    synth_real_dir: str | None = None         # real masks to synthesise CT from (pipeline.synthesis)
+    synth_cases: int = 200                    # synthesised cases (2 crops each), cached
+    synth_fraction: float = 0.0               # share of each batch's crops drawn from them
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -139,6 +142,18 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         say(f"validation seeds changed ({old_val} -> {cfg.val_seeds}): best.pt is replaced at the next validation")
     schedule.resumed(step, cfg.reset_lr, say)
     # Fractured crops are a minority: sample them at up to a third of each batch.
+    synth_pool = None
+    if cfg.synth_real_dir and cfg.synth_fraction > 0:
+        from pipeline.synthesis.seg_source import (MixedPools, cached_synth_samples, find_masks,
+                                                   training_subjects)
+
+        synth_s = cached_synth_samples(find_masks(cfg.synth_real_dir, training_subjects()),
+                                       cfg.synth_cases, cache, seed=cfg.seed,
+                                       crop_size=cfg.crop_size, crop_spacing_mm=cfg.crop_spacing_mm,
+                                       workers=cfg.workers, log=say)
+        synth_pool = MixedPools([], synth_s, 1.0)   # keeps the fractured share
+        say(f"{len(synth_s)} synthesised crops from the real masks of {cfg.synth_real_dir}, "
+            f"{cfg.synth_fraction:.0%} of each batch")
     frac_idx = [i for i, s in enumerate(train_s) if s.fractured]
     norm_idx = [i for i, s in enumerate(train_s) if not s.fractured]
     model.train()
@@ -148,6 +163,9 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     def make_batch():
         chosen = []
         for _ in range(cfg.batch):
+            if synth_pool and rng.random() < cfg.synth_fraction:
+                chosen.append(synth_pool.pick(rng))
+                continue
             if real_s and rng.random() < cfg.real_fraction:
                 chosen.append(real_s[int(rng.integers(len(real_s)))])
                 continue
