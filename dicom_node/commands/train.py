@@ -58,6 +58,17 @@ def localization(
     device: str = typer.Option("cpu", help="cpu | cuda | auto: where to train (bf16 autocast on a GPU)."),
     workers: int = o.workers_opt(),
     install: bool = typer.Option(False, "--install", help="Install the best weights into pipeline/weights."),
+    init_from: Optional[str] = typer.Option(
+        None, help="Start from these weights: 'shipped' (the installed network) or a best.pt."),
+    real_data: Optional[Path] = typer.Option(
+        None, "--real-data", exists=True, file_okay=False,
+        help="Real CT with vertebra masks in VerSe layout added to the phantoms (the real-spine "
+             "pack: only its train side of pipeline/realdata/split.json)."),
+    real_repeat: int = typer.Option(3, min=1, help="Each --real-data case counts this many times."),
+    synth_from: Optional[Path] = typer.Option(
+        None, "--synth-from", exists=True, file_okay=False,
+        help="Real vertebra masks (the pack: its train side) to synthesise whole CT volumes from."),
+    synth_cases: int = typer.Option(0, min=0, help="Volumes synthesised from --synth-from (cached)."),
 ) -> None:
     """Train the M-SCN vertebra localisation network (paper section 2.2)."""
     from pipeline.localization.train import TrainConfig, train
@@ -69,7 +80,10 @@ def localization(
         resume=resume, reset_lr=reset_lr, variant=variant, spacing_mm=spacing_mm,
         patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr, schedule=schedule,
         base=base, fg_weight=fg_weight, val_every=val_every, threads=threads, seed=seed, device=device,
-        workers=workers, time_limit_s=None if time_limit_min is None else 60 * time_limit_min)
+        workers=workers, time_limit_s=None if time_limit_min is None else 60 * time_limit_min,
+        init_from=init_from, real_data=str(real_data) if real_data else None,
+        real_repeat=real_repeat, synth_real_dir=str(synth_from) if synth_from else None,
+        synth_cases=synth_cases)
     best = train(cfg, log=typer.echo)
     typer.echo(f"best weights: {best}")
     if install:

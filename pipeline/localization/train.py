@@ -72,6 +72,11 @@ class TrainConfig:
     time_limit_s: float | None = None
     rotate_deg: float = 10.0
     overlap: float = 0.25
+    init_from: str | None = None            # "shipped" or a best.pt: fine-tune from those weights
+    real_data: str | None = None            # real CT (VerSe layout; the pack: its train side)
+    real_repeat: int = 3                    # each real case counts this many times
+    synth_real_dir: str | None = None       # real masks to synthesise CT from (pipeline.synthesis)
+    synth_cases: int = 0                    # synthesised whole volumes (2 mm, cached)
 
     def jsonable(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,12 +166,39 @@ def load_cases(cfg: TrainConfig, seeds: Sequence[int], log: Callable[[str], None
     return real_cases(Path(cfg.data), cfg.spacing_mm, log)
 
 
+def extra_cases(cfg: TrainConfig, say: Callable[[str], None]) -> list[Case]:
+    """Real cases (``real_data``, each ``real_repeat`` times) and volumes synthesised from real
+    masks (``synth_real_dir``), added to the phantom training cases."""
+    out: list[Case] = []
+    if cfg.real_data:
+        out += real_cases(Path(cfg.real_data), cfg.spacing_mm, say) * cfg.real_repeat
+    if cfg.synth_real_dir and cfg.synth_cases > 0:
+        from pipeline.synthesis.loc_source import cached_synth_cases
+
+        cache = Path(cfg.cache_dir or Path(cfg.out_dir).parent / "cache")
+        out += cached_synth_cases(Path(cfg.synth_real_dir), cfg.synth_cases, cfg.spacing_mm,
+                                  cache, cfg.seed, say)
+    return out
+
+
+def init_localization(model: torch.nn.Module, source: str, say: Callable[[str], None]) -> None:
+    """Start from the installed localization weights (``"shipped"``) or a run's ``best.pt``."""
+    from pipeline.registry import WEIGHTS_DIR, read_manifest
+
+    path = (WEIGHTS_DIR / read_manifest()["localization"]["file"]) if source == "shipped" \
+        else Path(source)
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    state = ck.get("state_dict", ck.get("model"))
+    model.load_state_dict(state)
+    say(f"initialised from {path}")
+
+
 def real_cases(data: Path, spacing_mm: float, log: Callable[[str], None]) -> list[Case]:
     """The real training cases of a VerSe-layout folder (the real-spine pack: only the train
     side of its split, :func:`pipeline.realdata.samples.training_cases`), in the axial LPS
     layout of a DICOM series; vertebrae cut by the field of view are marked partial."""
     from pipeline.localization.dataset import make_case
-    from pipeline.realdata.evaluation import axial_lps, truth_vertebrae
+    from pipeline.realdata.truth import axial_lps, truth_vertebrae
     from pipeline.realdata.samples import training_cases
 
     key, cases = training_cases(data)
@@ -206,9 +238,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
         cases = load_cases(cfg, (), say)
         n_val = max(1, len(cases) // 10) if len(cases) > 1 else 0
         train_cases, val_cases = cases[: len(cases) - n_val], cases[len(cases) - n_val:] or cases
+    extra = extra_cases(cfg, say)
+    if extra:
+        train_cases = list(train_cases) + extra
     torch.manual_seed(cfg.seed)
     device = train_device(cfg.device)
     model = build_model(cfg).to(device)
+    if cfg.init_from and not (cfg.resume and (out / "last.pt").exists()):
+        init_localization(model, cfg.init_from, say)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adam":

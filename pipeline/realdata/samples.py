@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from pipeline.realdata.evaluation import axial_lps, truth_vertebrae
+from pipeline.realdata.truth import axial_lps, truth_vertebrae
 from pipeline.realdata.pack import RealCase
 from pipeline.segmentation.dataset import Sample, case_samples, margin_for
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from pipeline.realdata.evaluation import axial_lps
+from pipeline.realdata.truth import axial_lps
 
 
 def _uid(case_id: str, what: str) -> str:

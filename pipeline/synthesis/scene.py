@@ -305,7 +305,6 @@ def plan_metal(infos: dict[int, VertebraInfo], rng: np.random.Generator
     streaks in the axial slices through it."""
     labs = list(infos)
     v = infos[labs[int(rng.integers(len(labs)))]]
-    f = v.frame
     hu = _u(rng, 3000, 8000)
     solids: list = []
     if rng.random() < 0.5:

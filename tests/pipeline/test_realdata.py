@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.realdata import pack as rp
-from pipeline.realdata.evaluation import axial_lps, truth_vertebrae
+from pipeline.realdata.truth import axial_lps, truth_vertebrae
 from pipeline.realdata.split import SPLIT_FILE, load_split
 
 PACK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-spine"
