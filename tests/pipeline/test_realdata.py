@@ -134,3 +134,35 @@ def test_label_maps_include_masks_without_ct():
     labs = set(np.unique(sitk.GetArrayViewFromImage(maps["sub-verse009"].labels)).tolist())
     assert {9, 24} <= labs
     assert set(np.unique(sitk.GetArrayViewFromImage(maps["sub-verse410"].labels)).tolist()) == {0, 24}
+
+
+@needs_pack
+def test_trainers_see_only_the_train_side_of_the_pack():
+    """Every real source a trainer reads (CT cases, masks for synthesis) is on the train side."""
+    from pipeline.realdata.samples import training_cases
+    from pipeline.synthesis.seg_source import find_masks, training_subjects
+
+    split = load_split()
+    key, cases = training_cases(PACK)
+    subjects = {c.subject for c in cases()}
+    assert subjects and subjects <= set(split.train), subjects
+    assert set(training_subjects()) == set(split.train)
+    masks = find_masks(PACK, training_subjects())
+    assert masks and {m.subject for m in masks} <= set(split.train)
+
+
+@needs_pack
+def test_a_synthesised_localization_case_has_its_levels(tmp_path):
+    """One whole volume synthesised from a real training mask, prepared for the localization
+    network: the mask's levels are there, on the network's grid, and the cache returns it."""
+    from pipeline.synthesis.loc_source import cached_synth_cases
+
+    cases = cached_synth_cases(PACK, 1, 4.0, tmp_path, seed=3)
+    again = cached_synth_cases(PACK, 1, 4.0, tmp_path, seed=3)
+    c = cases[0]
+    present = [k for k in range(len(c.centers)) if not np.isnan(c.centers[k, 0])]
+    assert len(present) >= 2
+    assert np.array_equal(c.array, again[0].array)
+    shape = np.array(c.array.shape)
+    assert np.all(c.centers[present] >= -0.5) and np.all(c.centers[present] <= shape - 0.5)
+    assert float(c.array.max()) > float(np.median(c.array)), "no bone brighter than background"
