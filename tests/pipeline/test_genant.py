@@ -66,11 +66,27 @@ def test_grade_spine_notes_a_disagreement_of_more_than_one_grade_and_who_decided
     for f in fs:
         f.heights_mm = Heights(25, 25, 25)
         f.mask_heights_mm = Heights(25, 25, 25)
-    fs[1].heights_mm = Heights(14, 24, 25)       # keypoints: 44 % wedge, grade 3
-    fs[1].mask_heights_mm = Heights(24, 24, 25)  # mask: grade 0
+    fs[1].heights_mm = Heights(17, 24, 25)       # keypoints: 32 % wedge, grade 2
+    fs[1].mask_heights_mm = Heights(21, 24, 25)  # mask: 16 %, grade 0; within 20 % of 25 mm
     grade_spine(fs, orders)
-    assert fs[1].genant_grade == GenantGrade.SEVERE and fs[1].grading_source == "keypoints"
+    assert fs[1].genant_grade == GenantGrade.MODERATE and fs[1].grading_source == "keypoints"
     assert any("differ by more than one" in n and "keypoints decided" in n for n in fs[1].notes)
+
+
+def test_keypoints_far_from_the_mask_heights_are_not_trusted():
+    # A keypoint blunder on a normal real body (HM 12.7 between HA 27.5 and HP 26.1): the mask,
+    # which agrees with the expert masks within a few mm, decides.
+    fs = [VertebraFinding(label=20 + i, name=f"L{i + 1}", centroid_mm=(0, 0, 0)) for i in range(3)]
+    for f in fs:
+        f.heights_mm = Heights(27, 26, 27)
+        f.mask_heights_mm = Heights(27, 26, 27)
+    fs[1].heights_mm = Heights(27.5, 12.7, 26.1)
+    fs[1].mask_heights_mm = Heights(27.0, 25.5, 27.5)
+    grade_spine(fs, [0, 1, 2])
+    assert fs[1].grading_source == "mask" and fs[1].genant_grade == GenantGrade.NORMAL
+    assert fs[1].heights_mm == fs[1].mask_heights_mm
+    assert any("mask decided" in n for n in fs[1].notes)
+    assert all(f.grading_source == "keypoints" for f in (fs[0], fs[2]))
     assert fs[0].genant_grade == GenantGrade.NORMAL and not fs[0].notes
 
 
@@ -103,7 +119,7 @@ def test_mask_heights_of_a_rectangle_body_with_a_separate_arch():
     m[10:58, 10:82] = 1.0
     m[20:40, 102:130] = 1.0                     # posterior elements, separated by the canal
     h = heights_from_mask(m, 0.5)
-    assert (h.anterior, h.middle, h.posterior) == (pytest.approx(24.0), pytest.approx(24.0), pytest.approx(24.0))
+    assert (h.anterior, h.middle, h.posterior) == pytest.approx((24.0, 24.0, 24.0), abs=0.1)
 
 
 def test_mask_heights_count_partial_volume_edges_by_their_fraction():
@@ -111,7 +127,7 @@ def test_mask_heights_count_partial_volume_edges_by_their_fraction():
     m[10:58, 10:82] = 1.0
     m[58, 10:82] = 0.4                          # a 0.2 mm partial edge
     h = heights_from_mask(m, 0.5)
-    assert h.middle == pytest.approx(24.2)
+    assert h.middle == pytest.approx(24.2, abs=0.1)     # the 0.5 level, linear between pixels
 
 
 def test_mask_heights_see_an_anterior_wedge():
