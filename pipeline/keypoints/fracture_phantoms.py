@@ -41,7 +41,8 @@ def main(argv=None) -> None:
     from pipeline.keypoints.dataset import keypoint_samples, save_keypoint_samples
     from pipeline.phantom import generate
     from pipeline.segmentation.crops import array_image, reference_grid
-    from pipeline.segmentation.dataset import EVALUATION_SEEDS, keypoint_cache_path, occupancy
+    from pipeline.seeds import EVALUATION_SEEDS
+    from pipeline.segmentation.dataset import keypoint_cache_path, occupancy
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("seeds")

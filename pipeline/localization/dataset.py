@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from pipeline.levels import BY_LABEL, N_LEVELS
 from pipeline.localization.heatmaps import gaussian_heatmaps
 from pipeline.preprocess import prepare
+from pipeline.seeds import EVALUATION_SEEDS
 
-#: Seeds reserved for evaluation (DESIGN.md / issue 4): never used for training or validation.
-EVALUATION_SEEDS = range(9001, 9011)
 
 
 @dataclass

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.levels import LEVELS
-from pipeline.localization.dataset import EVALUATION_SEEDS, Case, PatchSampler, cached_phantom_cases
+from pipeline.localization.dataset import Case, PatchSampler, cached_phantom_cases
+from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.localization.inference import detect, predict_heatmaps
 from pipeline.nets import MSCN
 from pipeline.registry import weights_payload

@@ -19,9 +19,8 @@ import SimpleITK as sitk
 
 from pipeline.segmentation.crops import ct_crop, reference_grid, resample
 from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+from pipeline.seeds import EVALUATION_SEEDS
 
-#: Seeds reserved for evaluation (DESIGN.md, issues 4-5): never used for training or validation.
-EVALUATION_SEEDS = range(9001, 9011)
 #: Extra voxels on each side of a training crop: random shifts up to +-MARGIN voxels (2 mm each).
 MARGIN = 4
 #: The same shift range in mm, for crops of another spacing (:func:`margin_for`).

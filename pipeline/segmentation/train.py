@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.segmentation.dataset import EVALUATION_SEEDS, augmented_batch, cached_phantom_samples
+from pipeline.segmentation.dataset import augmented_batch, cached_phantom_samples
+from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM, crop_geometry
 from pipeline.segmentation.model import UNet3D
 from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, init_from, keep_best, make_optimizer,

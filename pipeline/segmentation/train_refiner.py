@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.segmentation.dataset import EVALUATION_SEEDS
+from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine import error_points, refine_batch, surface_points
 from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, generate_parallel, init_from,
