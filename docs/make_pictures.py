@@ -3,6 +3,7 @@
 
     python docs/make_pictures.py                  # the trained models analyse a phantom study
     python docs/make_pictures.py --ground-truth   # the phantom's ground truth stands in for them
+    python docs/make_pictures.py --real sub-verse008   # a held-out real CT of the real-spine pack
 
 Both ways a phantom study is written (``spine-node phantom``) and the node's own builders make
 the SEG and the key image (``pipeline.outputs.build_outputs``); with ``--ground-truth`` the
@@ -116,13 +117,51 @@ def make(ground_truth: bool) -> dict:
             "files": [str(p.relative_to(ROOT)) for p in sorted(OUT.glob("*.png"))]}
 
 
+def make_real(subject: str) -> dict:
+    """A real CT of the real-spine pack (a validation subject: no model saw it) written as a
+    DICOM series, analysed by the trained models: ``docs/images/real-<subject>-key-image.png``
+    and ``-seg-overlay.png``, beside the expert's levels and grades."""
+    from PIL import Image
+
+    from pipeline.outputs import build_outputs
+    from pipeline.realdata.pack import default_pack_dir, iter_pack_cases
+    from pipeline.realdata.to_dicom import write_ct_series
+    from pipeline.realdata.truth import axial_lps, truth_vertebrae
+    from pipeline.run import analyse
+    from pipeline.series_loader import load_series
+
+    pack = default_pack_dir()
+    if pack is None:
+        raise SystemExit("the real-spine pack (../shared/data/real-spine) is absent")
+    case = next(iter_pack_cases(pack, [subject]))
+    truth = truth_vertebrae(case, axial_lps(case.mask))
+    with tempfile.TemporaryDirectory() as tmp:
+        series = load_series(write_ct_series(case.ct, Path(tmp) / "dicom", case.case_id))
+        result = analyse(series)
+        objects = build_outputs(series, result)
+        OUT.mkdir(parents=True, exist_ok=True)
+        key, overlay = OUT / f"real-{subject}-key-image.png", OUT / f"real-{subject}-seg-overlay.png"
+        Image.fromarray(_rgb(objects.key_image)).save(key, optimize=True)
+        Image.fromarray(seg_overlay(series, objects.seg)).save(overlay, optimize=True)
+    return {"case": case.case_id,
+            "expert": [f"{v['name']}" + ("" if v["genant_grade"] is None else f":G{v['genant_grade']}")
+                       + (" (partial)" if v["partial"] else "") for v in truth],
+            "found": [f"{v.name}:G{int(v.genant_grade)}" + (" (partial)" if v.partial else "")
+                      for v in result.vertebrae],
+            "numbering": None if result.numbering is None else result.numbering.as_dict(),
+            "files": [str(key.relative_to(ROOT)), str(overlay.relative_to(ROOT))]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ground-truth", action="store_true",
                         help="use the phantom's ground truth instead of the trained models")
+    parser.add_argument("--real", metavar="SUBJECT",
+                        help="a subject of the real-spine pack (e.g. sub-verse008) instead of the phantom")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    print(json.dumps(make(args.ground_truth), indent=2))
+    report = make_real(args.real) if args.real else make(args.ground_truth)
+    print(json.dumps(report, indent=2, default=str))
     return 0
 
 
