@@ -182,16 +182,121 @@ class SchedulerSettings(_Section):
     poll_seconds: float = Field(2, gt=0)
 
 
+#: Values the node derives from a series' headers, usable in rules beside DICOM keywords
+#: (``dicom_node.selection.SeriesFacts`` documents how each is computed).
+DERIVED_ATTRIBUTES = ("slices", "slice_thickness_mm", "slice_spacing_mm", "z_coverage_mm",
+                      "axial_tilt_deg", "kernel_class")
+
+RuleOperator = Literal["equals", "not_equals", "contains", "not_contains", "regex",
+                       "min", "max", "range"]
+_NUMERIC_OPERATORS = ("min", "max", "range")
+
+
+class SelectionRule(_Section):
+    """One eligibility rule, data not code (MONAI Deploy's series selector, mercure's rules):
+    ``attribute`` (a DICOM keyword such as ``ImageType``, or a derived value of
+    :data:`DERIVED_ATTRIBUTES`), ``operator`` and ``value``.
+
+    ``equals``/``not_equals``: the value (strings compared case-insensitively, multi-valued
+    attributes joined by a backslash); ``contains``/``not_contains``: one of the values
+    (multi-valued, e.g. ImageType) or a substring (single-valued), case-insensitively;
+    ``regex``: ``re.search`` on the text; ``min``/``max``/``range`` (``[low, high]``): every
+    value, as a number, within the bound(s).
+    """
+
+    attribute: str
+    operator: RuleOperator
+    value: float | str | list[float]
+
+    @field_validator("attribute")
+    @classmethod
+    def _known_attribute(cls, value: str) -> str:
+        from pydicom.datadict import tag_for_keyword
+        value = value.strip()
+        if value not in DERIVED_ATTRIBUTES and tag_for_keyword(value) is None:
+            raise ValueError(f"attribute {value!r} is neither a DICOM keyword nor one of "
+                             f"{', '.join(DERIVED_ATTRIBUTES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _value_fits_operator(self) -> "SelectionRule":
+        op, value = self.operator, self.value
+        text = f"rule {self.attribute} {op} {value!r}"
+        if op == "range":
+            if not (isinstance(value, list) and len(value) == 2 and value[0] <= value[1]):
+                raise ValueError(f"{text}: range takes [low, high] with low <= high")
+        elif op in _NUMERIC_OPERATORS:
+            try:
+                number = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise ValueError(f"{text}: {op} takes a number") from None
+            object.__setattr__(self, "value", number)
+        elif isinstance(value, list):
+            raise ValueError(f"{text}: {op} takes one value, not a list")
+        elif op == "regex":
+            try:
+                re.compile(str(value))
+            except re.error as exc:
+                raise ValueError(f"{text}: not a regular expression: {exc}") from None
+        elif op in ("contains", "not_contains") and not str(value).strip():
+            raise ValueError(f"{text}: {op} takes a non-empty text")
+        return self
+
+    def describe(self) -> str:
+        """``ImageType contains 'ORIGINAL'``: how reasons name the rule."""
+        return f"{self.attribute} {self.operator} {self.value!r}"
+
+
+def _default_rules() -> list[SelectionRule]:
+    # PS3.3 C.8.2.1.1.1 Image Type: value 1 ORIGINAL/DERIVED, value 3 e.g. AXIAL or LOCALIZER.
+    return [SelectionRule(attribute="ImageType", operator="contains", value="ORIGINAL"),
+            SelectionRule(attribute="ImageType", operator="not_contains", value="LOCALIZER")]
+
+
+def _default_kernels() -> dict[str, list[str]]:
+    # ConvolutionKernel (PS3.3 C.8.2.1) names are the vendor's own: Siemens B70f/Br64/I70f,
+    # GE BONE/BONEPLUS/LUNG/STANDARD/SOFT, Philips YC/D/L vs B/C, Canon FC30 vs FC08.
+    return {"bone": ["B6*", "B7*", "B8*", "Br6*", "Br7*", "Br8*", "I6*", "I7*", "BONE*",
+                     "LUNG*", "DETAIL", "EDGE", "SHARP*", "YC", "YD", "D", "E", "L", "FC3*",
+                     "FC5*"],
+            "soft": ["B1*", "B2*", "B3*", "B4*", "Br3*", "Br4*", "I3*", "I4*", "STANDARD",
+                     "SOFT*", "BODY*", "A", "B", "C", "FC0*", "FC1*"]}
+
+
 class SelectionSettings(_Section):
-    """Which complete series become jobs; the others become ``skipped`` jobs with the reason."""
+    """Which complete series are eligible, and which one of a study is analysed; the others
+    become ``skipped`` jobs with the reason (README "Series selection").
+
+    ``max_slice_mm``, ``min_coverage_mm`` and ``axial_tolerance_deg`` are rules too (over the
+    derived values ``slice_thickness_mm``/``slice_spacing_mm``, ``z_coverage_mm`` and
+    ``axial_tilt_deg``), kept as plain keys so that a site changes a number, not a list.
+    """
 
     modalities: list[str] = Field(default_factory=lambda: ["CT"])
     min_slices: int = Field(20, ge=1)
+    #: Slice thickness and slice spacing at most this (mm): thick slices blur the end plates.
+    max_slice_mm: float = Field(3.0, gt=0)
+    #: z extent first to last slice, at least this (mm): two vertebrae and a disc.
+    min_coverage_mm: float = Field(50.0, ge=0)
+    #: The slice normal within this many degrees of the patient's z axis (90: any plane).
+    axial_tolerance_deg: float = Field(10.0, ge=0, le=90)
+    #: Further rules over DICOM attributes; all must hold.
+    rules: list[SelectionRule] = Field(default_factory=_default_rules)
+    #: ConvolutionKernel class -> fnmatch patterns (case-insensitive), in preference order.
+    kernels: dict[str, list[str]] = Field(default_factory=_default_kernels)
 
     @field_validator("modalities")
     @classmethod
     def _upper(cls, values: list[str]) -> list[str]:
         return [v.strip().upper() for v in values]
+
+    @field_validator("kernels")
+    @classmethod
+    def _kernel_patterns(cls, values: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, patterns in values.items():
+            if not name.strip() or not patterns or not all(p.strip() for p in patterns):
+                raise ValueError(f"kernel class {name!r} needs a name and non-empty patterns")
+        return values
 
 
 class PipelineSettings(_Section):

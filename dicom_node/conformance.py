@@ -174,6 +174,9 @@ _PARAMETERS = [
     ("Seconds without a new instance before a series is complete", ["scheduler.stable_seconds"]),
     ("Modalities and minimum number of slices analysed",
      ["selection.modalities", "selection.min_slices"]),
+    ("Series eligible: largest slice thickness and spacing mm, least z coverage mm, "
+     "largest angle of the slice normal to the patient's z axis (degrees)",
+     ["selection.max_slice_mm", "selection.min_coverage_mm", "selection.axial_tolerance_deg"]),
     ("ACSE / DIMSE timeouts (SCU), s", ["exporter.acse_timeout_s", "exporter.dimse_timeout_s"]),
     ("Retry backoff (SCU): first delay s, factor, longest delay s, attempts",
      ["exporter.backoff_start_s", "exporter.backoff_factor", "exporter.backoff_max_s",

@@ -47,6 +47,19 @@ class StableSeries:
     instances: int
     frames: int
     last_received_at: dt.datetime
+    #: The series' state, and the state of its newest job (None: never scheduled).
+    state: str = SeriesState.RECEIVING.value
+    last_job_state: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Waiting for a decision (new, or re-opened by a late instance)."""
+        return self.state == SeriesState.RECEIVING.value
+
+    @property
+    def was_chosen(self) -> bool:
+        """Its newest job analyses it (queued, running, done or failed), not skipped."""
+        return self.last_job_state not in (None, JobState.SKIPPED.value)
 
 
 #: The parameters of the instance insert (storage.prepared compiles it with these).
@@ -253,10 +266,14 @@ class Index:
                 .order_by(Instance.instance_number, Instance.id)))
 
     def studies(self, study_instance_uid: str | None = None) -> list[dict[str, Any]]:
-        """``studies --json`` (DESIGN.md contract)."""
+        """``studies --json`` (DESIGN.md contract), plus per series ``chosen`` (its newest job
+        analyses it) and ``reason`` (why chosen or skipped; None while undecided)."""
         with self.db.session() as s:
             counts = dict(s.execute(select(Instance.series_id, func.count(Instance.id))
                                     .group_by(Instance.series_id)).all())
+            newest = {series_id: (state, reason, error) for series_id, state, reason, error in
+                      s.execute(select(Job.series_id, Job.state, Job.reason, Job.error)
+                                .order_by(Job.id))}
             q = (select(Study.study_instance_uid, Series.id, Series.series_instance_uid,
                         Series.modality, Series.state)
                  .join(Series, Series.study_id == Study.id)
@@ -267,10 +284,15 @@ class Index:
             for study_uid, series_id, series_uid, modality, state in s.execute(q):
                 entry = out.setdefault(study_uid, {"study_instance_uid": study_uid,
                                                    "series": []})
+                job_state, reason, error = newest.get(series_id, (None, None, None))
                 entry["series"].append({"series_instance_uid": series_uid,
                                         "modality": modality,
                                         "instances": int(counts.get(series_id, 0)),
-                                        "state": state})
+                                        "state": state,
+                                        "chosen": job_state not in (None,
+                                                                    JobState.SKIPPED.value),
+                                        "reason": reason or (error if job_state ==
+                                                             JobState.SKIPPED.value else None)})
             return list(out.values())
 
     def jobs(self, study_instance_uid: str | None = None) -> list[Job]:
@@ -308,8 +330,42 @@ class Index:
                 .order_by(Series.last_received_at)).all()
         return [StableSeries(*row) for row in rows]
 
-    def schedule_series(self, series: StableSeries, *, skip_reason: str | None) -> Job | None:
-        """Turn a stable series into a job: ``queued``, or ``skipped`` with ``skip_reason``.
+    def stable_studies(self, received_before: dt.datetime) -> list[list[StableSeries]]:
+        """Studies with a series waiting for a decision (``receiving``) whose every series
+        received its last instance before ``received_before``: each as all its series (the
+        decided ones too, so that the ranking sees what was chosen before)."""
+        with self.db.session() as s:
+            pending = select(Series.study_id).where(Series.state == SeriesState.RECEIVING.value)
+            # An arriving instance sets its series receiving: the state index finds them.
+            busy = select(Series.study_id).where(Series.state == SeriesState.RECEIVING.value,
+                                                 Series.last_received_at > received_before)
+            rows = s.execute(
+                select(Series.id, Study.study_instance_uid, Series.series_instance_uid,
+                       Series.modality, func.count(Instance.id),
+                       func.coalesce(func.sum(Instance.frames), 0), Series.last_received_at,
+                       Series.state)
+                .join(Study, Study.id == Series.study_id)
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Series.study_id.in_(pending), Series.study_id.not_in(busy))
+                .group_by(Series.id, Study.id, Study.study_instance_uid,
+                          Series.series_instance_uid, Series.modality,
+                          Series.last_received_at, Series.state)
+                .order_by(Study.id, Series.id)).all()
+            ids = [row[0] for row in rows]
+            newest: dict[int, str] = {}
+            if ids:
+                newest = {series_id: state for series_id, state in s.execute(
+                    select(Job.series_id, Job.state).where(Job.series_id.in_(ids))
+                    .order_by(Job.id))}
+        studies: dict[str, list[StableSeries]] = {}
+        for row in rows:
+            studies.setdefault(row[1], []).append(StableSeries(*row, newest.get(row[0])))
+        return list(studies.values())
+
+    def schedule_series(self, series: StableSeries, *, skip_reason: str | None,
+                        reason: str | None = None) -> Job | None:
+        """Turn a stable series into a job: ``queued``, or ``skipped`` with ``skip_reason``;
+        ``reason`` says why the selection chose it (default: the skip reason).
 
         If a job of the series is still queued (not started) it already covers the new
         instances and is kept. Returns the new job, or None when nothing was created (a new
@@ -337,34 +393,44 @@ class Index:
                           series_instance_uid=series.series_instance_uid, version=version,
                           state=(JobState.SKIPPED if skip_reason else JobState.QUEUED).value,
                           error=skip_reason, attempts=0, instances=series.instances,
-                          created_at=now, updated_at=now,
+                          reason=reason or skip_reason, created_at=now, updated_at=now,
                           finished_at=now if skip_reason else None)
                 s.add(job)
             return job
         except IntegrityError:  # another scheduler created this version first
             return None
 
-    def rerun_study(self, study_instance_uid: str) -> list[Job]:
-        """A new queued job version for every series of the study that has instances."""
+    def rerun_study(self, study_instance_uid: str,
+                    series_instance_uid: str | None = None) -> list[Job]:
+        """A new queued job version for the series the selection chose in the study (those
+        with a newest job that is not ``skipped``), or, with ``series_instance_uid``, for that
+        series whatever the selection said (an operator's override)."""
         now = utcnow()
         created = []
         with self.db.session() as s, s.begin():
-            rows = s.execute(
-                select(Series, func.count(Instance.id))
-                .join(Study, Study.id == Series.study_id)
-                .join(Instance, Instance.series_id == Series.id)
-                .where(Study.study_instance_uid == study_instance_uid)
-                .group_by(Series.id).order_by(Series.id)).all()
-            for series, n in rows:
+            q = (select(Series, func.count(Instance.id))
+                 .join(Study, Study.id == Series.study_id)
+                 .join(Instance, Instance.series_id == Series.id)
+                 .where(Study.study_instance_uid == study_instance_uid)
+                 .group_by(Series.id).order_by(Series.id))
+            if series_instance_uid:
+                q = q.where(Series.series_instance_uid == series_instance_uid)
+            for series, n in s.execute(q).all():
                 if s.scalar(select(Job.id).where(Job.series_id == series.id,
                                                  Job.state == JobState.QUEUED.value)):
                     continue
+                newest = s.scalar(select(Job.state).where(Job.series_id == series.id)
+                                  .order_by(Job.id.desc()).limit(1))
+                if series_instance_uid is None and newest in (None, JobState.SKIPPED.value):
+                    continue  # one study, one answer: skipped or undecided series wait
                 version = (s.scalar(select(func.max(Job.version))
                                     .where(Job.series_id == series.id)) or 0) + 1
+                reason = ("chosen by an operator: rerun --series (overrides the ranking)"
+                          if series_instance_uid else "rerun of the chosen series")
                 job = Job(series_id=series.id, study_instance_uid=study_instance_uid,
                           series_instance_uid=series.series_instance_uid, version=version,
                           state=JobState.QUEUED.value, attempts=0, instances=int(n),
-                          created_at=now, updated_at=now)
+                          reason=reason, created_at=now, updated_at=now)
                 s.add(job)
                 series.state = SeriesState.QUEUED.value
                 series.updated_at = now

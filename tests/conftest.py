@@ -213,6 +213,9 @@ def node_config(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
         "worker": {"count": 1, "poll_seconds": 0.2, "drain_seconds": 5},
         "http": {"host": "127.0.0.1", "port": free_port()},
         "logging": {"level": "INFO"},
+        # The tests' small synthetic series (20 slices of 1 mm) cover less z than the default
+        # selection.min_coverage_mm asks of a spine CT; the tests of selection set their own.
+        "selection": {"min_coverage_mm": 0},
     }
     for name, values in sections.items():
         if isinstance(values, list):

@@ -338,7 +338,10 @@ class CStoreHarness:
                                              "port": free_port()},
                                  storage={"root": str(root / "store"), "min_free_mb": 0,
                                           "fsync": False, "sqlite_synchronous": "NORMAL"},
-                                 selection={"min_slices": 1},
+                                 # every stored series reaches the loader: no selection
+                                 selection={"min_slices": 1, "min_coverage_mm": 0,
+                                            "max_slice_mm": 1e6, "axial_tolerance_deg": 90,
+                                            "rules": []},
                                  scheduler={"stable_seconds": 0},
                                  pipeline={"entry_point":
                                            "tests.dicom_node.fake_pipeline:analyse"},

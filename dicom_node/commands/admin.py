@@ -62,7 +62,8 @@ def _study_uid(value: str) -> str:
 def studies(config: Path = CONFIG_OPTION,
             as_json: bool = typer.Option(False, "--json", help="JSON (DESIGN.md contract)")
             ) -> None:
-    """List the studies held, with their series, instance counts and states."""
+    """List the studies held, with their series, instance counts, states, and whether each
+    series was chosen for analysis and why."""
     ctx = _open(config)
     try:
         data = ctx.index.studies()
@@ -77,14 +78,16 @@ def studies(config: Path = CONFIG_OPTION,
     for study in data:
         typer.echo(study["study_instance_uid"])
         for s in study["series"]:
-            typer.echo(f"  {s['series_instance_uid']}  {s['modality'] or '-':4} "
-                       f"{s['instances']:5d} instances  {s['state']}")
+            mark = "*" if s["chosen"] else " "
+            typer.echo(f"{mark} {s['series_instance_uid']}  {s['modality'] or '-':4} "
+                       f"{s['instances']:5d} instances  {s['state']}"
+                       + (f"\n      {s['reason']}" if s["reason"] else ""))
 
 
 def jobs(config: Path = CONFIG_OPTION,
          as_json: bool = typer.Option(False, "--json", help="JSON (DESIGN.md contract)"),
          study: str = typer.Option(None, "--study", help="only this study")) -> None:
-    """List the jobs: state, error, attempts."""
+    """List the jobs: state, error (a skipped job's reason), attempts, selection reason."""
     ctx = _open(config)
     try:
         rows = ctx.index.jobs(study)
@@ -95,29 +98,42 @@ def jobs(config: Path = CONFIG_OPTION,
     if as_json:
         typer.echo(json.dumps([{"id": j.id, "study_instance_uid": j.study_instance_uid,
                                 "series_instance_uid": j.series_instance_uid,
-                                "state": j.state, "error": j.error, "attempts": j.attempts}
+                                "state": j.state, "error": j.error, "attempts": j.attempts,
+                                "reason": j.reason}
                                for j in rows], indent=2))
         return
     if not rows:
         typer.echo("no jobs")
     for j in rows:
+        note = j.error or j.reason
         typer.echo(f"{j.id:5d} v{j.version} {j.state:8} attempts={j.attempts} "
-                   f"{j.series_instance_uid}" + (f"\n      {j.error}" if j.error else ""))
+                   f"{j.series_instance_uid}" + (f"\n      {note}" if note else ""))
 
 
 def rerun(study_uid: str = typer.Argument(..., help="Study Instance UID"),
-          config: Path = CONFIG_OPTION) -> None:
-    """Queue a new job version for every series of the study."""
+          config: Path = CONFIG_OPTION,
+          series: str = typer.Option(None, "--series", metavar="UID",
+                                     help="analyse this series of the study, whatever the "
+                                          "selection chose (audited)")) -> None:
+    """Queue a new job version for the study's chosen series (or for --series UID)."""
     uid = _study_uid(study_uid)
+    series_uid = None
+    if series is not None:
+        try:
+            series_uid = validate_uid(series, "Series Instance UID")
+        except InvalidUIDError as exc:
+            raise typer.BadParameter(str(exc)) from None
     ctx = _open(config)
     try:
-        created = ctx.index.rerun_study(uid)
+        created = ctx.index.rerun_study(uid, series_uid)
         _record(ctx.index, "rerun", "success" if created else "nothing",
-                study_instance_uid=uid, jobs=[j.id for j in created])
+                study_instance_uid=uid, series_instance_uid=series_uid,
+                override=series_uid is not None, jobs=[j.id for j in created])
     finally:
         ctx.close()
     if not created:
-        typer.echo(f"no series of study {uid} to rerun (unknown study, or jobs already queued)",
+        what = f"series {series_uid} of study {uid}" if series_uid else f"series of study {uid}"
+        typer.echo(f"no {what} to rerun (unknown, all skipped, or a job already queued)",
                    err=True)
         raise typer.Exit(1)
     for j in created:

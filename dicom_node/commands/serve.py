@@ -103,7 +103,7 @@ def serve(config: Path = CONFIG_OPTION) -> None:
         from dicom_node.acceptors import AcceptorPool
         pool = AcceptorPool(scp.server.socket, settings.node.acceptor_processes - 1, config)
         pool.start()
-    scheduler = Scheduler(ctx.index, settings)
+    scheduler = Scheduler(ctx.index, settings, ctx.store)
     scheduler.start()
     workers = start_worker_threads(_make_worker(ctx, "serve"), settings.worker.count)
     exporter = _exporter(ctx)

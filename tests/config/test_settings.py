@@ -146,3 +146,72 @@ def test_example_config_and_readme_document_every_key():
         if section != "destinations":
             assert f"`{key}" in readme or f"`{section}.{name}`" in readme or \
                 f"{section}.{name}" in readme, f"{key} not in README.md"
+
+
+def test_selection_defaults_and_rules_from_toml(tmp_path, monkeypatch):
+    s = load_settings().selection
+    assert (s.max_slice_mm, s.min_coverage_mm, s.axial_tolerance_deg) == (3.0, 50.0, 10.0)
+    assert [(r.attribute, r.operator, r.value) for r in s.rules] == [
+        ("ImageType", "contains", "ORIGINAL"), ("ImageType", "not_contains", "LOCALIZER")]
+    assert list(s.kernels) == ["bone", "soft"] and "B7*" in s.kernels["bone"]
+    cfg = tmp_path / "n.toml"
+    cfg.write_text("""
+[selection]
+max_slice_mm = 2.0
+[[selection.rules]]
+attribute = "SeriesDescription"
+operator = "regex"
+value = "(?i)spine"
+[[selection.rules]]
+attribute = "PixelSpacing"
+operator = "range"
+value = [0.3, 1.0]
+[selection.kernels]
+sharp = ["B7*"]
+""")
+    s = load_settings(cfg).selection
+    assert s.max_slice_mm == 2.0 and s.kernels == {"sharp": ["B7*"]}
+    assert [(r.attribute, r.operator, r.value) for r in s.rules] == [
+        ("SeriesDescription", "regex", "(?i)spine"), ("PixelSpacing", "range", [0.3, 1.0])]
+    monkeypatch.setenv("SPINE_NODE_SELECTION__MIN_COVERAGE_MM", "80")
+    monkeypatch.setenv("SPINE_NODE_SELECTION__RULES", '[{"attribute": "slices", '
+                       '"operator": "min", "value": 100}]')
+    s = load_settings(cfg).selection
+    assert s.min_coverage_mm == 80
+    assert [(r.attribute, r.operator, r.value) for r in s.rules] == [("slices", "min", 100.0)]
+
+
+@pytest.mark.parametrize("rule, expected", [
+    ('attribute = "ImageTyp"\noperator = "contains"\nvalue = "ORIGINAL"',
+     "selection.rules.1.attribute: ImageTyp is not valid: attribute 'ImageTyp' is neither a "
+     "DICOM keyword nor one of slices,"),
+    ('attribute = "ImageType"\noperator = "includes"\nvalue = "ORIGINAL"',
+     "selection.rules.1.operator: includes is not valid: must be 'equals'"),
+    ('attribute = "SliceThickness"\noperator = "max"\nvalue = "thin"',
+     "selection.rules.1: {'attribute': 'SliceThickness', 'operator': 'max', 'value': 'thin'} is "
+     "not valid: rule SliceThickness max 'thin': max takes a number"),
+    ('attribute = "SeriesDescription"\noperator = "regex"\nvalue = "(spine"',
+     "rule SeriesDescription regex '(spine': not a regular expression: missing )"),
+    ('attribute = "PixelSpacing"\noperator = "range"\nvalue = [1.0, 0.3]',
+     "rule PixelSpacing range [1.0, 0.3]: range takes [low, high] with low <= high"),
+    ('attribute = "ImageType"\noperator = "contains"\nvalue = [1.0, 2.0]',
+     "rule ImageType contains [1.0, 2.0]: contains takes one value, not a list"),
+])
+def test_bad_selection_rule_names_the_rule(tmp_path, rule, expected):
+    cfg = tmp_path / "n.toml"
+    cfg.write_text('[[selection.rules]]\nattribute = "ImageType"\noperator = "contains"\n'
+                   f'value = "ORIGINAL"\n[[selection.rules]]\n{rule}\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert expected in str(err.value)
+    assert str(err.value).count("\n") == 0, "only the bad rule is reported"
+
+
+def test_bad_selection_bounds_and_kernels(monkeypatch):
+    monkeypatch.setenv("SPINE_NODE_SELECTION__AXIAL_TOLERANCE_DEG", "120")
+    monkeypatch.setenv("SPINE_NODE_SELECTION__KERNELS", '{"bone": []}')
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    text = str(err.value)
+    assert "selection.axial_tolerance_deg: 120 is not valid: must be <= 90" in text
+    assert "selection.kernels:" in text and "needs a name and non-empty patterns" in text

@@ -23,7 +23,8 @@ def config(tmp_path, monkeypatch):
             monkeypatch.delenv(key)
     return write_config(tmp_path / "n.toml", {
         "storage": {"root": str(tmp_path / "store"), "min_free_mb": 0, "fsync": False},
-        "scheduler": {"stable_seconds": 0}})
+        "scheduler": {"stable_seconds": 0},
+        "selection": {"min_coverage_mm": 0}})  # its 20 slices of 1 mm cover 19 mm
 
 
 def _run(*args):
@@ -43,7 +44,7 @@ def _audit(config_path):
 
 def test_db_upgrade_studies_jobs_rerun(config, tmp_path):
     res = _run("db", "upgrade", "--config", str(config))
-    assert res.exit_code == 0 and "revision 0002" in res.output
+    assert res.exit_code == 0 and "revision 0003" in res.output
     assert json.loads(_run("studies", "--json", "--config", str(config)).output) == []
     assert json.loads(_run("jobs", "--json", "--config", str(config)).output) == []
 
@@ -57,13 +58,14 @@ def test_db_upgrade_studies_jobs_rerun(config, tmp_path):
     ctx.close()
 
     studies = json.loads(_run("studies", "--json", "--config", str(config)).output)
+    chosen = "chosen: 1 mm slices, 19 mm z coverage; first of 1 eligible series"
     assert studies == [{"study_instance_uid": w.study_instance_uid, "series": [
         {"series_instance_uid": w.series_instance_uid, "modality": "CT", "instances": 20,
-         "state": "queued"}]}]
+         "state": "queued", "chosen": True, "reason": chosen}]}]
     [job] = json.loads(_run("jobs", "--json", "--config", str(config)).output)
     assert job == {"id": 1, "study_instance_uid": w.study_instance_uid,
                    "series_instance_uid": w.series_instance_uid, "state": "queued",
-                   "error": None, "attempts": 0}
+                   "error": None, "attempts": 0, "reason": chosen}
     # A queued job already covers the study: nothing to rerun.
     assert _run("rerun", w.study_instance_uid, "--config", str(config)).exit_code == 1
     ctx = NodeContext.open(load_settings(config))

@@ -21,7 +21,8 @@ from tests.dicom_node import fake_pipeline
 def ctx(tmp_path):
     settings = load_settings(None, storage={"root": tmp_path / "store", "min_free_mb": 0,
                                             "fsync": False},
-                             scheduler={"stable_seconds": 0})
+                             scheduler={"stable_seconds": 0},
+                             selection={"min_coverage_mm": 0})  # 20 slices of 1 mm: 19 mm
     c = NodeContext.open(settings)
     yield c
     c.close()

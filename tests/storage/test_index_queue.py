@@ -78,7 +78,7 @@ def test_migration_matches_models(sqlite_db):
         assert diff == []
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
-    assert sqlite_db.upgrade() == "0002"  # idempotent
+    assert sqlite_db.upgrade() == "0003"  # idempotent
 
 
 def test_index_and_queue_on_sqlite(sqlite_db):
@@ -126,7 +126,7 @@ def test_concurrent_claimers_take_each_job_once(tmp_path):
 def test_index_and_queue_on_postgresql(postgres_url):
     from tests.conftest import create_pg_database
     db = Database(create_pg_database(postgres_url, "index_queue"))
-    assert db.upgrade() == "0002"
+    assert db.upgrade() == "0003"
     try:
         _exercise(db)
         # SKIP LOCKED: a claim while another transaction holds the only queued row gets None.
@@ -154,9 +154,50 @@ def test_upgrade_from_0001_keeps_deliveries_and_adds_claimed_by(tmp_path):
         conn.exec_driver_sql("INSERT INTO series (id, study_id, series_instance_uid, modality, state, "
                              "first_received_at, last_received_at, updated_at) VALUES "
                              "(1, 1, '1.2.3', 'CT', 'done', '2026-01-01', '2026-01-01', '2026-01-01')")
-    assert db.upgrade() == "0002"
+    assert db.upgrade() == "0003"
     with db.engine.connect() as conn:
         cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(deliveries)")]
         assert "claimed_by" in cols
         assert conn.exec_driver_sql("SELECT count(*) FROM series").scalar() == 1
     db.dispose()
+
+
+def _exercise_study_selection(db: Database) -> None:
+    """The index side of issue 27: a study is offered once all its series are stable, with
+    the decided series beside the new ones; reasons reach ``studies``; rerun --series."""
+    index = Index(db)
+    for k in range(3):
+        index.add_instance(_record(k, series="2.1.1", study="2.1"))
+        index.add_instance(_record(k, series="2.1.2", study="2.1"))
+    assert index.stable_studies(utcnow() - dt.timedelta(seconds=60)) == []   # not yet stable
+    [study] = index.stable_studies(utcnow() + dt.timedelta(seconds=1))
+    assert [(s.series_instance_uid, s.pending, s.was_chosen) for s in study] == [
+        ("2.1.1", True, False), ("2.1.2", True, False)]
+    index.schedule_series(study[0], skip_reason=None, reason="chosen: the best")
+    index.schedule_series(study[1], skip_reason="not chosen: series 2.1.1 is analysed")
+    assert index.stable_studies(utcnow() + dt.timedelta(seconds=1)) == []
+    index.add_instance(_record(1, series="2.1.3", study="2.1"))            # a late series
+    [study] = index.stable_studies(utcnow() + dt.timedelta(seconds=1))
+    assert [(s.series_instance_uid, s.pending, s.was_chosen) for s in study] == [
+        ("2.1.1", False, True), ("2.1.2", False, False), ("2.1.3", True, False)]
+    [entry] = index.studies("2.1")
+    assert [(s["chosen"], s["reason"]) for s in entry["series"]] == [
+        (True, "chosen: the best"), (False, "not chosen: series 2.1.1 is analysed"),
+        (False, None)]
+    assert index.rerun_study("2.1", "2.1.2")[0].reason.startswith("chosen by an operator")
+    assert index.rerun_study("2.1") == []      # the chosen one is queued already
+
+
+def test_study_selection_on_sqlite(sqlite_db):
+    _exercise_study_selection(sqlite_db)
+
+
+@pytest.mark.integration
+def test_study_selection_on_postgresql(postgres_url):
+    from tests.conftest import create_pg_database
+    db = Database(create_pg_database(postgres_url, "study_selection"))
+    db.upgrade()
+    try:
+        _exercise_study_selection(db)
+    finally:
+        db.dispose()
