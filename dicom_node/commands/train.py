@@ -69,6 +69,10 @@ def localization(
         None, "--synth-from", exists=True, file_okay=False,
         help="Real vertebra masks (the pack: its train side) to synthesise whole CT volumes from."),
     synth_cases: int = typer.Option(0, min=0, help="Volumes synthesised from --synth-from (cached)."),
+    relabel: Optional[bool] = typer.Option(
+        None, "--relabel/--no-relabel",
+        help="Write into the weights whether inference relabels the found spine jointly "
+             "(pipeline.localization.inference.relabel_on_path); default: inference's default."),
 ) -> None:
     """Train the M-SCN vertebra localisation network (paper section 2.2)."""
     from pipeline.localization.train import TrainConfig, train
@@ -83,7 +87,7 @@ def localization(
         workers=workers, time_limit_s=None if time_limit_min is None else 60 * time_limit_min,
         init_from=init_from, real_data=str(real_data) if real_data else None,
         real_repeat=real_repeat, synth_real_dir=str(synth_from) if synth_from else None,
-        synth_cases=synth_cases)
+        synth_cases=synth_cases, relabel=relabel)
     best = train(cfg, log=typer.echo)
     typer.echo(f"best weights: {best}")
     if install:

@@ -78,6 +78,7 @@ class TrainConfig:
     real_repeat: int = 3                    # each real case counts this many times
     synth_real_dir: str | None = None       # real masks to synthesise CT from (pipeline.synthesis)
     synth_cases: int = 0                    # synthesised whole volumes (2 mm, cached)
+    relabel: bool | None = None             # meta "relabel" of the weights (None: inference's default)
 
     def jsonable(self) -> dict[str, Any]:
         d = asdict(self)
@@ -285,7 +286,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
                 "sigma_mm": cfg.sigma_mm, "amplitude": cfg.amplitude, "threshold": decoder["threshold"],
                 "decoder": decoder["decoder"], "levels": [lv.name for lv in LEVELS],
                 "variant": cfg.variant, "trained_iterations": it, "data": cfg.data,
-                "train_seeds": list(cfg.seeds) if cfg.data == "phantom" else None}
+                "train_seeds": list(cfg.seeds) if cfg.data == "phantom" else None,
+                **({} if cfg.relabel is None else {"relabel": bool(cfg.relabel)})}
 
     t0 = time.time()
     it = start
