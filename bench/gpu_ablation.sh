@@ -7,7 +7,7 @@
 #   3. each arm's decoder and presence threshold calibrated on 8001-8012, then all five evaluated
 #      on 9001-9010 (`python -m pipeline.evaluate --models ...`: id rate, error, > 4/10/20 mm);
 #   4. into OUT: ablation.json, the five calibrated weight files, the logs.
-# The shares of errors over 4, 10 and 20 mm go into pipeline/MODEL_CARD.md's Table 4 on the CPU
+# The shares of errors over 4, 10 and 20 mm go into docs/archive/model-card-history.md's Table 4 on the CPU
 # machine. Iterations per arm are printed: a fair table needs each arm near convergence (the
 # shipped model: ~3,600 iterations of batch 2 at 4 mm).
 #

@@ -52,7 +52,7 @@ MAX_RECENTRE_MM = 20.0
 #: Offsets (mm, along the plane's normal) of the planes whose heatmaps the second pass averages:
 #: from the true centroids on the 3 mm whole spines 8102-8106, one plane gave 2 false fractures
 #: (specificity 0.981, kappa 0.829), three planes none (1.0, 1.0); 9001-9010 graded the same;
-#: keypoints 0.55 -> 1.02 s on the 22 vertebrae of the bench series (MODEL_CARD.md).
+#: keypoints 0.55 -> 1.02 s on the 22 vertebrae of the bench series (docs/archive/model-card-history.md).
 PARASAGITTAL_OFFSETS_MM = (-1.5, 0.0, 1.5)
 
 

@@ -4,7 +4,7 @@ The network is the localization engineer's dimension-generic M-SCN (:mod:`pipeli
 with ``spatial_dims=2``, two input channels (CT, vertebra mask) and six output heatmaps.
 Targets: Gaussians (sigma ``sigma_px``, peak ``amplitude``) at the six points; loss Smooth-L1 as
 for localization (section 2.2.3). Paper settings kept: clipping 2.0, weight decay 5e-4, plateau
-scheduler; Adam instead of SGD at 1e-4 for the CPU budget (MODEL_CARD.md).
+scheduler; Adam instead of SGD at 1e-4 for the CPU budget (docs/archive/model-card-history.md).
 """
 from __future__ import annotations
 

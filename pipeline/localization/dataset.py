@@ -11,7 +11,7 @@ antero-posterior flip gives an anatomy the network never meets.
 
 Partial vertebrae (cut by the field of view; gt ``partial``) are kept as targets when their
 centroid lies inside the volume: they are really there, and their identity anchors the chain of
-labels. See MODEL_CARD.md for how evaluation counts them.
+labels. See docs/archive/model-card-history.md for how evaluation counts them.
 """
 from __future__ import annotations
 

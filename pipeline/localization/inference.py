@@ -40,7 +40,7 @@ OPTIONAL_LEVELS = frozenset({"T13", "L6"})  # transitional: may be absent betwee
 #: do not say. The shipped weights of iteration 6000 say yes (validation 8001-8030: id 0.991 ->
 #: 1.000; fresh seeds 9011-9030 0.965 -> 0.994). The weights of iteration 3600 did not: with
 #: them it lowered the fresh seeds from 0.893 to 0.843 (where the network's own labels disagree
-#: along the spine it makes every label agree with the wrong offset). MODEL_CARD.md.
+#: along the spine it makes every label agree with the wrong offset). docs/archive/model-card-history.md.
 RELABEL = False
 
 
@@ -289,7 +289,7 @@ def _on_path(found_mm: np.ndarray, mm: np.ndarray, max_off_axis_mm: float) -> li
 #: body's peak is about 1, the target amplitude): skipping must gain more than a whole body's
 #: evidence. 0.5 and 1.0 label validation 8001-8012 and the held-out 8201-8205 (3 mm and 1 mm)
 #: alike; 1.0 was chosen after seeing test seed 9005 (0.5: its cervical labels run one level high
-#: and C6 is skipped), so the test id rate 1.000 is a tuned figure (MODEL_CARD.md).
+#: and C6 is skipped), so the test id rate 1.000 is a tuned figure (docs/archive/model-card-history.md).
 RELABEL_SKIP_PENALTY = 1.0
 
 #: Two consecutive found vertebrae closer than this fraction of the spine's local step (the median

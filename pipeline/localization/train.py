@@ -5,7 +5,7 @@ voxels and channels and averaged over the batch, by default foreground-weighted
 (``fg_weight``; 0 gives the paper's plain loss); gradient clipping 2.0; weight decay 5e-4;
 ReduceLROnPlateau on the validation score. The optimiser defaults to Adam (lr 2e-3, batch 2):
 on a 2-core CPU the paper's SGD at lr 1e-4 barely moves in the iterations we can afford
-(MODEL_CARD.md has the measurements); ``optimizer="sgd"`` restores the paper's setting.
+(docs/archive/model-card-history.md has the measurements); ``optimizer="sgd"`` restores the paper's setting.
 
 Every ``val_every`` iterations the whole validation volumes go through the real inference
 (:mod:`pipeline.localization.inference`); the presence threshold is chosen on them, and the best

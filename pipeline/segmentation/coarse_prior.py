@@ -3,7 +3,7 @@
 The refiner (:mod:`pipeline.segmentation.refine`) was first trained on a prior *simulated* from
 the ground truth (the 2 mm occupancy, shifted and thickened or thinned). That prior is a blurred
 truth: it never lacks a whole transverse or spinous process, which is where the shipped 2 mm
-network loses most of its Dice (MODEL_CARD.md). Here the prior is what the 2 mm network really
+network loses most of its Dice (docs/archive/model-card-history.md). Here the prior is what the 2 mm network really
 gives on each training vertebra, so that the refiner learns to correct the network's own misses.
 
 For each phantom the two existing caches are used, no phantom is generated again:

@@ -1,4 +1,4 @@
-"""Boundary refinement at 1 mm of the 2 mm segmentation (why: measured in MODEL_CARD.md).
+"""Boundary refinement at 1 mm of the 2 mm segmentation (why: measured in docs/archive/model-card-history.md).
 
 The 3D U-Net works on 64^3 crops at 2 mm (the paper's 128^3 at 1 mm costs 7.8 s per training
 step on the 2-core CPU). Even a perfect 2 mm occupancy map, resampled linearly to the source grid,
@@ -14,7 +14,7 @@ Two ways to train it: on a prior simulated from the ground truth (the 2 mm occup
 shifted by up to a voxel and thickened or thinned; no coarse network needed, so both can train at
 the same time), or on the 2 mm network's own output (:mod:`pipeline.segmentation.coarse_prior`,
 a cascade: it then learns the network's real misses, whole processes included; how the shipped
-refiner was trained, MODEL_CARD.md "Fifth round").
+refiner was trained, docs/archive/model-card-history.md "Fifth round").
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Loss (eq. 13): soft Dice over the two vertebra classes (smoothing 1e-5) + cross-entropy, on soft
 (partial-volume) targets. Paper settings kept: gradient clipping 2.0, weight decay 5e-4, plateau
-scheduler, clamp + z-score, random flip/translation. Changed, and why (MODEL_CARD.md):
+scheduler, clamp + z-score, random flip/translation. Changed, and why (docs/archive/model-card-history.md):
 - optimizer Adam (lr 1e-3) instead of SGD lr 1e-4: SGD at 1e-4 does not leave the all-background
   solution within the few thousand steps a 2-core CPU affords;
 - batch 2 instead of 4, crops 64^3 at 2 mm instead of 128^3 at 1 mm (same 128 mm field):
