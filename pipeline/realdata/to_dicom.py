@@ -41,6 +41,20 @@ def write_ct_series(ct: sitk.Image, out_dir: Path, case_id: str) -> list[Path]:
     ds.Modality = "CT"
     ds.PatientName = case_id[:64]
     ds.PatientID = case_id[:64]
+    # Type 2 attributes of the Patient, General Study, General Series and General Equipment
+    # modules (PS3.3 C.7.1.1, C.7.2.1, C.7.3.1, C.7.5.1): present, empty where unknown.
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20000101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "000000"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = ""
+    ds.AccessionNumber = ""
+    ds.Manufacturer = ""
+    ds.InstanceNumber = 1
+    ds.PositionReferenceIndicator = ""
+    ds.KVP = ""
+    ds.AcquisitionNumber = 1
     ds.StudyInstanceUID = _uid(case_id, "study")
     ds.SeriesInstanceUID = _uid(case_id, "series")
     ds.FrameOfReferenceUID = _uid(case_id, "for")
