@@ -3,7 +3,7 @@
 One typer sub-app, :data:`train_app`. This module defines ``localization``; the other models
 add their subcommand from their own module: ``dicom_node/commands/train_<model>.py`` with a
 ``register(train_app)`` function, listed in :data:`TRAIN_MODULES` (a module not written yet is
-skipped). Shared option parsing lives here (:func:`seeds_option`).
+skipped). Shared option parsing lives in :mod:`dicom_node.commands.train_options`.
 """
 from __future__ import annotations
 
@@ -19,17 +19,6 @@ train_app = typer.Typer(help="Train a model of the pipeline (phantom or VerSe da
 
 #: Modules that add a ``train`` subcommand through ``register(train_app)``.
 TRAIN_MODULES = ("train_segmentation", "train_refiner", "train_keypoints")
-
-
-def seeds_option(spec: str) -> list[int]:
-    """``"1-40"`` / ``"1,3,5-9"`` -> seeds; refuses the evaluation seeds 9001-9010."""
-    from pipeline.evaluate import parse_seeds
-
-    seeds = parse_seeds(spec)
-    bad = [s for s in seeds if 9001 <= s <= 9010]
-    if bad:
-        raise typer.BadParameter(f"seeds {bad} are evaluation seeds (9001-9010); train on others")
-    return seeds
 
 
 @train_app.command("localization")
@@ -79,8 +68,8 @@ def localization(
     from pipeline.registry import install_weights
 
     cfg = TrainConfig(
-        out_dir=out, cache_dir=cache_dir, data=data, seeds=seeds_option(seeds) if data == "phantom" else (),
-        val_seeds=seeds_option(val_seeds) if data == "phantom" else (), iterations=iterations,
+        out_dir=out, cache_dir=cache_dir, data=data, seeds=o.seeds_option(seeds) if data == "phantom" else (),
+        val_seeds=o.seeds_option(val_seeds) if data == "phantom" else (), iterations=iterations,
         resume=resume, reset_lr=reset_lr, variant=variant, spacing_mm=spacing_mm,
         patch=tuple(int(p) for p in patch.split(",")), batch=batch, optimizer=optimizer, lr=lr, schedule=schedule,
         base=base, fg_weight=fg_weight, val_every=val_every, threads=threads, seed=seed, device=device,

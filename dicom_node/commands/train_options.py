@@ -72,8 +72,6 @@ def install_opt() -> Any:
 def phantom_config(cls: type, *, seeds: str, val_seeds: str, out: Path, cache: Path,
                    time_limit_min: Optional[float], **fields: Any) -> Any:
     """``cls(out_dir, train_seeds, val_seeds, cache_dir, max_minutes, **fields)`` from the CLI values."""
-    from dicom_node.commands.train import seeds_option
-
     return cls(out_dir=str(out), train_seeds=seeds_option(seeds), val_seeds=seeds_option(val_seeds),
                cache_dir=str(cache), max_minutes=time_limit_min, **fields)
 
@@ -84,3 +82,16 @@ def run_training(train: Callable[..., Path], install: Callable[[Path], Path], cf
     typer.echo(f"best weights: {best}")
     if do_install:
         typer.echo(f"installed {install(best)} (SHA-256 recorded in the manifest)")
+
+
+def seeds_option(spec: str) -> list[int]:
+    """``"1-40"`` / ``"1,3,5-9"`` -> seeds; refuses the evaluation seeds (:mod:`pipeline.seeds`)."""
+    from pipeline.evaluate import parse_seeds
+    from pipeline.seeds import refuse_evaluation_seeds
+
+    seeds = parse_seeds(spec)
+    try:
+        refuse_evaluation_seeds(seeds)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return seeds

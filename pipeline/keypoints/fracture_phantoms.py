@@ -42,7 +42,8 @@ def main(argv=None) -> None:
     from pipeline.phantom import generate
     from pipeline.segmentation.crops import array_image, reference_grid
     from pipeline.seeds import EVALUATION_SEEDS
-    from pipeline.segmentation.dataset import keypoint_cache_path, occupancy
+    from pipeline.segmentation.caches import keypoint_cache_path
+    from pipeline.segmentation.dataset import occupancy
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("seeds")

@@ -20,7 +20,8 @@ from pipeline.keypoints.dataset import KeypointSamples, load_keypoint_samples
 from pipeline.localization.heatmaps import gaussian_heatmaps
 from pipeline.nets.mscn import MSCN
 from pipeline.seeds import EVALUATION_SEEDS
-from pipeline.segmentation.dataset import cached_phantom_samples, keypoint_cache_path
+from pipeline.segmentation.caches import keypoint_cache_path
+from pipeline.segmentation.dataset import cached_phantom_samples
 from pipeline.training import (Progress, config_from_argv, keep_best, make_optimizer, optimizer_step, resume,
                                save_last, start_run, validation_due)
 

@@ -34,9 +34,9 @@ def real_seg_samples(cases: Iterable[RealCase], size: int, spacing_mm: float,
 def real_refine_samples(cases: Iterable[RealCase], cache_dir: Path, key: str,
                         log: Callable[[str], None] = lambda s: None
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """The refiner's 1 mm crops (:func:`pipeline.segmentation.refine.refine_samples`) of every
+    """The refiner's 1 mm crops (:func:`pipeline.segmentation.refine_training.refine_samples`) of every
     whole vertebra of ``cases``, cached under ``cache_dir`` by ``key``."""
-    from pipeline.segmentation.refine import REFINE_CROP, refine_samples
+    from pipeline.segmentation.refine_training import REFINE_CROP, refine_samples
 
     path = Path(cache_dir) / f"ref-real-{key}-c{REFINE_CROP}.npz"
     if path.exists():

@@ -86,8 +86,7 @@ def coarse_priors(coarse: torch.nn.Module, seg_ct: np.ndarray, fine_size: int,
 
 def write_cascade_cache(seed: int, cache_dir: Path, coarse: torch.nn.Module, tag: str) -> Path:
     """The network's priors for phantom ``seed``'s ``ref`` crops (both caches must exist)."""
-    from pipeline.segmentation.dataset import seg_cache_path
-    from pipeline.segmentation.train_refiner import refine_cache_path
+    from pipeline.segmentation.caches import refine_cache_path, seg_cache_path
 
     cache_dir = Path(cache_dir)
     with np.load(seg_cache_path(cache_dir, seed)) as z:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.segmentation.caches import geometry_tag, keypoint_cache_path, seg_cache_path
 from pipeline.segmentation.crops import ct_crop, reference_grid, resample
 from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
 from pipeline.seeds import EVALUATION_SEEDS
@@ -30,14 +31,6 @@ MARGIN_MM = MARGIN * CROP_SPACING_MM
 def margin_for(spacing_mm: float) -> int:
     """Voxels of margin that give crops of ``spacing_mm`` the shifts of :data:`MARGIN_MM`."""
     return max(1, int(round(MARGIN_MM / float(spacing_mm))))
-
-
-def geometry_tag(size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM) -> str:
-    """Cache file name part of a crop geometry: empty for the shipped one (its caches keep their
-    names), else ``-c<size>x<spacing>mm``."""
-    if int(size) == CROP_SIZE and float(spacing_mm) == CROP_SPACING_MM:
-        return ""
-    return f"-c{int(size)}x{float(spacing_mm):g}mm"
 
 
 @dataclass
@@ -116,17 +109,6 @@ def load_samples(path: Path) -> list[Sample]:
     with np.load(path) as z:  # each z[key] reads the whole array: read each once
         ct, occ, fr, lab, names = z["ct"], z["occ"], z["fractured"], z["label"], z["name"]
     return [Sample(ct[i], occ[i], bool(fr[i]), int(lab[i]), str(names[i])) for i in range(len(lab))]
-
-
-def keypoint_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = None) -> Path:
-    tag = "acq" if spacing_mm is None else f"{spacing_mm:g}mm"
-    return Path(cache_dir) / f"kp-phantom-{seed}-{tag}.npz"
-
-
-def seg_cache_path(cache_dir: Path, seed: int, spacing_mm: float | None = None,
-                   crop_size: int = CROP_SIZE, crop_spacing_mm: float = CROP_SPACING_MM) -> Path:
-    tag = "acq" if spacing_mm is None else f"{spacing_mm:g}mm"
-    return Path(cache_dir) / f"seg-phantom-{seed}-{tag}{geometry_tag(crop_size, crop_spacing_mm)}.npz"
 
 
 def write_phantom_cache(seed: int, cache_dir: Path, spacing_mm: float | None = None,

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
-from pipeline.segmentation.refine import error_points, refine_batch, surface_points
+from pipeline.segmentation.caches import refine_cache_path
+from pipeline.segmentation.refine_training import error_points, refine_batch, surface_points
 from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, generate_parallel, init_from,
                                keep_best, make_optimizer, resume, save_last, start_run, train_device, train_step,
                                validation_due)
@@ -57,14 +58,10 @@ class RefineTrainConfig:
     real_repeat: int = 4                      # each real crop counts this many times (prior=simulated)
 
 
-def refine_cache_path(cache_dir: Path, seed: int) -> Path:
-    return Path(cache_dir) / f"ref-phantom-{seed}-acq.npz"
-
-
 def phantom_refine_samples(seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The 1 mm crops of phantom ``seed`` on its acquisition grid (whole vertebrae only)."""
     from pipeline.phantom import generate
-    from pipeline.segmentation.refine import refine_samples
+    from pipeline.segmentation.refine_training import refine_samples
 
     if seed in EVALUATION_SEEDS:
         raise ValueError(f"seed {seed} is an evaluation seed (9001-9010); do not train on it")

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from pipeline.segmentation.coarse_prior import coarse_priors, match_whole, network_tag
-from pipeline.segmentation.dataset import MARGIN, save_samples, seg_cache_path, Sample
+from pipeline.segmentation.caches import seg_cache_path
+from pipeline.segmentation.dataset import MARGIN, save_samples, Sample
 from pipeline.segmentation.infer import CROP_SIZE
 from pipeline.segmentation.model import NORMAL, ShallowRefiner, UNet3D
-from pipeline.segmentation.train_refiner import RefineTrainConfig, refine_cache_path, train
+from pipeline.segmentation.caches import refine_cache_path
+from pipeline.segmentation.train_refiner import RefineTrainConfig, train
 from pipeline.training import save_best
 
 

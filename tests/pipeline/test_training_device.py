@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from pipeline.registry import ModelWeightsError
-from pipeline.segmentation.dataset import Sample, save_samples, seg_cache_path
+from pipeline.segmentation.caches import seg_cache_path
+from pipeline.segmentation.dataset import Sample, save_samples
 from pipeline.segmentation.infer import CROP_SIZE
-from pipeline.segmentation.refine import simulated_prior
+from pipeline.segmentation.refine_training import simulated_prior
 from pipeline.segmentation.train import SegTrainConfig, train
 from pipeline.training import Prefetch, autocast, batches, generate_parallel, train_device
 
@@ -134,7 +135,7 @@ def test_a_segmentation_run_starts_from_another_runs_weights_and_refuses_another
 
 
 def test_refiner_patches_are_centred_on_the_surface_band_drawn_once():
-    from pipeline.segmentation.refine import refine_batch, surface_points
+    from pipeline.segmentation.refine_training import refine_batch, surface_points
 
     n = 48
     z, y, x = np.mgrid[:n, :n, :n]
@@ -172,7 +173,8 @@ def test_another_crop_geometry_is_cached_apart_trained_and_carried_into_the_weig
     """`train segmentation --crop-size 24 --crop-spacing-mm 3`: crops of that geometry (with the
     margin in mm of the shipped one), cached under their own names; the geometry goes with the
     checkpoint into the assembled model's meta, which inference crops by."""
-    from pipeline.segmentation.dataset import geometry_tag, margin_for, phantom_samples
+    from pipeline.segmentation.caches import geometry_tag
+    from pipeline.segmentation.dataset import margin_for, phantom_samples
     from pipeline.segmentation.train import assemble
 
     assert geometry_tag() == "" and geometry_tag(24, 3.0) == "-c24x3mm"

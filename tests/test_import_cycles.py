@@ -1,0 +1,87 @@
+"""No import cycles among the project's modules (issue 25), counting imports inside functions
+too: a cycle hidden in a function still ties two modules together.
+
+The graph is built from the source (``ast``), so the test needs no import of its own.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("config", "storage", "pipeline", "dicom_node")
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = p
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    target = f"{node.module}.{a.name}"
+                    graph[m].add(target if target in mods else node.module)
+            elif isinstance(node, ast.Import):
+                graph[m].update(a.name for a in node.names)
+        graph[m] = {t for t in graph[m] if t in mods and t != m}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_module_imports_itself_through_others():
+    assert cycles(import_graph()) == []
+
+
+def test_layers_import_only_leftwards():
+    """DESIGN.md: config -> storage -> pipeline -> dicom_node; none imports a room to its right."""
+    order = {pkg: k for k, pkg in enumerate(PACKAGES)}
+    wrong = [(m, t) for m, ts in import_graph().items() for t in ts
+             if order[t.split(".")[0]] > order[m.split(".")[0]]]
+    assert wrong == []
