@@ -18,7 +18,7 @@ refiner was trained, docs/archive/model-card-history.md "Fifth round").
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
