@@ -281,3 +281,20 @@ def test_two_labels_on_one_body_are_merged_but_a_cut_end_vertebra_is_kept():
     found = [(k(n), np.array([zz, 0.0, 0.0]), 0.5 if n == "C6" else 0.8) for n, zz in z.items()]
     kept = merge_crowded(found, 1.0)
     assert [LEVELS[o].name for o, _, _ in kept] == ["C4", "C5", "C7", "T1", "T2", "T3", "T4"]
+
+
+def test_a_cut_end_vertebra_found_twice_keeps_one_detection():
+    """Two detections 15 mm apart at the top edge of the volume, with 33 mm steps below, are one
+    cut vertebra: the outer goes. The same short step away from the edge stays (a cut vertebra's
+    centroid sits in its visible part, nearer its neighbour), and so does a normal end."""
+    from pipeline.localization.inference import drop_doubled_ends
+
+    spacing, nz = 4.0, 60
+    zs_mm = [234.0, 219.0, 186.0, 153.0, 120.0, 87.0]          # cranial first; top edge 236 mm
+    found = [(k, np.array([z / spacing, 20.0, 20.0]), 1.0) for k, z in enumerate(zs_mm)]
+    kept = drop_doubled_ends(found, spacing, nz)
+    assert [k for k, _, _ in kept] == [1, 2, 3, 4, 5]
+    far = [(k, p - np.array([10.0, 0, 0]), s) for k, p, s in found]  # 40 mm below the edge
+    assert len(drop_doubled_ends(far, spacing, nz)) == 6
+    normal = [(k, np.array([(236.0 - 33.0 * k) / spacing, 20.0, 20.0]), 1.0) for k in range(6)]
+    assert len(drop_doubled_ends(normal, spacing, nz)) == 6
