@@ -2,7 +2,7 @@
 
 pynetdicom runs every association as a thread of one process, so concurrent senders share one
 GIL: with four storescu the node used 6.2 ms of CPU per instance against 4.7 ms with one, and
-stayed at 0.55-0.60x Orthanc's throughput, which spreads them over both cores (bench/README.md).
+stayed at 0.55-0.60x Orthanc's throughput, which spreads them over both cores (docs/archive/bench-history.md).
 The pre-fork model of web servers fixes that without touching pynetdicom: ``serve`` binds the
 port as before, then starts ``node.acceptor_processes - 1`` child processes (``spine-node
 acceptor``, not meant to be run by hand) that inherit the *same* listening socket and accept

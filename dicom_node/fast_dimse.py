@@ -44,7 +44,7 @@ What :func:`install` changes, in every association of the process:
   when nothing is queued before it and no handler is bound to an event of sending. Four
   senders, 300 slices, against pynetdicom's service path in the same runs: 1.11 s against
   1.26 s, faster in 8 rounds of 9, 1.03 s of CPU against 1.14; one sender 1.45 s against
-  1.62 s, faster in 7 of 9 (bench/README.md, seventh round). ``SPINE_LEAN_STORE=0`` leaves
+  1.62 s, faster in 7 of 9 (docs/archive/bench-history.md, seventh round). ``SPINE_LEAN_STORE=0`` leaves
   it to pynetdicom.
 - a C-STORE response that carries only a status (no Offending Element, no Error Comment) is
   encoded directly (PS3.7 section 9.3.1.2 and annex E: the command set, Implicit VR Little

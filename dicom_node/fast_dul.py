@@ -18,9 +18,9 @@ nothing else:
   once instead of after up to 1 ms. As nothing waits on the timeout any more, it is 50 ms
   (it only bounds how late an expired ARTIM timer is seen), so an idle association's DUL
   thread no longer takes the GIL 1000 times a second (four concurrent senders: node CPU
-  1.17 vs 1.32 s, wall 1.12 vs 1.22 s; bench/README.md). Measured on a quiet machine, a
+  1.17 vs 1.32 s, wall 1.12 vs 1.22 s; docs/archive/bench-history.md). Measured on a quiet machine, a
   pynetdicom SCP that answers at once took 0.48-0.50 s for 300 instances with the wake-up
-  and 0.73-0.74 s without (`bench/scp_floor.py`; bench/README.md). An earlier wake-up
+  and 0.73-0.74 s without (`bench/scp_floor.py`; docs/archive/bench-history.md). An earlier wake-up
   through a pipe had measured slower on the machine loaded to 6-9 (the woken DUL thread
   competing for the GIL); on the quiet machine the full node gained little but lost nothing,
   so the wake-up stays, and ``SPINE_FAST_DUL_PARTS=dul+assoc+recv`` leaves it out.

@@ -17,7 +17,7 @@ default on; :func:`_write_direct`): the data is copied once into a reused, page-
 buffer and goes from there to the device, instead of being copied into newly allocated page
 cache pages and written back later. On this project's 2-core VM the copy into the page cache
 cost 0.2-2.3 ms of CPU per 0.5 MB slice, depending on the host (fresh guest pages are
-expensive to touch); the staging copy ~0.15 ms (bench/README.md, "Sixth round"). The write
+expensive to touch); the staging copy ~0.15 ms (docs/archive/bench-history.md, "Sixth round"). The write
 returns once the device has the data, so the later fdatasync only has the last partial block
 and the file's metadata left to write. Nothing changes in what is durable when.
 """

@@ -26,7 +26,7 @@ configuration promises, so the SCP can answer Success right after it:
   where the file system takes it) the data is on the device when ``write_new`` returns, and
   the deferred fdatasync has only the last partial block and the metadata left; handing the
   direct write to a helper thread, to overlap it with the inserts, measured slower (the
-  directory fsync then waited for it: bench/README.md, "Sixth round").
+  directory fsync then waited for it: docs/archive/bench-history.md, "Sixth round").
 
 Durability levels, from ``storage.sqlite_synchronous`` (SQLite only; other databases commit
 durably and get the first):
