@@ -47,12 +47,8 @@ def localization(
     device: str = typer.Option("cpu", help="cpu | cuda | auto: where to train (bf16 autocast on a GPU)."),
     workers: int = o.workers_opt(),
     install: bool = typer.Option(False, "--install", help="Install the best weights into pipeline/weights."),
-    init_from: Optional[str] = typer.Option(
-        None, help="Start from these weights: 'shipped' (the installed network) or a best.pt."),
-    real_data: Optional[Path] = typer.Option(
-        None, "--real-data", exists=True, file_okay=False,
-        help="Real CT with vertebra masks in VerSe layout added to the phantoms (the real-spine "
-             "pack: only its train side of pipeline/realdata/split.json)."),
+    init_from: Optional[str] = o.init_from_weights_opt("localization network"),
+    real_data: Optional[Path] = o.real_data_opt(", added to the phantoms"),
     real_repeat: int = typer.Option(3, min=1, help="Each --real-data case counts this many times."),
     synth_from: Optional[Path] = typer.Option(
         None, "--synth-from", exists=True, file_okay=False,

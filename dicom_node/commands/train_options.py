@@ -60,9 +60,17 @@ def reset_lr_opt() -> Any:
     return typer.Option(False, "--reset-lr", help="On resume, restart the learning rate at --lr.")
 
 
-def init_from_opt(what: str) -> Any:
-    return typer.Option(None, help=f"Start from these {what} weights (a best.pt of a run); "
-                                   "ignored when the run directory resumes.")
+def init_from_weights_opt(what: str) -> Any:
+    return typer.Option(None, "--init-from",
+                        help=f"Start from these weights: a {what} best.pt of a run, or 'shipped' "
+                             "(the installed one, e.g. to fine-tune it on real CT); ignored when "
+                             "the run resumes.")
+
+
+def real_data_opt(extra: str = "") -> Any:
+    return typer.Option(None, "--real-data", exists=True, file_okay=False,
+                        help="Real CT with vertebra masks in VerSe layout (the real-spine pack: "
+                             "only its train side of pipeline/realdata/split.json)" + extra + ".")
 
 
 def install_opt() -> Any:

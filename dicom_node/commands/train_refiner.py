@@ -29,13 +29,8 @@ def register(train_app: typer.Typer) -> None:
                                                    "(default: the shipped one)."),
         schedule: str = o.schedule_opt("as the segmentation"),
         reset_lr: bool = o.reset_lr_opt(),
-        init_from: Optional[str] = typer.Option(
-            None, help="Start from these weights: a refiner best.pt, or 'shipped' (the installed "
-                       "refiner); ignored when the run resumes."),
-        real_data: Optional[Path] = typer.Option(
-            None, "--real-data", exists=True, file_okay=False,
-            help="Real CT with vertebra masks in VerSe layout (the real-spine pack: only its "
-                 "train side of pipeline/realdata/split.json); --prior simulated."),
+        init_from: Optional[str] = o.init_from_weights_opt("refiner"),
+        real_data: Optional[Path] = o.real_data_opt("; --prior simulated"),
         real_repeat: int = typer.Option(4, min=1, help="Each real crop counts this many times."),
         device: str = o.device_opt(),
         workers: int = o.workers_opt(),

@@ -23,13 +23,8 @@ def register(train_app: typer.Typer) -> None:
         crop_spacing_mm: float = typer.Option(2.0, help="Spacing of the crops in mm (paper: 1)."),
         schedule: str = o.schedule_opt(),
         reset_lr: bool = o.reset_lr_opt(),
-        init_from: Optional[str] = typer.Option(
-            None, help="Start from these weights: a best.pt of a run, or 'shipped' (the installed "
-                       "network, e.g. to fine-tune it on real CT); ignored when the run resumes."),
-        real_data: Optional[Path] = typer.Option(
-            None, "--real-data", exists=True, file_okay=False,
-            help="Real CT with vertebra masks in VerSe layout (the real-spine pack: only its "
-                 "train side of pipeline/realdata/split.json)."),
+        init_from: Optional[str] = o.init_from_weights_opt("segmentation network"),
+        real_data: Optional[Path] = o.real_data_opt(),
         real_fraction: float = typer.Option(0.5, min=0.0, max=1.0,
                                             help="Share of each batch drawn from --real-data."),
         synth_from: Optional[Path] = typer.Option(
