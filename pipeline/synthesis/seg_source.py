@@ -34,6 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.levels import BY_LABEL, BY_NAME
+from pipeline.realdata.pack import FXGRADER_AS_GRADE
 from pipeline.segmentation.dataset import (
     Sample,
     case_samples,
@@ -54,9 +55,6 @@ from pipeline.synthesis.pose import PoseOptions
 
 #: The training/validation split of the real data (subjects), relative to this package.
 SPLIT_JSON = Path(__file__).resolve().parents[1] / "realdata" / "split.json"
-#: FX-Grader codes that are no osteoporotic fracture and no normal vertebra either (Schmorl
-#: node 4 and sclerosis 6 count as normal; 5, 7-11 = other fractures, lesions, metal).
-FXGRADER_NORMAL = (0, 4, 6)
 #: Extra mm rendered around a crop (the crop's linear interpolation and block averaging).
 RENDER_PAD_MM = 6.0
 #: Half width (mm) of the part of a long mask synthesised for a crop (:func:`window`).
@@ -111,7 +109,7 @@ def real_grades(mask: Path, subject: str, grades: dict) -> dict[int, int]:
         if name.upper() not in BY_NAME or code in ("", None):
             continue
         code = int(code)
-        grade = 0 if code in FXGRADER_NORMAL else code if code in (1, 2, 3) else UNCERTAIN
+        grade = FXGRADER_AS_GRADE.get(code, UNCERTAIN)
         out[BY_NAME[name.upper()].label] = grade
     return out
 
