@@ -12,8 +12,9 @@ whether the mask is an expert's or a model's. Two sources give cases:
   crop), and its ``grades.json`` (a third-party copy of the VerSe'19 grades and the CT
   follow-up cohort's own ratings), read with :func:`iter_pack_cases`.
 
-The pack also holds expert masks without their CT; :func:`iter_label_maps` gives them (and the
-masks of the cases with CT) as real anatomy for synthesis.
+The pack also holds expert masks without their CT:
+:func:`pipeline.synthesis.seg_source.find_masks` reads them (and the masks of the cases with CT)
+as real anatomy for synthesis.
 """
 from __future__ import annotations
 
@@ -90,17 +91,6 @@ class RealCase:
     @property
     def labels(self) -> list[int]:
         return sorted(self.centroids_mm)
-
-
-@dataclass
-class LabelMap:
-    """A real vertebra mask (with or without its CT) as anatomy for synthesis."""
-
-    subject: str
-    case_id: str
-    labels: sitk.Image
-    subregions: sitk.Image | None
-    grades: dict[int, int] = field(default_factory=dict)
 
 
 def default_pack_dir() -> Path | None:
@@ -278,28 +268,3 @@ def iter_folder_cases(root: Path) -> Iterator[RealCase]:
             yield case
     if not found:
         raise VerseError(f"{root}: no case with a CT and a vertebra mask (VerSe layout)")
-
-
-def iter_label_maps(pack: Path, subjects: list[str] | None = None) -> Iterator[LabelMap]:
-    """Every vertebra mask of the pack (with or without its CT), with its subregion mask where
-    one exists: real anatomy for synthesis."""
-    grades = read_pack_grades(pack)
-    for d in _subject_dirs(pack, subjects):
-        if d.name in _OTHER_LAYOUTS:
-            lay = _OTHER_LAYOUTS[d.name]
-            raw = sitk.ReadImage(str(d / lay.mask))
-            yield LabelMap(d.name, d.name, _verse_labels(raw, lay.scheme), None, {})
-            continue
-        for m in sorted(d.glob("*msk*.nii.gz")):
-            if "subreg" in m.name:
-                continue
-            raw = sitk.ReadImage(str(m))
-            case_id = m.name.split("_seg-vert")[0].split("_msk")[0]
-            if d.name == "sub-verse410":  # one L5 stored as a binary mask (MANIFEST.tsv)
-                raw = sitk.Cast(sitk.Cast(raw > 0.5, sitk.sitkUInt8) * 24, sitk.sitkUInt8)
-            labels = _verse_labels(raw, "verse")
-            sub_path = m.with_name(m.name.replace("seg-vert_msk", "seg-subreg_msk"))
-            subreg = sitk.ReadImage(str(sub_path)) if sub_path != m and sub_path.exists() else None
-            g = dict(grades.get(d.name, {}))
-            g.update(grades.get(case_id, {}))
-            yield LabelMap(d.name, case_id, labels, subreg, g)
