@@ -79,7 +79,11 @@ def evaluate_case(case: RealCase, device: str = "auto", models: dict[str, Any] |
             "predicted": [{"name": f.name, "label": f.label,
                            "centroid_mm": [round(float(c), 1) for c in f.centroid_mm],
                            "genant_grade": int(f.genant_grade), "partial": f.partial,
-                           "morphology": f.morphology.value} for f in result.vertebrae],
+                           "morphology": f.morphology.value,
+                           "grading_source": getattr(f, "grading_source", None),
+                           "heights_mm": (None if f.heights_mm is None else [round(float(h), 1) for h in (f.heights_mm.anterior, f.heights_mm.middle, f.heights_mm.posterior)]),
+                           "mask_heights_mm": (None if getattr(f, "mask_heights_mm", None) is None else [round(float(h), 1) for h in (f.mask_heights_mm.anterior, f.mask_heights_mm.middle, f.mask_heights_mm.posterior)])}
+                          for f in result.vertebrae],
             "numbering": getattr(result, "numbering", None), "runtime_s": runtime}
 
 
