@@ -12,20 +12,13 @@ after other work, but before anything points at the file. Only
 :func:`storage.uids.validate_uid` output and our own fixed names ever become path components,
 so no path from a dataset reaches the file system.
 
-Files are written with ``O_DIRECT`` where the file system takes it (``storage.direct_io``,
-default on; :func:`_write_direct`): the data is copied once into a reused, page-aligned staging
-buffer and goes from there to the device, instead of being copied into newly allocated page
-cache pages and written back later. On this project's 2-core VM the copy into the page cache
-cost 0.2-2.3 ms of CPU per 0.5 MB slice, depending on the host (fresh guest pages are
-expensive to touch); the staging copy ~0.15 ms (docs/archive/bench-history.md, "Sixth round"). The write
-returns once the device has the data, so the later fdatasync only has the last partial block
-and the file's metadata left to write. Nothing changes in what is durable when.
+Files are written with ``O_DIRECT`` where the file system takes it (the setting
+``storage.direct_io``, default on; the writing itself is :mod:`storage.direct_io`). What is
+durable when, and which code keeps each promise: docs/durability.md.
 """
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import mmap
 import os
 import re
 import shutil
@@ -35,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage import direct_io as dio
 from storage.uids import validate_uid
 
 TMP_PREFIX = ".tmp-"
@@ -59,26 +53,6 @@ def _safe_name(name: str) -> str:
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
-#: Most buffers one writev() takes (POSIX IOV_MAX; Linux: 1024).
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024) or 1024
-
-
-def _write_all(fd: int, buffers: Sequence) -> None:
-    """Write ``buffers`` one after the other with as few ``writev`` calls as the kernel takes
-    (a received data set's fragments go to the file without being joined first)."""
-    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while pending:
-        written = os.writev(fd, pending[:_IOV_MAX])
-        if written <= 0:
-            raise OSError(f"writev wrote {written} bytes")
-        while written and pending:
-            if written >= len(pending[0]):
-                written -= len(pending.pop(0))
-            else:
-                pending[0] = pending[0][written:]
-                written = 0
-
-
 def _chunks(data: bytes | Iterable) -> tuple[Iterable, int]:
     """``data`` (bytes, or buffers written one after the other) as buffers, and its size (0
     when an iterator's size is not known in advance)."""
@@ -87,76 +61,6 @@ def _chunks(data: bytes | Iterable) -> tuple[Iterable, int]:
     if isinstance(data, (list, tuple)):
         return data, sum(len(c) for c in data)
     return data, 0
-
-
-#: ``O_DIRECT`` where the system has it (Linux); 0 elsewhere, and then no direct I/O.
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
-#: Alignment of a direct write's buffer, file offset and length: 4096 covers devices with
-#: 512-byte and with 4096-byte logical blocks.
-DIRECT_ALIGN = 4096
-#: Size of a staging buffer (a multiple of ``DIRECT_ALIGN``): a CT slice (0.5 MB) goes to the
-#: device in one write; larger files go through it a piece at a time.
-DIRECT_CHUNK = 2 << 20
-
-
-class _StagingPool:
-    """Page-aligned buffers (anonymous ``mmap``) for direct writes, reused: a buffer is taken
-    for one file and given back, so a busy node keeps as many as it writes files at once and
-    touches no new memory per file."""
-
-    def __init__(self) -> None:
-        self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> mmap.mmap:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return mmap.mmap(-1, DIRECT_CHUNK)
-
-    def give(self, buf: mmap.mmap) -> None:
-        with self._lock:
-            self._free.append(buf)
-
-
-_staging = _StagingPool()
-
-
-def _write_blocks(fd: int, view: memoryview, size: int) -> None:
-    """Write ``view[:size]``: whole blocks with ``O_DIRECT``, a last partial block through the
-    page cache after ``O_DIRECT`` is cleared (the file keeps its exact length)."""
-    whole = size - size % DIRECT_ALIGN
-    if whole:
-        _write_all(fd, (view[:whole],))
-    if size > whole:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-        _write_all(fd, (view[whole:size],))
-
-
-def _write_direct(fd: int, buffers: Iterable) -> None:
-    """Write ``buffers`` one after the other to ``fd``, a new file opened with ``O_DIRECT`` at
-    offset 0: copied into an aligned staging buffer and written from there in whole blocks,
-    straight to the device (no copy into the page cache), a piece at a time for files larger
-    than the buffer; a last partial block goes through the page cache (:func:`_write_blocks`)."""
-    buf = _staging.take()
-    view = memoryview(buf)
-    try:
-        fill = 0
-        for chunk in buffers:
-            data = memoryview(chunk).cast("B")
-            pos, size = 0, len(data)
-            while pos < size:
-                n = min(size - pos, DIRECT_CHUNK - fill)
-                view[fill:fill + n] = data[pos:pos + n]
-                fill += n
-                pos += n
-                if fill == DIRECT_CHUNK:
-                    _write_all(fd, (view,))
-                    fill = 0
-        _write_blocks(fd, view, fill)
-    finally:
-        view.release()
-        _staging.give(buf)
 
 
 #: ``SYNC_FILE_RANGE_WRITE`` of sync_file_range(2): start writing dirty pages back, no waiting.
@@ -250,9 +154,9 @@ class BlobStore:
         self.root = Path(root).resolve()
         self.min_free_bytes = int(min_free_mb) * 1024 * 1024
         self.fsync = fsync
-        #: Write files with O_DIRECT (:func:`_write_direct`); ``None`` until a first write
-        #: found out whether the file system takes it.
-        self._direct: bool | None = None if (direct_io and _O_DIRECT) else False
+        #: Write files with O_DIRECT (:func:`storage.direct_io.write_direct`); ``None`` until a
+        #: first write found out whether the file system takes it.
+        self._direct: bool | None = None if (direct_io and dio.O_DIRECT) else False
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
 
@@ -307,9 +211,9 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         probe = self.root / f"{TMP_PREFIX}direct-{uuid.uuid4().hex}"
         try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o640)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | dio.O_DIRECT, 0o640)
             try:
-                _write_direct(fd, (bytes(DIRECT_ALIGN + 1),))
+                dio.write_direct(fd, (bytes(dio.DIRECT_ALIGN + 1),))
             finally:
                 os.close(fd)
             return True
@@ -320,7 +224,7 @@ class BlobStore:
 
     def _create(self, path: Path) -> int:
         """Open a new file (``O_EXCL``), with ``O_DIRECT`` when :attr:`direct_io`."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (_O_DIRECT if self.direct_io else 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (dio.O_DIRECT if self.direct_io else 0)
         return os.open(path, flags, 0o640)
 
     def _ensure_dir(self, directory: Path) -> None:
@@ -386,12 +290,12 @@ class BlobStore:
         try:
             try:
                 if direct:
-                    _write_direct(fd, chunks)
+                    dio.write_direct(fd, chunks)
                 elif isinstance(chunks, (list, tuple)):
-                    _write_all(fd, chunks)
+                    dio.write_all(fd, chunks)
                 else:
                     for chunk in chunks:
-                        _write_all(fd, (chunk,))
+                        dio.write_all(fd, (chunk,))
                 if self.fsync and defer_sync:
                     if not direct:  # written directly, the data is on the device already
                         start_writeback(fd)

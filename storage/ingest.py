@@ -1,5 +1,6 @@
 """The receive path's write side: store one received instance durably, index it, and group the
-syncs of instances that arrive together (issue 8).
+syncs of instances that arrive together (issue 8). Each promise this keeps, with its tests:
+docs/durability.md.
 
 :meth:`InstanceWriter.store_instance` returns only once the instance is durable in the sense the
 configuration promises, so the SCP can answer Success right after it:

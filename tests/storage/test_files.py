@@ -96,10 +96,10 @@ def test_temporaries_from_a_crash_are_removed(tmp_path):
 
 
 # -- direct I/O (issue 8) ------------------------------------------------------------------------
-from storage import files as _files  # noqa: E402
+from storage import direct_io
 
-SIZES = [0, 1, 4095, 4096, 4097, _files.DIRECT_CHUNK - 1, _files.DIRECT_CHUNK,
-         _files.DIRECT_CHUNK + 1, 2 * _files.DIRECT_CHUNK + 4099]
+SIZES = [0, 1, 4095, 4096, 4097, direct_io.DIRECT_CHUNK - 1, direct_io.DIRECT_CHUNK,
+         direct_io.DIRECT_CHUNK + 1, 2 * direct_io.DIRECT_CHUNK + 4099]
 
 
 def _created_flags(monkeypatch) -> list[int]:
@@ -145,10 +145,10 @@ def test_direct_io_staging_buffers_are_reused(tmp_path):
     store = BlobStore(tmp_path / "store")
     if not store.direct_io:
         pytest.skip("the file system under tmp_path refuses O_DIRECT")
-    before = len(_files._staging._free)
+    before = len(direct_io.staging._free)
     for k in range(20):
         store.write_new(store.instance_relpath("1.2", "1.2.3", f"1.2.3.{k}"), [b"x" * 9000])
-    assert len(_files._staging._free) == max(before, 1)
+    assert len(direct_io.staging._free) == max(before, 1)
 
 
 def test_a_file_system_that_refuses_o_direct_gets_the_page_cache(tmp_path, monkeypatch):
@@ -183,7 +183,7 @@ def test_a_failed_direct_write_leaves_nothing(tmp_path, monkeypatch):
     def no_space(fd, buffers):  # noqa: ANN001
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_files, "_write_all", no_space)
+    monkeypatch.setattr(direct_io, "write_all", no_space)
     with pytest.raises(OSError):
         store.write_new(rel, [b"x" * 10_000], defer_sync=True)
     assert os.listdir(store.path(rel).parent) == []

@@ -269,6 +269,7 @@ def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatc
     """Through the page cache the write-back is started at once; written directly
     (``O_DIRECT``) the data is on the device when the write returns. Either way the data is
     synced inside the leader's transaction, after the insert and the directory."""
+    from storage import direct_io
     import storage.files as files
 
     _db, index, store = parts
@@ -279,7 +280,7 @@ def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatc
     rec = _record(1)
     events: list[str] = []
     real_sync, real_start, real_blocks = (files._fdatasync, files.start_writeback,
-                                          files._write_blocks)
+                                          direct_io.write_blocks)
 
     def start(fd):
         events.append("write-back started")
@@ -302,7 +303,7 @@ def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatc
         real_sync(fd)
 
     monkeypatch.setattr(files, "start_writeback", start)
-    monkeypatch.setattr(files, "_write_blocks", blocks)
+    monkeypatch.setattr(direct_io, "write_blocks", blocks)
     monkeypatch.setattr(files, "_fdatasync", sync)
     monkeypatch.setattr(store, "sync_dirs", lambda paths: events.append("directory synced"))
     assert writer.store_instance(rec, b"DICM") is Outcome.STORED
