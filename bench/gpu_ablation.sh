@@ -5,7 +5,7 @@
 #      with the shipped model's settings (4 mm grid, patch 64,48,48, Adam, cosine schedule), for
 #      the same wall-clock time (what is left of the budget, less the evaluation);
 #   3. each arm's decoder and presence threshold calibrated on 8001-8012, then all five evaluated
-#      on 9001-9010 (`python -m pipeline.evaluate --models ...`: id rate, error, > 4/10/20 mm);
+#      on 9001-9010 (`spine-node evaluate --localization A.pt --localization B.pt ...`: id rate, error, > 4/10/20 mm);
 #   4. into OUT: ablation.json, the five calibrated weight files, the logs.
 # The shares of errors over 4, 10 and 20 mm go into docs/archive/model-card-history.md's Table 4 on the CPU
 # machine. Iterations per arm are printed: a fair table needs each arm near convergence (the
@@ -61,7 +61,7 @@ say "3. calibration on $CAL_SEEDS, evaluation on $EVAL_SEEDS"
 models=()
 for arm in $ARMS; do
     if [ -f "$WORK/$arm/best.pt" ]; then
-        $PY -m pipeline.localization.calibrate "$WORK/$arm/best.pt" --val-seeds "$CAL_SEEDS" \
+        $PY -m dicom_node train calibrate-localization "$WORK/$arm/best.pt" --val-seeds "$CAL_SEEDS" \
             --cache-dir "$CACHE" --out "$WORK/$arm/calibrated.pt" --threads 2 \
             > "$WORK/$arm.calibrate.out" 2>&1 &
     fi
@@ -74,8 +74,10 @@ for arm in $ARMS; do
     fi
 done
 if [ ${#models[@]} -gt 0 ]; then
-    $PY -m pipeline.evaluate --seeds "$EVAL_SEEDS" --device "$DEVICE" --json "$OUT/ablation.json" \
-        --models "${models[@]}" > "$WORK/evaluate.out" 2>&1
+    loc_args=()
+    for m in "${models[@]}"; do loc_args+=(--localization "$m"); done
+    $PY -m dicom_node evaluate --seeds "$EVAL_SEEDS" --device "$DEVICE" --json "$OUT/ablation.json" \
+        "${loc_args[@]}" > "$WORK/evaluate.out" 2>&1
     say "   evaluate rc $?"
 fi
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude=cache --exclude='*.pt' . 2>/dev/null

@@ -9,7 +9,7 @@
 #      (--prior coarse: a new 2 mm network needs its refiner trained again afterwards);
 #   4. results into OUT: process_cuda.json, the three best.pt, and logs.tar.gz.
 # The weights come back as run files: choosing and installing them is done on the CPU machine with
-# `python -m pipeline.evaluate --segmentation ... --refiner ...` and `spine-node train ... --install`.
+# `spine-node evaluate --segmentation ... --refiner ...` and `spine-node train ... --install`.
 #
 #   bench/gpu_round.sh OUT_DIR [BUDGET_S] [INIT_SEG] [INIT_REF]
 set -u

@@ -49,9 +49,10 @@ OUTCOMES = {"success": 0, "accepted": 0, "nothing": 0, "done": 0, "skipped": 0,
 
 def record(index, event_type: str, outcome: str, *, actor: str,  # noqa: ANN001 - Index
            actor_host: str | None = None, study_instance_uid: str | None = None,
-           **details: Any) -> None:
+           **details: Any) -> bool:
     """Write one audit event (database row and JSON log line). ``index``:
-    :class:`storage.index.Index` (or None: the log line only)."""
+    :class:`storage.index.Index` (or None: the log line only). Returns whether the row was
+    written."""
     event_id, event_code, action = EVENTS.get(event_type, (("110100", "Application Activity"),
                                                             None, "E"))
     atna = {"atna_event_id": event_id[0], "atna_event": event_id[1], "atna_action": action,
@@ -67,11 +68,13 @@ def record(index, event_type: str, outcome: str, *, actor: str,  # noqa: ANN001 
                                             **{k: v for k, v in row.items()
                                                if k not in ("actor", "outcome")}})
     if index is None:
-        return
+        return False
     try:
         index.audit(event_type, actor, outcome, row)
     except Exception:  # noqa: BLE001 - auditing must not break the listener, a job, a send
         log.exception("audit write failed", extra={"event": event_type})
+        return False
+    return True
 
 
 def association(index, calling_ae: str, host: str, *, accepted: bool,  # noqa: ANN001

@@ -13,6 +13,12 @@ import sys
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 _FORBIDDEN = ("patient", "birth", "accession", "address", "phone")
 
+#: Libraries whose INFO and DEBUG lines would drown the node's own: only their warnings and
+#: errors reach the log. pynetdicom logs every PDU with dataset summaries, highdicom some 16
+#: INFO lines per job as it builds the SEG, SR and key image, the JPEG decoders theirs at DEBUG.
+QUIET_LIBRARIES = ("pynetdicom", "highdicom", "pylibjpeg", "openjpeg", "PIL", "apscheduler",
+                   "alembic")
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -44,10 +50,8 @@ def setup_logging(level: str = "INFO", json_format: bool = True) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # pynetdicom logs every PDU at INFO/DEBUG, with dataset summaries: keep it to warnings.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -31,14 +31,11 @@ class JobFailed(Exception):
     """A job cannot be completed; the message goes to ``jobs.error`` as it is."""
 
 
-def _import_optional(module: str, attr: str, what: str):
-    """``module.attr``, or None if ``module`` itself does not exist (not built yet)."""
+def _entry_point(module: str, attr: str, what: str):
+    """``module.attr`` (the configured ``pipeline.entry_point``); a job that cannot import it
+    fails with the reason, it never ends ``done`` without results."""
     try:
         mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name in (module, module.rsplit(".", 1)[0]):
-            return None
-        raise JobFailed(f"{what} cannot be imported: {exc}") from exc
     except ImportError as exc:
         raise JobFailed(f"{what} cannot be imported: {exc}") from exc
     fn = getattr(mod, attr, None)
@@ -134,31 +131,34 @@ class Worker:
             raise JobFailed(f"cannot load the series: {exc}") from exc
 
         module, _, attr = self.settings.pipeline.entry_point.partition(":")
-        analyse = self._analyse or _import_optional(module, attr,
-                                                    f"the analysis pipeline ({module})")
-        if analyse is None:
-            raise JobFailed(f"the analysis pipeline is not installed: No module named "
-                            f"'{module}'")
+        analyse = self._analyse or _entry_point(module, attr, f"the analysis pipeline ({module})")
         try:
             result = analyse(series, device=self.settings.pipeline.device)
         except (ValueError, RuntimeError, OSError) as exc:
             raise JobFailed(f"analysis failed: {type(exc).__name__}: {exc}") from exc
 
         summary = result.summary() if hasattr(result, "summary") else dict(result)
+        from dicom_node.results import study_context
+
+        # Where this result stands in its study: one part of several, or replacing an earlier
+        # answer (issue 27); said in summary.json and in the SR.
+        context = study_context(job=job, series=series, index=self.index, store=self.store)
+        if context.says_anything:
+            summary["study"] = context.summary()
         relpath = self.store.result_relpath(job.study_instance_uid, job.series_instance_uid,
                                             job.version, job.id, "summary.json")
         self.store.write_atomic(relpath, json.dumps(summary, indent=2).encode())
         self.index.add_result(job.id, ResultKind.SUMMARY.value, relpath,
                               series_instance_uid=job.series_instance_uid)
 
-        publish = self._publish or _import_optional("dicom_node.results", "publish",
-                                                    "result publishing (dicom_node.results)")
-        if publish is not None:
-            try:
-                publish(job=job, series=series, result=result, index=self.index,
-                        store=self.store, settings=self.settings)
-            except ValueError as exc:  # e.g. nothing to build: no vertebra found
-                raise JobFailed(f"results not published: {exc}") from exc
+        from dicom_node.results import publish as publish_results
+
+        publish = self._publish or publish_results
+        try:
+            publish(job=job, series=series, result=result, index=self.index,
+                    store=self.store, settings=self.settings, context=context)
+        except ValueError as exc:  # e.g. nothing to build: no vertebra found
+            raise JobFailed(f"results not published: {exc}") from exc
 
 
 class Heartbeat:

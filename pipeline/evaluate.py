@@ -27,7 +27,6 @@ as false positives: the centroid of a cut vertebra is not well defined.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -443,81 +442,3 @@ class _PhantomSeries:
         self.image = sitk.Cast(ph.ct, sitk.sitkFloat32)
         self.study_instance_uid = ph.gt.get("study_instance_uid", "")
         self.series_instance_uid = ph.gt.get("series_instance_uid", "")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="evaluate the pipeline on phantom seeds")
-    ap.add_argument("--seeds", default="9001-9010")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--models", nargs="*", type=Path,
-                    help="localization weight files to compare (e.g. the ablation arms) instead of the shipped model")
-    ap.add_argument("--slice-spacing", type=float, help="force this slice spacing and thickness (mm) on every seed")
-    ap.add_argument("--slices", type=int, help="force this many slices per series (300 at 3 mm: C1-L5)")
-    ap.add_argument("--relabel", choices=("file", "on", "off", "both"), default="file",
-                    help="the localization's joint relabelling along the spine "
-                         "(pipeline.localization.inference.relabel_on_path): as each weight "
-                         "file's meta says (default), forced on or off, or 'both' to compare "
-                         "the shipped weights with and without it")
-    ap.add_argument("--gt-centroids", action="store_true",
-                    help="start the segmentation from the true centroids (evaluates it and the grading alone)")
-    ap.add_argument("--segmentation", type=Path,
-                    help="a 2 mm segmentation network's best.pt (a training run) instead of the shipped one")
-    ap.add_argument("--refiner",
-                    help="a refiner best.pt instead of the shipped one, or 'none' to leave the refiner out")
-    args = ap.parse_args(argv)
-    keys = REPORT_KEYS + ("errors_over_mm", "false_positive_vertebrae", "timings_s")
-    acq: dict[str, Any] = {}
-    if args.slice_spacing is not None:
-        acq.update(slice_spacing=args.slice_spacing, slice_thickness=args.slice_spacing)
-    if args.slices is not None:
-        acq["n_slices"] = args.slices
-    if args.segmentation or args.refiner or args.gt_centroids:
-        if args.models or args.relabel != "file":
-            ap.error("--segmentation/--refiner/--gt-centroids evaluate the whole pipeline with the shipped localization")
-        models = None
-        if args.segmentation or args.refiner:
-            from pipeline.segmentation.train import assemble
-
-            none = args.refiner is not None and args.refiner.lower() == "none"
-            seg, meta = assemble(args.segmentation, None if none or not args.refiner else Path(args.refiner),
-                                 drop_refiner=none)
-            seg.meta = meta
-            models = {"segmentation": seg}
-        report = evaluate_pipeline(parse_seeds(args.seeds), args.device, args.json, gt_centroids=args.gt_centroids,
-                                   models=models, log=print, acquisition=acq or None)
-        print(json.dumps({k: report.get(k) for k in keys}, indent=2))
-        return
-    if args.models or args.relabel != "file":
-        import copy
-
-        import torch
-
-        from pipeline.registry import build_from_checkpoint, load_model
-
-        if args.models:
-            if args.relabel == "both":
-                ap.error("--relabel both compares the shipped weights; give on or off with --models")
-            models = {str(p): build_from_checkpoint(torch.load(p, map_location="cpu", weights_only=True))
-                      for p in args.models}
-            if args.relabel != "file":
-                for m in models.values():
-                    m.meta["relabel"] = args.relabel == "on"
-        else:
-            models = {}
-            for v in (("on", "off") if args.relabel == "both" else (args.relabel,)):
-                m = copy.copy(load_model("localization", args.device))  # the cached model keeps its meta
-                m.meta = {**getattr(m, "meta", {}), "relabel": v == "on"}
-                models[f"shipped, relabel {v}"] = m
-        reports = compare_localization(parse_seeds(args.seeds), models, args.device, log=print,
-                                       acquisition=acq or None)
-        if args.json:
-            args.json.write_text(json.dumps(reports, indent=2) + "\n")
-        print(json.dumps({n: {k: r[k] for k in keys} for n, r in reports.items()}, indent=2))
-        return
-    report = evaluate(parse_seeds(args.seeds), args.device, args.json, log=print, acquisition=acq or None)
-    print(json.dumps({k: report[k] for k in keys}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

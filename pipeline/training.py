@@ -329,37 +329,3 @@ def generate_parallel(missing: list[int], work: Callable[[int], Any], workers: i
 def validation_due(step: int, every: int, steps: int, timed_out: bool) -> bool:
     """Validate every ``every`` steps, at the last step and when stopping on the time limit."""
     return step % every == 0 or step == steps or timed_out
-
-
-def seed_range(spec: str) -> list[int]:
-    """``"100-123"`` -> ``[100, ..., 123]``; ``"8001"`` -> ``[8001]``."""
-    lo, _, hi = spec.partition("-")
-    return list(range(int(lo), int(hi or lo) + 1))
-
-
-def config_from_argv(cls: type, description: str | None, str_fields: Iterable[str] = ("train_seeds", "val_seeds"),
-                     parse_seeds: Callable[[str], list[int]] = seed_range, argv: list[str] | None = None):
-    """A ``--field-name`` option per field of the config dataclass ``cls``; returns the config.
-
-    ``str_fields`` are read as strings (fields ending in ``seeds`` through ``parse_seeds``),
-    ``bool`` fields as ``1/true/yes``, the others with the type of their default (``float`` if None).
-    """
-    import argparse
-
-    str_fields = tuple(str_fields)
-    ap = argparse.ArgumentParser(description=description)
-    for f in cls.__dataclass_fields__.values():
-        if f.name in str_fields:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=str)
-        elif isinstance(f.default, bool):
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"))
-        else:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not None else float)
-    cfg = cls()
-    for k, v in vars(ap.parse_args(argv)).items():
-        if v is None:
-            continue
-        if k.endswith("seeds"):
-            v = parse_seeds(v)
-        setattr(cfg, k, v)
-    return cfg

@@ -330,10 +330,3 @@ class DeliveryQueue:
         return [dict(id=r.id, destination=r.destination, state=r.state, attempts=r.attempts,
                      last_error=r.last_error, kind=r.kind, sop_instance_uid=r.sop_instance_uid,
                      version=r.version) for r in rows]
-
-
-def requeue_study(db: Database, study_instance_uid: str, settings) -> int:  # noqa: ANN001
-    """``spine-node resend STUDY_UID`` (dicom_node/commands/admin.py): see
-    :meth:`DeliveryQueue.resend`; ``settings`` gives the configured destinations."""
-    return DeliveryQueue(db).resend(study_instance_uid,
-                                    DestinationWants.from_settings(settings.destinations))

@@ -400,6 +400,40 @@ class Index:
         except IntegrityError:  # another scheduler created this version first
             return None
 
+    def supersede_series(self, series_instance_uid: str, reason: str) -> Job | None:
+        """A ``skipped`` job version for a series analysed before whose answer a late, better
+        series of the same part replaces (issue 27; ``reason`` names that series): its
+        results stay where they are, ``studies`` no longer shows it chosen. None where the
+        series is unknown, has a queued or running job, or was re-opened by a new instance
+        (the next decision sees it)."""
+        now = utcnow()
+        try:
+            with self.db.session() as s, s.begin():
+                series = s.scalar(select(Series).where(
+                    Series.series_instance_uid == series_instance_uid))
+                if series is None or series.state == SeriesState.RECEIVING.value:
+                    return None
+                if s.scalar(select(Job.id).where(Job.series_id == series.id, Job.state.in_(
+                        (JobState.QUEUED.value, JobState.RUNNING.value)))):
+                    return None
+                version = (s.scalar(select(func.max(Job.version))
+                                    .where(Job.series_id == series.id)) or 0) + 1
+                instances = s.scalar(select(func.count(Instance.id))
+                                     .where(Instance.series_id == series.id)) or 0
+                study = s.scalar(select(Study.study_instance_uid)
+                                 .where(Study.id == series.study_id))
+                job = Job(series_id=series.id, study_instance_uid=study,
+                          series_instance_uid=series_instance_uid, version=version,
+                          state=JobState.SKIPPED.value, error=reason, attempts=0,
+                          instances=int(instances), reason=reason, created_at=now,
+                          updated_at=now, finished_at=now)
+                s.add(job)
+                series.state = SeriesState.SKIPPED.value
+                series.updated_at = now
+            return job
+        except IntegrityError:  # another scheduler wrote this version first
+            return None
+
     def rerun_study(self, study_instance_uid: str,
                     series_instance_uid: str | None = None) -> list[Job]:
         """A new queued job version for the series the selection chose in the study (those
@@ -452,16 +486,6 @@ class Index:
         with self.db.session() as s:
             return list(s.scalars(select(Result).where(Result.job_id == job_id)
                                   .order_by(Result.id)))
-
-    def requeue_deliveries(self, study_instance_uid: str) -> int:
-        """Make every delivery of the study's results pending and due now; returns how many."""
-        now = utcnow()
-        with self.db.session() as s, s.begin():
-            result_ids = select(Result.id).join(Job, Job.id == Result.job_id).where(
-                Job.study_instance_uid == study_instance_uid)
-            return s.execute(update(Delivery).where(Delivery.result_id.in_(result_ids)).values(
-                state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=now,
-                last_error=None, updated_at=now)).rowcount
 
     # -- audit -----------------------------------------------------------------------------
     def audit(self, event_type: str, actor: str, outcome: str,

@@ -32,24 +32,33 @@ def _open(config: Path | None, upgrade: bool = True) -> NodeContext:
 
 
 def _record(index, event_type: str, outcome: str, **details) -> None:  # noqa: ANN001
-    """Audit an action (rerun, resend, db upgrade, echo): the audit table, and its JSON line on
-    stderr like the node's. Listings (studies, jobs) use :func:`audit.record` directly: the
-    table only, so that scripts reading their output see nothing else."""
+    """Audit an action (rerun, resend, db upgrade, echo) in the audit table, the trail that
+    ``serve``'s events go to as well. The terminal stays the command's: the event's JSON line
+    goes to stderr only where the table could not take it (``echo`` before the node's database
+    exists, a failed write), so that no event is lost."""
     import logging
     import sys
 
     from dicom_node.logging import JsonFormatter
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(JsonFormatter().format(record))
+
+    lines: list[str] = []
     audit_log = logging.getLogger("spine_node.audit")
-    old_level = audit_log.level
+    handler, old_level, old_propagate = Keep(), audit_log.level, audit_log.propagate
     audit_log.addHandler(handler)
     audit_log.setLevel(logging.INFO)
+    audit_log.propagate = False
     try:
-        audit.record(index, event_type, outcome, actor=_actor(), **details)
+        written = audit.record(index, event_type, outcome, actor=_actor(), **details)
     finally:
         audit_log.removeHandler(handler)
         audit_log.setLevel(old_level)
+        audit_log.propagate = old_propagate
+    if not written:
+        print("\n".join(lines), file=sys.stderr)
 
 
 def _study_uid(value: str) -> str:
@@ -126,18 +135,41 @@ def rerun(study_uid: str = typer.Argument(..., help="Study Instance UID"),
     ctx = _open(config)
     try:
         created = ctx.index.rerun_study(uid, series_uid)
+        status, message = (0, None) if created else _nothing_to_rerun(ctx.index, uid,
+                                                                      series_uid)
         _record(ctx.index, "rerun", "success" if created else "nothing",
                 study_instance_uid=uid, series_instance_uid=series_uid,
-                override=series_uid is not None, jobs=[j.id for j in created])
+                override=series_uid is not None, jobs=[j.id for j in created],
+                reason=message if status else None)
     finally:
         ctx.close()
-    if not created:
-        what = f"series {series_uid} of study {uid}" if series_uid else f"series of study {uid}"
-        typer.echo(f"no {what} to rerun (unknown, all skipped, or a job already queued)",
-                   err=True)
-        raise typer.Exit(1)
+    if message is not None:
+        typer.echo(message, err=status != 0)
+        raise typer.Exit(status)
     for j in created:
         typer.echo(f"queued job {j.id} (version {j.version}) for series {j.series_instance_uid}")
+
+
+def _nothing_to_rerun(index, study_uid: str, series_uid: str | None) -> tuple[int, str]:
+    """Why ``rerun`` queued nothing, and the exit status: 1 for an unknown study or series and
+    for a study with no chosen series; 0 where a job is already queued (it will run)."""
+    study = index.studies(study_uid)
+    if not study:
+        return 1, (f"error: no study {study_uid} in this node's database "
+                   "(`spine-node studies` lists those it holds)")
+    series = {s["series_instance_uid"] for s in study[0]["series"]}
+    if series_uid is not None and series_uid not in series:
+        return 1, f"error: study {study_uid} has no series {series_uid}"
+    from storage.models import JobState
+
+    queued = [j for j in index.jobs(study_uid) if j.state == JobState.QUEUED.value
+              and (series_uid is None or j.series_instance_uid == series_uid)]
+    if queued:
+        return 0, "\n".join(f"job {j.id} (version {j.version}) for series "
+                             f"{j.series_instance_uid} is already queued: no new job"
+                             for j in queued)
+    return 1, (f"no series of study {study_uid} is chosen for analysis (all skipped or not yet "
+               "decided): nothing to rerun; `--series UID` analyses one of them anyway")
 
 
 def resend(study_uid: str = typer.Argument(..., help="Study Instance UID"),
@@ -146,15 +178,10 @@ def resend(study_uid: str = typer.Argument(..., help="Study Instance UID"),
     uid = _study_uid(study_uid)
     ctx = _open(config)
     try:
-        try:
-            from storage.deliveries import DeliveryQueue, DestinationWants
-        except ModuleNotFoundError as exc:
-            if exc.name != "storage.deliveries":
-                raise
-            n = ctx.index.requeue_deliveries(uid)
-        else:
-            n = DeliveryQueue(ctx.db).resend(
-                uid, DestinationWants.from_settings(ctx.settings.destinations))
+        from storage.deliveries import DeliveryQueue, DestinationWants
+
+        n = DeliveryQueue(ctx.db).resend(
+            uid, DestinationWants.from_settings(ctx.settings.destinations))
         _record(ctx.index, "resend", "success" if n else "nothing",
                 study_instance_uid=uid, deliveries=n)
     finally:

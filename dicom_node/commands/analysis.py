@@ -63,20 +63,17 @@ def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> d
     # summary.json first: the findings are written even if building a DICOM result fails.
     _write_summary(result.summary(), out_dir)
     written = []
-    try:
-        from pipeline.outputs import build_outputs  # the results engineer's module; optional
-    except ImportError:
-        build_outputs = None
-    if build_outputs is not None:
-        t = time.perf_counter()
-        objs = build_outputs(series, result)
-        for name in ("seg", "sr", "key_image"):
-            ds = getattr(objs, name, None)
-            if ds is not None:
-                path = out_dir / f"{name}.dcm"
-                ds.save_as(path, enforce_file_format=True) if _has_enforce() else ds.save_as(path)
-                written.append(path.name)
-        result.timings_s["outputs"] = time.perf_counter() - t
+    from pipeline.outputs import build_outputs
+
+    t = time.perf_counter()
+    objs = build_outputs(series, result)
+    for name in ("seg", "sr", "key_image"):
+        ds = getattr(objs, name, None)
+        if ds is not None:
+            path = out_dir / f"{name}.dcm"
+            ds.save_as(path, enforce_file_format=True) if _has_enforce() else ds.save_as(path)
+            written.append(path.name)
+    result.timings_s["outputs"] = time.perf_counter() - t
     result.timings_s["total"] = time.perf_counter() - t0
     summary = result.summary()
     _write_summary(summary, out_dir)
@@ -124,6 +121,21 @@ def _repair_identity(series) -> list[str]:
     return notes
 
 
+def vertebra_line(v: dict) -> str:
+    """One vertebra of summary.json as ``process`` prints it. One the pipeline did not grade
+    (cut by the field of view, or C1/C2 and others without measurable heights) says so, as the
+    key image and the SR do, instead of showing summary.json's placeholder grade 0."""
+    if v.get("partial"):
+        return f"{v['name']:>4}  partial, not graded (cut by the field of view)"
+    if v.get("grading_source") == "none":
+        return f"{v['name']:>4}  not graded"
+    h = v["heights_mm"] or {}
+    return (f"{v['name']:>4}  grade {v['genant_grade']}  {v['morphology']:<9}  "
+            f"{'FRACTURED' if v['fractured'] else 'normal   '}  "
+            f"HA {h.get('anterior', float('nan')):5.1f}  HM {h.get('middle', float('nan')):5.1f}  "
+            f"HP {h.get('posterior', float('nan')):5.1f} mm")
+
+
 def _has_enforce() -> bool:
     import inspect
 
@@ -150,11 +162,7 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2)
         s = res["summary"]
         for v in s["vertebrae"]:
-            h = v["heights_mm"] or {}
-            typer.echo(f"{v['name']:>4}  grade {v['genant_grade']}  {v['morphology']:<9}  "
-                       f"{'FRACTURED' if v['fractured'] else 'normal   '}  "
-                       f"HA {h.get('anterior', float('nan')):5.1f}  HM {h.get('middle', float('nan')):5.1f}  "
-                       f"HP {h.get('posterior', float('nan')):5.1f} mm")
+            typer.echo(vertebra_line(v))
         typer.echo(f"{len(s['vertebrae'])} vertebrae in {s['timings_s'].get('total', 0):.1f} s; wrote "
                    + ", ".join(str(out / f) for f in res["files"]))
 
@@ -182,6 +190,15 @@ def register(app: typer.Typer) -> None:
             help="a 2 mm segmentation network's best.pt (a training run) instead of the installed one"),
         refiner: Optional[str] = typer.Option(
             None, "--refiner", help="a refiner best.pt instead of the installed one, or 'none'"),
+        localization: Optional[list[Path]] = typer.Option(
+            None, "--localization", exists=True, dir_okay=False,
+            help="with --seeds: localization weight files to compare (repeat the option), "
+                 "the localization alone"),
+        relabel: str = typer.Option(
+            "file", "--relabel",
+            help="with --seeds: the localization's joint relabelling along the spine as each "
+                 "weight file says (file), forced on or off, or both (the installed weights "
+                 "with and without it); the localization alone"),
     ) -> None:
         """Phantoms with these seeds (--seeds), or real cases (--data), through the pipeline;
         metrics against their ground truth."""
@@ -197,6 +214,14 @@ def register(app: typer.Typer) -> None:
             _evaluate_real(data, split, dev, json_out, gt_centroids, models)
             return
         seed_list = ev.parse_seeds(seeds)
+        if localization or relabel != "file":
+            if segmentation or refiner or gt_centroids:
+                typer.echo("evaluate: --localization/--relabel compare the localization alone; "
+                           "--segmentation/--refiner/--gt-centroids the whole pipeline", err=True)
+                raise typer.Exit(2)
+            _compare_localization(seed_list, dev, json_out, localization or [], relabel,
+                                  slice_spacing, slices)
+            return
         installed = set(read_manifest())
         if {"segmentation", "keypoints"} <= installed and (gt_centroids or "localization" in installed):
             acq: dict = {}
@@ -214,6 +239,52 @@ def register(app: typer.Typer) -> None:
                                                   "acquisition")
                                       if k in report)
         sys.stdout.write(json.dumps({k: report.get(k) for k in keys}, indent=2) + "\n")
+
+
+def _compare_localization(seeds: list[int], device: str, json_out: Optional[Path],
+                          files: list[Path], relabel: str, slice_spacing: Optional[float],
+                          slices: Optional[int]) -> None:
+    """``evaluate --seeds ... --localization A.pt --localization B.pt`` / ``--relabel``: several
+    localization weights (or the installed one with and without joint relabelling) on the same
+    phantoms, one report each."""
+    import copy
+
+    import torch
+
+    from pipeline import evaluate as ev
+    from pipeline.registry import build_from_checkpoint, load_model
+
+    if relabel not in ("file", "on", "off", "both"):
+        typer.echo(f"evaluate: --relabel {relabel}: give file, on, off or both", err=True)
+        raise typer.Exit(2)
+    if files and relabel == "both":
+        typer.echo("evaluate: --relabel both compares the installed weights; give on or off with "
+                   "--localization", err=True)
+        raise typer.Exit(2)
+    models: dict = {}
+    if files:
+        for p in files:
+            m = build_from_checkpoint(torch.load(p, map_location="cpu", weights_only=True))
+            if relabel != "file":
+                m.meta["relabel"] = relabel == "on"
+            models[str(p)] = m
+    else:
+        for v in (("on", "off") if relabel == "both" else (relabel,)):
+            m = copy.copy(load_model("localization", device))  # the cached model keeps its meta
+            m.meta = {**getattr(m, "meta", {}), "relabel": v == "on"}
+            models[f"installed, relabel {v}"] = m
+    acq: dict = {}
+    if slice_spacing is not None:
+        acq.update(slice_spacing=slice_spacing, slice_thickness=slice_spacing)
+    if slices is not None:
+        acq["n_slices"] = slices
+    reports = ev.compare_localization(seeds, models, device, log=lambda m: typer.echo(m, err=True),
+                                      acquisition=acq or None)
+    if json_out:
+        json_out.write_text(json.dumps(reports, indent=2) + "\n")
+    keys = ev.REPORT_KEYS + ("errors_over_mm", "false_positive_vertebrae", "timings_s")
+    sys.stdout.write(json.dumps({n: {k: r.get(k) for k in keys} for n, r in reports.items()},
+                                indent=2) + "\n")
 
 
 def _candidate_models(segmentation: Optional[Path], refiner: Optional[str]) -> Optional[dict]:

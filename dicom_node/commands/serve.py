@@ -2,8 +2,9 @@
 out on more machines sharing one PostgreSQL database and store)."""
 from __future__ import annotations
 
-import importlib
 import signal
+import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -29,18 +30,27 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _recover(ctx: NodeContext) -> None:
-    """After a crash: drop half-written temporaries, re-queue jobs left ``running``."""
-    removed = ctx.store.remove_temporaries()
+    """After a crash: drop half-written temporaries, quarantine files no index row points at
+    (storage.recovery), re-queue jobs left ``running``."""
+    from storage.recovery import recover_store
+
+    swept = recover_store(ctx.store, ctx.db)
     # Only jobs whose worker process (of this host) is gone: `spine-node worker` processes and
     # other nodes sharing the queue keep theirs. A worker that died on another machine is
     # found by the heartbeat (dicom_node.worker.Heartbeat, worker.lease_seconds).
     requeued, failed = ctx.queue.requeue_running(
         max_attempts=ctx.settings.worker.max_attempts, dead_local=True)
     released = _release_deliveries(ctx)
-    if removed or requeued or failed or released:
+    if swept.temporaries_removed or swept.quarantined or requeued or failed or released:
         log.warning("recovered after an unclean stop",
-                    extra={"temporaries_removed": removed, "jobs_requeued": requeued,
-                           "jobs_failed": failed, "deliveries_released": released})
+                    extra={"temporaries_removed": swept.temporaries_removed,
+                           "files_quarantined": swept.quarantined,
+                           "quarantine": str(swept.folder) if swept.folder else None,
+                           "jobs_requeued": requeued, "jobs_failed": failed,
+                           "deliveries_released": released})
+    if swept.left_recent:
+        log.warning("unindexed files too recent to quarantine on a shared store, left for the "
+                    "next start", extra={"files": swept.left_recent})
 
 
 def _release_deliveries(ctx: NodeContext) -> int:
@@ -48,23 +58,55 @@ def _release_deliveries(ctx: NodeContext) -> int:
     after their lease. On SQLite this node's exporter is the only one: every pending delivery
     is due now, those waiting out a backoff included. On PostgreSQL other processes and
     machines may hold leases: only the claims of dead exporters of this host are released."""
-    try:
-        from storage.deliveries import DeliveryQueue
-    except ModuleNotFoundError:
-        return 0
+    from storage.deliveries import DeliveryQueue
+
     queue = DeliveryQueue(ctx.db)
     return queue.due_now() if ctx.db.is_sqlite else queue.release_dead_local()
 
 
 def _exporter(ctx: NodeContext):
-    """``dicom_node.exporter.Exporter`` if that module exists in this checkout."""
-    try:
-        module = importlib.import_module("dicom_node.exporter")
-    except ModuleNotFoundError as exc:
-        if exc.name != "dicom_node.exporter":
-            raise
-        return None
-    return module.Exporter(ctx.settings, ctx.db, ctx.store)
+    """The exporter that delivers results to the configured destinations."""
+    from dicom_node.exporter import Exporter
+
+    return Exporter(ctx.settings, ctx.db, ctx.store)
+
+
+def _listeners(settings) -> list[tuple[str, int, str]]:
+    """(host, port, setting) of every socket ``serve`` listens on (``settings``:
+    :class:`config.Settings`)."""
+    node = settings.node
+    out = [(node.host, node.port, "node.port")]
+    if node.tls.enabled and node.tls.port:
+        out.append((node.host, node.tls.port, "node.tls.port"))
+    if settings.http.enabled:
+        out.append((settings.http.host, settings.http.port, "http.port"))
+    return out
+
+
+def _port_taken_exit(host: str, port: int, setting: str, exc: OSError) -> typer.Exit:
+    """One line naming the address and the setting, then exit status 2 (as for a bad
+    configuration value): a second ``serve`` on a busy port is a configuration problem."""
+    why = exc.strerror or str(exc)
+    print(f"spine-node: cannot listen on {host}:{port} ({setting}): {why}; stop the process "
+          f"that holds it or choose another {setting}", file=sys.stderr)
+    return typer.Exit(2)
+
+
+def _check_ports(settings) -> None:
+    """Exit (status 2) if a port ``serve`` needs is taken, before anything touches the store:
+    the start-up recovery (removing temporaries, re-queueing jobs) must not run beside a node
+    that already serves this store."""
+    for host, port, setting in _listeners(settings):
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+            family, kind, proto, _name, address = infos[0]
+            with socket.socket(family, kind, proto) as sock:
+                # as the listeners do: a port left in TIME_WAIT by a stopped node is free
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+        except OSError as exc:
+            raise _port_taken_exit(host, port, setting, exc) from None
 
 
 def _make_worker(ctx: NodeContext, kind: str):
@@ -79,6 +121,7 @@ def serve(config: Path = CONFIG_OPTION) -> None:
     SIGTERM (which drains cleanly)."""
     settings = settings_or_exit(config)
     setup_logging(settings.logging.level, settings.logging.json_format)
+    _check_ports(settings)
     from dicom_node.http import HttpServer
     from dicom_node.scheduler import Scheduler
     from dicom_node.scp import StorageSCP
@@ -93,11 +136,29 @@ def serve(config: Path = CONFIG_OPTION) -> None:
     metrics.register_jobs_collector(ctx.index)
 
     http = None
-    if settings.http.enabled:
-        http = HttpServer(settings.http.host, settings.http.port, ctx.db, ctx.store)
-        http.start()
     scp = StorageSCP(settings, ctx.index, ctx.store)
-    scp.start()
+    try:
+        # Taken since _check_ports (another process was quicker): the same one line.
+        if settings.http.enabled:
+            try:
+                http = HttpServer(settings.http.host, settings.http.port, ctx.db, ctx.store)
+            except OSError as exc:
+                raise _port_taken_exit(settings.http.host, settings.http.port, "http.port",
+                                       exc) from None
+            http.start()
+        try:
+            scp.start()
+        except OSError as exc:
+            tls = scp.server is not None  # the plain listener is up: the TLS one failed
+            raise _port_taken_exit(settings.node.host,
+                                   settings.node.tls.port if tls else settings.node.port,
+                                   "node.tls.port" if tls else "node.port", exc) from None
+    except typer.Exit:
+        scp.drain(timeout_s=0)
+        if http is not None:
+            http.stop()
+        ctx.close()
+        raise
     pool = None
     if settings.node.acceptor_processes > 1:
         from dicom_node.acceptors import AcceptorPool

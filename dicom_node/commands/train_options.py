@@ -1,63 +1,98 @@
-"""Options and run/install steps shared by ``spine-node train segmentation|keypoints``.
+"""Options and run/install steps shared by the ``spine-node train`` commands.
 
-Each factory returns a fresh ``typer.Option`` (same default and help in both commands);
-:func:`phantom_config` maps the shared options onto a trainer's config dataclass and
+Every default comes from the trainer's config dataclass (:func:`config_default`; the
+``train_config`` modules of :mod:`pipeline`, which import no torch): the command line adds only
+the help text. :func:`phantom_config` maps the shared options onto a trainer's config and
 :func:`run_training` trains, reports the best checkpoint and optionally installs it.
 """
 from __future__ import annotations
 
+from dataclasses import MISSING
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import typer
 
 
-def seeds_opt() -> Any:
-    return typer.Option("100-123", help="Phantom training seeds (never 9001-9010).")
+def config_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``cls`` (its factory's value)."""
+    f = cls.__dataclass_fields__[name]
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise TypeError(f"{cls.__name__}.{name} has no default")
 
 
-def val_seeds_opt() -> Any:
-    return typer.Option("8001-8002", help="Phantom validation seeds.")
+def seeds_text(seeds: Sequence[int]) -> str:
+    """``[100, ..., 123]`` -> ``"100-123"``; ``[1, 3, 4, 5]`` -> ``"1,3-5"`` (what
+    :func:`seeds_option` reads back)."""
+    out: list[str] = []
+    values = sorted(int(s) for s in seeds)
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return ",".join(out)
 
 
-def steps_opt(default: int) -> Any:
-    return typer.Option(default, help="Training steps (batches).")
+def option(cls: type, name: str, help: str, *decls: str, **kw: Any) -> Any:
+    """A ``typer.Option`` whose default is ``cls``'s for field ``name`` (seeds as text)."""
+    value = config_default(cls, name)
+    if name.endswith("seeds"):
+        value = seeds_text(value)
+    return typer.Option(value, *decls, help=help, **kw)
 
 
-def out_opt(default: str) -> Any:
-    return typer.Option(Path(default), help="Run directory; resumes from its last.ckpt.")
+def seeds_opt(cls: type, name: str = "train_seeds") -> Any:
+    return option(cls, name, "Phantom training seeds (never 9001-9010).")
 
 
-def cache_opt(what: str) -> Any:
-    return typer.Option(Path("runs/cache"), help=f"Cache of the phantom {what}.")
+def val_seeds_opt(cls: type) -> Any:
+    return option(cls, "val_seeds", "Phantom validation seeds.")
+
+
+def steps_opt(cls: type) -> Any:
+    return option(cls, "steps", "Training steps (batches).")
+
+
+def out_opt(cls: type) -> Any:
+    return option(cls, "out_dir", "Run directory; resumes from its last.ckpt.", "--out")
+
+
+def cache_opt(cls: type, what: str) -> Any:
+    return option(cls, "cache_dir", f"Cache of the phantom {what}.", "--cache")
 
 
 def time_limit_opt() -> Any:
     return typer.Option(None, help="Stop (and validate) after this many minutes.")
 
 
-def threads_opt() -> Any:
-    return typer.Option(1, help="torch CPU threads.")
+def threads_opt(cls: type) -> Any:
+    return option(cls, "threads", "torch CPU threads.")
 
 
-def seed_opt() -> Any:
-    return typer.Option(0, help="Seed of initialisation and sampling.")
+def seed_opt(cls: type) -> Any:
+    return option(cls, "seed", "Seed of initialisation and sampling.")
 
 
-def device_opt() -> Any:
-    return typer.Option("cpu", help="cpu | cuda | auto: where to train (bf16 autocast on a GPU).")
+def device_opt(cls: type) -> Any:
+    return option(cls, "device", "cpu | cuda | auto: where to train (bf16 autocast on a GPU).")
 
 
-def workers_opt() -> Any:
-    return typer.Option(1, help="Processes that generate the missing phantom caches.")
+def workers_opt(cls: type) -> Any:
+    return option(cls, "workers", "Processes that generate the missing phantom caches.")
 
 
-def schedule_opt(paper: str = "the paper's") -> Any:
-    return typer.Option("plateau", help=f"plateau ({paper}) | cosine (to lr/100 over the run).")
+def schedule_opt(cls: type, paper: str = "the paper's") -> Any:
+    return option(cls, "schedule", f"plateau ({paper}) | cosine (to lr/100 over the run).")
 
 
-def reset_lr_opt() -> Any:
-    return typer.Option(False, "--reset-lr", help="On resume, restart the learning rate at --lr.")
+def reset_lr_opt(cls: type) -> Any:
+    return option(cls, "reset_lr", "On resume, restart the learning rate at --lr.", "--reset-lr")
 
 
 def init_from_weights_opt(what: str) -> Any:

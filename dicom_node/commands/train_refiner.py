@@ -8,44 +8,45 @@ from typing import Optional
 import typer
 
 from dicom_node.commands import train_options as o
+from pipeline.segmentation.train_config import RefineTrainConfig as C
 
 
 def register(train_app: typer.Typer) -> None:
     @train_app.command("refiner")
     def refiner(
-        seeds: str = o.seeds_opt(),
-        val_seeds: str = o.val_seeds_opt(),
-        steps: int = o.steps_opt(1500),
-        batch: int = typer.Option(4, help="Batch size (patches at 1 mm)."),
-        patch: int = typer.Option(40, help="Side of the training patches (1 mm voxels)."),
-        lr: float = typer.Option(2e-3, help="Learning rate (Adam)."),
-        width: int = typer.Option(8, help="Channels of the refiner's convolutions."),
-        extra_dilations: str = typer.Option("", help="Residual dilated layers after the first three, e.g. "
+        seeds: str = o.seeds_opt(C),
+        val_seeds: str = o.val_seeds_opt(C),
+        steps: int = o.steps_opt(C),
+        batch: int = o.option(C, "batch", help="Batch size (patches at 1 mm)."),
+        patch: int = o.option(C, "patch", help="Side of the training patches (1 mm voxels)."),
+        lr: float = o.option(C, "lr", help="Learning rate (Adam)."),
+        width: int = o.option(C, "width", help="Channels of the refiner's convolutions."),
+        extra_dilations: str = o.option(C, "extra_dilations", help="Residual dilated layers after the first three, e.g. "
                                             "'4,8' (receptive field 9 -> 33 mm); with --init-from a refiner "
                                             "without them, they start at zero."),
-        prior: str = typer.Option("simulated", help="The coarse prior it learns to correct: 'simulated' from "
+        prior: str = o.option(C, "prior", help="The coarse prior it learns to correct: 'simulated' from "
                                   "the truth, or 'coarse', the 2 mm network's own output (a cascade)."),
         coarse_from: Optional[Path] = typer.Option(None, help="--prior coarse: a 2 mm network's best.pt "
                                                    "(default: the shipped one)."),
-        schedule: str = o.schedule_opt("as the segmentation"),
-        reset_lr: bool = o.reset_lr_opt(),
+        schedule: str = o.schedule_opt(C, "as the segmentation"),
+        reset_lr: bool = o.reset_lr_opt(C),
         init_from: Optional[str] = o.init_from_weights_opt("refiner"),
         real_data: Optional[Path] = o.real_data_opt("; --prior simulated"),
-        real_repeat: int = typer.Option(4, min=1, help="Each real crop counts this many times."),
-        device: str = o.device_opt(),
-        workers: int = o.workers_opt(),
-        out: Path = o.out_opt("runs/refiner"),
-        cache: Path = o.cache_opt("1 mm crops"),
+        real_repeat: int = o.option(C, "real_repeat", min=1, help="Each real crop counts this many times."),
+        device: str = o.device_opt(C),
+        workers: int = o.workers_opt(C),
+        out: Path = o.out_opt(C),
+        cache: Path = o.cache_opt(C, "1 mm crops"),
         time_limit_min: Optional[float] = o.time_limit_opt(),
-        threads: int = o.threads_opt(),
-        seed: int = o.seed_opt(),
+        threads: int = o.threads_opt(C),
+        seed: int = o.seed_opt(C),
         install: bool = o.install_opt(),
     ) -> None:
         """Train the 1 mm boundary refiner (CT + the 2 mm network's prior -> foreground); --install
         puts it beside the shipped 2 mm segmentation network."""
-        from pipeline.segmentation.train_refiner import RefineTrainConfig, install as install_weights, train
+        from pipeline.segmentation.train_refiner import install as install_weights, train
 
-        cfg = o.phantom_config(RefineTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
+        cfg = o.phantom_config(C, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr,
                                width=width, schedule=schedule, patch=patch, extra_dilations=extra_dilations,
                                prior=prior, coarse_from=str(coarse_from) if coarse_from else None, reset_lr=reset_lr,

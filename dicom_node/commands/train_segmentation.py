@@ -7,46 +7,47 @@ from typing import Optional
 import typer
 
 from dicom_node.commands import train_options as o
+from pipeline.segmentation.train_config import SegTrainConfig as C
 
 
 def register(train_app: typer.Typer) -> None:
     @train_app.command("segmentation")
     def segmentation(
-        seeds: str = o.seeds_opt(),
-        val_seeds: str = o.val_seeds_opt(),
-        steps: int = o.steps_opt(1500),
-        batch: int = typer.Option(2, help="Batch size (paper: 4)."),
-        optimizer: str = typer.Option("adam", help="adam | sgd (the paper's)."),
-        lr: float = typer.Option(1e-3, help="Learning rate (paper: SGD 1e-4)."),
-        base: int = typer.Option(8, help="Channels of the first U-Net level."),
-        crop_size: int = typer.Option(64, help="Voxels per side of a crop (paper: 128)."),
-        crop_spacing_mm: float = typer.Option(2.0, help="Spacing of the crops in mm (paper: 1)."),
-        schedule: str = o.schedule_opt(),
-        reset_lr: bool = o.reset_lr_opt(),
+        seeds: str = o.seeds_opt(C),
+        val_seeds: str = o.val_seeds_opt(C),
+        steps: int = o.steps_opt(C),
+        batch: int = o.option(C, "batch", "Batch size (paper: 4)."),
+        optimizer: str = o.option(C, "optimizer", "adam | sgd (the paper's)."),
+        lr: float = o.option(C, "lr", "Learning rate (paper: SGD 1e-4)."),
+        base: int = o.option(C, "base", "Channels of the first U-Net level."),
+        crop_size: int = o.option(C, "crop_size", "Voxels per side of a crop (paper: 128)."),
+        crop_spacing_mm: float = o.option(C, "crop_spacing_mm", "Spacing of the crops in mm (paper: 1)."),
+        schedule: str = o.schedule_opt(C),
+        reset_lr: bool = o.reset_lr_opt(C),
         init_from: Optional[str] = o.init_from_weights_opt("segmentation network"),
         real_data: Optional[Path] = o.real_data_opt(),
-        real_fraction: float = typer.Option(0.5, min=0.0, max=1.0,
+        real_fraction: float = o.option(C, "real_fraction", min=0.0, max=1.0,
                                             help="Share of each batch drawn from --real-data."),
         synth_from: Optional[Path] = typer.Option(
             None, "--synth-from", exists=True, file_okay=False,
             help="Real vertebra masks (the real-spine pack: its train side) to synthesise CT "
                  "from (pipeline/synthesis: real anatomy, randomised appearance)."),
-        synth_cases: int = typer.Option(200, min=1, help="Synthesised cases (cached)."),
-        synth_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
+        synth_cases: int = o.option(C, "synth_cases", "Synthesised cases (cached).", min=1),
+        synth_fraction: float = o.option(C, "synth_fraction", min=0.0, max=1.0,
                                              help="Share of each batch drawn from --synth-from."),
-        device: str = o.device_opt(),
-        workers: int = o.workers_opt(),
-        out: Path = o.out_opt("runs/segmentation"),
-        cache: Path = o.cache_opt("crops"),
+        device: str = o.device_opt(C),
+        workers: int = o.workers_opt(C),
+        out: Path = o.out_opt(C),
+        cache: Path = o.cache_opt(C, "crops"),
         time_limit_min: Optional[float] = o.time_limit_opt(),
-        threads: int = o.threads_opt(),
-        seed: int = o.seed_opt(),
+        threads: int = o.threads_opt(C),
+        seed: int = o.seed_opt(C),
         install: bool = o.install_opt(),
     ) -> None:
         """Train the segmentation network: background / normal / fractured vertebra."""
-        from pipeline.segmentation.train import install as install_weights, SegTrainConfig, train
+        from pipeline.segmentation.train import install as install_weights, train
 
-        cfg = o.phantom_config(SegTrainConfig, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
+        cfg = o.phantom_config(C, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, optimizer=optimizer,
                                lr=lr, base=base, threads=threads, seed=seed, schedule=schedule,
                                reset_lr=reset_lr, init_from=str(init_from) if init_from else None,

@@ -9,8 +9,24 @@ regresses six heatmaps, one per keypoint of :data:`pipeline.findings.KEYPOINT_NA
 combination shaped like a vertebral body; refined to sub-pixel by a parabola through the
 log-heatmap. :func:`locate_keypoints` runs two passes, the second centred on the first's points.
 """
-from pipeline.keypoints.plane import PLANE_SIZE, PLANE_SPACING_MM, SagittalPlane, sagittal_plane
-from pipeline.keypoints.infer import decode_heatmaps, decode_keypoints, locate_keypoints, predict_keypoints
+import importlib
 
-__all__ = ["PLANE_SIZE", "PLANE_SPACING_MM", "SagittalPlane", "sagittal_plane", "decode_heatmaps",
-           "decode_keypoints", "locate_keypoints", "predict_keypoints"]
+#: Where each public name lives; imported on first use, so that the package itself loads no torch
+#: (the command line reads the training configs without it).
+_PUBLIC = {
+    "PLANE_SIZE": "pipeline.keypoints.plane",
+    "PLANE_SPACING_MM": "pipeline.keypoints.plane",
+    "SagittalPlane": "pipeline.keypoints.plane",
+    "sagittal_plane": "pipeline.keypoints.plane",
+    "decode_heatmaps": "pipeline.keypoints.infer",
+    "decode_keypoints": "pipeline.keypoints.infer",
+    "locate_keypoints": "pipeline.keypoints.infer",
+    "predict_keypoints": "pipeline.keypoints.infer",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@
 The "auto" phantoms hold few fractured vertebrae (about 8 %), and the mild ones sit next to the
 grade boundaries, so the shipped keypoint model also saw seeds 140-151 made here:
 
-    python -m pipeline.keypoints.fracture_phantoms 140-151 [--cache runs/cache]
+    spine-node train keypoint-planes 140-151 [--cache runs/cache]
 
 Each seed takes the level range and fractures of ``SPECS[i % len(SPECS)]`` and writes
 ``kp-phantom-<seed>-acq.npz`` (6 jittered planes per vertebra; mask = the true occupancy at 2 mm).
@@ -14,12 +14,12 @@ them, so ``--slice-spacing 2.5,3.0`` forces that slice spacing and thickness (cy
 seeds), and ``--auto`` keeps the seed's own random levels and fractures (mostly normal
 vertebrae) instead of ``SPECS``:
 
-    python -m pipeline.keypoints.fracture_phantoms 160-171 --slice-spacing 2.5,3.0 --auto
+    spine-node train keypoint-planes 160-171 --slice-spacing 2.5,3.0 --auto
 """
 from __future__ import annotations
 
-import argparse
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,45 +34,37 @@ SPECS = [
 ]
 
 
-def main(argv=None) -> None:
+def write_fracture_phantoms(seeds: Sequence[int], cache: Path, spacings: Sequence[float] = (),
+                            auto: bool = False, log: Callable[[str], None] = print) -> list[Path]:
+    """Write the keypoint planes of each seed's phantom into ``cache`` (module docstring); the
+    files written. Evaluation seeds are refused."""
     import torch
 
-    from pipeline.evaluate import parse_seeds
     from pipeline.keypoints.dataset import keypoint_samples, save_keypoint_samples
     from pipeline.phantom import generate
-    from pipeline.segmentation.crops import array_image, reference_grid
-    from pipeline.seeds import EVALUATION_SEEDS
     from pipeline.segmentation.caches import keypoint_cache_path
+    from pipeline.segmentation.crops import array_image, reference_grid
     from pipeline.segmentation.dataset import occupancy
+    from pipeline.seeds import refuse_evaluation_seeds
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("seeds")
-    ap.add_argument("--cache", default="runs/cache")
-    ap.add_argument("--slice-spacing", default="",
-                    help="comma-separated slice spacings (= thicknesses) in mm, cycled over the seeds")
-    ap.add_argument("--auto", action="store_true",
-                    help="the seed's own random levels and fractures instead of SPECS")
-    a = ap.parse_args(argv)
-    spacings = [float(v) for v in a.slice_spacing.split(",") if v.strip()]
-    Path(a.cache).mkdir(parents=True, exist_ok=True)
+    refuse_evaluation_seeds(list(seeds))
+    Path(cache).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
-    for i, s in enumerate(parse_seeds(a.seeds)):
-        if s in EVALUATION_SEEDS:
-            raise SystemExit(f"seed {s} is an evaluation seed (9001-9010)")
+    written = []
+    for i, s in enumerate(seeds):
         t = time.time()
-        levels, fr = (None, "auto") if a.auto else SPECS[i % len(SPECS)]
+        levels, fr = (None, "auto") if auto else SPECS[i % len(SPECS)]
         acq = None
         if spacings:
-            ss = spacings[i % len(spacings)]
+            ss = float(spacings[i % len(spacings)])
             acq = {"slice_spacing": ss, "slice_thickness": ss}
         ph = generate(s, levels=levels, fractures=fr, acquisition=acq)
         verts = ph.gt["vertebrae"]
         fgs = [array_image(occupancy(ph.labels, v["label"], v["centroid_mm"], 64, 2.0).astype(np.float32) / 8.0,
                            reference_grid(v["centroid_mm"], 64, 2.0)) for v in verts]
         kps = keypoint_samples(ph.ct, verts, fgs, np.random.default_rng(s), 6, f"phantom-{s}")
-        save_keypoint_samples(kps, keypoint_cache_path(a.cache, s))
-        print(f"seed {s}: {len(kps.inputs)} planes, {time.time() - t:.1f} s", flush=True)
-
-
-if __name__ == "__main__":
-    main()
+        path = keypoint_cache_path(cache, s)
+        save_keypoint_samples(kps, path)
+        written.append(Path(path))
+        log(f"seed {s}: {len(kps.inputs)} planes, {time.time() - t:.1f} s")
+    return written

@@ -8,7 +8,6 @@ scheduler; Adam instead of SGD at 1e-4 for the CPU budget (docs/archive/model-ca
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,40 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.findings import KEYPOINT_NAMES
+from pipeline.keypoints.train_config import KpTrainConfig
 from pipeline.keypoints.dataset import KeypointSamples, load_keypoint_samples
 from pipeline.localization.heatmaps import gaussian_heatmaps
 from pipeline.nets.mscn import MSCN
 from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.caches import keypoint_cache_path
 from pipeline.segmentation.dataset import cached_phantom_samples
-from pipeline.training import (Progress, config_from_argv, keep_best, make_optimizer, optimizer_step, resume,
+from pipeline.training import (Progress, keep_best, make_optimizer, optimizer_step, resume,
                                save_last, start_run, validation_due)
-
-
-@dataclass
-class KpTrainConfig:
-    out_dir: str = "runs/keypoints"
-    train_seeds: list[int] = field(default_factory=lambda: list(range(100, 124)))
-    val_seeds: list[int] = field(default_factory=lambda: [8001, 8002])
-    cache_dir: str = "runs/cache"
-    phantom_spacing_mm: float | None = None
-    steps: int = 3000
-    batch: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    clip: float = 2.0
-    base: int = 16
-    depth: int = 4
-    sigma_px: float = 2.0
-    amplitude: float = 10.0
-    seed: int = 0
-    threads: int = 1
-    val_every: int = 200
-    ckpt_every: int = 100
-    max_minutes: float | None = None
-    fracture_share: float = 0.3          # share of each batch drawn from fractured vertebrae
-    init_from: str | None = None         # start from these weights (a best.pt), e.g. to fine-tune
-    use_mask: bool = True                # False: the mask channel is zeroed (CT only)
 
 
 def build_keypoint_model(base: int = 16, depth: int = 4) -> MSCN:
@@ -161,14 +135,3 @@ def install(best: Path, half: bool = False) -> Path:
     tmp = Path(best).with_name("keypoints.pt")
     torch.save(weights_payload(model, "pipeline.nets.mscn:build_mscn", meta, half=half), tmp)
     return install_weights("keypoints", tmp, trained_steps=ck.get("step"))
-
-
-def main() -> None:
-    from pipeline.evaluate import parse_seeds
-
-    train(config_from_argv(KpTrainConfig, __doc__.splitlines()[0], ("train_seeds", "val_seeds", "init_from"),
-                           parse_seeds))
-
-
-if __name__ == "__main__":
-    main()

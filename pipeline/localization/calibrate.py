@@ -1,19 +1,16 @@
 """Choose a localization weight file's decoder and presence threshold on validation phantoms.
 
-``python -m pipeline.localization.calibrate WEIGHTS.pt --val-seeds 8001-8004 --out OUT.pt``:
+``spine-node train calibrate-localization WEIGHTS.pt --val-seeds 8001-8004 --out OUT.pt``:
 whole-volume inference on the validation cases, every (decoder, threshold) of
 :func:`pipeline.localization.train.choose_decoder`, the best written into the file's ``meta``.
 Never pass evaluation seeds (9001-9010).
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from pipeline.evaluate import parse_seeds
 from pipeline.localization.dataset import cached_phantom_cases
 from pipeline.localization.inference import predict_heatmaps
 from pipeline.localization.train import choose_decoder
@@ -37,23 +34,3 @@ def calibrate(weights: Path, val_seeds: list[int], cache_dir: Path, out: Path,
                          | {"val_seeds": list(val_seeds)}})
     torch.save(ckpt, out)
     return best
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("weights", type=Path)
-    ap.add_argument("--val-seeds", default="8001-8004")
-    ap.add_argument("--cache-dir", type=Path, default=Path("runs/localization/cache"))
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--overlap", type=float, help="patch overlap of inference (default: the file's)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = ap.parse_args()
-    seeds = parse_seeds(args.val_seeds)
-    if any(9001 <= s <= 9010 for s in seeds):
-        raise SystemExit("evaluation seeds 9001-9010 must not be used for calibration")
-    torch.set_num_threads(args.threads)
-    print(json.dumps(calibrate(args.weights, seeds, args.cache_dir, args.out, args.overlap)))
-
-
-if __name__ == "__main__":
-    main()

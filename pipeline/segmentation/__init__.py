@@ -6,6 +6,21 @@
   source grid with one VerSe label per vertebra;
 - :mod:`pipeline.segmentation.dataset`, :mod:`~pipeline.segmentation.train`: training (eq. 12-13).
 """
-from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM, SegmentationResult, SegmentedVertebra, segment
+import importlib
 
-__all__ = ["CROP_SIZE", "CROP_SPACING_MM", "SegmentationResult", "SegmentedVertebra", "segment"]
+#: Where each public name lives; imported on first use, so that the package itself loads no torch
+#: (the command line reads the training configs without it).
+_PUBLIC = {
+    "CROP_SIZE": "pipeline.segmentation.infer",
+    "CROP_SPACING_MM": "pipeline.segmentation.infer",
+    "SegmentationResult": "pipeline.segmentation.infer",
+    "SegmentedVertebra": "pipeline.segmentation.infer",
+    "segment": "pipeline.segmentation.infer",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

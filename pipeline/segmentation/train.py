@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,44 +26,11 @@ from pipeline.segmentation.dataset import augmented_batch, cached_phantom_sample
 from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM, crop_geometry
 from pipeline.segmentation.model import UNet3D
-from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, init_from, keep_best, make_optimizer,
+from pipeline.segmentation.train_config import SegTrainConfig
+from pipeline.training import (LrSchedule, Progress, batches, init_from, keep_best, make_optimizer,
                                resume, save_last, start_run, train_device, train_step, validation_due)
 
 DICE_EPS = 1e-5
-
-
-@dataclass
-class SegTrainConfig:
-    out_dir: str = "runs/segmentation"
-    train_seeds: list[int] = field(default_factory=lambda: list(range(100, 124)))
-    val_seeds: list[int] = field(default_factory=lambda: [8001, 8002])
-    cache_dir: str = "runs/cache"
-    phantom_spacing_mm: float | None = None   # None: the phantom's randomised acquisition grid
-    steps: int = 1500
-    batch: int = 2
-    lr: float = 1e-3
-    optimizer: str = "adam"                   # adam | sgd (paper: sgd, lr 1e-4)
-    weight_decay: float = 5e-4
-    clip: float = 2.0
-    base: int = 8
-    depth: int = 4
-    seed: int = 0
-    threads: int = 1
-    val_every: int = 100
-    ckpt_every: int = 50
-    max_minutes: float | None = None
-    schedule: str = "plateau"                 # plateau (the paper's) | cosine (to lr/100 over the run)
-    reset_lr: bool = False                    # on resume, restart from ``lr`` (a new annealing)
-    init_from: str | None = None              # a best.pt of this network to start from (fine-tuning)
-    device: str = "cpu"                       # cpu | cuda | auto (bf16 autocast on a GPU)
-    workers: int = 1                          # processes that generate the missing phantom caches
-    crop_size: int = CROP_SIZE                # voxels per side of a crop (paper: 128)
-    crop_spacing_mm: float = CROP_SPACING_MM  # their spacing (paper: 1 mm; shipped: 64 at 2 mm)
-    real_data: str | None = None              # real CT in VerSe layout (the pack: its train side)
-    real_fraction: float = 0.5                # share of each batch's crops drawn from real_data
-    synth_real_dir: str | None = None         # real masks to synthesise CT from (pipeline.synthesis)
-    synth_cases: int = 200                    # synthesised cases (2 crops each), cached
-    synth_fraction: float = 0.0               # share of each batch's crops drawn from them
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -278,12 +244,3 @@ def install(best: Path | None, refiner: Path | None = None, half: bool = False,
     tmp = Path(refiner if best is None else best).with_name("segmentation.pt")
     torch.save(weights_payload(model, "pipeline.segmentation.model:build_segmentation", meta, half=half), tmp)
     return install_weights("segmentation", tmp, wdir, trained_steps=meta.get("step"))
-
-
-def main() -> None:
-    train(config_from_argv(SegTrainConfig, __doc__.splitlines()[0],
-                           str_fields=("train_seeds", "val_seeds", "init_from", "schedule", "device")))
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,6 @@ formats of :mod:`pipeline.training`). Command: ``spine-node train refiner``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,40 +21,11 @@ import torch.nn.functional as F
 from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.caches import refine_cache_path
+from pipeline.segmentation.train_config import RefineTrainConfig
 from pipeline.segmentation.refine_training import error_points, refine_batch, surface_points
-from pipeline.training import (LrSchedule, Progress, batches, config_from_argv, generate_parallel, init_from,
+from pipeline.training import (LrSchedule, Progress, batches, generate_parallel, init_from,
                                keep_best, make_optimizer, resume, save_last, start_run, train_device, train_step,
                                validation_due)
-
-
-@dataclass
-class RefineTrainConfig:
-    out_dir: str = "runs/refiner"
-    train_seeds: list[int] = field(default_factory=lambda: list(range(100, 116)))
-    val_seeds: list[int] = field(default_factory=lambda: [8001])
-    cache_dir: str = "runs/cache"
-    steps: int = 1500
-    batch: int = 4
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    clip: float = 2.0
-    width: int = 8
-    seed: int = 0
-    threads: int = 1
-    val_every: int = 100
-    ckpt_every: int = 50
-    max_minutes: float | None = None
-    schedule: str = "plateau"                 # plateau | cosine (to lr/100 over the run)
-    reset_lr: bool = False                    # on resume, restart from ``lr``
-    init_from: str | None = None              # a refiner best.pt to start from (fine-tuning)
-    device: str = "cpu"                       # cpu | cuda | auto (bf16 autocast on a GPU)
-    workers: int = 1                          # processes that generate the missing phantom caches
-    prior: str = "simulated"                  # simulated | coarse (the 2 mm network's output)
-    coarse_from: str | None = None            # prior=coarse: a 2 mm network's best.pt (default: shipped)
-    extra_dilations: str = ""                 # e.g. "4,8": residual dilated layers (ShallowRefiner)
-    patch: int = 40                           # side of the training patches (1 mm voxels)
-    real_data: str | None = None              # real CT in VerSe layout (the pack: its train side)
-    real_repeat: int = 4                      # each real crop counts this many times (prior=simulated)
 
 
 def phantom_refine_samples(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,13 +193,3 @@ def install(best: Path, weights_dir: Path | None = None) -> Path:
     from pipeline.segmentation.train import install as install_segmentation
 
     return install_segmentation(None, refiner=best, weights_dir=weights_dir)
-
-
-def main() -> None:
-    train(config_from_argv(RefineTrainConfig, __doc__.splitlines()[0],
-                           str_fields=("train_seeds", "val_seeds", "init_from", "schedule", "prior", "coarse_from",
-                                       "extra_dilations")))
-
-
-if __name__ == "__main__":
-    main()

@@ -22,7 +22,8 @@ def ctx(tmp_path):
     settings = load_settings(None, storage={"root": tmp_path / "store", "min_free_mb": 0,
                                             "fsync": False},
                              scheduler={"stable_seconds": 0},
-                             selection={"min_coverage_mm": 0})  # 20 slices of 1 mm: 19 mm
+                             # 20 slices of 1 mm (19 mm), a disc, not a spine
+                             selection={"min_coverage_mm": 0, "spine_check": False})
     c = NodeContext.open(settings)
     yield c
     c.close()
@@ -102,5 +103,5 @@ def test_missing_pipeline_module_fails_the_job(ctx, tmp_path):
     Worker(ctx.settings, ctx.index, ctx.queue, ctx.store).run_once()
     [job] = ctx.index.jobs()
     assert job.state == "failed"
-    assert job.error == ("the analysis pipeline is not installed: "
+    assert job.error == ("the analysis pipeline (pipeline.not_here) cannot be imported: "
                          "No module named 'pipeline.not_here'")

@@ -139,7 +139,7 @@ def test_host_map_keeps_the_order_of_its_items(monkeypatch):
 
 
 def test_compared_weight_files_go_to_the_evaluation_device():
-    """`python -m pipeline.evaluate --models A B --device cuda` loads the files onto the CPU; the
+    """`spine-node evaluate --localization A --localization B --device cuda` loads the files onto the CPU; the
     networks must follow the inputs to the device (a GPU run failed on exactly this)."""
     import pipeline.evaluate as ev
 

@@ -146,3 +146,23 @@ def test_process_runs_a_real_jpeg2000_ct_without_error(tmp_path):
     s2 = json.loads((again / "summary.json").read_text())
     assert (s2["study_instance_uid"], s2["series_instance_uid"]) == \
         (s["study_instance_uid"], s["series_instance_uid"])
+
+
+def test_process_prints_an_ungraded_vertebra_as_not_graded():
+    """A vertebra cut by the field of view (or C1/C2) keeps grade 0 in summary.json, but
+    ``process`` says, as the key image does, that it was not graded, and shows no heights."""
+    from dicom_node.commands.analysis import vertebra_line
+    from pipeline.findings import GenantGrade, Heights, Morphology, VertebraFinding
+
+    heights = Heights(anterior=14.0, middle=18.0, posterior=22.0)
+    cut = VertebraFinding(label=12, name="T5", centroid_mm=(0.0, 0.0, 0.0), heights_mm=heights,
+                          partial=True)
+    c2 = VertebraFinding(label=2, name="C2", centroid_mm=(0.0, 0.0, 0.0),
+                         grading_source="none")
+    l1 = VertebraFinding(label=20, name="L1", centroid_mm=(0.0, 0.0, 0.0), heights_mm=heights,
+                         fractured=True, genant_grade=GenantGrade.MODERATE,
+                         morphology=Morphology.WEDGE)
+    assert vertebra_line(cut.summary()) == "  T5  partial, not graded (cut by the field of view)"
+    assert vertebra_line(c2.summary()) == "  C2  not graded"
+    assert vertebra_line(l1.summary()) == ("  L1  grade 2  wedge      FRACTURED  HA  14.0  "
+                                           "HM  18.0  HP  22.0 mm")

@@ -78,6 +78,6 @@ def test_installing_one_part_keeps_the_other(tmp_path):
     assert all(torch.equal(v, m2.refiner.state_dict()[k]) for k, v in refiner_state.items())
     assert all(torch.equal(v, m2.coarse.state_dict()[k]) for k, v in coarse2.state_dict().items())
     assert read_manifest(wdir)["segmentation"]["trained_steps"] == 9
-    # what `python -m pipeline.evaluate --refiner none` evaluates: the shipped network alone
+    # what `spine-node evaluate --refiner none` evaluates: the shipped network alone
     alone, meta = assemble(None, drop_refiner=True, weights_dir=wdir)
     assert alone.refiner is None and meta["refiner"] is None and meta["step"] == 9
