@@ -4,6 +4,7 @@
     bench/ingest [--rounds 3] [--senders 1|4] [--slices 300] [--matrix 512]
                  [--peers storescp,orthanc,node[,storage]]
                  [--node-set storage.sqlite_synchronous=NORMAL]
+                 [--variant NAME:[SRC_DIR]:[KEY=VALUE,...]] [--both-paths]
                  [--max-send-pdu N] [--delete-between] [--json FILE]
 
 Every round starts each receiver fresh (empty store, new process), in a rotated order so that
@@ -18,6 +19,12 @@ the receiver's CPU seconds during the transfer (``/proc/<pid>/stat`` utime+stime
 than wall time on a shared machine) and its peak RSS (``VmHWM``); then the node's throughput
 as a ratio of Orthanc's and of storescp's (>1.0 = the node is faster). ``--senders 4`` splits
 the series over four concurrent storescu processes (four associations).
+
+Both receive paths in one run: ``--variant stock::node.fast_path=false`` (or ``--both-paths``)
+adds a node with stock pynetdicom to the same rounds; ``--variant base:/tmp/old-checkout:`` a node
+running older code (e.g. ``git archive <commit> | tar -x -C /tmp/old-checkout``). For every such
+node variant it prints ``node`` against it, per round (same round = same machine load): > 1.0
+means ``node`` (this checkout, its configuration) is faster.
 
 ``--peers`` may name ``storage``: no receiver, but the node's storage path alone
 (bench/storage_path.py: the same instances written, synced and indexed as the SCP does after the
@@ -360,6 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="another node receiver in the same rounds, e.g. "
                          "normal::storage.sqlite_synchronous=NORMAL (KEY env:VAR sets an "
                          "environment variable), or base:/tmp/old-checkout: (older code)")
+    ap.add_argument("--both-paths", action="store_true",
+                    help="add the variant stock::node.fast_path=false: the node's fast receive "
+                         "path and stock pynetdicom in the same rounds")
     ap.add_argument("--max-send-pdu", type=int, help="storescu --max-send-pdu")
     ap.add_argument("--delete-between", action="store_true",
                     help="delete each receiver's store as soon as it stops (the default keeps "
@@ -379,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     extra = ["--max-send-pdu", str(a.max_send_pdu)] if a.max_send_pdu else []
     peers = [p.strip() for p in a.peers.split(",") if p.strip()]
     variants: dict[str, tuple[Path, dict[str, str]]] = {}
+    if a.both_paths:
+        a.variant.insert(0, "stock::node.fast_path=false")
     for spec in a.variant:
         vname, src, sets = (spec.split(":", 2) + ["", ""])[:3]
         overrides = dict(node_set)
@@ -466,6 +478,15 @@ def main(argv: list[str] | None = None) -> dict:
                     "median_per_round": statistics.median(per_round),
                     "per_round": per_round,
                     "cpu": summary[peer]["cpu_s"] / summary[node]["cpu_s"]}
+        if node != "node" and "node" in results:
+            # This checkout against a node variant (another path, configuration or checkout):
+            # > 1.0 means "node" is faster.
+            per_round = [v["seconds"] / n["seconds"] for v, n in
+                         zip(results[node], results["node"])]
+            ratios[f"node_vs_{node}"] = {
+                "median_of_medians": summary[node]["seconds"] / summary["node"]["seconds"],
+                "median_per_round": statistics.median(per_round), "per_round": per_round,
+                "cpu": summary[node]["cpu_s"] / summary["node"]["cpu_s"]}
         if "storage" in results:
             # The storage path's share of the node's time (the disk and index work after the
             # last PDU of each instance), per round: a share, not a bound (module docstring).

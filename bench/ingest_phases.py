@@ -11,7 +11,7 @@ Then the median of each stretch of one instance's round trip outside the handler
 response to the next request's first PDU (storescu's turn), the request's PDUs, from the last
 PDU to the handler (DIMSE decoding, hand-off to the association thread, pynetdicom's service
 class), and from the handler to the response sent. The association's DUL thread, which also
-runs the handler since it serves C-STOREs itself (:mod:`dicom_node.fast_dimse`), is timed
+runs the handler since it serves C-STOREs itself (:mod:`dicom_node.fastpath.hooks`), is timed
 whole and in parts (waiting for the peer, reading PDUs, DIMSE decoding, sending), and so is
 the garbage collector. ``NOSYNC`` turns every fsync off (``storage.fsync = false``, SQLite
 ``NORMAL``): what the flushes cost is the difference to ``FULL``.
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 
 HERE = Path(__file__).resolve().parent
@@ -42,11 +41,13 @@ sys.path.insert(0, str(HERE))
 import ingest  # noqa: E402 - bench/ingest.py: the series, the tools
 
 import dicom_node.part10 as part10  # noqa: E402
+from storage import direct_io
 import storage.files as files  # noqa: E402
 import storage.index as index  # noqa: E402
 import storage.ingest as writer  # noqa: E402
 from config.settings import Settings  # noqa: E402
-from dicom_node import fast_dimse, fast_dul, scp  # noqa: E402
+from dicom_node import scp  # noqa: E402
+from dicom_node.fastpath import codec, hooks  # noqa: E402
 from dicom_node.context import NodeContext  # noqa: E402
 
 WALL: collections.Counter = collections.Counter()
@@ -127,23 +128,22 @@ def _gc_timer(phase: str, info: dict) -> None:  # noqa: ARG001
 
 def _instrument() -> None:
     gc.callbacks.append(_gc_timer)
-    fast_dul.install()
-    fast_dimse.install()
-    _marked(DULServiceProvider, "_read_pdu_data", "pdu", "pdu_end")
+    _marked(hooks.SCPDUL, "_read_pdu_data", "pdu", "pdu_end")
     _marked(DIMSEServiceProvider, "send_msg", "send", "sent")
+    _marked(hooks.SCPDIMSE, "_send_store_rsp", "send", "sent")  # written without send_msg
     _marked(scp.StorageSCP, "_on_store", "handler", "handler_end")
-    # The association's DUL thread, which also runs the handler (dicom_node.fast_dimse):
+    # The association's DUL thread, which also runs the handler (dicom_node.fastpath.hooks):
     # everything it does for the association, divided by the instances.
-    _timed(fast_dul, "_reactor_loop", "DUL thread, all of it")
-    _timed(fast_dul, "_dul_wait", "  waiting for the peer")
-    _timed(DULServiceProvider, "_read_pdu_data", "  reading PDUs")
-    _timed(fast_dimse, "decode_msg", "  DIMSE decoding")
+    _timed(hooks.SCPDUL, "_reactor_loop", "DUL thread, all of it")
+    _timed(hooks.SCPDUL, "_wait", "  waiting for the peer")
+    _timed(hooks.SCPDUL, "_read_pdu_data", "  reading PDUs")
+    _timed(codec, "decode_msg", "  DIMSE decoding")
     _timed(AssociationSocket, "send", "  sending PDUs")
     _timed(scp.StorageSCP, "_on_store", "on_store (whole handler)")
     _timed(part10, "read_header", "  read_header")
     _timed(files.BlobStore, "write_new", "  write_new (final name)")
     _timed(files.BlobStore, "write_temp", "  write_temp")
-    _timed(files, "_write_all", "    write")
+    _timed(direct_io, "write_all", "    write")
     _timed(files, "start_writeback", "    start write-back")
     _timed(writer.GroupCommit, "submit", "  group commit")
     _timed(index.Index, "add_instances", "    index transaction")

@@ -2,12 +2,13 @@
 
 ``storescu`` sends the benchmark series (bench/ingest.py's, 300 x 512 x 512) to a bare
 pynetdicom SCP in this process that answers Success at once (``--mode null``) or after writing
-the encoded data set without fsync (``--mode write``), with the node's fast_dul patches
-(``--parts``, as ``SPINE_FAST_DUL_PARTS``, plus ``dimse`` for :mod:`dicom_node.fast_dimse` with
-pynetdicom's log handlers unbound as in the node; ``stock`` for pynetdicom's own loops). What the node
-does on top (sync, index) costs the difference to ``bench/ingest``'s node figure.
+the encoded data set without fsync (``--mode write``), on the node's listener
+(:func:`dicom_node.acceptors.start_server`) with the fast path (``--path fast``,
+:mod:`dicom_node.fastpath.hooks`) or stock pynetdicom (``--path stock``), pynetdicom's log
+handlers unbound as in the node either way. What the node does on top (sync, index) costs the
+difference to ``bench/ingest``'s node figure.
 
-    python bench/scp_floor.py --rounds 3 --parts dul+assoc+recv+wake+dimse --parts dul+assoc+recv+wake
+    python bench/scp_floor.py --rounds 3 --path fast --path stock
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,20 +25,13 @@ sys.path.insert(0, str(HERE))
 _CHILD = r"""
 import os, sys, time, subprocess
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
-mode, parts = {mode!r}, {parts!r}
-if parts != "stock":
-    os.environ["SPINE_FAST_DUL_PARTS"] = parts
-    from dicom_node import fast_dul
-    fast_dul.install()
-    if "dimse" in parts.split("+"):
-        from pynetdicom import _config
-        from dicom_node import fast_dimse
-        fast_dimse.install()
-        _config.LOG_HANDLER_LEVEL = "none"  # as the node does (dicom_node.scp)
+mode, path = {mode!r}, {path!r}
 from pynetdicom import AE, evt, AllStoragePresentationContexts
+from dicom_node.acceptors import start_server
 import ingest
 from pathlib import Path
-_, files, _ = ingest.make_series({slices}, {matrix}, Path(os.environ.get("SPINE_BENCH_CACHE", "/var/tmp/spine-node-bench")))
+cache = Path(os.environ.get("SPINE_BENCH_CACHE", "/var/tmp/spine-node-bench"))
+_, files, _ = ingest.make_series({slices}, {matrix}, cache)
 def handle(event):
     if mode == "write":
         with open(os.path.join({tmp!r}, "last.dcm"), "wb") as fh:
@@ -49,11 +42,12 @@ ae.maximum_pdu_size = 262144
 for cx in AllStoragePresentationContexts:
     ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
 port = ingest.free_port()
-server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
+server = start_server(ae, ("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, handle)],
+                      fast_path=path == "fast")
 cpu = time.process_time()
 t = time.perf_counter()
-subprocess.run([ingest.tool("storescu"), "-aec", "FLOOR", "127.0.0.1", str(port), *map(str, files)],
-               env=ingest.DCMTK_ENV, check=True, capture_output=True)
+subprocess.run([ingest.tool("storescu"), "-aec", "FLOOR", "127.0.0.1", str(port),
+                *map(str, files)], env=ingest.DCMTK_ENV, check=True, capture_output=True)
 print(time.perf_counter() - t, time.process_time() - cpu)
 server.shutdown()
 """
@@ -63,19 +57,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mode", choices=("null", "write"), default="null")
-    ap.add_argument("--parts", action="append", help="fast_dul parts, or 'stock' (repeatable)")
+    ap.add_argument("--path", action="append", choices=("fast", "stock"),
+                    help="the receive path (repeatable; default both)")
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--matrix", type=int, default=512)
     args = ap.parse_args(argv)
-    variants = args.parts or ["dul+assoc+recv+wake+dimse", "dul+assoc+recv+wake", "stock"]
+    variants = args.path or ["fast", "stock"]
     import tempfile
     results: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                code = _CHILD.format(repo=str(HERE.parent), bench=str(HERE), mode=args.mode, parts=v,
-                                     slices=args.slices, matrix=args.matrix, tmp=tmp)
-                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                code = _CHILD.format(repo=str(HERE.parent), bench=str(HERE), mode=args.mode,
+                                     path=v, slices=args.slices, matrix=args.matrix, tmp=tmp)
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                     text=True, check=True)
                 wall, cpu = map(float, out.stdout.split()[-2:])
                 results[v].append((wall, cpu))
                 print(f"round {r + 1} {v:24s} {wall:.2f} s  cpu {cpu:.2f} s", flush=True)

@@ -112,6 +112,11 @@ class NodeSettings(_Section):
     #: ones; each has its own GIL, so concurrent senders use more than one core). Limits such
     #: as ``max_associations`` apply per process; /metrics counts the main process only.
     acceptor_processes: int = Field(1, ge=1, le=64)
+    #: The storage SCP's fast receive path (dicom_node.fastpath): event-driven waits, C-STORE
+    #: data kept as received and served in the reading thread, responses encoded directly; for
+    #: the SCP's own associations only, with the pynetdicom versions it was tested with
+    #: (another one: stock, with a warning). False: stock pynetdicom receives.
+    fast_path: bool = True
     #: Storage SOP classes accepted besides CT Image Storage and Enhanced CT Image Storage.
     extra_storage_sop_classes: list[str] = Field(default_factory=list)
     acse_timeout_s: float = Field(30.0, gt=0)
@@ -284,6 +289,13 @@ class SelectionSettings(_Section):
     rules: list[SelectionRule] = Field(default_factory=_default_rules)
     #: ConvolutionKernel class -> fnmatch patterns (case-insensitive), in preference order.
     kernels: dict[str, list[str]] = Field(default_factory=_default_kernels)
+    #: Look at a few slices of each series that passes the rules for bone where the spine
+    #: lies (dicom_node.spine_coverage): a head or extremity CT is skipped, "no spine in view".
+    spine_check: bool = True
+    #: Slices read per series for the spine check, spread over its length.
+    spine_check_slices: int = Field(9, ge=1, le=100)
+    #: The spine must be seen in at least this fraction of the slices read.
+    spine_min_fraction: float = Field(0.5, gt=0, le=1)
 
     @field_validator("modalities")
     @classmethod
@@ -304,6 +316,10 @@ class PipelineSettings(_Section):
     #: ``module:function`` the worker calls as ``analyse(series, device=...)``.
     entry_point: str = Field("pipeline.run:analyse",
                              pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+    #: A job whose series would need more memory than this (MB; pipeline.memory's estimate from
+    #: the headers) fails with that reason before it is loaded, instead of being killed by the
+    #: kernel; 0: no limit. Set it to what the worker's machine or container can give one job.
+    memory_budget_mb: float = Field(6144.0, ge=0)
 
 
 class WorkerSettings(_Section):

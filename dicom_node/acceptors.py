@@ -1,8 +1,10 @@
-"""Extra acceptor processes on the Storage SCP's listening socket (issue 8, ``node.acceptor_processes``).
+"""The Storage SCP's listener, and extra acceptor processes on its listening socket (issue 8,
+``node.acceptor_processes``).
 
 pynetdicom runs every association as a thread of one process, so concurrent senders share one
 GIL: with four storescu the node used 6.2 ms of CPU per instance against 4.7 ms with one, and
-stayed at 0.55-0.60x Orthanc's throughput, which spreads them over both cores (docs/archive/bench-history.md).
+stayed at 0.55-0.60x Orthanc's throughput, which spreads them over both cores
+(docs/archive/bench-history.md).
 The pre-fork model of web servers fixes that without touching pynetdicom: ``serve`` binds the
 port as before, then starts ``node.acceptor_processes - 1`` child processes (``spine-node
 acceptor``, not meant to be run by hand) that inherit the *same* listening socket and accept
@@ -17,22 +19,30 @@ process, so a process that loses the race for a connection returns to waiting at
 Children stop when ``serve`` stops (SIGTERM: they drain like the parent), and on their own when
 the parent is gone (``kill -9``): they check every second. A child that dies is started again.
 Limits such as ``node.max_associations`` hold per process; /metrics shows the main process.
+
+:class:`StorageServer` is the storage SCP's listener in every process: pynetdicom's threaded
+server, subclassed to accept on the inherited socket, to defer ``accept`` while busy, and to
+create its associations with the request handler of ``node.fast_path``
+(:mod:`dicom_node.fastpath.hooks`).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from pynetdicom.transport import AssociationServer
+from pynetdicom import AE
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
+from dicom_node.fastpath.hooks import FastRequestHandler, request_handler
 from dicom_node.logging import get_logger
 
 log = get_logger("spine_node.acceptors")
@@ -41,46 +51,78 @@ log = get_logger("spine_node.acceptors")
 RESTART_DELAY_S = 5.0
 
 
-@contextlib.contextmanager
-def inherited_listener(fd: int) -> Iterator[None]:
-    """While active, a new pynetdicom ``AssociationServer`` accepts on the listening socket
-    ``fd`` (inherited from ``serve``) instead of binding its own address."""
-    bind, activate = AssociationServer.server_bind, AssociationServer.server_activate
-
-    def server_bind(self) -> None:  # noqa: ANN001
-        self.socket.close()
-        self.socket = socket.socket(fileno=fd)
-        self.socket.setblocking(False)
-        self.server_address = self.socket.getsockname()
-
-    AssociationServer.server_bind = server_bind
-    AssociationServer.server_activate = lambda self: None
-    try:
-        yield
-    finally:
-        AssociationServer.server_bind, AssociationServer.server_activate = bind, activate
-
-
 #: Delay of a process's ``accept`` per association it already serves, at most ``_DEFER_MAX_S``.
 _DEFER_PER_ASSOCIATION_S = 0.002
 _DEFER_MAX_S = 0.01
 
 
-def defer_accept_when_busy(server, ae) -> None:  # noqa: ANN001 - pynetdicom server and AE
-    """Make ``server`` (listening on a socket shared by the acceptor processes) wait a moment
-    before each ``accept`` while it serves associations: the kernel wakes every process for
-    a new connection and the first to accept gets it, so without this the busiest process,
-    often the quickest to wake, takes most senders. An idle process accepts at once; a
-    single sender is never delayed."""
-    accept = server.get_request
+class StorageServer(ThreadedAssociationServer):
+    """The storage SCP's listener: pynetdicom's threaded ``AssociationServer`` with
 
-    def get_request():  # noqa: ANN202
-        busy = sum(1 for a in ae.active_associations if a.is_established)
-        if busy:
-            time.sleep(min(_DEFER_MAX_S, busy * _DEFER_PER_ASSOCIATION_S))
-        return accept()  # BlockingIOError if another process took it: socketserver moves on
+    - ``request_handler``: the class that creates each association (pynetdicom's parameter):
+      :func:`dicom_node.fastpath.hooks.request_handler` gives the fast path's or the stock one;
+    - ``listen_fd``: accept on that listening socket (inherited from ``serve``) instead of
+      binding ``address``;
+    - ``defer_when_busy``: wait a moment before each ``accept`` while serving associations
+      (the listening socket is shared by the acceptor processes: the kernel wakes every
+      process for a new connection and the first to accept gets it, so without this the
+      busiest process, often the quickest to wake, takes most senders; an idle process
+      accepts at once, a single sender is never delayed).
+    """
 
-    server.get_request = get_request
+    def __init__(self, ae: AE, address: tuple, ae_title: str, contexts: list,  # noqa: PLR0913
+                 ssl_context: ssl.SSLContext | None = None, evt_handlers: list | None = None,
+                 *, request_handler: type[RequestHandler] = RequestHandler,
+                 listen_fd: int | None = None, defer_when_busy: bool = False) -> None:
+        self._listen_fd = listen_fd  # read by server_bind, during super().__init__
+        self._defer_when_busy = defer_when_busy
+        super().__init__(ae, address, ae_title, contexts, ssl_context,
+                         evt_handlers=evt_handlers, request_handler=request_handler)
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether its associations are the fast path's (:mod:`dicom_node.fastpath.hooks`)."""
+        return issubclass(self.RequestHandlerClass, FastRequestHandler)
+
+    def server_bind(self) -> None:
+        if self._listen_fd is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = socket.socket(fileno=self._listen_fd)
+        # Non-blocking in every process: one that loses the race for a connection returns
+        # to waiting at once (BlockingIOError, which socketserver ignores).
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listen_fd is None:  # an inherited socket is listening already
+            super().server_activate()
+
+    def get_request(self):  # noqa: ANN201 - pynetdicom's (socket, address)
+        if self._defer_when_busy:
+            busy = sum(1 for a in self.ae.active_associations if a.is_established)
+            if busy:
+                time.sleep(min(_DEFER_MAX_S, busy * _DEFER_PER_ASSOCIATION_S))
+        return super().get_request()
+
+
+def start_server(ae: AE, address: tuple, *, evt_handlers: list,
+                 ssl_context: ssl.SSLContext | None = None, fast_path: bool = True,
+                 listen_fd: int | None = None, defer_when_busy: bool = False) -> StorageServer:
+    """``ae.start_server(address, block=False, ...)`` with a :class:`StorageServer`: the same
+    checks of the AE's contexts (``AE.make_server``), then ``serve_forever`` in a daemon
+    thread; ``server.shutdown()`` stops it. ``fast_path``: its associations are those of
+    :mod:`dicom_node.fastpath.hooks` (when the installed pynetdicom is a tested version)."""
+    server_class = functools.partial(StorageServer, request_handler=request_handler(fast_path),
+                                     listen_fd=listen_fd, defer_when_busy=defer_when_busy)
+    server = ae.make_server(address, evt_handlers=evt_handlers, ssl_context=ssl_context,
+                            server_class=server_class)
+    thread = threading.Thread(target=make_target(server.serve_forever), daemon=True,
+                              name=f"AcceptorServer@{server.server_address[1]}")
+    thread.start()
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
+    return server
 
 
 class AcceptorPool:

@@ -6,18 +6,19 @@ the header (pixel data is never decoded here), write the encoded bytes exactly a
 written with fdatasync under the final name, or to a temporary file renamed there; directory
 fsync and index commit grouped with concurrent instances), and only then answer Success. A SOP
 Instance UID already held is answered Success without a second copy. Below the free-space floor
-the answer is Out of Resources (0xA700) and nothing is written. pynetdicom's polling loops are
-replaced by waits in :mod:`dicom_node.fast_dul`, its C-STORE data path by
-:mod:`dicom_node.fast_dimse`, which also runs this handler in the association's DUL thread
-(no thread hand-off per instance): so the handler must not block on its own association (no
-``send_c_*``, no blocking ``abort``), which a storage SCP has no reason to do.
+the answer is Out of Resources (0xA700) and nothing is written.
+
+With ``node.fast_path`` (the default) the listener's associations are those of
+:mod:`dicom_node.fastpath.hooks` (subclasses of pynetdicom's, created by this SCP's server only:
+event-driven waits, the data set kept as the received fragments, this handler run in the
+association's DUL thread, responses encoded directly); so the handler must not block on its
+own association (no ``send_c_*``, no blocking ``abort``), which a storage SCP has no reason to
+do. With ``node.fast_path = false`` they are stock pynetdicom.
 """
 from __future__ import annotations
 
-import contextlib
 import enum
 import ipaddress
-import logging
 import os
 import threading
 import time
@@ -33,8 +34,9 @@ from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage,
                                   Verification)
 
 from config import Settings
-from dicom_node import audit, fast_dimse, fast_dul, metrics, part10
-from dicom_node.acceptors import defer_accept_when_busy, inherited_listener
+from dicom_node import audit, metrics, part10
+from dicom_node.acceptors import start_server
+from dicom_node.fastpath.codec import fragments_of
 from dicom_node.logging import get_logger
 from storage.files import BlobStore, OutOfSpaceError
 from storage.index import Index, InstanceRecord
@@ -125,13 +127,6 @@ class StorageSCP:
         self.server = None
         self.tls_server = None  # a second listener when node.tls.port is set
 
-        fast_dul.install()  # event-driven waits instead of pynetdicom's 1 ms polling loops
-        fast_dimse.install(inline_store=True)  # C-STORE data without copies, served in the
-        # DUL thread, responses encoded directly
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            # pynetdicom's standard handlers format every PDU and DIMSE message for its INFO
-            # and DEBUG logs, which the node keeps at WARNING (dicom_node.logging): not bound.
-            _config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu
         ae.maximum_associations = node.max_associations
@@ -151,6 +146,8 @@ class StorageSCP:
 
         With ``node.acceptor_processes`` > 1 every process defers its ``accept`` a little per
         association it is already serving, so that a new sender goes to the least busy one.
+        ``node.fast_path`` picks the associations' classes (:mod:`dicom_node.fastpath.hooks`
+        or stock pynetdicom) for these listeners only.
         """
         handlers = [(evt.EVT_REQUESTED, self._on_requested),
                     (evt.EVT_ACCEPTED, self._on_accepted),
@@ -165,19 +162,18 @@ class StorageSCP:
             ssl_context = server_context(node.tls, io_timeout=node.network_timeout_s,
                                          on_failure=self._on_tls_failure)
         tls_only = ssl_context is not None and not node.tls.port
-        with inherited_listener(listen_fd) if listen_fd is not None else contextlib.nullcontext():
-            self.server = self.ae.start_server((node.host, node.port), block=False,
-                                               evt_handlers=handlers,
-                                               ssl_context=ssl_context if tls_only else None)
-        if node.acceptor_processes > 1:
-            defer_accept_when_busy(self.server, self.ae)
+        self.server = start_server(self.ae, (node.host, node.port), evt_handlers=handlers,
+                                   ssl_context=ssl_context if tls_only else None,
+                                   fast_path=node.fast_path, listen_fd=listen_fd,
+                                   defer_when_busy=node.acceptor_processes > 1)
         log.info("storage SCP listening", extra={"ae_title": node.ae_title, "host": node.host,
                                                  "port": self.port, "tls": tls_only,
+                                                 "fast_path": self.server.fast_path,
                                                  "pid": os.getpid()})
         if ssl_context is not None and not tls_only and listen_fd is None:
-            self.tls_server = self.ae.start_server((node.host, node.tls.port), block=False,
-                                                   evt_handlers=handlers,
-                                                   ssl_context=ssl_context)
+            self.tls_server = start_server(self.ae, (node.host, node.tls.port),
+                                           evt_handlers=handlers, ssl_context=ssl_context,
+                                           fast_path=node.fast_path)
             log.info("storage SCP listening", extra={"ae_title": node.ae_title,
                                                      "host": node.host, "tls": True,
                                                      "port": self.tls_port})
@@ -293,8 +289,8 @@ class StorageSCP:
             return (StoreStatus.REFUSED_SOP_CLASS_NOT_SUPPORTED,
                     f"SOP class {sop_class[:40]} not accepted", "refused")
         transfer_syntax = str(event.context.transfer_syntax)
-        # The data set as received: the PDUs' fragments, not copied (dicom_node.fast_dimse)
-        fragments = fast_dimse.fragments_of(req.DataSet)
+        # The data set as received: the PDUs' fragments, not copied (fast path), or one buffer
+        fragments = fragments_of(req.DataSet)
         return self._store_dataset(req, sop_class, transfer_syntax, fragments, stats)
 
     def _store_dataset(self, req, sop_class: str, transfer_syntax: str,  # noqa: ANN001

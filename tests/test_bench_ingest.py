@@ -71,3 +71,23 @@ def test_bench_ingest_prints_the_storage_paths_share_of_the_nodes_time(tmp_path)
     node = result["summary"]["node"]["seconds"]
     assert share == storage / node and share > 0
     assert not any("bound" in key for key in result["ratios"])
+
+
+def test_bench_ingest_runs_both_receive_paths_in_the_same_rounds(tmp_path):
+    """``--both-paths``: the node's fast receive path and stock pynetdicom
+    (``node.fast_path = false``) receive in the same rounds, compared per round."""
+    dcmtk("storescu")
+    out = tmp_path / "ingest.json"
+    env = {**os.environ, "SPINE_BENCH_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "ingest.py"), "--rounds", "1",
+                          "--slices", "3", "--matrix", "32", "--peers", "node", "--both-paths",
+                          "--json", str(out)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"node", "node-stock"}
+    assert result["variants"]["node-stock"][1] == {"node.fast_path": "false"}
+    [ratio] = result["ratios"]["node_vs_node-stock"]["per_round"]
+    assert ratio == (result["summary"]["node-stock"]["seconds"]
+                     / result["summary"]["node"]["seconds"])
+    assert "node_vs_node-stock: throughput" in run.stdout
