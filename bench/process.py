@@ -1,13 +1,17 @@
-"""Benchmark of ``spine-node process`` on a 512 x 512 x 300 phantom series (issue 5 target:
-within 60 s on the 2-core CPU with peak memory under 4 GB; within 2 s on one H100).
+"""Benchmark of ``spine-node process`` on 512 x 512 phantom series of given lengths (targets:
+300 slices within 60 s and 4 GB on 2 CPU cores, 2 s on one H100; issue 28: every length up to
+2,000 slices within 3 GB and 20 s + 10 ms a slice).
 
-    python bench/process.py [--seed 8101] [--slices 300] [--device auto] [--warm N] [--json FILE]
-                            [--profile DIR]
+    python bench/process.py [--seed 8101] [--slices 300[,1200,2000]] [--baseline GITREF]
+                            [--device auto] [--warm N] [--json FILE] [--profile DIR] [--keep DIR]
 
-Writes the phantom study once (DICOM, one file per slice) into a temporary folder, then runs
-``python -m dicom_node process`` in a fresh child process, so that the wall time includes
-start-up, model loading and DICOM decoding, and the child's peak resident set size
-(``ru_maxrss``) is the whole pipeline's memory. The seed is outside 9001-9010 (evaluation).
+Writes each phantom study once (DICOM, one file per slice) into a temporary folder (``--keep``:
+this one, reused), then runs ``python -m dicom_node process`` in a fresh child process, so that
+the wall time includes start-up, model loading and DICOM decoding, and the child's peak resident
+set size (``ru_maxrss``) is the whole pipeline's memory. ``--baseline GITREF`` runs that commit
+too (a git worktree in the work folder, the same virtual environment) right after each run on
+the same study, and says whether the findings (level, grade, morphology, partial) are the same.
+The seed is outside 9001-9010 (evaluation).
 
 ``--warm N`` then times a long-running worker's view in this process: the series loaded once,
 the models loaded once onto the device, and ``analyse`` run N times (the first run includes the
@@ -22,22 +26,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=8101)
-    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--slices", default="300",
+                    help="slices per series; several, comma-separated, run one after another")
     ap.add_argument("--matrix", type=int, default=512)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--keep", type=Path, help="write the study here and keep it")
+    ap.add_argument("--keep", type=Path, help="write the studies here and keep them")
+    ap.add_argument("--baseline", metavar="GITREF",
+                    help="also run this commit (a git worktree beside the repository, same "
+                         "virtual environment) on the same studies, right after each run")
     ap.add_argument("--warm", type=int, default=0, metavar="N",
                     help="also run analyse N times in this process on preloaded series and models")
     ap.add_argument("--profile", type=Path, metavar="DIR",
@@ -49,42 +58,115 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.child:
         return _child(Path(a.child[0]), Path(a.child[1]), a.device, a.localization)
-    from pipeline.phantom import generate, write_study
-
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="spine-bench-"))
-    study = work / "study"
-    if not (study / "dicom").exists():
-        ph = generate(a.seed, acquisition={"matrix": a.matrix, "n_slices": a.slices})
-        write_study(ph, study)
-    out = work / "out"
-    cmd = [sys.executable, "-m", "dicom_node", "process", str(study / "dicom"), "--out", str(out),
-           "--device", a.device]
-    if a.localization:
-        cmd = [sys.executable, __file__, "--child", str(study / "dicom"), str(out), "--device", a.device,
-               "--localization", str(a.localization)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-    import SimpleITK as sitk  # noqa: F401  (size of the series, from the files)
+    baseline = _worktree(a.baseline, work) if a.baseline else None
+    runs = []
+    for n in [int(v) for v in str(a.slices).split(",") if v.strip()]:
+        study = _study(work / (f"s{n}" if "," in str(a.slices) else ""), a.seed, n, a.matrix)
+        report = _run(REPO, study, work / f"out-{n}", a.device, a.localization, a.seed, a.matrix)
+        if baseline is not None:
+            base = _run(baseline, study, work / f"out-{n}-baseline", a.device, None, a.seed,
+                        a.matrix)
+            report["baseline"] = {"ref": a.baseline, **{k: base[k] for k in (
+                "returncode", "wall_s", "cpu_s", "peak_rss_mb", "timings_s", "vertebrae",
+                "fractured")}}
+            report["same_findings_as_baseline"] = _findings(work / f"out-{n}") == \
+                _findings(work / f"out-{n}-baseline")
+        if a.warm:
+            report["warm"] = _warm(study / "dicom", a.device, a.warm, a.profile)
+        runs.append(report)
+        _table(runs)
+    result = runs[0] if len(runs) == 1 else {"runs": runs}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.json:
+        a.json.write_text(text + "\n")
+    return result
 
+
+def _study(root: Path, seed: int, slices: int, matrix: int) -> Path:
+    """The phantom study of ``slices`` slices under ``root`` (written once)."""
+    study = root / "study"
+    if not (study / "dicom").exists():
+        from pipeline.phantom import generate, write_study
+
+        write_study(generate(seed, acquisition={"matrix": matrix, "n_slices": slices}), study)
+    return study
+
+
+def _worktree(ref: str, work: Path) -> Path:
+    """A detached git worktree of ``ref`` under ``work`` (made once), run with this virtual
+    environment: its packages shadow the repository's through PYTHONPATH."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    tree = work / f"baseline-{sha}"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), sha],
+                       check=True, capture_output=True)
+    return tree
+
+
+def _run(tree: Path, study: Path, out: Path, device: str, localization: Path | None, seed: int,
+         matrix: int) -> dict:
+    """``process`` of ``study`` by the code in ``tree``, in a fresh child: wall time, the child's
+    own peak RSS (wait4), its summary."""
+    cmd = [sys.executable, "-m", "dicom_node", "process", str(study / "dicom"), "--out", str(out),
+           "--device", device]
+    if localization:
+        cmd = [sys.executable, __file__, "--child", str(study / "dicom"), str(out), "--device", device,
+               "--localization", str(localization)]
+    env = dict(os.environ, PYTHONPATH=str(tree) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out.mkdir(parents=True, exist_ok=True)
+    rss_file = out / "peak_rss_kb.txt"
+    t0 = time.perf_counter()
+    # A wrapper with this one child: its RUSAGE_CHILDREN is the child's own peak (this process's
+    # would be the largest of all runs so far).
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(rss_file), *cmd], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    peak_kb, cpu_s = (float(v) for v in rss_file.read_text().split()) if rss_file.exists() else (0, 0)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     n_files = len(list((study / "dicom").iterdir()))
-    report = {"seed": a.seed, "series": f"{a.matrix}x{a.matrix}x{n_files}", "device": a.device,
-              "localization": str(a.localization) if a.localization else "shipped",
+    report = {"seed": seed, "series": f"{matrix}x{matrix}x{n_files}", "device": device,
+              "code": "this checkout" if tree == REPO else str(tree),
+              "localization": str(localization) if localization else "shipped",
               "cpu_count": os.cpu_count(), "returncode": proc.returncode, "wall_s": round(wall, 2),
+              "cpu_s": round(cpu_s, 2),
               "peak_rss_mb": round(peak_kb / 1024, 1), "timings_s": summary.get("timings_s"),
               "vertebrae": [v["name"] for v in summary.get("vertebrae", [])],
               "fractured": [v["name"] for v in summary.get("vertebrae", []) if v["fractured"]]}
     if proc.returncode != 0:
         report["stderr"] = proc.stderr[-3000:]
-    if a.warm:
-        report["warm"] = _warm(study / "dicom", a.device, a.warm, a.profile)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.json:
-        a.json.write_text(text + "\n")
     return report
+
+
+_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[2:]).returncode\n"
+    "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "open(sys.argv[1], 'w').write(f'{ru.ru_maxrss} {ru.ru_utime + ru.ru_stime}')\n"
+    "sys.exit(rc)\n")
+
+
+def _findings(out: Path) -> list:
+    """What a radiologist reads of a run: per vertebra its level, grade, morphology, partial."""
+    path = out / "summary.json"
+    if not path.exists():
+        return []
+    return [(v["name"], v["genant_grade"], v["morphology"], v.get("partial"))
+            for v in json.loads(path.read_text())["vertebrae"]]
+
+
+def _table(runs: list[dict]) -> None:
+    """One line per run to stderr as the runs finish."""
+    for r in runs[-1:]:
+        line = f"{r['series']}: {r['wall_s']} s ({r['cpu_s']} s CPU), {r['peak_rss_mb']} MB"
+        if "baseline" in r:
+            b = r["baseline"]
+            line += (f"; baseline {b['ref']}: {b['wall_s']} s ({b['cpu_s']} s CPU), "
+                     f"{b['peak_rss_mb']} MB; same "
+                     f"findings: {r['same_findings_as_baseline']}")
+        print(line, file=sys.stderr, flush=True)
 
 
 def _warm(dicom_dir: Path, device: str, runs: int, profile: Path | None = None) -> dict:

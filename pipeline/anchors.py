@@ -103,9 +103,7 @@ def _box(image: sitk.Image, lo_mm: Sequence[float], hi_mm: Sequence[float]) -> n
     ref = sitk.Image(size, sitk.sitkFloat32)
     ref.SetSpacing([GRID_MM] * 3)
     ref.SetOrigin([float(v) for v in lo_mm])
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-    out = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, OUTSIDE)
+    out = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLinear, OUTSIDE, sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 
 
@@ -250,8 +248,6 @@ def find_numbering(image: sitk.Image, vertebrae: Sequence[DetectedVertebra]) -> 
     (HU, any orientation) and decide the numbering. ``names`` of the result follow the
     vertebrae in anatomical (label) order."""
     chain = sorted(vertebrae, key=lambda v: BY_LABEL[int(v.label)].order)
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)              # once, not per sample
     if not chain:
         return Numbering("uncertain", "no vertebra found")
     names = [BY_LABEL[int(v.label)].name for v in chain]

@@ -90,7 +90,8 @@ def _field(v: Any, name: str, default: Any = None) -> Any:
     return v.get(name, default) if isinstance(v, dict) else getattr(v, name, default)
 
 
-def localization_case(gt_vertebrae: Sequence[dict], predicted: Sequence[Any], seed: int | None = None) -> CaseLocalization:
+def localization_case(gt_vertebrae: Sequence[dict], predicted: Sequence[Any],
+                      seed: int | None = None) -> CaseLocalization:
     """Compare predicted vertebrae (``label``, ``name``, ``centroid_mm``) with gt.json's list."""
     gt_pos = {int(v["label"]): _xyz(v) for v in gt_vertebrae}
     gt_name = {int(v["label"]): v["name"] for v in gt_vertebrae}
@@ -170,7 +171,8 @@ def localization_report(cases: Sequence[CaseLocalization]) -> dict[str, Any]:
     report["false_positive_vertebrae"] = sum(len(c.false_positives) for c in cases)
     report["vertebrae_required"] = sum(c.n_required for c in cases)
     runtimes = [c.runtime_s for c in cases if c.runtime_s is not None]
-    report["timings_s"] = {"localization_mean": _mean(runtimes), "localization_max": max(runtimes) if runtimes else None}
+    report["timings_s"] = {"localization_mean": _mean(runtimes),
+                           "localization_max": max(runtimes) if runtimes else None}
     report["cases"] = [c.as_dict() for c in cases]
     return report
 
@@ -182,7 +184,7 @@ def compare_localization(seeds: Iterable[int], models: dict[str, Any], device: s
     as in :func:`evaluate_pipeline`) through :func:`localize` with each of ``models`` (name ->
     module with ``.meta``, or ``None`` for the shipped weights); each phantom is generated once.
     Returns name -> localization report."""
-    from pipeline.localization.inference import localize
+    from pipeline.localization.infer import localize
     from pipeline.phantom import generate
     from pipeline.registry import resolve_device
 
@@ -297,7 +299,10 @@ def weighted_kappa(truth: Sequence[int], pred: Sequence[int], n: int = 4, weight
     obs /= obs.sum()
     exp = np.outer(obs.sum(1), obs.sum(0))
     i, j = np.mgrid[0:n, 0:n]
-    w = ((i - j) ** 2 if weights == "quadratic" else np.abs(i - j)) / ((n - 1) ** 2 if weights == "quadratic" else n - 1)
+    if weights == "quadratic":
+        w = (i - j) ** 2 / (n - 1) ** 2
+    else:
+        w = np.abs(i - j) / (n - 1)
     den = (w * exp).sum()
     return float(1.0 - (w * obs).sum() / den) if den > 0 else 1.0
 

@@ -54,10 +54,8 @@ class AnalysisResult:
 
 
 def _localize(image: sitk.Image, device: str, model=None):
-    try:
-        from pipeline.localization import localize
-    except ImportError:  # the package may export it only from its module
-        from pipeline.localization.inference import localize
+    from pipeline.localization.infer import localize
+
     return localize(image, device, model=model)
 
 
@@ -85,9 +83,7 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     timings: dict[str, float] = {}
     models = dict(models or {})
     dev = resolve_device(device)
-    image = series.image
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
+    image = series.image  # int16 or float32 HU; every stage resamples what it needs to float32
 
     t = time.perf_counter()
     for name in ("segmentation", "keypoints") + (() if centroids is not None else ("localization",)):

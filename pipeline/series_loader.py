@@ -8,9 +8,11 @@ Compressed transfer syntaxes (JPEG family, JPEG-LS, JPEG 2000, RLE, deflate) are
 pydicom with the pylibjpeg plugins. Enhanced CT (multi-frame) is read frame by frame from its
 functional groups.
 
-The volume is float32 Hounsfield units (rescale slope/intercept applied), in patient LPS: origin
+The volume is in Hounsfield units (rescale slope/intercept applied), in patient LPS: origin
 = position of the first slice, direction columns = row direction, column direction, slice normal
-(the slices are sorted by increasing position along the normal).
+(the slices are sorted by increasing position along the normal). It is int16 where every slice's
+slope and intercept are whole numbers and its values fit (routine CT: exact, half the memory of
+float32, which long series need: issue 28), float32 otherwise; the pipeline reads either.
 """
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ IN_PLANE_TOLERANCE_MM = 0.05
 #: refused before any allocation: compressed pixel data is not length-checked up front, so a
 #: header claiming 65535 x 65535 would otherwise ask for tens of GB (issue 7, hostile input).
 MAX_VOXELS = 2**30
+#: Elements larger than this are read from the file only when used (pydicom ``defer_size``).
+DEFER_BYTES = 64 * 1024
+#: Hounsfield values an int16 volume holds.
+INT16_RANGE = (-32768, 32767)
 
 
 class SeriesLoadError(ValueError):
@@ -110,7 +116,8 @@ def _check_pixel_data(ds: Dataset, path: Path, frames: int) -> None:
                               "a CT volume needs grey-scale images")
     ts = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     if ts is None or not pydicom.uid.UID(ts).is_compressed:
-        have = len(ds.PixelData)
+        elem = ds.get_item("PixelData", keep_deferred=True)  # its length, not its deferred value
+        have = len(elem.value) if elem.value is not None else int(elem.length)
         need = _expected_pixel_bytes(ds, frames)
         if have < need:
             raise SeriesLoadError(f"{path.name}: pixel data is {have} bytes, "
@@ -270,7 +277,8 @@ def _frame_pixels(s: _Slice, cache: dict[Path, np.ndarray]) -> np.ndarray:
 
 
 def load_series(paths: Iterable[str | Path]) -> LoadedSeries:
-    """Read the files of one series into a float32 HU volume; see the module docstring."""
+    """Read the files of one series into one HU volume (int16 or float32); see the module
+    docstring."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise SeriesLoadError("no files were given")
@@ -278,7 +286,9 @@ def load_series(paths: Iterable[str | Path]) -> LoadedSeries:
     study = series = frame_of_ref = modality = None
     for path in paths:
         try:
-            ds = pydicom.dcmread(path)
+            # Pixel data is read when the volume is filled, one slice at a time: all of a long
+            # series' pixel data at once would double the loader's memory.
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
         except Exception as exc:  # noqa: BLE001
             raise SeriesLoadError(f"{path.name}: not a readable DICOM file ({exc})") from None
         this_series = str(ds.get("SeriesInstanceUID", ""))
@@ -316,18 +326,27 @@ def load_series(paths: Iterable[str | Path]) -> LoadedSeries:
             not np.all(np.isfinite(first.position)):
         raise SeriesLoadError(f"unusable geometry: pixel spacing {first.pixel_spacing}, slice "
                               f"spacing {dz} mm, first position {list(first.position)}")
-    volume = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
+    exact = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
+    volume = np.empty((len(slices), first.rows, first.columns),
+                      dtype=np.int16 if exact else np.float32)
     cache: dict[Path, np.ndarray] = {}
     for k, s in enumerate(slices):
         pixels = _frame_pixels(s, cache)
-        np.multiply(pixels, s.slope, out=volume[k], casting="unsafe")
-        volume[k] += s.intercept
+        if volume.dtype == np.int16:
+            hu = pixels.astype(np.int32) * int(s.slope) + int(s.intercept)
+            if hu.size and (hu.min() < INT16_RANGE[0] or hu.max() > INT16_RANGE[1]):
+                volume = volume.astype(np.float32)  # values beyond int16: float32 from here on
+            else:
+                volume[k] = hu
+        if volume.dtype == np.float32:
+            np.multiply(pixels, s.slope, out=volume[k], casting="unsafe")
+            volume[k] += s.intercept
         if s.frame is None and "PixelData" in s.header:
             del s.header.PixelData  # copied: free it now, not after the whole series
     cache.clear()
 
     image = sitk.GetImageFromArray(volume, isVector=False)
-    del volume  # SimpleITK holds its own copy; peak memory is one volume plus one slice
+    del volume  # SimpleITK holds its own copy; peak memory is two volumes plus one slice
     image.SetOrigin(tuple(float(v) for v in first.position))
     # SimpleITK spacing is (x = along a row, y = along a column, z); PixelSpacing is (row, col).
     image.SetSpacing((float(first.pixel_spacing[1]), float(first.pixel_spacing[0]), dz))

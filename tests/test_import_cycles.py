@@ -85,3 +85,26 @@ def test_layers_import_only_leftwards():
     wrong = [(m, t) for m, ts in import_graph().items() for t in ts
              if order[t.split(".")[0]] > order[m.split(".")[0]]]
     assert wrong == []
+
+
+#: Modules that only training, calibration or data preparation need.
+TRAINING_MODULES = ("pipeline.training", "pipeline.localization.train", "pipeline.localization.dataset",
+                    "pipeline.localization.calibrate", "pipeline.segmentation.train",
+                    "pipeline.segmentation.train_refiner", "pipeline.segmentation.refine_training",
+                    "pipeline.segmentation.dataset", "pipeline.segmentation.coarse_prior",
+                    "pipeline.keypoints.train", "pipeline.keypoints.dataset",
+                    "pipeline.keypoints.fracture_phantoms", "pipeline.synthesis", "pipeline.realdata")
+
+
+def test_inference_reaches_no_training_code():
+    """Everything ``pipeline.run.analyse`` can import (transitively, imports inside functions
+    included) is inference: each model's ``infer`` module imports nothing from its training."""
+    graph = import_graph()
+    seen, todo = set(), ["pipeline.run"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph.get(m, ()))
+    reached = sorted(m for m in seen if m.startswith(TRAINING_MODULES))
+    assert not reached, f"the inference path imports training code: {reached}"

@@ -2,7 +2,8 @@
 
 One typer sub-app, :data:`train_app`. This module defines ``localization``; the other models
 add their subcommand from their own module: ``dicom_node/commands/train_<model>.py`` with a
-``register(train_app)`` function, listed in :data:`TRAIN_MODULES`. Shared option parsing lives in :mod:`dicom_node.commands.train_options`.
+``register(train_app)`` function, listed in :data:`TRAIN_MODULES`. Shared option parsing lives
+in :mod:`dicom_node.commands.train_options`.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def localization(
     batch: int = o.option(C, "batch", "Batch size (paper: 4)."),
     optimizer: str = o.option(C, "optimizer", "adam | sgd (the paper's)."),
     lr: float = o.option(C, "lr", "Learning rate (paper: SGD 1e-4)."),
-    schedule: str = o.option(C, "schedule", "plateau (the paper's ReduceLROnPlateau) | cosine (anneal to lr/100 by the last iteration or the time limit)."),
+    schedule: str = o.option(C, "schedule", "plateau (the paper's ReduceLROnPlateau) | cosine (anneal to lr/100 "
+                                             "by the last iteration or the time limit)."),
     base: int = o.option(C, "base", "Channels of the first LN level."),
     fg_weight: float = o.option(C, "fg_weight", "Foreground weight of the loss (0: the paper's plain Smooth-L1)."),
     val_every: int = o.option(C, "val_every", "Validate every N iterations."),
@@ -58,7 +60,7 @@ def localization(
     relabel: Optional[bool] = typer.Option(
         None, "--relabel/--no-relabel",
         help="Write into the weights whether inference relabels the found spine jointly "
-             "(pipeline.localization.inference.relabel_on_path); default: inference's default."),
+             "(pipeline.localization.infer.relabel_on_path); default: inference's default."),
 ) -> None:
     """Train the M-SCN vertebra localisation network (paper section 2.2)."""
     from pipeline.localization.train import train

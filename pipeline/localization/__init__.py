@@ -8,8 +8,8 @@ import importlib
 #: Where each public name lives; imported on first use, so that the package itself loads no torch
 #: (the command line reads the training configs without it).
 _PUBLIC = {
-    "LocalizedVertebra": "pipeline.localization.inference",
-    "localize": "pipeline.localization.inference",
+    "LocalizedVertebra": "pipeline.localization.infer",
+    "localize": "pipeline.localization.infer",
 }
 __all__ = sorted(_PUBLIC)
 

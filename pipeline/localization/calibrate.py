@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.localization.dataset import cached_phantom_cases
-from pipeline.localization.inference import predict_heatmaps
+from pipeline.localization.infer import predict_heatmaps
 from pipeline.localization.train import choose_decoder
 from pipeline.registry import build_from_checkpoint
 

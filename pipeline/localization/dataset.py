@@ -31,7 +31,6 @@ from pipeline.preprocess import prepare
 from pipeline.seeds import EVALUATION_SEEDS
 
 
-
 @dataclass
 class Case:
     """One training volume on the network grid.

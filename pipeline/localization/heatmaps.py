@@ -43,8 +43,10 @@ def refine_peak(heatmap: np.ndarray, index: tuple[int, ...]) -> np.ndarray:
     for d in range(heatmap.ndim):
         if index[d] == 0 or index[d] == heatmap.shape[d] - 1:
             continue
-        lo = list(index); lo[d] -= 1
-        hi = list(index); hi[d] += 1
+        lo = list(index)
+        lo[d] -= 1
+        hi = list(index)
+        hi[d] += 1
         v = np.array([heatmap[tuple(lo)], heatmap[tuple(index)], heatmap[tuple(hi)]], dtype=float)
         if v[1] <= 0:
             continue

@@ -8,7 +8,7 @@ on a 2-core CPU the paper's SGD at lr 1e-4 barely moves in the iterations we can
 (docs/archive/model-card-history.md has the measurements); ``optimizer="sgd"`` restores the paper's setting.
 
 Every ``val_every`` iterations the whole validation volumes go through the real inference
-(:mod:`pipeline.localization.inference`); the presence threshold is chosen on them, and the best
+(:mod:`pipeline.localization.infer`); the presence threshold is chosen on them, and the best
 checkpoint by validation score is kept as a shippable weight file (``best.pt``). ``last.pt``
 holds everything needed to resume (model, optimiser, scheduler, sampler RNG, history).
 """
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.levels import LEVELS
-from pipeline.localization.train_config import TrainConfig
 from pipeline.localization.dataset import Case, PatchSampler, cached_phantom_cases
-from pipeline.seeds import EVALUATION_SEEDS
-from pipeline.localization.inference import detect, predict_heatmaps
+from pipeline.localization.infer import detect, predict_heatmaps
+from pipeline.localization.train_config import TrainConfig
 from pipeline.nets import MSCN
 from pipeline.registry import weights_payload
+from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.training import cosine_lr, train_device, train_step
 
 BUILDER = "pipeline.nets.mscn:build_mscn"
@@ -51,7 +51,8 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, fg_weight: float = 0.
     return loss.sum() / pred.shape[0]
 
 
-def case_detections(heatmaps: np.ndarray, case: Case, threshold: float, method: str = "argmax") -> dict[int, np.ndarray]:
+def case_detections(heatmaps: np.ndarray, case: Case, threshold: float,
+                    method: str = "argmax") -> dict[int, np.ndarray]:
     """Decoded detections of a case in grid millimetres: level order -> [x, y, z] (z cranial).
 
     ``heatmaps`` in units of the target peak (divided by the amplitude).
@@ -150,8 +151,8 @@ def real_cases(data: Path, spacing_mm: float, log: Callable[[str], None]) -> lis
     side of its split, :func:`pipeline.realdata.samples.training_cases`), in the axial LPS
     layout of a DICOM series; vertebrae cut by the field of view are marked partial."""
     from pipeline.localization.dataset import make_case
-    from pipeline.realdata.truth import axial_lps, truth_vertebrae
     from pipeline.realdata.samples import training_cases
+    from pipeline.realdata.truth import axial_lps, truth_vertebrae
 
     key, cases = training_cases(data)
     out = []

@@ -189,7 +189,7 @@ def test_the_skull_base_right_above_names_the_highest_vertebra():
 
 
 def test_the_pipeline_renames_the_localizers_chain_but_keeps_supplied_labels(thoracolumbar):
-    from pipeline.localization.inference import LocalizedVertebra
+    from pipeline.localization.infer import LocalizedVertebra
     from pipeline.run import _anchor_levels
 
     img, cents = thoracolumbar

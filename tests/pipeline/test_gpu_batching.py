@@ -29,7 +29,7 @@ class _Shapes(torch.nn.Module):
 
 
 def test_patch_batches_blend_to_the_heatmaps_of_one_patch_at_a_time():
-    from pipeline.localization.inference import predict_heatmaps
+    from pipeline.localization.infer import predict_heatmaps
 
     a = np.random.default_rng(0).normal(size=(30, 26, 22)).astype(np.float32)
     net = _Shapes()
@@ -95,7 +95,8 @@ def test_refiner_boxes_padded_into_one_batch_get_the_values_they_get_alone():
     with torch.no_grad():
         own = refiner(torch.from_numpy(x0[None]))[0, 0]
         leaked = refiner(torch.from_numpy(big))[0, 0, :x0.shape[1], :x0.shape[2], :x0.shape[3]]
-        masked = refiner(torch.from_numpy(big), _box_mask(big.shape, x0.shape))[0, 0, :x0.shape[1], :x0.shape[2], :x0.shape[3]]
+        masked = refiner(torch.from_numpy(big),
+                         _box_mask(big.shape, x0.shape))[0, 0, :x0.shape[1], :x0.shape[2], :x0.shape[3]]
     assert float((leaked - own).abs().max()) > 0.01            # logits: the padding leaks in
     assert float((masked - own).abs().max()) < 1e-4            # the mask stops it
 

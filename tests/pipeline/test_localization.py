@@ -9,9 +9,9 @@ import torch
 from pipeline.levels import BY_LABEL, BY_NAME, LEVELS, N_LEVELS
 from pipeline.localization.dataset import Case, PatchSampler, make_case
 from pipeline.localization.heatmaps import channel_peaks, gaussian_heatmaps
-from pipeline.localization.inference import decode, plausible_chain, predict_heatmaps
+from pipeline.localization.infer import decode, plausible_chain, predict_heatmaps
 from pipeline.localization.train import TrainConfig, heatmap_loss, train
-from pipeline.nets import VARIANTS, MSCN
+from pipeline.nets import MSCN, VARIANTS
 from pipeline.preprocess import prepare
 from pipeline.registry import build_from_checkpoint
 
@@ -43,7 +43,8 @@ def test_subvoxel_peak_recovers_gaussian_centres():
 
 
 def test_plausibility_keeps_anatomical_order_and_one_level_per_vertebra():
-    k = lambda n: BY_NAME[n].order
+    def k(n):
+        return BY_NAME[n].order
     # T12, L1, L2 caudal 30 mm apart; a spurious L4 above T12; a second "L3" on the L2 body.
     orders = [k("T12"), k("L1"), k("L2"), k("L4"), k("L3")]
     pos = np.array([[0, 0, 90.0], [0, 0, 60.0], [0, 0, 30.0], [0, 0, 120.0], [0, 2, 28.0]])
@@ -52,7 +53,8 @@ def test_plausibility_keeps_anatomical_order_and_one_level_per_vertebra():
 
 
 def test_plausibility_lets_transitional_levels_be_absent():
-    k = lambda n: BY_NAME[n].order
+    def k(n):
+        return BY_NAME[n].order
     orders = [k("T11"), k("T12"), k("L1"), k("L2")]  # T13 absent: T12 -> L1 is one step
     pos = np.array([[0, 0, 100.0], [0, 0, 75.0], [0, 0, 45.0], [0, 0, 12.0]])
     assert len(plausible_chain(orders, pos, [1, 1, 1, 1])) == 4
@@ -154,7 +156,7 @@ def test_smoke_training_writes_resumable_checkpoints_and_shippable_weights(tmp_p
 
 
 def test_localize_runs_end_to_end_with_a_given_model():
-    from pipeline.localization.inference import localize
+    from pipeline.localization.infer import localize
 
     img, _ = _toy_volume()
     model = MSCN(out_channels=N_LEVELS, base=2)
@@ -205,7 +207,7 @@ def test_seed_ranges_parse_and_evaluation_seeds_are_refused_for_training():
 def test_joint_decoder_labels_a_contiguous_chain_from_ambiguous_channels():
     """Each vertebra's mass is split between its own and the neighbouring channels (an unsure
     network); the joint labelling still reads T11, T12, L1, L2 (no T13), cranial to caudal."""
-    from pipeline.localization.inference import detect
+    from pipeline.localization.infer import detect
 
     names = ["T11", "T12", "L1", "L2"]
     zs = [40.0, 31.0, 22.0, 13.0]
@@ -219,7 +221,7 @@ def test_joint_decoder_labels_a_contiguous_chain_from_ambiguous_channels():
         h[k - 1] += 0.25 * one
     found = detect(h, threshold=0.5, spacing_mm=4.0, method="joint")
     assert [LEVELS[k].name for k, _, _ in found] == names
-    for (k, pos, _), n in zip(found, names):
+    for (_k, pos, _), n in zip(found, names):
         assert np.allclose(pos, centres[n], atol=0.05)
 
 
@@ -231,7 +233,7 @@ def test_relabelling_names_a_vertebra_whose_channel_peaked_on_its_neighbour():
     """L3's channel peaks on L4 (two lumbar channels on one body): the per-channel maxima leave
     the L3 body unlabelled; the joint relabelling along the path names it. Nothing is added
     beyond the found ends (L5's body below L4 has no L5 evidence of its own here)."""
-    from pipeline.localization.inference import detect
+    from pipeline.localization.infer import detect
 
     zs = {"L1": 46.0, "L2": 37.0, "L3": 28.0, "L4": 19.0, "L5": 10.0}
     shape = (56, 20, 20)
@@ -252,7 +254,7 @@ def test_relabelling_undoes_two_labels_shifted_onto_the_next_bodies():
     """Seed 9009's failure: the T9 and T10 channels peak one body caudal (on T10 and T11), the
     true T9 body is left unclaimed, the T11 channel loses to "T10" on the T11 body. Read along
     the spine, T4-T8 and T12 anchor the labels: every body gets its own level."""
-    from pipeline.localization.inference import detect
+    from pipeline.localization.infer import detect
 
     names = ["T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12"]
     zs = {n: 90.0 - 9.0 * i for i, n in enumerate(names)}
@@ -272,9 +274,10 @@ def test_relabelling_undoes_two_labels_shifted_onto_the_next_bodies():
 
 
 def test_two_labels_on_one_body_are_merged_but_a_cut_end_vertebra_is_kept():
-    from pipeline.localization.inference import merge_crowded
+    from pipeline.localization.infer import merge_crowded
 
-    k = lambda n: BY_NAME[n].order
+    def k(n):
+        return BY_NAME[n].order
     # 1 mm grid; steps of 20 mm, except C6 -> C7 (8 mm: two channels on the C7 body) and the
     # last step to a cut T4 (9 mm: its centroid is that of its visible part).
     z = {"C4": 100.0, "C5": 80.0, "C6": 60.0, "C7": 52.0, "T1": 32.0, "T2": 12.0, "T3": -8.0, "T4": -17.0}
@@ -287,7 +290,7 @@ def test_a_cut_end_vertebra_found_twice_keeps_one_detection():
     """Two detections 15 mm apart at the top edge of the volume, with 33 mm steps below, are one
     cut vertebra: the outer goes. The same short step away from the edge stays (a cut vertebra's
     centroid sits in its visible part, nearer its neighbour), and so does a normal end."""
-    from pipeline.localization.inference import drop_doubled_ends
+    from pipeline.localization.infer import drop_doubled_ends
 
     spacing, nz = 4.0, 60
     zs_mm = [234.0, 219.0, 186.0, 153.0, 120.0, 87.0]          # cranial first; top edge 236 mm

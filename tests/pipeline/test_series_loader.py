@@ -23,7 +23,7 @@ def test_regular_series_geometry_and_hu(tmp_path):
     assert np.allclose(img.GetSpacing(), (0.9, 0.7, 2.5))
     assert np.allclose(img.GetOrigin(), (-10.0, -20.0, 100.0))
     assert np.allclose(img.GetDirection(), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    assert img.GetPixelIDTypeAsString() == "32-bit float"
+    assert img.GetPixelIDTypeAsString() == "16-bit signed integer"  # whole slope and intercept
     arr = __import__("SimpleITK").GetArrayViewFromImage(img)
     raw = pydicom.dcmread(w.paths[3]).pixel_array
     assert np.allclose(arr[3], raw.astype(np.float32) - 1024)  # slope 1, intercept -1024
@@ -32,6 +32,33 @@ def test_regular_series_geometry_and_hu(tmp_path):
     assert (s.study_instance_uid, s.series_instance_uid) == (w.study_instance_uid,
                                                              w.series_instance_uid)
     assert s.modality == "CT"
+
+
+def test_fractional_rescale_or_values_beyond_int16_give_float32(tmp_path):
+    """int16 holds a series only where it is exact: a fractional slope, or values that a whole
+    slope and intercept push beyond int16, give float32 HU equal to slope * raw + intercept."""
+    import SimpleITK as sitk
+
+    w = write_ct_series(tmp_path / "frac", n_slices=4, rows=8, columns=8)
+    for path in w.paths:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = "0.5"
+        ds.save_as(path)
+    s = load_series(w.paths)
+    assert s.image.GetPixelIDTypeAsString() == "32-bit float"
+    raw = pydicom.dcmread(w.paths[2]).pixel_array.astype(np.float64)
+    assert np.allclose(sitk.GetArrayViewFromImage(s.image)[2], raw * 0.5 - 1024)
+
+    w = write_ct_series(tmp_path / "big", n_slices=4, rows=8, columns=8)
+    for path in w.paths:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = "40"  # a whole slope, but 40 * raw overflows int16 from some slice on
+        ds.save_as(path)
+    s = load_series(w.paths)
+    assert s.image.GetPixelIDTypeAsString() == "32-bit float"
+    for k in (0, 3):
+        raw = pydicom.dcmread(w.paths[k]).pixel_array.astype(np.float64)
+        assert np.allclose(sitk.GetArrayViewFromImage(s.image)[k], raw * 40 - 1024)
 
 
 def test_feet_first_descending_positions_sorted(tmp_path):

@@ -456,7 +456,8 @@ def localize(image: sitk.Image, device: str = "auto", model: torch.nn.Module | N
     prep = prepare(image, float(meta.get("spacing_mm", 4.0)))
     t2 = time.perf_counter()
     heatmaps = predict_heatmaps(model, prep.array, meta.get("patch", (64, 64, 64)), prep.pad_value,
-                                float(meta.get("overlap", 0.25)), dev) / float(meta.get("amplitude", 1.0))
+                                float(meta.get("overlap", 0.25)), dev)
+    heatmaps /= float(meta.get("amplitude", 1.0))  # in place: one channel stack per series
     t3 = time.perf_counter()
     found = decode(heatmaps, prep, float(meta.get("threshold", 0.3)), meta.get("decoder", "argmax"),
                    relabel=bool(meta.get("relabel", RELABEL)))
