@@ -43,6 +43,11 @@ class SeriesFacts:
     - ``z_range_mm``: the patient z of the first and last slice (low, high), to tell apart
       series that cover different parts of the spine.
     - ``error``: the headers could not be read (the series is not eligible).
+    - ``spine_in_view``: what the spine check (:mod:`dicom_node.spine_coverage`, reading a
+      few slices) saw: True, False, or None where it did not run; ``spine_detail`` says why.
+    - ``in_plane_drift_mm``: how far the last slice's position lies from the first one's
+      slice normal, within the image plane: 0 for a regular stack; more under a gantry tilt
+      (GantryDetectorTilt), whose slices are sheared, not stacked along their normal.
     """
 
     series_instance_uid: str
@@ -57,6 +62,9 @@ class SeriesFacts:
     axial_tilt_deg: float | None = None
     z_range_mm: tuple[float, float] | None = None
     error: str | None = None
+    spine_in_view: bool | None = None
+    spine_detail: str = ""
+    in_plane_drift_mm: float | None = None
 
     @property
     def kernel(self) -> str:
@@ -116,7 +124,30 @@ def evaluate(facts: SeriesFacts, sel: SelectionSettings) -> Eligibility:
         if failure:
             reasons.append(f"{failure} ({source}: {rule.describe()})" if
                            source.startswith("selection.rules") else f"{failure} ({source})")
+    tilt = gantry_tilt(facts)
+    if tilt:
+        reasons.append(tilt)
+    if facts.spine_in_view is False:
+        reasons.append(f"no spine in view: {facts.spine_detail} (selection.spine_check)")
     return Eligibility(not reasons, reasons)
+
+
+def gantry_tilt(facts: SeriesFacts) -> str | None:
+    """Why a sheared stack (gantry tilt: slice positions not along the slice normal) is not
+    analysed, or None. The loader (:mod:`pipeline.series_loader`) refuses such a stack rather
+    than analyse the sheared volume as an upright one (vertebral heights and positions would
+    be wrong by the shear); the selection says so before a job is queued."""
+    from pipeline.series_loader import IN_PLANE_TOLERANCE_MM
+    drift = facts.in_plane_drift_mm
+    if drift is None or drift <= IN_PLANE_TOLERANCE_MM:
+        return None
+    declared = facts.attributes.get("GantryDetectorTilt")
+    if isinstance(declared, tuple):
+        declared = declared[0] if declared else None
+    said = f", GantryDetectorTilt {_text(declared)} deg" if declared not in (None, "") else ""
+    return (f"gantry tilt: slice positions drift {drift:.1f} mm within the image plane from the "
+            f"first to the last slice (not along the slice normal{said}); a tilted stack is "
+            "not resampled, it is refused")
 
 
 def value_of(facts: SeriesFacts, attribute: str,

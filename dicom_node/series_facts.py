@@ -20,7 +20,8 @@ from pydicom.multival import MultiValue
 from dicom_node.selection import SeriesFacts, Value
 
 #: Attributes the ranking reads whatever the rules name.
-_ALWAYS = ("ImageType", "ConvolutionKernel", "SeriesNumber", "SliceThickness")
+_ALWAYS = ("ImageType", "ConvolutionKernel", "SeriesNumber", "SliceThickness",
+           "GantryDetectorTilt")
 
 
 def read_series_facts(series_instance_uid: str, modality: str, slices: int,
@@ -57,7 +58,7 @@ def _facts(series_instance_uid: str, modality: str, slices: int, first: Dataset,
         slice_thickness_mm=thickness, **geometry)
 
 
-def _find(ds: Dataset, keyword: str):  # noqa: ANN202 - a pydicom value or None
+def _find(ds: Dataset, keyword: str):
     """The attribute at the top level, else in the shared functional groups (Enhanced CT,
     PS3.3 C.7.6.16: e.g. SliceThickness in the Pixel Measures Sequence)."""
     value = ds.get(keyword)
@@ -72,7 +73,7 @@ def _find(ds: Dataset, keyword: str):  # noqa: ANN202 - a pydicom value or None
     return None
 
 
-def _value(raw) -> Value | None:  # noqa: ANN001 - any pydicom element value
+def _value(raw) -> Value | None:
     if raw is None or isinstance(raw, (bytes, Dataset)) or \
             isinstance(raw, pydicom.sequence.Sequence):
         return None
@@ -95,7 +96,7 @@ def _number(value: Value | None) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _frame_plane(ds: Dataset, frame: int):  # noqa: ANN202 - (orientation, position) or Nones
+def _frame_plane(ds: Dataset, frame: int):
     """ImageOrientationPatient and ImagePositionPatient (PS3.3 C.7.6.2) of a classic image,
     or of one frame of an Enhanced CT image (Plane Orientation/Position functional groups)."""
     orientation, position = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
@@ -116,7 +117,7 @@ def _frame_plane(ds: Dataset, frame: int):  # noqa: ANN202 - (orientation, posit
 
 def _geometry(first: Dataset, last: Dataset, slices: int) -> dict:
     none = {"slice_spacing_mm": None, "z_coverage_mm": None, "axial_tilt_deg": None,
-            "z_range_mm": None}
+            "z_range_mm": None, "in_plane_drift_mm": None}
     try:
         orientation, p0 = _frame_plane(first, 0)
         _, p1 = _frame_plane(last, -1)
@@ -136,8 +137,12 @@ def _geometry(first: Dataset, last: Dataset, slices: int) -> dict:
     normal /= length
     tilt = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     coverage = abs(float(np.dot(b - a, normal)))
+    # A gantry-tilted acquisition keeps axial images but shears the stack: each slice's
+    # position moves within the image plane (PS3.3 C.7.6.2.1.1, GantryDetectorTilt C.8.2.1).
+    drift = float(np.linalg.norm((b - a) - np.dot(b - a, normal) * normal))
     spacing = coverage / (slices - 1) if slices > 1 else None
     if spacing is None:
         spacing = _number(_value(_find(first, "SpacingBetweenSlices")))
     return {"slice_spacing_mm": spacing, "z_coverage_mm": coverage,
-            "axial_tilt_deg": tilt, "z_range_mm": (min(a[2], b[2]), max(a[2], b[2]))}
+            "axial_tilt_deg": tilt, "z_range_mm": (min(a[2], b[2]), max(a[2], b[2])),
+            "in_plane_drift_mm": drift}

@@ -16,9 +16,17 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import Database, utcnow
+from storage.models import (
+    AuditEvent,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    Series,
+    SeriesState,
+    Study,
+)
 from storage.prepared import PreparedStatement
-from storage.models import (AuditEvent, Delivery, DeliveryState, Instance, Job, JobState,
-                            Result, Series, SeriesState, Study)
 
 
 @dataclass(frozen=True)
@@ -151,7 +159,7 @@ class Index:
                                            before_commit=before_commit)
 
     @contextlib.contextmanager
-    def _connection(self):  # noqa: ANN202 - yields a SQLAlchemy Connection
+    def _connection(self):
         """The connection of :meth:`add_instances`: on SQLite the kept one (dropped after an
         error, so that the next group starts afresh); on other databases one from the pool
         each time, whose pre-ping finds a connection that a server restart broke."""
@@ -166,7 +174,7 @@ class Index:
             self._drop_writer()
             raise
 
-    def _writer(self):  # noqa: ANN202 - a SQLAlchemy Connection
+    def _writer(self):
         """The connection kept for :meth:`add_instances` (callers hold ``_writer_lock``)."""
         if self._writer_conn is None or self._writer_conn.closed or self._writer_conn.invalidated:
             self._writer_conn = self.db.engine.connect()

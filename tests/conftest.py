@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID,
-                         generate_uid)
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,8 +213,9 @@ def node_config(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
         "http": {"host": "127.0.0.1", "port": free_port()},
         "logging": {"level": "INFO"},
         # The tests' small synthetic series (20 slices of 1 mm) cover less z than the default
-        # selection.min_coverage_mm asks of a spine CT; the tests of selection set their own.
-        "selection": {"min_coverage_mm": 0},
+        # selection.min_coverage_mm asks of a spine CT, and hold no spine for
+        # selection.spine_check to find; the tests of selection set their own.
+        "selection": {"min_coverage_mm": 0, "spine_check": False},
     }
     for name, values in sections.items():
         if isinstance(values, list):
@@ -305,7 +305,7 @@ class NodeProcess:
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 60.0,
                  interval: float = 0.25, what: str = "condition") -> Any:
         """:func:`wait_for` with the node's log as diagnostics; fails at once if it exits."""
-        def alive_and(pred=predicate):  # noqa: ANN001, ANN202
+        def alive_and(pred=predicate):
             value = pred()
             if not value and self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"node exited ({self.proc.returncode}) while waiting for "

@@ -31,10 +31,19 @@ from pathlib import Path
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, EnhancedCTImageStorage,
-                         ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         JPEG2000Lossless, JPEGLosslessSV1, MRImageStorage, RLELossless,
-                         SecondaryCaptureImageStorage)
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    MRImageStorage,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
 
 ROOT = "1.2.826.0.1.3680043.10.1099"
 SOP_CLASSES = [CTImageStorage] * 6 + [EnhancedCTImageStorage, MRImageStorage,
@@ -319,14 +328,14 @@ class CStoreHarness:
     """
 
     def __init__(self, root: Path):
+        import logging
+
         from pynetdicom import AE, _config, build_context
 
         from config import load_settings
         from dicom_node.context import NodeContext
         from dicom_node.scp import StorageSCP
         from tests.conftest import free_port
-
-        import logging
         self._quiet = [(name, logging.getLogger(name).level)
                        for name in ("spine_node", "pynetdicom", "pydicom")]
         for name, _ in self._quiet:
@@ -340,6 +349,7 @@ class CStoreHarness:
                                           "fsync": False, "sqlite_synchronous": "NORMAL"},
                                  # every stored series reaches the loader: no selection
                                  selection={"min_slices": 1, "min_coverage_mm": 0,
+                                            "spine_check": False,
                                             "max_slice_mm": 1e6, "axial_tolerance_deg": 90,
                                             "rules": []},
                                  scheduler={"stable_seconds": 0},

@@ -11,7 +11,7 @@ from dicom_node.cli import app
 from storage.db import Database
 from storage.index import Index
 from tests.conftest import free_port, write_config
-from tests.dicom_node.test_worker_scheduler import _ingest, _tick  # noqa: F401 - helpers
+from tests.dicom_node.test_worker_scheduler import _ingest, _tick
 
 runner = CliRunner()
 
@@ -24,7 +24,8 @@ def config(tmp_path, monkeypatch):
     return write_config(tmp_path / "n.toml", {
         "storage": {"root": str(tmp_path / "store"), "min_free_mb": 0, "fsync": False},
         "scheduler": {"stable_seconds": 0},
-        "selection": {"min_coverage_mm": 0}})  # its 20 slices of 1 mm cover 19 mm
+        # its 20 slices of 1 mm cover 19 mm, and hold a disc, not a spine
+        "selection": {"min_coverage_mm": 0, "spine_check": False}})
 
 
 def _run(*args):
@@ -66,8 +67,10 @@ def test_db_upgrade_studies_jobs_rerun(config, tmp_path):
     assert job == {"id": 1, "study_instance_uid": w.study_instance_uid,
                    "series_instance_uid": w.series_instance_uid, "state": "queued",
                    "error": None, "attempts": 0, "reason": chosen}
-    # A queued job already covers the study: nothing to rerun.
-    assert _run("rerun", w.study_instance_uid, "--config", str(config)).exit_code == 1
+    # A queued job already covers the study: no new job, and it says so.
+    res = _run("rerun", w.study_instance_uid, "--config", str(config))
+    assert res.exit_code == 0 and "job 1 (version 1)" in res.output \
+        and "already queued" in res.output
     ctx = NodeContext.open(load_settings(config))
     ctx.queue.claim("w")
     ctx.close()

@@ -6,7 +6,7 @@ import pytest
 
 from config import load_settings
 from config.settings import SelectionRule
-from dicom_node.ranking import choose
+from dicom_node.ranking import choose, superseding_series
 from dicom_node.selection import SeriesFacts, check, evaluate, kernel_class
 
 
@@ -97,13 +97,39 @@ def test_non_overlapping_parts_of_the_spine_are_each_analysed_once():
     assert decisions["1.4"].reason.startswith("not chosen: series 1.1 ")
 
 
-def test_series_chosen_before_stays_chosen_against_a_late_better_one():
+def test_series_chosen_before_stays_chosen_while_its_analysis_is_under_way():
     kernels = load_settings().selection.kernels
     earlier = _facts("1.1", kernel="B30f")
     late = _facts("1.2")
     [d] = choose([late], kernels, kept=[earlier])
     assert not d.chosen
-    assert d.reason.endswith("is analysed (chosen before this series arrived)")
+    assert d.reason.endswith("is analysed (chosen before this series arrived; its analysis "
+                             "is under way)")
+
+
+def test_late_better_series_supersedes_a_finished_answer_a_worse_one_does_not():
+    kernels = load_settings().selection.kernels
+    earlier = _facts("1.1", kernel="B30f")
+    better, same, worse = _facts("1.2"), _facts("1.3", kernel="B31f", number=1), \
+        _facts("1.4", kernel="B30f", thickness=2.0)
+    decisions = {d.series_instance_uid: d for d in choose([better, same, worse], kernels,
+                                                          kept=[earlier], finished=["1.1"])}
+    assert decisions["1.2"].chosen and decisions["1.2"].reason == (
+        "chosen: B70f bone kernel, 1 mm slices, 300 mm z coverage; arrived after series 1.1 "
+        "(B30f soft kernel, 1 mm slices, 300 mm z coverage) was analysed and supersedes it")
+    assert (decisions["1.1"].chosen, decisions["1.1"].superseded_by) == (False, "1.2")
+    assert decisions["1.1"].reason.startswith("superseded: series 1.2 (B70f bone kernel")
+    assert superseding_series(decisions["1.1"].reason) == "1.2"
+    for uid in ("1.3", "1.4"):                   # the newcomer analysed instead is named
+        assert decisions[uid].reason.startswith("not chosen: series 1.2 ")
+    # No better (same kernel class, thickness and coverage): the answer stays, no churn.
+    [d] = choose([same], kernels, kept=[earlier], finished=["1.1"])
+    assert not d.chosen and d.reason.endswith("(chosen before this series arrived)")
+    # Another part of the spine beside a finished one: analysed as a part, nothing replaced.
+    lumbar = _facts("1.5", z=(-290.0, -100.0))
+    thorax = _facts("1.1", kernel="B30f", z=(-600.0, -300.0))
+    [d] = choose([lumbar], kernels, kept=[thorax], finished=["1.1"])
+    assert d.chosen and "part of the spine no other chosen series covers" in d.reason
 
 
 def test_reasons_never_show_an_identifying_value():
@@ -119,7 +145,7 @@ def test_enhanced_ct_facts_come_from_the_functional_groups(tmp_path):
 
     from dicom_node.series_facts import read_series_facts
 
-    def item(**kw):  # noqa: ANN003, ANN202
+    def item(**kw):
         ds = Dataset()
         for k, v in kw.items():
             setattr(ds, k, v)

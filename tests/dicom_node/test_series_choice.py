@@ -44,7 +44,7 @@ def phantom_slices(tmp_path_factory) -> list[pydicom.Dataset]:
 
 
 def _series(slices: list[pydicom.Dataset], out: Path, number: int, *, kernel: str | None = None,
-            edit=None) -> str:  # noqa: ANN001 - edit(ds, k)
+            edit=None) -> str:
     """Write ``slices`` again as a new series of the same study (new UIDs, SeriesNumber)."""
     out.mkdir(parents=True)
     uid = generate_uid()
@@ -72,7 +72,7 @@ def _sagittal_mpr(slices: list[pydicom.Dataset], out: Path) -> str:
     x0, y0 = (float(v) for v in slices[0].ImagePositionPatient[:2])
     columns = list(range(8, volume.shape[2] - 8, 2))              # 24 sagittal planes
 
-    def edit(ds, k):  # noqa: ANN001, ANN202
+    def edit(ds, k):
         x = columns[k]
         ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
         ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
@@ -90,7 +90,7 @@ def _scout(slices: list[pydicom.Dataset], out: Path) -> str:
     """Two localizer images (ImageType ORIGINAL\\PRIMARY\\LOCALIZER), AP and lateral."""
     orientations = [["1", "0", "0", "0", "0", "-1"], ["0", "1", "0", "0", "0", "-1"]]
 
-    def edit(ds, k):  # noqa: ANN001, ANN202
+    def edit(ds, k):
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         ds.ImageOrientationPatient = orientations[k]
     return _series(slices[:2], out, 1, edit=edit)
@@ -98,7 +98,7 @@ def _scout(slices: list[pydicom.Dataset], out: Path) -> str:
 
 def _dose_screen(slices: list[pydicom.Dataset], out: Path) -> str:
     """A dose report screen capture as scanners send it: Secondary Capture, Modality CT."""
-    def edit(ds, k):  # noqa: ANN001, ANN202
+    def edit(ds, k):
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
         ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
         for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "SliceThickness",
@@ -225,9 +225,9 @@ def test_cli_shows_choice_and_rerun_series_overrides_it(ctx, phantom_slices, tmp
     text = runner.invoke(app, ["jobs", "-c", str(config)]).output
     assert f"not chosen: series {bone}" in text
 
-    # Plain rerun: the chosen series only (it is queued still: nothing to do).
-    assert runner.invoke(app, ["rerun", study["study_instance_uid"], "-c", str(config)]
-                         ).exit_code == 1
+    # Plain rerun: the chosen series only (it is queued still: nothing to do, and it says so).
+    res = runner.invoke(app, ["rerun", study["study_instance_uid"], "-c", str(config)])
+    assert res.exit_code == 0 and "already queued" in res.output, res.output
     res = runner.invoke(app, ["rerun", study["study_instance_uid"], "--series", soft,
                               "-c", str(config)])
     assert res.exit_code == 0, res.output
@@ -281,8 +281,10 @@ def test_routed_study_sent_to_a_running_node_is_analysed_once(node_factory, phan
 
 
 def test_late_series_does_not_make_a_second_answer(ctx, phantom_slices, tmp_path):
-    """A better series arriving after the study was decided is skipped (the chosen one
-    stays: one answer); a late instance of the chosen series makes a new version of it."""
+    """A better series arriving while the chosen one's analysis is under way is skipped (the
+    chosen one stays: one answer; tests/dicom_node/test_late_arrivals.py: once that analysis
+    has finished, the better one supersedes it); a late instance of the chosen series makes a
+    new version of it."""
     soft = _series(phantom_slices, tmp_path / "soft", 3, kernel="B30f")
     _ingest(ctx, tmp_path / "soft")
     [first] = _tick(ctx)
@@ -292,7 +294,8 @@ def test_late_series_does_not_make_a_second_answer(ctx, phantom_slices, tmp_path
     [late] = _tick(ctx)
     assert (late.series_instance_uid, late.state) == (bone, "skipped")
     assert late.error.startswith(f"not chosen: series {soft} (B30f soft kernel")
-    assert late.error.endswith("is analysed (chosen before this series arrived)")
+    assert late.error.endswith("is analysed (chosen before this series arrived; its "
+                               "analysis is under way)")
     worker = Worker(ctx.settings, ctx.index, ctx.queue, ctx.store,
                     analyse=fake_pipeline.analyse, publish=lambda **kw: None)
     assert worker.run_once() and not worker.run_once()
