@@ -31,7 +31,8 @@ def _settings(n: int, seed: int):
 
 
 def run_cstore(n: int, seed: int, work: Path) -> dict:
-    from hypothesis import given, seed as hseed
+    from hypothesis import given
+    from hypothesis import seed as hseed
 
     from tests.hostile import CStoreHarness, hostile_instance
     cfg, _ = _settings(n, seed)
@@ -53,7 +54,8 @@ def run_cstore(n: int, seed: int, work: Path) -> dict:
 
 
 def run_loader(n: int, seed: int, work: Path) -> dict:
-    from hypothesis import given, seed as hseed
+    from hypothesis import given
+    from hypothesis import seed as hseed
 
     from tests.hostile import check_loader, hostile_series
     cfg, _ = _settings(n, seed)

@@ -76,8 +76,7 @@ def make_series(n_slices: int, matrix: int, cache: Path) -> tuple[Path, list[Pat
     if not done.exists():
         import numpy as np
         from pydicom.dataset import FileDataset, FileMetaDataset
-        from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian,
-                                 PYDICOM_IMPLEMENTATION_UID, generate_uid)
+        from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         rng = np.random.default_rng(8)

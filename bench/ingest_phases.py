@@ -38,17 +38,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+# The imports below come after the sys.path lines above: bench/ is not a package, and the
+# project's packages must be importable when this file runs as a script from a checkout.
 import ingest  # noqa: E402 - bench/ingest.py: the series, the tools
 
-import dicom_node.part10 as part10  # noqa: E402
-from storage import direct_io
+import dicom_node.part10 as part10  # noqa: E402 - after sys.path (see above)
 import storage.files as files  # noqa: E402
 import storage.index as index  # noqa: E402
 import storage.ingest as writer  # noqa: E402
 from config.settings import Settings  # noqa: E402
 from dicom_node import scp  # noqa: E402
-from dicom_node.fastpath import codec, hooks  # noqa: E402
 from dicom_node.context import NodeContext  # noqa: E402
+from dicom_node.fastpath import codec, hooks  # noqa: E402
+from storage import direct_io  # noqa: E402
 
 WALL: collections.Counter = collections.Counter()
 CPU: collections.Counter = collections.Counter()
@@ -64,7 +66,7 @@ def _marked(owner: object, name: str, start: str, end: str) -> None:
     fn = getattr(owner, name)
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrapper(*args, **kwargs):
         EVENTS.append((time.perf_counter(), start))
         try:
             return fn(*args, **kwargs)
@@ -102,7 +104,7 @@ def _timed(owner: object, name: str, label: str) -> None:
     fn = getattr(owner, name)
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrapper(*args, **kwargs):
         wall, cpu = time.perf_counter(), time.thread_time()
         try:
             return fn(*args, **kwargs)
@@ -118,7 +120,7 @@ def _timed(owner: object, name: str, label: str) -> None:
 _GC: dict[str, float] = {"seconds": 0.0, "runs": 0, "started": 0.0}
 
 
-def _gc_timer(phase: str, info: dict) -> None:  # noqa: ARG001
+def _gc_timer(phase: str, info: dict) -> None:
     if phase == "start":
         _GC["started"] = time.perf_counter()
     else:

@@ -18,10 +18,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
-from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource,
-                               SettingsConfigDict, SettingsError)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 #: Environment variable naming the TOML file when ``--config`` is not given.
 CONFIG_ENV = "SPINE_NODE_CONFIG"
@@ -425,14 +429,14 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
                                    dotenv_settings, file_secret_settings):
-        toml = _TomlSource(settings_cls, _toml_data.get())
+        toml = _TomlSource(settings_cls, _toml_data.get({}))
         return (init_settings, _EnvSource(settings_cls), toml)
 
 
 # The TOML content travels to the source through a context variable, so that loading is
 # re-entrant (tests build several settings objects in one process).
-_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_toml_data",
-                                                                             default={})
+# No default (a shared mutable one): outside load_settings there is no TOML, read as {}.
+_toml_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_toml_data")
 
 
 class _EnvSource(EnvSettingsSource):

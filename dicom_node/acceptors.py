@@ -70,7 +70,7 @@ class StorageServer(ThreadedAssociationServer):
       accepts at once, a single sender is never delayed).
     """
 
-    def __init__(self, ae: AE, address: tuple, ae_title: str, contexts: list,  # noqa: PLR0913
+    def __init__(self, ae: AE, address: tuple, ae_title: str, contexts: list,
                  ssl_context: ssl.SSLContext | None = None, evt_handlers: list | None = None,
                  *, request_handler: type[RequestHandler] = RequestHandler,
                  listen_fd: int | None = None, defer_when_busy: bool = False) -> None:
@@ -99,7 +99,7 @@ class StorageServer(ThreadedAssociationServer):
         if self._listen_fd is None:  # an inherited socket is listening already
             super().server_activate()
 
-    def get_request(self):  # noqa: ANN201 - pynetdicom's (socket, address)
+    def get_request(self):
         if self._defer_when_busy:
             busy = sum(1 for a in self.ae.active_associations if a.is_established)
             if busy:

@@ -47,7 +47,7 @@ OUTCOMES = {"success": 0, "accepted": 0, "nothing": 0, "done": 0, "skipped": 0,
             "rejected": 4, "partial": 4, "failed": 4, "retry": 4, "dead": 8, "error": 8}
 
 
-def record(index, event_type: str, outcome: str, *, actor: str,  # noqa: ANN001 - Index
+def record(index, event_type: str, outcome: str, *, actor: str,
            actor_host: str | None = None, study_instance_uid: str | None = None,
            **details: Any) -> bool:
     """Write one audit event (database row and JSON log line). ``index``:
@@ -71,13 +71,13 @@ def record(index, event_type: str, outcome: str, *, actor: str,  # noqa: ANN001 
         return False
     try:
         index.audit(event_type, actor, outcome, row)
-    except Exception:  # noqa: BLE001 - auditing must not break the listener, a job, a send
+    except Exception:
         log.exception("audit write failed", extra={"event": event_type})
         return False
     return True
 
 
-def association(index, calling_ae: str, host: str, *, accepted: bool,  # noqa: ANN001
+def association(index, calling_ae: str, host: str, *, accepted: bool,
                 reason: str | None = None) -> None:
     """An association accepted or rejected (ATNA User Authentication, Login); a failed TLS
     handshake is a Security Alert (Node Authentication)."""

@@ -143,8 +143,9 @@ def render_association_policy(settings: Settings | None = None) -> str:
 #: When the SCP answers each C-STORE status (PS3.4 B.2.3), by :class:`dicom_node.scp.StoreStatus`
 #: member name. A status added to the SCP without a line here renders as "see dicom_node/scp.py".
 _STORE_STATUS_MEANING = {
-    "SUCCESS": "The instance is on disk (written, fsynced, renamed) and indexed; also for an "
-               "instance whose SOP Instance UID is already stored (kept once).",
+    "SUCCESS": "The instance's data and file name are durable and its index row committed "
+               "(docs/durability.md); also for an instance whose SOP Instance UID is already "
+               "stored (kept once).",
     "REFUSED_SOP_CLASS_NOT_SUPPORTED": "The SOP class of the request is not one of those above.",
     "PROCESSING_FAILURE": "The instance could not be indexed; nothing is kept, resend it.",
     "OUT_OF_RESOURCES": "Free disk below `storage.min_free_mb`, or the write failed; nothing is "
@@ -232,8 +233,7 @@ class ModuleUse:
 def iod_modules(ds: Dataset) -> list[ModuleUse]:
     """The modules of ``ds``'s IOD (PS3.3 Annex A, via highdicom's tables of the standard) and
     whether ``ds`` contains each: a module is present when one of its top-level attributes is."""
-    from highdicom._standard_utils import (get_iod_module_map, get_module_attribute_map,
-                                           get_sop_class_iod_map)
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
     from pydicom.datadict import tag_for_keyword
 
     iod = get_sop_class_iod_map()[str(ds.SOPClassUID)]

@@ -87,7 +87,7 @@ class Exporter:
     ``settings``: :class:`config.Settings` (``exporter``, ``destinations``, ``node.ae_title``).
     """
 
-    def __init__(self, settings, db: Database, store: BlobStore, *,  # noqa: ANN001
+    def __init__(self, settings, db: Database, store: BlobStore, *,
                  calling_ae: str | None = None):
         self.settings = settings
         self.queue = DeliveryQueue(db)
@@ -144,7 +144,7 @@ class Exporter:
         while not self._stop.is_set():
             try:
                 handled = self.deliver_due(name)
-            except Exception:  # noqa: BLE001 - e.g. the database is briefly locked
+            except Exception:
                 log.exception("exporter loop error", extra={"destination": name})
                 handled = 0
             if handled:
@@ -190,7 +190,7 @@ class Exporter:
             for c, _ in sendable:
                 self._failed(c, str(exc))
             return len(claimed)
-        except Exception as exc:  # noqa: BLE001 - a bug or an unreadable file: retry later
+        except Exception as exc:
             log.exception("C-STORE failed", extra={"destination": name})
             for c, _ in sendable:
                 self._failed(c, f"{type(exc).__name__}: {exc}")

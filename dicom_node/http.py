@@ -66,7 +66,7 @@ class HttpServer:
         class Handler(BaseHTTPRequestHandler):
             server_version = "spine-node"
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 path = self.path.split("?", 1)[0]
                 if path == "/health":
                     ok, body = health(outer.db, outer.store)
@@ -84,7 +84,7 @@ class HttpServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, fmt, *args):  # noqa: ANN001 - quiet access log
+            def log_message(self, fmt, *args):
                 log.debug("http " + fmt % args)
 
         self.db, self.store = db, store

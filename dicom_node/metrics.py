@@ -19,7 +19,7 @@ class JobsCollector:
     """``spine_node_jobs{state=...}``: read from the database at scrape time, so it is right
     across processes (several workers) and restarts."""
 
-    def __init__(self, index):  # noqa: ANN001 - storage.index.Index
+    def __init__(self, index):
         self.index = index
 
     def collect(self):
@@ -36,7 +36,7 @@ class JobsCollector:
 _registered: JobsCollector | None = None
 
 
-def register_jobs_collector(index) -> None:  # noqa: ANN001
+def register_jobs_collector(index) -> None:
     global _registered
     if _registered is not None:
         try:

@@ -24,14 +24,26 @@ import threading
 import time
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (HTJ2K, JPEG2000, DeflatedExplicitVRLittleEndian,
-                         ExplicitVRBigEndian, ExplicitVRLittleEndian, HTJ2KLossless,
-                         HTJ2KLosslessRPCL, ImplicitVRLittleEndian, JPEG2000Lossless,
-                         JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-                         JPEGLSLossless, JPEGLSNearLossless, RLELossless)
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage,
-                                  Verification)
+from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 
 from config import Settings
 from dicom_node import audit, metrics, part10
@@ -208,7 +220,7 @@ class StorageSCP:
             assoc.abort()
 
     # -- association -----------------------------------------------------------------------
-    def _on_requested(self, event) -> None:  # noqa: ANN001
+    def _on_requested(self, event) -> None:
         assoc = event.assoc
         calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
         host = assoc.requestor.address
@@ -225,7 +237,7 @@ class StorageSCP:
         metrics.ASSOCIATIONS.labels("rejected").inc()
         audit.association(self.index, calling, host, accepted=False, reason=reason)
 
-    def _on_limit_rejected(self, event) -> None:  # noqa: ANN001
+    def _on_limit_rejected(self, event) -> None:
         """pynetdicom's own rejection: more than ``node.max_associations`` at once (transient,
         "local limit exceeded"; the peer should retry later)."""
         assoc = event.assoc
@@ -240,7 +252,7 @@ class StorageSCP:
         audit.association(self.index, "", peer, accepted=False,
                           reason=f"TLS handshake failed: {reason}")
 
-    def _on_accepted(self, event) -> None:  # noqa: ANN001
+    def _on_accepted(self, event) -> None:
         assoc = event.assoc
         metrics.ASSOCIATIONS.labels("accepted").inc()
         audit.association(self.index, assoc.requestor.ae_title.strip(),
@@ -249,7 +261,7 @@ class StorageSCP:
             self._stats[id(assoc)] = _AssocStats(assoc.requestor.ae_title.strip(),
                                                  assoc.requestor.address)
 
-    def _on_close(self, event) -> None:  # noqa: ANN001
+    def _on_close(self, event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None or not (stats.stored or stats.duplicates or stats.refused):
@@ -264,11 +276,11 @@ class StorageSCP:
                      actor=f"{stats.calling_ae}@{stats.host}", actor_host=stats.host,
                      calling_ae=stats.calling_ae, **details)
 
-    def _on_echo(self, event) -> int:  # noqa: ANN001
+    def _on_echo(self, event) -> int:
         return int(StoreStatus.SUCCESS)
 
     # -- C-STORE ---------------------------------------------------------------------------
-    def _on_store(self, event) -> Dataset | int:  # noqa: ANN001
+    def _on_store(self, event) -> Dataset | int:
         start = time.perf_counter()
         stats = self._stats.get(id(event.assoc))
         status, comment, label = self._store(event, stats)
@@ -282,7 +294,7 @@ class StorageSCP:
                                               "reason": comment})
         return _response(status, comment)
 
-    def _store(self, event, stats) -> tuple[StoreStatus, str, str]:  # noqa: ANN001
+    def _store(self, event, stats) -> tuple[StoreStatus, str, str]:
         req = event.request
         sop_class = clean_uid(req.AffectedSOPClassUID)
         if sop_class not in self.storage_classes:
@@ -293,8 +305,8 @@ class StorageSCP:
         fragments = fragments_of(req.DataSet)
         return self._store_dataset(req, sop_class, transfer_syntax, fragments, stats)
 
-    def _store_dataset(self, req, sop_class: str, transfer_syntax: str,  # noqa: ANN001
-                       fragments: list, stats) -> tuple[StoreStatus, str, str]:  # noqa: ANN001
+    def _store_dataset(self, req, sop_class: str, transfer_syntax: str,
+                       fragments: list, stats) -> tuple[StoreStatus, str, str]:
         try:
             header = part10.read_header(fragments, transfer_syntax, _HEADER_TAGS)
             study = validate_uid(header.get("StudyInstanceUID"), "Study Instance UID")
@@ -339,7 +351,7 @@ class StorageSCP:
             log.error("instance write failed", extra={"error": str(exc)})
             return StoreStatus.OUT_OF_RESOURCES, f"write failed: {exc.strerror}", \
                 "out_of_resources"
-        except Exception as exc:  # noqa: BLE001 - the SCU must hear "not stored"
+        except Exception as exc:
             log.exception("indexing failed")
             return StoreStatus.PROCESSING_FAILURE, f"index failed: {type(exc).__name__}", \
                 "error"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.status import code_to_category
 
@@ -46,7 +46,7 @@ class Peer:
                                                repr=False)
 
     @classmethod
-    def from_destination(cls, d) -> "Peer":  # noqa: ANN001 - config.Destination
+    def from_destination(cls, d) -> "Peer":
         from dicom_node.tls import destination_context
         return cls(ae_title=d.ae_title, host=d.host, port=int(d.port), name=d.name,
                    ssl_context=destination_context(d))
@@ -67,7 +67,7 @@ class Timeouts:
     network_s: float = 60.0
 
     @classmethod
-    def from_settings(cls, exporter) -> "Timeouts":  # noqa: ANN001 - config.ExporterSettings
+    def from_settings(cls, exporter) -> "Timeouts":
         network = getattr(exporter, "network_timeout_s", None) or exporter.dimse_timeout_s
         connect = getattr(exporter, "connect_timeout_s", None) or min(10.0,
                                                                       exporter.acse_timeout_s)
@@ -121,7 +121,7 @@ def _status_text(status: int) -> str:
     return f"{category} 0x{status:04X}"
 
 
-def _why_no_association(assoc, peer: Peer, timeouts: Timeouts) -> str:  # noqa: ANN001
+def _why_no_association(assoc, peer: Peer, timeouts: Timeouts) -> str:
     """A sentence for the failed association (pynetdicom reports refusals as aborts)."""
     if assoc.is_rejected:
         return f"{peer} rejected the association (check our AE title and its called AE title)"

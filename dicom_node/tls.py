@@ -28,7 +28,7 @@ class _DeferredHandshakeSocket(ssl.SSLSocket):
         self._spine_handshake()
         return super().recv(buflen, flags)
 
-    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:  # noqa: ANN001
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
         self._spine_handshake()
         return super().recv_into(buffer, nbytes, flags)
 
@@ -66,7 +66,7 @@ class ServerContext(ssl.SSLContext):
     io_timeout: float | None = None
     on_handshake_failure: FailureCallback | None = None
 
-    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True,  # noqa: ANN001
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True,
                     suppress_ragged_eofs=True, server_hostname=None, session=None):
         peer = "?"
         try:
@@ -82,7 +82,7 @@ class ServerContext(ssl.SSLContext):
         return wrapped
 
 
-def server_context(tls, *, io_timeout: float | None = None,  # noqa: ANN001 - TlsSettings
+def server_context(tls, *, io_timeout: float | None = None,
                    on_failure: FailureCallback | None = None) -> ServerContext:
     """The listener's context from ``[node.tls]``."""
     ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)
@@ -113,7 +113,7 @@ def client_context(*, ca_file: Path | str | None = None, cert_file: Path | str |
     return ctx
 
 
-def destination_context(dest) -> ssl.SSLContext | None:  # noqa: ANN001 - config.Destination
+def destination_context(dest) -> ssl.SSLContext | None:
     """The context for a ``[[destinations]]`` entry, or None when it is plain DICOM."""
     if not getattr(dest, "tls", False):
         return None

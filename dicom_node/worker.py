@@ -44,6 +44,24 @@ def _entry_point(module: str, attr: str, what: str):
     return fn
 
 
+def _over_budget(paths: list, slices: int, budget_mb: float) -> str | None:
+    """Why a series is too large for ``pipeline.memory_budget_mb`` (:mod:`pipeline.memory`),
+    from one header; None where it fits or the header cannot tell."""
+    import pydicom
+
+    from pipeline.memory import SeriesSize, over_budget
+
+    try:
+        ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        row_mm, col_mm = (float(v) for v in ds.get("PixelSpacing", (1.0, 1.0)))
+        step = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
+    except (OSError, ValueError, TypeError, AttributeError, pydicom.errors.InvalidDicomError):
+        return None  # the loader gives the reason
+    size = SeriesSize(rows, cols, slices, (cols * col_mm, rows * row_mm, slices * abs(step)))
+    return over_budget(size, budget_mb)
+
+
 class Worker:
     """One job at a time; :meth:`run` loops until ``stop`` is set."""
 
@@ -66,7 +84,7 @@ class Worker:
         while not self.stop.is_set():
             try:
                 busy = self.run_once()
-            except Exception:  # noqa: BLE001 - e.g. the database is briefly unreachable
+            except Exception:
                 log.exception("worker loop error")
                 busy = False
             if not busy:
@@ -100,7 +118,7 @@ class Worker:
             self._run(job)
         except JobFailed as exc:
             state, error = JobState.FAILED, str(exc)
-        except Exception as exc:  # noqa: BLE001 - never crash the worker
+        except Exception as exc:
             log.exception("job raised", extra={"job_id": job.id})
             state, error = JobState.FAILED, f"unexpected error: {type(exc).__name__}: {exc}"
         if error and len(error) > MAX_ERROR_CHARS:
@@ -125,6 +143,11 @@ class Worker:
         if not instances:
             raise JobFailed("the series has no stored instances")
         paths = [self.store.path(inst.path) for inst in instances]
+        budget = self.settings.pipeline.memory_budget_mb
+        if budget:
+            reason = _over_budget(paths, sum(max(1, int(i.frames or 1)) for i in instances), budget)
+            if reason:
+                raise JobFailed(reason)
         try:
             series = load_series(paths)
         except SeriesLoadError as exc:
@@ -194,7 +217,7 @@ class Heartbeat:
             next_beat = time.monotonic() + interval
             try:
                 self.beat()
-            except Exception:  # noqa: BLE001 - the database is briefly away: next beat
+            except Exception:
                 log.exception("job heartbeat failed")
 
 

@@ -10,8 +10,8 @@ the SEG and the key image (``pipeline.outputs.build_outputs``); with ``--ground-
 findings and label map are the phantom's truth instead of a model's output (for a checkout
 without trained weights; tests/deploy/groundtruth_pipeline.py). The key image is the Secondary
 Capture's pixels as a PACS shows them; the SEG overlay is read back from the SEG (highdicom) and
-drawn on a sagittal plane of the CT, with each segment's recommended display colour. Writes docs/images/key-image.png and
-docs/images/seg-overlay.png, and prints how they were made.
+drawn on a sagittal plane of the CT, with each segment's recommended display colour. Writes
+docs/images/key-image.png and docs/images/seg-overlay.png, and prints how they were made.
 """
 from __future__ import annotations
 

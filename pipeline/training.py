@@ -197,7 +197,8 @@ def resume(path: Path, model: torch.nn.Module, opt, sched, rng: np.random.Genera
     if not path.exists():
         return 0, math.inf
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
     rng.bit_generator.state = state["rng"]
     say(f"resumed at step {state['step']}")
@@ -247,7 +248,7 @@ class Prefetch:
         while not self._stop.is_set():
             try:
                 item = (self._make(), None)
-            except BaseException as exc:  # hand the error to the training loop
+            except BaseException as exc:  # noqa: BLE001 - any error goes to the training loop, which raises it
                 item = (None, exc)
             while not self._stop.is_set():
                 try:

@@ -209,7 +209,8 @@ def load_verse_case(path: Path | str, require_mask: bool = False) -> VerseCase:
         cents = centroids_from_mask(mask)
     case_id = str(files["id"])
     if case_id == "ct":
-        case_id = Path(files["ct"]).parent.parent.name if Path(files["ct"]).parent.name == "verse" else Path(files["ct"]).parent.name
+        folder = Path(files["ct"]).parent
+        case_id = folder.parent.name if folder.name == "verse" else folder.name
     return VerseCase(ct=ct, mask=mask, centroids_mm=cents, case_id=case_id,
                      paths={k: v for k, v in files.items() if isinstance(v, Path)})
 

@@ -31,9 +31,11 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 print(f"installed torch {torch.__version__}, " + (f"CUDA {c} build" if c else "CPU build"))')"
 fi
 stamp=.venv/.spine-node-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! command -v spine-node >/dev/null; then
-    _setup_say "installing spine-node and its test tools into .venv (pip install -e '.[test]')"
-    pip install --quiet -e '.[test]'
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] \
+        || ! command -v spine-node >/dev/null; then
+    _setup_say "installing spine-node and its test tools into .venv (pip install -e '.[test]'" \
+        "-c constraints.txt: the versions the tests passed with)"
+    pip install --quiet -e '.[test]' -c constraints.txt
     touch "$stamp"
 fi
 # Debian's dcmtk leaves Nagle's algorithm on; this makes storescu/echoscu/storescp send at once.

@@ -38,7 +38,7 @@ def make_engine(url: str, *, sqlite_synchronous: str = "FULL") -> Engine:
     sync = "NORMAL" if sqlite_synchronous.upper() == "NORMAL" else "FULL"
 
     @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+    def _pragmas(dbapi_conn, _record):
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
@@ -59,7 +59,7 @@ class Database:
         self.is_sqlite = is_sqlite(self.engine)
 
     @classmethod
-    def from_settings(cls, settings) -> "Database":  # noqa: ANN001 - config.Settings
+    def from_settings(cls, settings) -> "Database":
         return cls(settings.storage.database_url,
                    sqlite_synchronous=settings.storage.sqlite_synchronous)
 

@@ -39,7 +39,7 @@ class Backoff:
     max_attempts: int = 10
 
     @classmethod
-    def from_settings(cls, exporter) -> "Backoff":  # noqa: ANN001 - config.ExporterSettings
+    def from_settings(cls, exporter) -> "Backoff":
         return cls(start_s=exporter.backoff_start_s, factor=exporter.backoff_factor,
                    max_s=exporter.backoff_max_s, max_attempts=exporter.max_attempts)
 
@@ -70,7 +70,7 @@ class DestinationWants:
     objects: tuple[str, ...] = DELIVERABLE_KINDS
 
     @classmethod
-    def from_settings(cls, destinations: Iterable) -> list["DestinationWants"]:  # noqa: ANN001
+    def from_settings(cls, destinations: Iterable) -> list["DestinationWants"]:
         return [cls(d.name, tuple(d.objects)) for d in destinations]
 
 
@@ -110,7 +110,7 @@ class DeliveryQueue:
         self._insert = _insert(db)
 
     # -- creating --------------------------------------------------------------------------
-    def _enqueue_rows(self, s, rows: Sequence[tuple[int, str]],  # noqa: ANN001 - a Session
+    def _enqueue_rows(self, s, rows: Sequence[tuple[int, str]],
                       now: dt.datetime) -> int:
         if not rows:
             return 0

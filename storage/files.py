@@ -67,7 +67,7 @@ def _chunks(data: bytes | Iterable) -> tuple[Iterable, int]:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range():  # noqa: ANN202 - a ctypes function or None
+def _load_sync_file_range():
     """Linux's ``sync_file_range`` from the C library (Python's ``os`` has none), or ``None``
     where there is none (other systems: the later fdatasync then does all the work)."""
     try:

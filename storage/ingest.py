@@ -156,7 +156,7 @@ class InstanceWriter:
         self._group = GroupCommit(self._commit)
 
     @classmethod
-    def from_settings(cls, settings, store: BlobStore, index: Index) -> "InstanceWriter":  # noqa: ANN001
+    def from_settings(cls, settings, store: BlobStore, index: Index) -> "InstanceWriter":
         normal = index.db.is_sqlite and settings.storage.sqlite_synchronous == "NORMAL"
         return cls(store, index, sync_dirs=not normal)
 

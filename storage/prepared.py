@@ -45,7 +45,7 @@ class PreparedStatement:
     def params(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         procs, consts = self.processors, self.constants
 
-        def one(name: str) -> Any:  # noqa: ANN401
+        def one(name: str) -> Any:
             if name in consts:
                 return consts[name]
             return procs[name](values[name]) if name in procs else values[name]
@@ -54,7 +54,7 @@ class PreparedStatement:
             return tuple(one(n) for n in self.names)
         return {n: one(n) for n in self.names}
 
-    def execute(self, cursor: Any, values: Mapping[str, Any]) -> int:  # noqa: ANN401
+    def execute(self, cursor: Any, values: Mapping[str, Any]) -> int:
         """Run on ``cursor`` (the DB-API cursor of the connection in a transaction); returns
         the row count."""
         cursor.execute(self.sql, self.params(values))

@@ -74,7 +74,7 @@ def _volumes() -> tuple[np.ndarray, np.ndarray]:
     hu = np.full(zz.shape, -1000, dtype=np.int16)
     hu[(xx / 55) ** 2 + (yy / 50) ** 2 < 1] = 40          # soft-tissue body
     labels = np.zeros(zz.shape, dtype=np.uint8)
-    for label, _name, zc, _frac, _g, _m, (ha, hm, hp) in VERTEBRAE:
+    for label, _name, zc, _frac, _g, _m, (ha, _hm, hp) in VERTEBRAE:
         body_x = np.abs(xx) <= 18
         body_y = (yy >= -5) & (yy <= 25)                   # LPS: anterior = smaller y
         # Height falls linearly from posterior (y=25: hp) to anterior (y=-5: ha).

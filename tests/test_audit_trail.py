@@ -90,7 +90,7 @@ def test_end_to_end_run_is_audited_without_patient_identifiers(node_factory, pha
                      ("result_dead", "dead"), ("resend", "success"), ("echo", "success"),
                      ("node_stopped", "success")]:
         assert expected in seen, (expected, sorted(seen))
-    for t, o, d in events:
+    for t, _o, d in events:
         assert d["atna_event_id"].startswith("110") and d["atna_action"] in "CRUDE", (t, d)
         assert d["atna_outcome"] in (0, 4, 8, 12)
         if t in ("study_received", "job_started", "job_finished", "result_delivered",

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydicom.uid import (ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit,
-                         MRImageStorage, UID)
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 

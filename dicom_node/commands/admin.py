@@ -31,7 +31,7 @@ def _open(config: Path | None, upgrade: bool = True) -> NodeContext:
     return NodeContext.open(settings_or_exit(config), upgrade=upgrade)
 
 
-def _record(index, event_type: str, outcome: str, **details) -> None:  # noqa: ANN001
+def _record(index, event_type: str, outcome: str, **details) -> None:
     """Audit an action (rerun, resend, db upgrade, echo) in the audit table, the trail that
     ``serve``'s events go to as well. The terminal stays the command's: the event's JSON line
     goes to stderr only where the table could not take it (``echo`` before the node's database

@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
             res = process_directory(dicom_dir, out, _device(config, device))
         except SeriesLoadError as exc:
             typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         s = res["summary"]
         for v in s["vertebrae"]:
             typer.echo(vertebra_line(v))
@@ -234,9 +234,9 @@ def register(app: typer.Typer) -> None:
                                           models=models)
         else:  # only the localization is shipped: its keys, the others null
             report = ev.evaluate(seed_list, dev, json_out, log=lambda m: typer.echo(m, err=True))
-        keys = ev.REPORT_KEYS + tuple(k for k in ("detection_precision", "detection_recall", "genant_weighted_kappa_linear",
-                                                  "genant_kappa_weights", "errors_over_mm", "timings_s", "centroids",
-                                                  "acquisition")
+        keys = ev.REPORT_KEYS + tuple(k for k in ("detection_precision", "detection_recall",
+                                                  "genant_weighted_kappa_linear", "genant_kappa_weights",
+                                                  "errors_over_mm", "timings_s", "centroids", "acquisition")
                                       if k in report)
         sys.stdout.write(json.dumps({k: report.get(k) for k in keys}, indent=2) + "\n")
 

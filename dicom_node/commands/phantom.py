@@ -11,10 +11,14 @@ import typer
 def phantom(
     seed: int = typer.Option(..., "--seed", help="Seed: the same seed gives identical output."),
     out: Path = typer.Option(..., "--out", help="Output folder (created)."),
-    levels: Optional[str] = typer.Option(None, "--levels", help="Covered levels, e.g. T8-L5 (default: 5-17 random contiguous levels)."),
+    levels: Optional[str] = typer.Option(
+        None, "--levels", help="Covered levels, e.g. T8-L5 (default: 5-17 random contiguous levels)."),
     fractures: str = typer.Option("auto", "--fractures", help="auto (0-3), none, or e.g. L1:2:wedge,T12:1:biconcave."),
-    preview: bool = typer.Option(False, "--preview", help="Also write DIR/preview.png (mid-sagittal and coronal, bone window, label outlines)."),
-    spacing_mm: Optional[float] = typer.Option(None, "--spacing-mm", help="Isotropic grid of this spacing instead of the seed's acquisition grid."),
+    preview: bool = typer.Option(
+        False, "--preview",
+        help="Also write DIR/preview.png (mid-sagittal and coronal, bone window, label outlines)."),
+    spacing_mm: Optional[float] = typer.Option(
+        None, "--spacing-mm", help="Isotropic grid of this spacing instead of the seed's acquisition grid."),
 ) -> None:
     """Write DIR/dicom/ (one CT file per slice), DIR/labels.nii.gz, DIR/gt.json and DIR/verse/."""
     from pipeline.levels import level_range

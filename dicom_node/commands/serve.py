@@ -20,7 +20,7 @@ log = get_logger("spine_node.serve")
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
-    def handler(signum, _frame):  # noqa: ANN001
+    def handler(signum, _frame):
         log.info("signal received, draining", extra={"signal": signal.Signals(signum).name})
         stop.set()
 

@@ -24,13 +24,16 @@ def register(train_app: typer.Typer) -> None:
         time_limit_min: Optional[float] = o.time_limit_opt(),
         threads: int = o.threads_opt(C),
         seed: int = o.seed_opt(C),
-        use_mask: bool = o.option(C, "use_mask", "Read the vertebra mask channel too, or the CT alone (as shipped).", "--use-mask/--ct-only"),
+        use_mask: bool = o.option(C, "use_mask", "Read the vertebra mask channel too, or the CT alone (as shipped).",
+                                  "--use-mask/--ct-only"),
         init_from: Optional[Path] = typer.Option(None, help="Start from these weights (a best.pt): fine-tuning."),
-        fracture_share: float = o.option(C, "fracture_share", help="Share of each batch drawn from fractured vertebrae."),
+        fracture_share: float = o.option(C, "fracture_share",
+                                         help="Share of each batch drawn from fractured vertebrae."),
         install: bool = o.install_opt(),
     ) -> None:
         """Train the keypoint network: six heatmaps A1 A2 M1 M2 P1 P2 on the mid-sagittal plane."""
-        from pipeline.keypoints.train import install as install_weights, train
+        from pipeline.keypoints.train import install as install_weights
+        from pipeline.keypoints.train import train
 
         cfg = o.phantom_config(C, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr, base=base,

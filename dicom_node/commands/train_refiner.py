@@ -21,9 +21,10 @@ def register(train_app: typer.Typer) -> None:
         patch: int = o.option(C, "patch", help="Side of the training patches (1 mm voxels)."),
         lr: float = o.option(C, "lr", help="Learning rate (Adam)."),
         width: int = o.option(C, "width", help="Channels of the refiner's convolutions."),
-        extra_dilations: str = o.option(C, "extra_dilations", help="Residual dilated layers after the first three, e.g. "
-                                            "'4,8' (receptive field 9 -> 33 mm); with --init-from a refiner "
-                                            "without them, they start at zero."),
+        extra_dilations: str = o.option(C, "extra_dilations",
+                                        help="Residual dilated layers after the first three, e.g. "
+                                             "'4,8' (receptive field 9 -> 33 mm); with --init-from a refiner "
+                                             "without them, they start at zero."),
         prior: str = o.option(C, "prior", help="The coarse prior it learns to correct: 'simulated' from "
                                   "the truth, or 'coarse', the 2 mm network's own output (a cascade)."),
         coarse_from: Optional[Path] = typer.Option(None, help="--prior coarse: a 2 mm network's best.pt "
@@ -44,7 +45,8 @@ def register(train_app: typer.Typer) -> None:
     ) -> None:
         """Train the 1 mm boundary refiner (CT + the 2 mm network's prior -> foreground); --install
         puts it beside the shipped 2 mm segmentation network."""
-        from pipeline.segmentation.train_refiner import install as install_weights, train
+        from pipeline.segmentation.train_refiner import install as install_weights
+        from pipeline.segmentation.train_refiner import train
 
         cfg = o.phantom_config(C, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr,

@@ -45,7 +45,8 @@ def register(train_app: typer.Typer) -> None:
         install: bool = o.install_opt(),
     ) -> None:
         """Train the segmentation network: background / normal / fractured vertebra."""
-        from pipeline.segmentation.train import install as install_weights, train
+        from pipeline.segmentation.train import install as install_weights
+        from pipeline.segmentation.train import train
 
         cfg = o.phantom_config(C, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, optimizer=optimizer,

@@ -47,7 +47,7 @@ class FragmentedDataSet(BytesIO):
         super().__init__()
         self.fragments: list[memoryview | bytes] | None = []
 
-    def write(self, data: Any) -> int:  # noqa: ANN401 - any bytes-like object
+    def write(self, data: Any) -> int:
         if self.fragments is None:
             return super().write(data)
         if not isinstance(data, (bytes, memoryview)):
@@ -76,11 +76,11 @@ class FragmentedDataSet(BytesIO):
         self._join()
         return super().read1(size)
 
-    def readinto(self, buffer: Any) -> int:  # noqa: ANN401
+    def readinto(self, buffer: Any) -> int:
         self._join()
         return super().readinto(buffer)
 
-    def readinto1(self, buffer: Any) -> int:  # noqa: ANN401
+    def readinto1(self, buffer: Any) -> int:
         self._join()
         return super().readinto1(buffer)
 
@@ -92,7 +92,7 @@ class FragmentedDataSet(BytesIO):
         self._join()
         return super().readlines(hint)
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         self._join()
         return super().__iter__()
 
@@ -112,7 +112,7 @@ class FragmentedDataSet(BytesIO):
         self._join()
         return super().truncate(size)
 
-    def __getstate__(self):  # noqa: ANN204
+    def __getstate__(self):
         self._join()
         return super().__getstate__()
 

@@ -186,7 +186,7 @@ class SCPDUL(DULServiceProvider):
             except OSError:  # full (a wake-up is pending anyway) or closed (reactor ended)
                 pass
 
-    def send_pdu(self, primitive: Any) -> None:  # noqa: ANN401 - pynetdicom's primitive types
+    def send_pdu(self, primitive: Any) -> None:
         """pynetdicom's ``send_pdu`` (queue the primitive), then wake the reactor (not needed
         when the DUL thread queues it itself: its next pass sends it)."""
         super().send_pdu(primitive)
@@ -276,7 +276,7 @@ class SCPDUL(DULServiceProvider):
                     pass
                 elif self._is_transport_event():
                     self._idle_timer.restart()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom's DUL.run: any error aborts the association
                 _dul.LOGGER.error("Exception in DUL.run(), aborting association")
                 _dul.LOGGER.exception(exc)
                 abort_pdu = A_ABORT_RQ()
@@ -417,7 +417,7 @@ class SCPDIMSE(DIMSEServiceProvider):
         elif not self._serve_inline(d_primitive, context_id):
             self.msg_queue.put((context_id, d_primitive))
 
-    def _serve_inline(self, primitive: Any, context_id: int) -> bool:  # noqa: ANN401
+    def _serve_inline(self, primitive: Any, context_id: int) -> bool:
         """Serve a C-STORE request in this (the DUL) thread if that keeps pynetdicom's order:
         the association thread (:class:`SCPAssociation`, which marks itself while it serves a
         request) runs its reactor (so the association is established: until then the
@@ -519,7 +519,7 @@ class SCPDIMSE(DIMSEServiceProvider):
         rsp.Status = status
         self.send_msg(rsp, context_id)
 
-    def send_msg(self, primitive: Any, context_id: int) -> None:  # noqa: ANN401
+    def send_msg(self, primitive: Any, context_id: int) -> None:
         """A status-only C-STORE response as one PDV, encoded directly; anything else, or any
         message when ``EVT_DIMSE_SENT`` has a handler, by pynetdicom's ``send_msg``."""
         if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
@@ -545,7 +545,7 @@ class SCPAssociation(Association):
     """An acceptor association of the storage SCP with :class:`SCPDUL` and :class:`SCPDIMSE`
     and an event-driven reactor (see the module docstring)."""
 
-    def __init__(self, ae: Any, mode: str) -> None:  # noqa: ANN401 - pynetdicom's AE
+    def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
         # pynetdicom's __init__ makes its own providers (not started: they are dropped here);
         # the timeouts it set on the DUL's timers are set again on ours.

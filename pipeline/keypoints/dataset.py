@@ -54,8 +54,8 @@ def vertebra_planes(ct: sitk.Image, fg: sitk.Image, vertebra: dict, up: np.ndarr
 
 def keypoint_samples(ct: sitk.Image, vertebrae: Iterable[dict], fg_images: Sequence[sitk.Image],
                      rng: np.random.Generator, n_aug: int, name: str = "") -> KeypointSamples:
-    from pipeline.levels import level
     from pipeline.keypoints.plane import spine_axes
+    from pipeline.levels import level
 
     vertebrae = list(vertebrae)
     ups = spine_axes([level(int(v["label"])).order for v in vertebrae], [v["centroid_mm"] for v in vertebrae])

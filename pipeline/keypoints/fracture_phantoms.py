@@ -42,10 +42,10 @@ def write_fracture_phantoms(seeds: Sequence[int], cache: Path, spacings: Sequenc
 
     from pipeline.keypoints.dataset import keypoint_samples, save_keypoint_samples
     from pipeline.phantom import generate
+    from pipeline.seeds import refuse_evaluation_seeds
     from pipeline.segmentation.caches import keypoint_cache_path
     from pipeline.segmentation.crops import array_image, reference_grid
     from pipeline.segmentation.dataset import occupancy
-    from pipeline.seeds import refuse_evaluation_seeds
 
     refuse_evaluation_seeds(list(seeds))
     Path(cache).mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,9 @@ def locate_keypoints(model: torch.nn.Module, ct: sitk.Image, fgs: Sequence[sitk.
         planes = [sagittal_plane(c, up, size, spacing_mm) for c, up in zip(centres, ups)]
         heatmaps = None
         for o in offsets:
-            inputs = host_map(lambda fp: plane_input(ct, fp[0], fp[1].shifted(o)), list(zip(fgs, planes)), device)
+            # o bound as a default (host_map is done with it before the loop moves on)
+            inputs = host_map(lambda fp, o=o: plane_input(ct, fp[0], fp[1].shifted(o)), list(zip(fgs, planes)),
+                              device)
             if not use_mask:
                 for x in inputs:
                     x[1] = 0.0  # a keypoint model trained on the CT alone
@@ -205,4 +207,5 @@ def predict_keypoints(model: torch.nn.Module, inputs: np.ndarray, planes: Sequen
     """Keypoints in LPS mm for each input ``[2, row, col]`` on its plane: decoded by
     :func:`decode_keypoints`, or by each channel's argmax (the paper's eq. 16) with
     ``shape_prior=False``."""
-    return [points_mm(h, plane, shape_prior) for h, plane in zip(predict_heatmaps_2d(model, inputs, device, batch), planes)]
+    heatmaps = predict_heatmaps_2d(model, inputs, device, batch)
+    return [points_mm(h, plane, shape_prior) for h, plane in zip(heatmaps, planes)]

@@ -15,15 +15,23 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.findings import KEYPOINT_NAMES
-from pipeline.keypoints.train_config import KpTrainConfig
 from pipeline.keypoints.dataset import KeypointSamples, load_keypoint_samples
+from pipeline.keypoints.train_config import KpTrainConfig
 from pipeline.localization.heatmaps import gaussian_heatmaps
 from pipeline.nets.mscn import MSCN
 from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.caches import keypoint_cache_path
 from pipeline.segmentation.dataset import cached_phantom_samples
-from pipeline.training import (Progress, keep_best, make_optimizer, optimizer_step, resume,
-                               save_last, start_run, validation_due)
+from pipeline.training import (
+    Progress,
+    keep_best,
+    make_optimizer,
+    optimizer_step,
+    resume,
+    save_last,
+    start_run,
+    validation_due,
+)
 
 
 def build_keypoint_model(base: int = 16, depth: int = 4) -> MSCN:

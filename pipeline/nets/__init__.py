@@ -6,6 +6,6 @@
   (Table 4): SCN, LN only, GN only, LN+GN, M-SCN. The 3D model localises vertebrae; the 2D model
   (``spatial_dims=2``) regresses the six Genant keypoints (section 2.3.3).
 """
-from pipeline.nets.mscn import VARIANTS, MSCN, build_mscn
+from pipeline.nets.mscn import MSCN, VARIANTS, build_mscn
 
 __all__ = ["MSCN", "VARIANTS", "build_mscn"]

@@ -23,6 +23,7 @@ from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, output_identi
 from pipeline.outputs.enums import ResultKind
 
 if TYPE_CHECKING:
+    from pipeline.outputs.study_context import StudyContext
     from pipeline.run import AnalysisResult
     from pipeline.series_loader import LoadedSeries
 
@@ -58,16 +59,25 @@ def _reported(findings: list[VertebraFinding]) -> list[VertebraFinding]:
     return sorted(findings, key=lambda f: level(f.label).order)
 
 
-def _present_labels(label_map) -> set[int]:  # noqa: ANN001 - SimpleITK.Image
-    """Labels with at least one voxel (bincount: linear time, no sort of the whole volume)."""
+#: Slices of the label map counted at a time by :func:`_present_labels`.
+PRESENT_SLAB = 16
+
+
+def _present_labels(label_map) -> set[int]:
+    """Labels with at least one voxel (bincount: linear time, no sort of the whole volume),
+    counted on slabs of :data:`PRESENT_SLAB` slices: bincount takes its input as 64-bit
+    integers, eight times a uint8 label map, which for a whole series is gigabytes."""
     import numpy as np
     import SimpleITK as sitk
 
     arr = sitk.GetArrayViewFromImage(label_map)
     if arr.dtype.kind not in "ui" or (arr.dtype.kind == "i" and arr.min() < 0):
         return {int(v) for v in np.unique(arr) if v > 0}
-    counts = np.bincount(arr.ravel().astype(np.intp, copy=False))
-    return {int(v) for v in np.flatnonzero(counts) if v > 0}
+    present: set[int] = set()
+    for z in range(0, arr.shape[0], PRESENT_SLAB):
+        counts = np.bincount(arr[z:z + PRESENT_SLAB].ravel())
+        present.update(int(v) for v in np.flatnonzero(counts) if v > 0)
+    return present
 
 
 def build_outputs(
@@ -75,6 +85,7 @@ def build_outputs(
     result: "AnalysisResult",
     version: int = 1,
     algorithm: AlgorithmInfo | None = None,
+    context: "StudyContext | None" = None,
 ) -> ResultObjects:
     """SEG, SR and key image of ``result`` (an analysis of ``series``), as version ``version``.
 
@@ -82,10 +93,12 @@ def build_outputs(
     :func:`pipeline.outputs.common.output_identity` for how the UIDs are made.
     When no vertebra was found there is no SEG (it needs a segment); the SR (one "no vertebra
     found" group) and the key image (no overlay) still say that the series was analysed. The
-    result's ``numbering`` (where it has one) goes into the SR and onto the key image.
+    result's ``numbering`` (where it has one) goes into the SR and onto the key image;
+    ``context`` (:mod:`pipeline.outputs.study_context`: the part of a multi-part study, the
+    result it replaces) into the SR.
     Raises ``ValueError`` when the label map is not on the source grid.
     """
-    from pipeline.outputs.key_image import build_key_image
+    from pipeline.outputs.key_image import build_key_image_and_plane
     from pipeline.outputs.seg import build_seg, plan_segments
     from pipeline.outputs.sr import build_sr
 
@@ -105,10 +118,12 @@ def build_outputs(
                     output_identity(source_uid, version, ResultKind.SEG, salt),
                     algorithm) if segments else None
     numbering = getattr(result, "numbering", None)
+    # The key image first: the SR's heights are lines on it (pipeline.outputs.sr_key_image).
+    key, plane = build_key_image_and_plane(
+        series.image, result.label_map, findings, headers[0],
+        output_identity(source_uid, version, ResultKind.KEY_IMAGE, salt), algorithm,
+        numbering=numbering)
     sr = build_sr(headers, seg, segments, unsegmented,
                   output_identity(source_uid, version, ResultKind.SR, salt), algorithm,
-                  numbering=numbering)
-    key = build_key_image(series.image, result.label_map, findings, headers[0],
-                          output_identity(source_uid, version, ResultKind.KEY_IMAGE, salt),
-                          algorithm, numbering=numbering)
+                  numbering=numbering, context=context, key_image=(key, plane))
     return ResultObjects(seg=seg, sr=sr, key_image=key, version=version)

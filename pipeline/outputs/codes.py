@@ -48,6 +48,7 @@ CT_PROCEDURE = Code("25045-6", "LN", "CT unspecified body region")
 # --- UCUM --------------------------------------------------------------------------------------
 MILLIMETER = Code("mm", "UCUM", "millimeter")
 PERCENT = Code("%", "UCUM", "Percent")
+NO_UNITS = Code("1", "UCUM", "no units")
 
 # --- The project's private coding scheme -------------------------------------------------------
 PRIVATE_SCHEME = "99SPINENODE"
@@ -64,6 +65,8 @@ HEIGHT_LOSS = _private("SPN-0001", "Vertebral body height loss")
 #: Qualitative evaluation names.
 GENANT_GRADE = _private("SPN-0002", "Genant semiquantitative grade")
 FRACTURE_MORPHOLOGY = _private("SPN-0003", "Vertebral fracture morphology")
+#: Measurement of a report that found no vertebra: how many it found (0), on the key image.
+VERTEBRAE_FOUND = _private("SPN-0020", "Number of vertebrae found")
 
 #: Coded values of :data:`GENANT_GRADE` (Genant 1993: grade 0 < 20 %, 1 = 20-25 %,
 #: 2 = 25-40 %, 3 > 40 % height loss).
@@ -96,6 +99,10 @@ LEVEL_NUMBERING_CODES: dict[str, Code] = {
     "uncertain": _private("SPN-N2", "Uncertain"),
 }
 LEVEL_NUMBERING_STATEMENT = _private("SPN-0005", "Vertebral level numbering statement")
+#: Also there (:mod:`pipeline.outputs.study_context`): the part of a multi-part study this
+#: report covers, and the earlier result it replaces, each as a TEXT statement.
+STUDY_PART_STATEMENT = _private("SPN-0006", "Part of a multi-part study")
+REPLACES_STATEMENT = _private("SPN-0007", "Replaces an earlier result")
 
 #: Reverse look-ups, for reading our own SR back.
 GRADE_BY_CODE: dict[str, GenantGrade] = {c.value: g for g, c in GENANT_GRADE_CODES.items()}

@@ -16,7 +16,6 @@ from pydicom.sr.codedict import codes as _codes
 
 from pipeline.outputs.enums import ResultKind
 
-
 #: Namespace of the name-based UUIDs behind our derived UIDs.
 _UID_NAMESPACE = uuid.UUID("5b0c8f4e-7d1a-5c39-9a52-3f1e6b2d9c01")
 

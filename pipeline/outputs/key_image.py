@@ -17,8 +17,8 @@ Patient Orientation is therefore P\\F (rows run towards posterior, columns towar
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import highdicom as hd
@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
-from pipeline.numbering import Numbering
 from pipeline.findings import GenantGrade, VertebraFinding
+from pipeline.numbering import Numbering
 from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, new_instance_arguments
 from pipeline.outputs.enums import BurnedInAnnotation
 
@@ -217,6 +217,60 @@ def render(
     return np.asarray(canvas, dtype=np.uint8).copy(), top
 
 
+@dataclass(frozen=True)
+class KeyImagePlane:
+    """Where the patient's points land on the key image, for the SR's spatial coordinates
+    (SCOORD, PS3.3 C.18.6.1.1: pixel coordinates column\\row, ``0,0`` the top left corner of
+    the top left pixel, ``1,1`` its bottom right corner).
+
+    The reformat is a plane in y (anterior-posterior, columns) and z (head-feet, rows) at
+    ``pixel_mm`` per pixel; the curve it follows in x (left-right) is dropped, as on the image.
+    ``regions``: each vertebra's box on the image (label -> column0, row0, column1, row1).
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    pixel_mm: float
+    z_top: float
+    y_left: float
+    top: int
+    regions: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+    #: The reformatted plane on the image (column0, row0, column1, row1): below the banner,
+    #: left of the captions.
+    extent: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def to_pixel(self, point_mm: Sequence[float]) -> tuple[float, float]:
+        """(column, row) of an LPS point (mm)."""
+        return ((float(point_mm[1]) - self.y_left) / self.pixel_mm,
+                self.top + (self.z_top - float(point_mm[2])) / self.pixel_mm)
+
+    def line(self, a_mm: Sequence[float], b_mm: Sequence[float]) -> np.ndarray:
+        """The segment from ``a_mm`` to ``b_mm`` as SCOORD POLYLINE data (2, 2)."""
+        return np.array([self.to_pixel(a_mm), self.to_pixel(b_mm)], dtype=np.float32)
+
+    def box(self, c0: float, r0: float, c1: float, r1: float) -> np.ndarray:
+        """A rectangle as a closed SCOORD POLYLINE (5, 2)."""
+        return np.array([(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)], dtype=np.float32)
+
+    def outline(self, label: int) -> np.ndarray | None:
+        """The vertebra's box as a closed SCOORD POLYLINE (5, 2), ``None`` when it is not on
+        the image."""
+        if label not in self.regions:
+            return None
+        return self.box(*self.regions[label])
+
+
+def _regions(labels: np.ndarray, findings: Sequence[VertebraFinding], top: int
+             ) -> dict[int, tuple[float, float, float, float]]:
+    out = {}
+    for f in findings:
+        rows, cols = np.nonzero(labels == f.label)
+        if rows.size:
+            out[f.label] = (float(cols.min()), float(top + rows.min()),
+                            float(cols.max() + 1), float(top + rows.max() + 1))
+    return out
+
+
 def build_key_image(
     image: sitk.Image,
     label_map: sitk.Image,
@@ -226,16 +280,31 @@ def build_key_image(
     algorithm: AlgorithmInfo,
     numbering: Numbering | None = None,
 ) -> hd.sc.SCImage:
-    """The Secondary Capture instance (RGB, single frame) in the source's Patient and Study;
-    ``numbering`` where uncertain is written on it (:func:`render`) and into Image Comments."""
-    hu, labels, pixel_mm, (z_top, _) = reformat_sagittal(image, label_map, findings)
+    """The Secondary Capture instance (see :func:`build_key_image_and_plane`)."""
+    return build_key_image_and_plane(image, label_map, findings, reference, identity, algorithm,
+                                     numbering=numbering)[0]
+
+
+def build_key_image_and_plane(
+    image: sitk.Image,
+    label_map: sitk.Image,
+    findings: Sequence[VertebraFinding],
+    reference: "Dataset",
+    identity: OutputIdentity,
+    algorithm: AlgorithmInfo,
+    numbering: Numbering | None = None,
+) -> tuple[hd.sc.SCImage, KeyImagePlane]:
+    """The Secondary Capture instance (RGB, single frame) in the source's Patient and Study,
+    and how patient points map onto it (for the SR); ``numbering`` where uncertain is written
+    on it (:func:`render`) and into Image Comments."""
+    hu, labels, pixel_mm, (z_top, y_left) = reformat_sagittal(image, label_map, findings)
     n_fractured = sum(1 for f in findings if f.fractured)
     found = (f"{len(findings)} vertebrae, {n_fractured} fractured" if findings
              else "no vertebra found")
     banner = f"{identity.series_description} | {found} | {algorithm.model_name} {algorithm.version}"
     warning = numbering.statement.upper() if numbering is not None and numbering.uncertain \
         and findings else None
-    pixels, _top = render(hu, labels, findings, pixel_mm, z_top, banner, warning)
+    pixels, top = render(hu, labels, findings, pixel_mm, z_top, banner, warning)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference,
         pixel_array=pixels,
@@ -264,4 +333,9 @@ def build_key_image(
     sc.DerivationDescription = (
         f"Curved mid-sagittal reformat of series {reference.SeriesInstanceUID}, bone window "
         f"W{WINDOW_WIDTH:.0f}/L{WINDOW_CENTER:.0f}; fractured vertebrae red, normal white")[:1024]
-    return sc
+    plane = KeyImagePlane(sop_class_uid=str(sc.SOPClassUID),
+                          sop_instance_uid=str(sc.SOPInstanceUID), pixel_mm=pixel_mm,
+                          z_top=z_top, y_left=y_left, top=top,
+                          regions=_regions(labels, findings, top),
+                          extent=(0.0, float(top), float(hu.shape[1]), float(top + hu.shape[0])))
+    return sc, plane

@@ -11,6 +11,9 @@ Segment Description macro (PS3.3 C.8.20.4, Table 10-25 Segmented Property Catego
   72704001 "Fracture", Anatomic Region Sequence = the vertebra's code;
 - label = the level name (``"L1"``), algorithm type AUTOMATIC with Algorithm Identification,
   Tracking ID = the level name, Tracking UID shared with the SR measurement group.
+- Recommended Display CIELab Value: a fractured vertebra pure red; a normal one a saturated hue
+  of :data:`NORMAL_PALETTE_RGB` chosen by its level, so that neighbours differ and none looks
+  like bone in a bone window (:func:`segment_colour`).
 """
 from __future__ import annotations
 
@@ -31,9 +34,26 @@ from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, new_instance_
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-#: Recommended Display CIELab Value of fractured (red) and normal (bone white) segments.
-_RED = hd.color.CIELabColor(53.24, 80.09, 67.20)
-_BONE = hd.color.CIELabColor(94.0, 0.0, 8.0)
+#: Recommended Display CIELab Value of a fractured vertebra: pure red, whatever its level.
+_RED = hd.color.CIELabColor.from_rgb(255, 0, 0)
+#: Normal vertebrae, by VerSe label (:func:`segment_colour`): saturated hues far from red and
+#: from bone white (a bone window shows vertebrae near-white), each unlike its neighbours', so
+#: that adjacent levels stand apart and a level keeps its colour from study to study.
+NORMAL_PALETTE_RGB: tuple[tuple[int, int, int], ...] = (
+    (0, 114, 178),    # blue
+    (0, 170, 110),    # bluish green
+    (235, 220, 40),   # yellow
+    (150, 100, 220),  # violet
+    (0, 170, 255),    # azure
+    (150, 200, 30),   # lime
+)
+
+
+def segment_colour(label: int, fractured: bool) -> hd.color.CIELabColor:
+    """Recommended Display CIELab Value (0062,000D) of a vertebra's segment."""
+    if fractured:
+        return _RED
+    return hd.color.CIELabColor.from_rgb(*NORMAL_PALETTE_RGB[label % len(NORMAL_PALETTE_RGB)])
 
 
 @dataclass(frozen=True)
@@ -60,11 +80,12 @@ def segment_description(seg: PlannedSegment, algorithm: AlgorithmInfo) -> hd.seg
     """Segment Description macro item of one vertebra (see module docstring for the coding)."""
     f = seg.finding
     vertebra = codes.vertebra_code(level(f.label))
+    colour = segment_colour(f.label, f.fractured)
     if f.fractured:
-        category, prop_type, regions, colour = (
-            codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE, codes.FRACTURE, [vertebra], _RED)
+        category, prop_type, regions = (
+            codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE, codes.FRACTURE, [vertebra])
     else:
-        category, prop_type, regions, colour = codes.ANATOMICAL_STRUCTURE, vertebra, None, _BONE
+        category, prop_type, regions = codes.ANATOMICAL_STRUCTURE, vertebra, None
     item = hd.seg.SegmentDescription(
         segment_number=seg.number,
         segment_label=f.name,
@@ -98,7 +119,16 @@ def label_frames(label_map: sitk.Image, headers: Sequence["Dataset"]) -> np.ndar
     """
     arr = sitk.GetArrayViewFromImage(label_map)  # (slice, row, column)
     frames = np.zeros((len(headers), arr.shape[1], arr.shape[2]), dtype=arr.dtype)
-    for i, h in enumerate(headers):
+    for i, k in enumerate(frame_indices(label_map, headers)):
+        frames[i] = arr[k]
+    return frames
+
+
+def frame_indices(label_map: sitk.Image, headers: Sequence["Dataset"]) -> list[int]:
+    """The label map's slice index of each source header (:func:`label_frames`)."""
+    arr = sitk.GetArrayViewFromImage(label_map)  # (slice, row, column)
+    out = []
+    for h in headers:
         if (int(h.Rows), int(h.Columns)) != arr.shape[1:]:
             raise ValueError(
                 f"label map slices are {arr.shape[2]}x{arr.shape[1]}, source instance "
@@ -110,8 +140,8 @@ def label_frames(label_map: sitk.Image, headers: Sequence["Dataset"]) -> np.ndar
             raise ValueError(
                 f"source instance {h.SOPInstanceUID} at {list(h.ImagePositionPatient)} is not a "
                 f"slice of the label map (continuous index {tuple(round(v, 2) for v in idx)})")
-        frames[i] = arr[k]
-    return frames
+        out.append(k)
+    return out
 
 
 def build_seg(
@@ -124,19 +154,29 @@ def build_seg(
     """The Segmentation instance (BINARY, empty frames omitted)."""
     if not segments:
         raise ValueError("no vertebra has voxels in the label map: nothing to segment")
-    frames = label_frames(label_map, headers)
-    if frames.dtype.kind == "f":
-        frames = np.rint(frames).astype(np.int32)
-    if frames.dtype.kind == "i":
-        np.clip(frames, 0, None, out=frames)
+    arr = sitk.GetArrayViewFromImage(label_map)
+    index = frame_indices(label_map, headers)
+
+    def frame(k: int) -> np.ndarray:
+        f = arr[k]
+        if f.dtype.kind == "f":
+            f = np.rint(f).astype(np.int32)
+        return np.clip(f, 0, None) if f.dtype.kind == "i" else f
+
     # VerSe label -> segment number; voxels of vertebrae that were not reported become background.
-    top = max(int(frames.max()), max(s.finding.label for s in segments))
+    top = max(max(int(frame(k).max()) for k in set(index)), max(s.finding.label for s in segments))
     lut = np.zeros(top + 1, dtype=np.uint8 if len(segments) < 256 else np.uint16)
     for s in segments:
         lut[s.finding.label] = s.number
-    seg_frames = lut[frames]
+    # Only the source frames that hold a segment go in (the SEG omits empty frames anyway, and
+    # references the instances it was derived from): a whole-body series costs no more memory
+    # than its spine. Frame by frame: no copy of the whole label map.
+    keep = [i for i, k in enumerate(index) if lut[frame(k)].any()]
+    seg_frames = np.empty((len(keep),) + arr.shape[1:], dtype=lut.dtype)
+    for j, i in enumerate(keep):
+        seg_frames[j] = lut[frame(index[i])]
     return hd.seg.Segmentation(
-        source_images=list(headers),
+        source_images=[headers[i] for i in keep],
         pixel_array=seg_frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment_description(s, algorithm) for s in segments],

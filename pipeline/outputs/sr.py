@@ -9,9 +9,12 @@ Content tree (PS3.16 TID 1500, built with :class:`highdicom.sr.MeasurementReport
   Finding = the SEG segment's property type, Finding Site = the vertebra's code, Algorithm
   Identification (TID 4019), and
 
-  - TID 300 measurements: DCM 121207 "Height" of the body with the topographical modifier SCT
-    255549009 anterior / 26216008 central / 255551008 posterior (HA, HM, HP, in mm), and the
-    height loss 1 - min/max in % (private code, DESIGN.md "Pipeline" step 4);
+  - TID 300 measurements: the height loss 1 - min/max in % (private code, DESIGN.md "Pipeline"
+    step 4); DCM 121207 "Height" of the body with the topographical modifier SCT 255549009
+    anterior / 26216008 central / 255551008 posterior (HA, HM, HP, in mm) are in the vertebra's
+    second group, below (here only when there is no key image to draw them on);
+  - a TEXT "Comment" (DCM 121106): the finding in one line, "L1: fracture, Genant grade 2
+    (moderate), wedge deformity" (what OHIF shows beside the vertebra);
   - qualitative evaluations: SCT 72704001 "Fracture" = Present / Absent, the Genant grade and
     the morphology (private codes, declared in the Coding Scheme Identification Sequence);
   - a vertebra that was not assessed (cut by the field of view, C1/C2, no usable heights) has
@@ -20,9 +23,19 @@ Content tree (PS3.16 TID 1500, built with :class:`highdicom.sr.MeasurementReport
   - where the level numbering is uncertain (:mod:`pipeline.numbering`), a TEXT qualitative
     evaluation (TID 1411 row "Qualitative Evaluation", value type TEXT) with the statement
     "Vertebral level numbering uncertain: <reason>": the finding site code rests on it;
+- per vertebra, a second group with the same Tracking Identifier and UID, on the key image
+  (:mod:`pipeline.outputs.sr_key_image`): TID 1501 with the three heights, each INFERRED FROM a
+  SCOORD POLYLINE between its two Genant points on the key image; for a vertebra not assessed,
+  TID 1410 whose region is an ELLIPSE around it there. Viewers (OHIF) need an image-referenced
+  SCOORD per finding to list and draw it, and a TID 1411 group cannot carry one;
 - the level numbering, anchored or uncertain, at the report level: TID 1500 "Qualitative
   Evaluations" (UMLS C0034375) holding a CODE (private "Vertebral level numbering" = Anchored /
   Uncertain) and a TEXT item with the statement;
+- in the same container, where the study context says so
+  (:class:`pipeline.outputs.study_context.StudyContext`): a TEXT "Part of a multi-part study"
+  (this report covers one part of the spine; the study's other parts are reported separately)
+  and a TEXT "Replaces an earlier result", whose SR is also in the Predecessor Documents
+  Sequence (PS3.3 C.17.2);
 - no vertebra at all: one TID 1501 group, Finding Site "Spine", "Vertebra" = Absent;
 - a vertebra reported without voxels in the label map (cannot happen with the current pipeline,
   kept for robustness) gets a TID 1501 group with the same content but no region reference.
@@ -45,15 +58,17 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 
-from pipeline.numbering import Numbering
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
 from pipeline.levels import level
-from pipeline.outputs import codes
+from pipeline.numbering import Numbering
+from pipeline.outputs import codes, sr_key_image
 from pipeline.outputs.common import AlgorithmInfo, OutputIdentity, derived_uid, new_instance_arguments
+from pipeline.outputs.study_context import StudyContext
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
+    from pipeline.outputs.key_image import KeyImagePlane
     from pipeline.outputs.seg import PlannedSegment
 
 
@@ -63,8 +78,10 @@ def _algorithm_id(algorithm: AlgorithmInfo) -> AlgorithmIdentification:
         family=codes.ARTIFICIAL_INTELLIGENCE)
 
 
-def _group_content(f: VertebraFinding, algorithm: AlgorithmInfo) -> dict:
-    """Finding, site, measurements and evaluations of one vertebra (shared by TID 1411/1501)."""
+def _group_content(f: VertebraFinding, algorithm: AlgorithmInfo, heights: bool = True) -> dict:
+    """Finding, site, measurements and evaluations of one vertebra (shared by TID 1411/1501);
+    without the three heights where ``heights`` is False (they are then in the vertebra's group
+    on the key image, :mod:`pipeline.outputs.sr_key_image`)."""
     vertebra = codes.vertebra_code(level(f.label))
     if not f.assessed:
         why = codes.NOT_ASSESSED_CODES[f.not_assessed_reason or "heights not measurable"]
@@ -77,7 +94,7 @@ def _group_content(f: VertebraFinding, algorithm: AlgorithmInfo) -> dict:
             qualitative_evaluations=[QualitativeEvaluation(codes.FRACTURE, why)],
         )
     measurements: list[Measurement] = []
-    if f.heights_mm is not None:
+    if heights and f.heights_mm is not None:
         for modifier, value in (
             (codes.ANTERIOR, f.heights_mm.anterior),
             (codes.MIDDLE, f.heights_mm.middle),
@@ -87,10 +104,11 @@ def _group_content(f: VertebraFinding, algorithm: AlgorithmInfo) -> dict:
                 name=codes.HEIGHT, value=round(float(value), 2), unit=codes.MILLIMETER,
                 finding_sites=[FindingSite(vertebra, topographical_modifier=modifier)]))
     if f.height_loss is not None:
+        # No Finding Site of its own: the group's is the vertebra's (a NUM with a child but
+        # no SCOORD is one that OHIF skips with a warning).
         measurements.append(Measurement(
             name=codes.HEIGHT_LOSS, value=round(100.0 * float(f.height_loss), 1),
-            unit=codes.PERCENT,
-            finding_sites=[FindingSite(vertebra)]))
+            unit=codes.PERCENT))
     evaluations = [
         QualitativeEvaluation(codes.FRACTURE, codes.PRESENT if f.fractured else codes.ABSENT),
         QualitativeEvaluation(codes.GENANT_GRADE,
@@ -158,6 +176,45 @@ def _numbering_evaluations(numbering: Numbering) -> hd.sr.ContainerContentItem:
 MAX_TEXT_CHARS = 1024
 
 
+def _add_context(report: "Dataset", context: StudyContext) -> None:
+    """The context's statements as TEXT items of the report's one "Qualitative Evaluations"
+    container (TID 1500 allows one), created where the numbering did not."""
+    wanted = codes.QUALITATIVE_EVALUATIONS
+    container = next((item for item in report.ContentSequence
+                      if (item.ConceptNameCodeSequence[0].CodeValue,
+                          item.ConceptNameCodeSequence[0].CodingSchemeDesignator)
+                      == (wanted.value, wanted.scheme_designator)), None)
+    if container is None:
+        container = hd.sr.ContainerContentItem(
+            name=wanted, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        container.ContentSequence = hd.sr.ContentSequence([])
+        report.ContentSequence.append(container)
+    for name, text in ((codes.STUDY_PART_STATEMENT, context.part_statement()),
+                       (codes.REPLACES_STATEMENT, context.replaces_statement())):
+        if text:
+            container.ContentSequence.append(hd.sr.TextContentItem(
+                name=name, value=text[:MAX_TEXT_CHARS],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+
+
+def read_context_statements(dataset: "Dataset") -> dict[str, str]:
+    """What our SR says of its place in the study: ``{"part": ..., "replaces": ...}`` (the
+    keys it states)."""
+    names = {codes.STUDY_PART_STATEMENT.value: "part", codes.REPLACES_STATEMENT.value: "replaces"}
+    out: dict[str, str] = {}
+    wanted = codes.QUALITATIVE_EVALUATIONS
+    for item in dataset.ContentSequence:
+        concept = item.ConceptNameCodeSequence[0]
+        if (concept.CodeValue, concept.CodingSchemeDesignator) != (
+                wanted.value, wanted.scheme_designator):
+            continue
+        for child in item.ContentSequence:
+            key = names.get(child.ConceptNameCodeSequence[0].CodeValue)
+            if child.ValueType == "TEXT" and key:
+                out[key] = str(child.TextValue)
+    return out
+
+
 def build_sr(
     headers: Sequence["Dataset"],
     seg: "Dataset | None",
@@ -166,28 +223,46 @@ def build_sr(
     identity: OutputIdentity,
     algorithm: AlgorithmInfo,
     numbering: Numbering | None = None,
+    context: StudyContext | None = None,
+    key_image: "tuple[Dataset, KeyImagePlane] | None" = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR instance; ``unsegmented`` are (finding, tracking UID) of vertebrae without voxels.
+
+    With ``key_image`` (the key image and its :class:`~pipeline.outputs.key_image.KeyImagePlane`)
+    each vertebra's heights are measurements INFERRED FROM lines on it, in a TID 1501 group
+    beside its TID 1411 group (:mod:`pipeline.outputs.sr_key_image`), and the key image is part
+    of the evidence; without it they stay in the TID 1411 group.
 
     With no vertebra at all the report has one "no vertebra found" group: it still records
     that the series was analysed and nothing was found. ``numbering`` (the analysis's
     :class:`pipeline.numbering.Numbering`) goes to the report level, and into every vertebra's
-    group where it is uncertain.
+    group where it is uncertain. ``context`` (where the result stands in its study) adds its
+    statements at the report level and the SR it replaces as a predecessor document.
     """
     groups: list = []
+    plane = key_image[1] if key_image is not None else None
+    reported: list[tuple[VertebraFinding, str, dict]] = []
     for s in segments:
+        content = _group_content(s.finding, algorithm, heights=plane is None)
+        reported.append((s.finding, s.tracking_uid, content))
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(s.finding, s.tracking_uid),
-            referenced_segment=_referenced_segment(seg, s.number),
-            **_group_content(s.finding, algorithm)))
+            referenced_segment=_referenced_segment(seg, s.number), **content))
     for f, uid in unsegmented:
-        content = _group_content(f, algorithm)
-        content.pop("finding_category")
+        content = _group_content(f, algorithm, heights=plane is None)
+        reported.append((f, uid, content))
+        content = {k: v for k, v in content.items() if k != "finding_category"}
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(f, uid), **content))
+    for g, (f, _uid, _content) in zip(groups, reported):
+        g[0].ContentSequence.append(sr_key_image.comment_item(f))
     if numbering is not None and numbering.uncertain:
         for g in groups:
             g[0].ContentSequence.append(_numbering_text(numbering))
+    if plane is not None:
+        for f, uid, content in reported:
+            groups.append(sr_key_image.key_image_group(
+                f, _tracking(f, uid), plane, _algorithm_id(algorithm), content["finding_type"]))
 
     if not groups:
         # TID 1500 needs one group: "no vertebra found" as a spine-level evaluation.
@@ -198,7 +273,8 @@ def build_sr(
             finding_type=codes.VERTEBRA,
             finding_sites=[FindingSite(codes.SPINE)],
             algorithm_id=_algorithm_id(algorithm),
-            qualitative_evaluations=[QualitativeEvaluation(codes.VERTEBRA, codes.ABSENT)]))
+            qualitative_evaluations=[QualitativeEvaluation(codes.VERTEBRA, codes.ABSENT)],
+            measurements=[sr_key_image.vertebrae_found(plane)] if plane is not None else None))
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DEVICE_OBSERVER,
@@ -214,8 +290,13 @@ def build_sr(
     )
     if numbering is not None:
         report[0].ContentSequence.append(_numbering_evaluations(numbering))
+    if context is not None and context.says_anything:
+        _add_context(report[0], context)
     return hd.sr.Comprehensive3DSR(
-        evidence=[*headers, seg] if seg is not None else list(headers),
+        # PS3.3 C.17.2: present only with an item (an empty sequence is an error).
+        previous_versions=list(context.predecessors()) or None if context is not None else None,
+        evidence=[*headers, *([seg] if seg is not None else []),
+                  *([key_image[0]] if key_image is not None else [])],
         content=report[0],
         **new_instance_arguments(identity, algorithm),
         series_description=identity.series_description,
@@ -248,7 +329,7 @@ class ReportedVertebra:
     numbering_note: str | None = None
 
 
-def _texts(group) -> dict[str, str]:  # noqa: ANN001 - a highdicom measurement group
+def _texts(group) -> dict[str, str]:
     """TEXT children of a group's container, by concept code value."""
     return {item.ConceptNameCodeSequence[0].CodeValue: str(item.TextValue)
             for item in group[0].ContentSequence if item.ValueType == "TEXT"}
@@ -258,7 +339,9 @@ def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
     """Read the per-vertebra groups of one of our SRs back with highdicom.
 
     The level comes from the Finding Site code (the generic vertebra code of T13/L6 falls back
-    to the Tracking Identifier "T13 vertebra").
+    to the Tracking Identifier "T13 vertebra"). A vertebra's groups share its Tracking UID (its
+    TID 1411 group, and its group on the key image, :mod:`pipeline.outputs.sr_key_image`): the
+    one with the fracture evaluation names it, the heights are read from all of them.
     """
     from pipeline.levels import LEVELS
 
@@ -267,6 +350,7 @@ def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
     report = sr.content
     groups = [*report.get_volumetric_roi_measurement_groups(),
               *report.get_image_measurement_groups()]
+    same_finding = sr_key_image.groups_by_tracking_uid(groups)
     topo = {codes.ANTERIOR.value: "anterior", codes.MIDDLE.value: "middle",
             codes.POSTERIOR.value: "posterior"}
     out = []
@@ -292,7 +376,8 @@ def read_vertebrae(dataset: "Dataset") -> list[ReportedVertebra]:
         grade = evaluations[(codes.GENANT_GRADE.value, codes.PRIVATE_SCHEME)]
         morph = evaluations[(codes.FRACTURE_MORPHOLOGY.value, codes.PRIVATE_SCHEME)]
         heights: dict[str, float] = {}
-        for m in g.get_measurements(name=codes.HEIGHT):
+        for m in (m for group in same_finding[str(g.tracking_uid)]
+                  for m in group.get_measurements(name=codes.HEIGHT)):
             modifier = m.finding_sites[0].topographical_modifier
             if modifier is not None:
                 heights[topo[modifier.value]] = float(m.value)

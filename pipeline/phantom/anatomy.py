@@ -448,7 +448,7 @@ def place_vertebrae(verts: list[VertebraSpec], discs: list[float], cp: CurvePara
     # arc positions of the body centres
     s_centres = []
     s = 0.0
-    for k, v in enumerate(verts):
+    for k in range(len(verts)):
         s += lengths[k] / 2.0
         s_centres.append(s)
         s += lengths[k] / 2.0 + (discs[k] if k < len(discs) else 0.0)

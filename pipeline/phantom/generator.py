@@ -205,8 +205,8 @@ def _soft_tissue(rng: np.random.Generator, verts: list[VertebraSpec], habitus: f
              "dy": 0.2 * lum_depth, "ax": float(rng.uniform(24, 30)), "ay": float(rng.uniform(20, 26)), "hu": kid_hu}
             for s_ in (-1.0, 1.0)
         ],
-        "psoas": {"z_top": zc["T12"], "z_bot": zc["L5"] - 25.0, "r_top": 5.0, "r_bot": float(rng.uniform(20, 27)) * habitus,
-                  "hu": float(rng.uniform(45, 58))},
+        "psoas": {"z_top": zc["T12"], "z_bot": zc["L5"] - 25.0, "r_top": 5.0,
+                  "r_bot": float(rng.uniform(20, 27)) * habitus, "hu": float(rng.uniform(45, 58))},
         "retro_fat": {"z_top": zc["T12"] + 10.0, "z_bot": zc["L5"] - 20.0, "ax": 0.65 * lum_depth + 70.0 * habitus,
                       "ay": 0.5 * lum_depth + 22.0 * habitus},
         "trachea": {"z_top": zc["C5"], "z_bot": zc["T4"] + 5.0, "r": float(rng.uniform(8, 11))},

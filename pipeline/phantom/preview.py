@@ -137,11 +137,11 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, gt: dict, height_px: int 
         canvas.paste(t, (xoff, 22))
         xoff += t.width + 10
     d = ImageDraw.Draw(canvas)
-    a = gt.get("acquisition", {})
     sp = gt.get("grid", {}).get("spacing_mm", [0, 0, 0])
+    feet_first = gt.get("grid", {}).get("direction", [1] * 9)[8] < 0
     d.text((4, 4), f"phantom seed {gt.get('seed')}  levels {gt['levels'][0]}-{gt['levels'][-1]}  "
                    f"spacing {sp[0]:.2f}x{sp[1]:.2f}x{sp[2]:.2f} mm  "
-                   f"{'FF' if gt.get('grid', {}).get('direction', [1] * 9)[8] < 0 else 'HF'}  W{int(width)} L{int(level)}",
+                   f"{'FF' if feet_first else 'HF'}  W{int(width)} L{int(level)}",
            fill=(200, 200, 200), font=ImageFont.load_default())
     return canvas
 

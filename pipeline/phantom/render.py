@@ -16,8 +16,8 @@ from pipeline.phantom.anatomy import (
     RibSpec,
     SoftTissue,
     VertebraSpec,
-    superellipse_sdf,
     oriented_box_sdf,
+    superellipse_sdf,
 )
 
 AIR_HU = -1000.0
@@ -191,7 +191,7 @@ def render_vertebra(v: VertebraSpec, grid: Grid, vol: np.ndarray, lab: np.ndarra
     """Draw one vertebra; returns its grid box (k, j, i slices) or None."""
     prims, _ = _primitives(v)
     boxes = []
-    for lo, hi, fn in prims:
+    for lo, hi, _fn in prims:
         wlo, whi = _world_aabb(v.center, v.frame, lo, hi)
         b = grid.box(wlo - h, whi + h)
         boxes.append(b)
@@ -201,7 +201,7 @@ def render_vertebra(v: VertebraSpec, grid: Grid, vol: np.ndarray, lab: np.ndarra
     box = tuple(slice(min(b[a].start for b in valid), max(b[a].stop for b in valid)) for a in range(3))
     shape = tuple(s.stop - s.start for s in box)
     sdf = np.full(shape, FAR, dtype=np.float32)
-    for (lo, hi, fn), b in zip(prims, boxes):
+    for (_lo, _hi, fn), b in zip(prims, boxes):
         if b is None:
             continue
         l, p, u = _local(grid, b, v.center, v.frame)
@@ -420,7 +420,8 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
         q = qx + qy
         out[q <= 1.0] = st.fat_hu
         f = np.float32(st.fat_mm)
-        qi = ((x[None, None, :] - cx) / np.maximum(bx - f, 5)) ** 2 + ((y[None, :, None] - cy) / np.maximum(by - f, 5)) ** 2
+        qi = (((x[None, None, :] - cx) / np.maximum(bx - f, 5)) ** 2
+              + ((y[None, :, None] - cy) / np.maximum(by - f, 5)) ** 2)
         sy = ip(st.spine_y, zz)[:, None, None]
         sdp = ip(st.spine_depth, zz)[:, None, None]
         sxs = ip(st.spine_x, zz)[:, None, None]
@@ -442,7 +443,8 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
                 ly = ip(st.spine_y, zl)[:, None, None] + np.float32(liver["dy"])
                 # the liver tapers towards its lower tip
                 t = np.clip((zl - liver["z_bot"]) / 60.0, 0.2, 1.0).astype(np.float32)[:, None, None]
-                m = ((x[None, None, :] - lx) / (liver["ax"] * t)) ** 2 + ((y[None, :, None] - ly) / (liver["ay"] * t)) ** 2 <= 1.0
+                m = (((x[None, None, :] - lx) / (liver["ax"] * t)) ** 2
+                     + ((y[None, :, None] - ly) / (liver["ay"] * t)) ** 2) <= 1.0
                 m &= qi[kl] <= 1.0
                 sub = out[kl]
                 sub[m] = liver["hu"]
@@ -465,10 +467,11 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
                 xa = x[None, None, :] - scx[:, None, None]
                 ya = y[None, :, None]
                 cage = (xa / cax[:, None, None]) ** 2 + ((ya - ccy[:, None, None]) / cay[:, None, None]) ** 2 <= 1.0
-                med = (np.abs(xa - 6.0) < (22.0 + 0.25 * sd[:, None, None])) & (ya < scy[:, None, None] + 0.3 * sd[:, None, None])
-                spine = (xa / (0.9 * sd[:, None, None] + 14.0)) ** 2 + ((ya - scy[:, None, None]) / (0.5 * sd[:, None, None] + 14.0)) ** 2 <= 1.0
+                sd3, scy3 = sd[:, None, None], scy[:, None, None]
+                med = (np.abs(xa - 6.0) < (22.0 + 0.25 * sd3)) & (ya < scy3 + 0.3 * sd3)
+                spine = (xa / (0.9 * sd3 + 14.0)) ** 2 + ((ya - scy3) / (0.5 * sd3 + 14.0)) ** 2 <= 1.0
                 # no lung behind the vertebral bodies near the midline (canal, laminae, muscles)
-                spine |= (np.abs(xa) < 0.75 * sd[:, None, None] + 16.0) & (ya > scy[:, None, None] - 0.3 * sd[:, None, None])
+                spine |= (np.abs(xa) < 0.75 * sd3 + 16.0) & (ya > scy3 - 0.3 * sd3)
                 heart_c = ccy - 0.3 * cay
                 heart = ((xa - 0.2 * cax[:, None, None]) / (0.42 * cax[:, None, None])) ** 2 + \
                     ((ya - heart_c[:, None, None]) / (0.42 * cay[:, None, None])) ** 2 <= 1.0
@@ -499,7 +502,8 @@ def render_soft_tissue(st: SoftTissue, grid: Grid, vol: np.ndarray, slab: int = 
         if box is None:
             continue
         xs, ys, zs = _axes(grid, box)
-        d = np.sqrt(((xs - gx)[None, None, :]) ** 2 + ((ys - gy)[None, :, None]) ** 2 + ((zs - gz)[:, None, None] * 1.3) ** 2)
+        d = np.sqrt(((xs - gx)[None, None, :]) ** 2 + ((ys - gy)[None, :, None]) ** 2
+                    + ((zs - gz)[:, None, None] * 1.3) ** 2)
         vb = vol[box]
         m = (d <= gr) & (vb > -200) & (vb < 150)
         vb[m] = -900.0
@@ -603,7 +607,8 @@ def render_screws(screws, grid: Grid, vol: np.ndarray, h: float, streak_amp: flo
             p0, p1 = pts[0][:2], pts[1][:2]
             dv = p1 - p0
             L = float(np.hypot(*dv)) or 1.0
-            tt = np.clip((dx + np.float32(c[0] - p0[0])) * dv[0] / L ** 2 + (dy + np.float32(c[1] - p0[1])) * dv[1] / L ** 2, 0, 1)
+            tt = np.clip((dx + np.float32(c[0] - p0[0])) * dv[0] / L ** 2
+                         + (dy + np.float32(c[1] - p0[1])) * dv[1] / L ** 2, 0, 1)
             ex = dx + np.float32(c[0] - p0[0]) - tt * dv[0]
             ey = dy + np.float32(c[1] - p0[1]) - tt * dv[1]
             pat -= np.float32(0.8 * streak_amp) * np.exp(-(ex * ex + ey * ey) / 30.0)

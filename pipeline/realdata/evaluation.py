@@ -28,11 +28,18 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.evaluate import (REPORT_KEYS, grading_pairs, localization_case, localization_report,
-                               segmentation_case, segmentation_grading_report)
+from pipeline.evaluate import (
+    REPORT_KEYS,
+    grading_pairs,
+    localization_case,
+    localization_report,
+    segmentation_case,
+    segmentation_grading_report,
+)
 from pipeline.findings import GenantGrade
 from pipeline.realdata.pack import RealCase
 from pipeline.realdata.truth import axial_lps, truth_vertebrae
+
 
 @dataclass
 class _Series:
@@ -48,6 +55,13 @@ class _Centroid:
     label: int
     centroid_mm: tuple[float, float, float]
     partial: bool = False
+
+
+def _rounded_heights(heights: Any) -> list[float] | None:
+    """Anterior, middle and posterior height in mm to 0.1 mm, or None without heights."""
+    if heights is None:
+        return None
+    return [round(float(h), 1) for h in (heights.anterior, heights.middle, heights.posterior)]
 
 
 def evaluate_case(case: RealCase, device: str = "auto", models: dict[str, Any] | None = None,
@@ -81,8 +95,8 @@ def evaluate_case(case: RealCase, device: str = "auto", models: dict[str, Any] |
                            "genant_grade": int(f.genant_grade), "partial": f.partial,
                            "morphology": f.morphology.value,
                            "grading_source": getattr(f, "grading_source", None),
-                           "heights_mm": (None if f.heights_mm is None else [round(float(h), 1) for h in (f.heights_mm.anterior, f.heights_mm.middle, f.heights_mm.posterior)]),
-                           "mask_heights_mm": (None if getattr(f, "mask_heights_mm", None) is None else [round(float(h), 1) for h in (f.mask_heights_mm.anterior, f.mask_heights_mm.middle, f.mask_heights_mm.posterior)])}
+                           "heights_mm": _rounded_heights(f.heights_mm),
+                           "mask_heights_mm": _rounded_heights(getattr(f, "mask_heights_mm", None))}
                           for f in result.vertebrae],
             "numbering": getattr(result, "numbering", None), "runtime_s": runtime}
 

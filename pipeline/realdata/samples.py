@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from pipeline.realdata.truth import axial_lps, truth_vertebrae
 from pipeline.realdata.pack import RealCase
+from pipeline.realdata.truth import axial_lps, truth_vertebrae
 from pipeline.segmentation.dataset import Sample, case_samples, margin_for
 
 

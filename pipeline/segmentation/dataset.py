@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.caches import geometry_tag, keypoint_cache_path, seg_cache_path
 from pipeline.segmentation.crops import ct_crop, reference_grid, resample
 from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
-from pipeline.seeds import EVALUATION_SEEDS
 
 #: Extra voxels on each side of a training crop: random shifts up to +-MARGIN voxels (2 mm each).
 MARGIN = 4

@@ -2,7 +2,8 @@
 
 For each centroid a crop of ``size^3`` voxels of ``spacing_mm`` (LPS-aligned) goes through the 3D
 U-Net; its foreground probability (normal + fractured), refined at 1 mm where the model carries
-a refiner (:mod:`pipeline.segmentation.refine`), is resampled linearly back onto the source grid, where every voxel goes to the vertebra whose crop gives it the highest probability, if that
+a refiner (:mod:`pipeline.segmentation.refine`), is resampled linearly back onto the source grid,
+where every voxel goes to the vertebra whose crop gives it the highest probability, if that
 is above 0.5 ("overlaps between neighbouring crops": each crop only ever labels the vertebra in
 its centre, so the neighbour's crop is the one that claims a neighbour's voxel). Each vertebra
 then keeps its largest 6-connected component. The fractured flag of a vertebra is the share of its
@@ -17,10 +18,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from pipeline.segmentation.crops import array_image, ct_crop, normalise, reference_grid, source_box
-from pipeline.segmentation.crops import CROP_SIZE, CROP_SPACING_MM
+from pipeline.segmentation.crops import (
+    CROP_SIZE,
+    CROP_SPACING_MM,
+    array_image,
+    ct_crop,
+    normalise,
+    reference_grid,
+    source_box,
+)
 from pipeline.segmentation.model import FRACTURED, NORMAL
-
 
 
 def crop_geometry(record: dict | None) -> tuple[int, float]:

@@ -7,8 +7,8 @@ per voxel, 0 = background (including the neighbouring vertebrae), 1 = normal ver
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.nets.blocks import ConvBlock
 

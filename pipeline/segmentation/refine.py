@@ -57,8 +57,12 @@ def refine_grid(fg: np.ndarray, crop: sitk.Image, threshold: float = 0.02,
     sizes[0] = 0
     idx = np.argwhere(cc == int(sizes.argmax()))
     cs = np.array(crop.GetSpacing())
-    lo_mm = np.array(crop.TransformContinuousIndexToPhysicalPoint(idx.min(0)[::-1].astype(float).tolist())) - margin_mm - cs / 2
-    hi_mm = np.array(crop.TransformContinuousIndexToPhysicalPoint(idx.max(0)[::-1].astype(float).tolist())) + margin_mm + cs / 2
+
+    def physical(index: np.ndarray) -> np.ndarray:
+        return np.array(crop.TransformContinuousIndexToPhysicalPoint(index[::-1].astype(float).tolist()))
+
+    lo_mm = physical(idx.min(0)) - margin_mm - cs / 2
+    hi_mm = physical(idx.max(0)) + margin_mm + cs / 2
     size = np.ceil((hi_mm - lo_mm) / spacing_mm).astype(int)
     size = ((size + multiple - 1) // multiple) * multiple
     centre = (lo_mm + hi_mm) / 2.0

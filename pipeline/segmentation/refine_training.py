@@ -12,6 +12,7 @@ import torch
 
 from pipeline.segmentation.refine import REFINE_SPACING_MM, ct_channel
 
+
 def simulated_prior(occ_fine: np.ndarray, rng: np.random.Generator,
                     box: tuple[Sequence[int], Sequence[int]] | None = None, scale: float = 1.0) -> np.ndarray:
     """What the 2 mm network would give, from the 1 mm occupancy (0..1) of the ground truth:

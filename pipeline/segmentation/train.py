@@ -22,13 +22,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.segmentation.dataset import augmented_batch, cached_phantom_samples
 from pipeline.seeds import EVALUATION_SEEDS
-from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM, crop_geometry
+from pipeline.segmentation.dataset import augmented_batch, cached_phantom_samples
+from pipeline.segmentation.infer import CROP_SIZE, crop_geometry
 from pipeline.segmentation.model import UNet3D
 from pipeline.segmentation.train_config import SegTrainConfig
-from pipeline.training import (LrSchedule, Progress, batches, init_from, keep_best, make_optimizer,
-                               resume, save_last, start_run, train_device, train_step, validation_due)
+from pipeline.training import (
+    LrSchedule,
+    Progress,
+    batches,
+    init_from,
+    keep_best,
+    make_optimizer,
+    resume,
+    save_last,
+    start_run,
+    train_device,
+    train_step,
+    validation_due,
+)
 
 DICE_EPS = 1e-5
 
@@ -111,8 +123,7 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     # Fractured crops are a minority: sample them at up to a third of each batch.
     synth_pool = None
     if cfg.synth_real_dir and cfg.synth_fraction > 0:
-        from pipeline.synthesis.seg_source import (MixedPools, cached_synth_samples, find_masks,
-                                                   training_subjects)
+        from pipeline.synthesis.seg_source import MixedPools, cached_synth_samples, find_masks, training_subjects
 
         synth_s = cached_synth_samples(find_masks(cfg.synth_real_dir, training_subjects()),
                                        cfg.synth_cases, cache, seed=cfg.seed,
@@ -164,7 +175,7 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
     return out / "best.pt"
 
 
-def _init_from_shipped(model: torch.nn.Module, say) -> None:  # noqa: ANN001
+def _init_from_shipped(model: torch.nn.Module, say) -> None:
     """Start from the installed segmentation's 2 mm network (fine-tuning it, e.g. on real CT)."""
     from pipeline.registry import load_model
 

@@ -19,13 +19,25 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.seeds import EVALUATION_SEEDS
-from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.caches import refine_cache_path
-from pipeline.segmentation.train_config import RefineTrainConfig
+from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine_training import error_points, refine_batch, surface_points
-from pipeline.training import (LrSchedule, Progress, batches, generate_parallel, init_from,
-                               keep_best, make_optimizer, resume, save_last, start_run, train_device, train_step,
-                               validation_due)
+from pipeline.segmentation.train_config import RefineTrainConfig
+from pipeline.training import (
+    LrSchedule,
+    Progress,
+    batches,
+    generate_parallel,
+    init_from,
+    keep_best,
+    make_optimizer,
+    resume,
+    save_last,
+    start_run,
+    train_device,
+    train_step,
+    validation_due,
+)
 
 
 def phantom_refine_samples(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +73,8 @@ def load_refine(cache_dir: Path, seeds, log=print, workers: int = 1) -> tuple[np
     cts, occs = [], []
     for seed in seeds:
         with np.load(refine_cache_path(cache_dir, seed)) as z:
-            cts.append(z["ct"]); occs.append(z["occ"])
+            cts.append(z["ct"])
+            occs.append(z["occ"])
     return np.concatenate(cts), np.concatenate(occs)
 
 
@@ -156,7 +169,7 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     return out / "best.pt"
 
 
-def coarse_priors_of(cfg: RefineTrainConfig, say) -> tuple[np.ndarray, np.ndarray, str]:  # noqa: ANN001
+def coarse_priors_of(cfg: RefineTrainConfig, say) -> tuple[np.ndarray, np.ndarray, str]:
     """The 2 mm network's priors (``cfg.coarse_from``, else the shipped network) of the training
     and validation crops, and the network's tag (:mod:`pipeline.segmentation.coarse_prior`)."""
     from pipeline.registry import load_model

@@ -33,7 +33,9 @@ def from_ground_truth(series, gt: dict, labels: sitk.Image) -> AnalysisResult:
             fractured=v["fractured"], genant_grade=GenantGrade(v["genant_grade"]),
             morphology=Morphology(v["morphology"]),
             heights_mm=Heights(h["anterior"], h["middle"], h["posterior"]),
-            height_loss=v.get("height_loss"), partial=v["partial"]))
+            height_loss=v.get("height_loss"), partial=v["partial"],
+            keypoints_mm={k: tuple(p) for k, p in v["keypoints_mm"].items()}
+            if v.get("keypoints_mm") else None))
     return AnalysisResult(series.study_instance_uid, series.series_instance_uid, findings,
                           label_map, timings_s={"ground_truth": 0.0})
 

@@ -48,7 +48,7 @@ def _closing_pids(log: str) -> set[int]:
     return _pids_logging(log, "association closed")
 
 
-def _listening(node, pid: int) -> bool:  # noqa: ANN001
+def _listening(node, pid: int) -> bool:
     return pid in _pids_logging(node.log(), "storage SCP listening")
 
 

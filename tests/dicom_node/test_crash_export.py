@@ -21,10 +21,10 @@ from pydicom.filewriter import dcmwrite
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from config import load_settings
+from tests import synthetic_results as synth
 from tests.conftest import free_port
 from tests.dicom_node.test_exporter import FAST_RETRY, Node
 from tests.orthanc_server import Orthanc
-from tests import synthetic_results as synth
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ class Relay:
         self.server = ae.start_server(("127.0.0.1", self.port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
 
-    def _store(self, event) -> int:  # noqa: ANN001
+    def _store(self, event) -> int:
         ds = event.dataset
         ds.file_meta = event.file_meta
         buf = io.BytesIO()

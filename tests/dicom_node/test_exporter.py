@@ -44,7 +44,7 @@ def analysed(tmp_path_factory):
 class Node:
     """The parts of a node the exporter needs: settings, database, store."""
 
-    def __init__(self, settings):  # noqa: ANN001 - config.Settings
+    def __init__(self, settings):
         self.settings = settings
         self.open()
 

@@ -18,8 +18,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from dicom_node import part10
 from dicom_node.fastpath import codec
-from dicom_node.fastpath.codec import (FragmentedDataSet, c_store_rsp_command, fragments_of,
-                                       parse_p_data_tf)
+from dicom_node.fastpath.codec import FragmentedDataSet, c_store_rsp_command, fragments_of, parse_p_data_tf
 
 TAGS = [0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x0020000E, 0x00200013, 0x00280008]
 

@@ -48,7 +48,7 @@ def _quiet_pynetdicom():
     logger.setLevel(level)
 
 
-def _fast_server(ae: AE, handlers: list):  # noqa: ANN202
+def _fast_server(ae: AE, handlers: list):
     server = start_server(ae, ("127.0.0.1", 0), evt_handlers=handlers, fast_path=True)
     assert server.fast_path, "pynetdicom is not a tested version: the fast path is off"
     return server
@@ -162,8 +162,8 @@ def test_small_pdus_reach_a_pynetdicom_handler_intact(tmp_path, monkeypatch):
     (counted); a pynetdicom SCU reads the directly encoded responses."""
     calls = {"pdus": 0, "responses": 0}
 
-    def counted(name, fn):  # noqa: ANN001
-        def wrapper(*args):  # noqa: ANN002
+    def counted(name, fn):
+        def wrapper(*args):
             calls[name] += 1
             return fn(*args)
         return wrapper
@@ -174,7 +174,7 @@ def test_small_pdus_reach_a_pynetdicom_handler_intact(tmp_path, monkeypatch):
     files = _files(tmp_path / "series", 3, private_bytes=70_000)
     got: dict[str, tuple[bytes, Dataset]] = {}
 
-    def on_store(event):  # noqa: ANN001
+    def on_store(event):
         ds = event.dataset
         got[ds.SOPInstanceUID] = (event.encoded_dataset(), ds)
         return 0x0000
@@ -281,7 +281,7 @@ class _FakeAssoc:
         self.aborted: list[bool] = []
         self.fail = fail
 
-    def _serve_request(self, primitive, context_id):  # noqa: ANN001
+    def _serve_request(self, primitive, context_id):
         self.served.append((primitive, context_id, self._serving))
         if self.fail:
             raise RuntimeError("boom")
@@ -348,11 +348,11 @@ def test_the_storage_scp_serves_c_store_in_the_dul_thread_and_c_echo_in_its_own(
     every answer."""
     threads: dict[str, list] = {"store": [], "echo": []}
 
-    def on_store(event):  # noqa: ANN001
+    def on_store(event):
         threads["store"].append(threading.current_thread())
         return 0x0000
 
-    def on_echo(event):  # noqa: ANN001
+    def on_echo(event):
         threads["echo"].append(threading.current_thread())
         return 0x0000
 
@@ -381,7 +381,7 @@ def test_the_storage_scp_serves_c_store_in_the_dul_thread_and_c_echo_in_its_own(
 
 
 def _serve_with(tmp_path, monkeypatch, on_store, *, lean: bool, extra_handlers=(),
-                count: int = 2):  # noqa: ANN001
+                count: int = 2):
     """C-STOREs from a pynetdicom SCU to a pynetdicom AE on the fast path's listener: the
     response command sets the SCU decoded, the responses the SCP's DIMSE provider's
     ``send_msg`` sent, and the context IDs of those the lean service wrote to the socket
@@ -390,7 +390,7 @@ def _serve_with(tmp_path, monkeypatch, on_store, *, lean: bool, extra_handlers=(
     sent_by_send_msg = []
     orig = SCPDIMSE.send_msg
 
-    def send_msg(dimse, primitive, cx):  # noqa: ANN001, ANN202
+    def send_msg(dimse, primitive, cx):
         sent_by_send_msg.append(primitive)
         return orig(dimse, primitive, cx)
 
@@ -425,7 +425,7 @@ def test_the_lean_store_service_answers_as_pynetdicom_does(tmp_path, monkeypatch
     pynetdicom's service class (the same answer)."""
     seen = []
 
-    def on_store(event):  # noqa: ANN001
+    def on_store(event):
         seen.append((event.request.AffectedSOPInstanceUID, event.request.MessageID))
         return 0xB000 if len(seen) == 2 else 0x0000
 
@@ -448,7 +448,7 @@ def test_the_lean_store_service_keeps_pynetdicoms_answers_to_unusual_handlers(tm
     encoding; a handler that raises is answered 0xC211, as pynetdicom answers it."""
     calls = []
 
-    def on_store(event):  # noqa: ANN001
+    def on_store(event):
         calls.append(1)
         if len(calls) == 1:
             status = Dataset()

@@ -27,8 +27,7 @@ from pynetdicom.transport import AssociationSocket
 
 from config import load_settings
 from dicom_node.context import NodeContext
-from dicom_node.fastpath.hooks import (TESTED_PYNETDICOM_VERSIONS, SCPAssociation, SCPDIMSE,
-                                       SCPDUL, SCPSocket)
+from dicom_node.fastpath.hooks import SCPDIMSE, SCPDUL, TESTED_PYNETDICOM_VERSIONS, SCPAssociation, SCPSocket
 from dicom_node.scp import StorageSCP
 from dicom_node.scu import Peer, Timeouts, store_files
 from tests.conftest import free_port, write_ct_series
@@ -95,7 +94,7 @@ def node_scp(tmp_path):
         seen: list[dict] = []
         on_store = scp._on_store
 
-        def recording(event):  # noqa: ANN001, ANN202 - bound at start() as the C-STORE handler
+        def recording(event):
             seen.append(_associations_now())
             return on_store(event)
 
@@ -132,7 +131,7 @@ def test_the_exporters_association_is_stock_pynetdicom_while_the_scp_runs(node_s
     # A plain pynetdicom SCP in the same process, while the node's SCP runs: stock too.
     plain_seen = []
 
-    def on_store(event):  # noqa: ANN001, ANN202
+    def on_store(event):
         plain_seen.append((_classes(event.assoc), _associations_now()["requestor"]))
         return 0x0000
 

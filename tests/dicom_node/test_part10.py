@@ -9,8 +9,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
-                         ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, UID)
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+)
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from dicom_node.part10 import file_meta, file_prefix, read_header

@@ -18,9 +18,8 @@ from storage.db import Database, utcnow
 from storage.deliveries import DeliveryQueue
 from storage.files import BlobStore
 from storage.index import Index, InstanceRecord
-from storage.models import Result
+from storage.models import JobState, Result
 from storage.queue import JobQueue
-from storage.models import JobState
 from tests import synthetic_results as synth
 from tests.conftest import REPO, write_config
 

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from sqlalchemy import text
 
 from storage.db import Database
-from tests.conftest import (DCMTK_ENV, NodeProcess, dcmtk, free_port, storescu,
-                            write_ct_series)
+from tests.conftest import DCMTK_ENV, NodeProcess, dcmtk, free_port, storescu, write_ct_series
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +168,7 @@ def test_calling_ae_allow_list_rejects_at_association(node_factory):
     assert rows == [("INTRUDER@127.0.0.1", "rejected")]
 
 
-def _hostile_file(path: Path, mutate) -> Path:  # noqa: ANN001
+def _hostile_file(path: Path, mutate) -> Path:
     w = write_ct_series(path.parent / (path.name + "-src"), n_slices=1, rows=16, columns=16)
     ds = pydicom.dcmread(w.paths[0])
     mutate(ds)

@@ -105,3 +105,29 @@ def test_missing_pipeline_module_fails_the_job(ctx, tmp_path):
     assert job.state == "failed"
     assert job.error == ("the analysis pipeline (pipeline.not_here) cannot be imported: "
                          "No module named 'pipeline.not_here'")
+
+
+def test_a_series_over_the_memory_budget_fails_before_it_is_loaded(ctx, tmp_path):
+    """pipeline.memory_budget_mb: the job fails with the estimate and the setting in its reason,
+    the analysis is never called; just above the estimate the same series is analysed."""
+    from pipeline.memory import SeriesSize, estimate_peak_mb
+
+    written = write_ct_series(tmp_path / "ct", n_slices=20, rows=64, columns=64)
+    _ingest(ctx, written)
+    _tick(ctx)
+    need = estimate_peak_mb(SeriesSize(64, 64, 20, (64.0, 64.0, 20.0)))
+    called = []
+    ctx.settings.pipeline.memory_budget_mb = need * 0.9
+    Worker(ctx.settings, ctx.index, ctx.queue, ctx.store,
+           analyse=lambda *a, **k: called.append(1)).run_once()
+    [job] = ctx.index.jobs()
+    assert job.state == "failed" and not called
+    assert "pipeline.memory_budget_mb" in job.error and "20 slices of 64x64" in job.error
+
+    written2 = write_ct_series(tmp_path / "ct2", n_slices=20, rows=64, columns=64)
+    _ingest(ctx, written2)
+    _tick(ctx)
+    ctx.settings.pipeline.memory_budget_mb = need * 1.1
+    Worker(ctx.settings, ctx.index, ctx.queue, ctx.store).run_once()
+    states = {j.series_instance_uid: j.state for j in ctx.index.jobs()}
+    assert states[written2.series_instance_uid] == "done", ctx.index.jobs()

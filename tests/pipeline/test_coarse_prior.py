@@ -3,19 +3,16 @@ matched crop for crop, the prior lands where the network saw the vertebra whatev
 the wider refiner starts as the one it grows from, and the trainer runs on such priors."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from pipeline.segmentation.caches import refine_cache_path, seg_cache_path
 from pipeline.segmentation.coarse_prior import coarse_priors, match_whole, network_tag
-from pipeline.segmentation.caches import seg_cache_path
-from pipeline.segmentation.dataset import MARGIN, save_samples, Sample
+from pipeline.segmentation.dataset import MARGIN, Sample, save_samples
 from pipeline.segmentation.infer import CROP_SIZE
 from pipeline.segmentation.model import NORMAL, ShallowRefiner, UNet3D
-from pipeline.segmentation.caches import refine_cache_path
 from pipeline.segmentation.train_refiner import RefineTrainConfig, train
 from pipeline.training import save_best
 

@@ -177,7 +177,8 @@ def test_a_mild_grade_within_the_slice_spacing_uncertainty_is_noted_not_changed(
 def test_dice_by_region_pools_vertebrae_over_cases():
     from pipeline.evaluate import dice_by_region, segmentation_grading_report
 
-    cases = [{"C4": {"dice": 0.6}, "T1": {"dice": 0.9}}, {"C5": {"dice": 0.8}, "T2": {"dice": 1.0}, "T3": {"dice": 0.8}}]
+    cases = [{"C4": {"dice": 0.6}, "T1": {"dice": 0.9}},
+             {"C5": {"dice": 0.8}, "T2": {"dice": 1.0}, "T3": {"dice": 0.8}}]
     by = dice_by_region(cases)
     assert by == {"cervical": {"dice": pytest.approx(0.7), "vertebrae": 2},
                   "thoracic": {"dice": pytest.approx(0.9), "vertebrae": 3}}

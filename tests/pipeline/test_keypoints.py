@@ -8,8 +8,14 @@ import torch.nn.functional as F
 
 from pipeline.findings import KEYPOINT_NAMES
 from pipeline.keypoints.dataset import keypoint_samples
-from pipeline.keypoints.infer import (BODY_OFFSET_MM, decode_heatmaps, decode_keypoints, first_centre,
-                                      predict_keypoints, shape_penalty)
+from pipeline.keypoints.infer import (
+    BODY_OFFSET_MM,
+    decode_heatmaps,
+    decode_keypoints,
+    first_centre,
+    predict_keypoints,
+    shape_penalty,
+)
 from pipeline.keypoints.plane import sagittal_plane, spine_axes
 from pipeline.keypoints.train import build_keypoint_model
 from pipeline.localization.heatmaps import gaussian_heatmaps
@@ -46,13 +52,19 @@ BODY = np.array([[60.0, 20.0], [30.0, 20.0], [59.0, 40.0], [31.0, 40.0], [60.0, 
 
 def test_the_shape_prior_accepts_bodies_and_fractures_and_rejects_impossible_points():
     assert shape_penalty(BODY, 0.75) == 0.0
-    wedge = BODY.copy(); wedge[0, 0] = 42.0; wedge[2, 0] = 50.0          # anterior collapse, grade 3
+    wedge = BODY.copy()                                                  # anterior collapse, grade 3
+    wedge[0, 0] = 42.0
+    wedge[2, 0] = 50.0
     assert shape_penalty(wedge, 0.75) == 0.0
-    biconcave = BODY.copy(); biconcave[2, 0] = 48.0; biconcave[3, 0] = 42.0
+    biconcave = BODY.copy()
+    biconcave[2, 0] = 48.0
+    biconcave[3, 0] = 42.0
     assert shape_penalty(biconcave, 0.75) == 0.0
-    swapped = BODY.copy(); swapped[[0, 1]] = swapped[[1, 0]]             # A2 above A1
+    swapped = BODY.copy()                                                # A2 above A1
+    swapped[[0, 1]] = swapped[[1, 0]]
     assert shape_penalty(swapped, 0.75) == float("inf")
-    m2_on_next_body = BODY.copy(); m2_on_next_body[3, 0] = 12.0          # M2 one disc further down
+    m2_on_next_body = BODY.copy()                                        # M2 one disc further down
+    m2_on_next_body[3, 0] = 12.0
     assert shape_penalty(m2_on_next_body, 0.75) > 5.0
 
 
@@ -76,7 +88,8 @@ def test_first_centre_falls_back_in_front_of_the_centroid_when_the_mask_shows_no
     c = first_centre(fg, (0.0, 0.0, 0.0), (0.0, 0.0, 1.0))
     assert c == pytest.approx((0.0, -BODY_OFFSET_MM, 0.0))
     # a body in front of the centroid is believed
-    arr[:] = 0; arr[20:28, 14:20, 20:28] = 1.0
+    arr[:] = 0
+    arr[20:28, 14:20, 20:28] = 1.0
     c = first_centre(array_image(arr, ref), (0.0, 0.0, 0.0), (0.0, 0.0, 1.0))
     assert -25.0 < c[1] < -3.0 and abs(c[2]) < 2.0
 
@@ -100,7 +113,9 @@ def test_smoke_training_and_inference_give_six_points_in_mm():
     losses = []
     for _ in range(15):
         loss = F.smooth_l1_loss(net(x), t)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     plane = sagittal_plane(gt["vertebrae"][0]["centroid_mm"])

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.numbering import Numbering
 from pipeline.findings import GenantGrade, Morphology, VertebraFinding
+from pipeline.numbering import Numbering
 from pipeline.outputs import build_outputs
 from pipeline.outputs.key_image import (
     WARNING_COLOUR,

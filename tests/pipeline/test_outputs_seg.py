@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.outputs import ResultKind, build_outputs
-from pipeline.outputs import codes
+from pipeline.outputs import ResultKind, build_outputs, codes
 from pipeline.outputs.common import output_identity
 from pipeline.outputs.seg import label_frames
 from tests import synthetic_results as synth
@@ -72,8 +71,17 @@ def test_masks_read_back_equal_the_label_map(case):
     for item in out.seg.SegmentSequence:
         label = next(f.label for f in result.vertebrae if f.name == item.SegmentLabel)
         mask = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=uids, segment_numbers=[item.SegmentNumber])[..., 0]
+            source_sop_instance_uids=uids, segment_numbers=[item.SegmentNumber],
+            assert_missing_frames_are_empty=True)[..., 0]
         assert np.array_equal(mask.astype(bool), frames == label), item.SegmentLabel
+    # It references exactly the source instances that hold a segment (issue 28: a whole-body
+    # series costs no more than its spine).
+    labels = [next(f.label for f in result.vertebrae if f.name == item.SegmentLabel)
+              for item in out.seg.SegmentSequence]
+    holding = {u for u, f in zip(uids, frames) if np.isin(f, labels).any()}
+    referenced = {i.ReferencedSOPInstanceUID for s in out.seg.ReferencedSeriesSequence
+                  for i in s.ReferencedInstanceSequence}
+    assert referenced == holding and 0 < len(holding) < len(uids)
 
 
 def test_every_object_is_in_the_source_study_in_its_own_new_series(case):
@@ -111,3 +119,25 @@ def test_label_map_off_the_source_grid_is_refused(case):
     shifted.SetOrigin([o + 0.9 for o in result.label_map.GetOrigin()])
     with pytest.raises(ValueError, match="not a slice of the label map"):
         label_frames(shifted, series.headers)
+
+
+def test_colours_tell_fractures_and_neighbouring_levels_apart_and_are_not_bone(case):
+    """Recommended Display CIELab Values (issue 26): a fractured vertebra red; normal ones far
+    from bone white and from red, neighbours visibly different (CIE76 delta E > 25)."""
+    _series, result, out = case
+    lab = {s.SegmentLabel: np.array(hd.color.CIELabColor.from_dicom_value(
+        s.RecommendedDisplayCIELabValue).lab) for s in out.seg.SegmentSequence}
+    red = np.array(hd.color.CIELabColor.from_rgb(255, 0, 0).lab)
+    white = np.array(hd.color.CIELabColor.from_rgb(255, 255, 255).lab)
+    fractured = {f.name for f in result.vertebrae if f.fractured}
+    assert fractured == {"L1"}
+    names = [f.name for f in result.vertebrae]
+    for name in names:
+        if name in fractured:
+            assert np.linalg.norm(lab[name] - red) < 1
+        else:
+            assert np.linalg.norm(lab[name] - red) > 60, name
+            assert np.linalg.norm(lab[name] - white) > 40, name
+            assert np.hypot(lab[name][1], lab[name][2]) > 40, f"{name} is greyish"
+    for a, b in zip(names, names[1:]):
+        assert np.linalg.norm(lab[a] - lab[b]) > 25, (a, b)

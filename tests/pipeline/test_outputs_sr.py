@@ -46,7 +46,8 @@ def test_each_group_references_the_seg_segment_of_its_vertebra(case):
         assert segment.SegmentLabel == v.name
         assert segment.TrackingUID == v.tracking_uid
         site = g.finding_sites[0].value
-        assert site.value == segment.get("AnatomicRegionSequence", segment.SegmentedPropertyTypeCodeSequence)[0].CodeValue
+        region = segment.get("AnatomicRegionSequence", segment.SegmentedPropertyTypeCodeSequence)
+        assert site.value == region[0].CodeValue
     evidence = {item.ReferencedSOPInstanceUID
                 for study in out.sr.CurrentRequestedProcedureEvidenceSequence
                 for series in study.ReferencedSeriesSequence
@@ -201,3 +202,131 @@ def test_anchored_numbering_is_stated_once_at_the_report_level(case, tmp_path):
 
 def test_without_a_numbering_the_report_states_none(case):
     assert read_numbering(case[2].sr) is None
+
+
+# --- what a viewer needs: every finding placed on an image (issue 26, OHIF 3.13) -----------------
+
+def _walk(item):
+    yield item
+    for child in item.get("ContentSequence", []):
+        yield from _walk(child)
+
+
+def _groups_by_tracking_uid(sr) -> dict[str, list]:
+    """Measurement groups of the report by Tracking UID, as OHIF merges them."""
+    (measurements,) = [i for i in sr.ContentSequence
+                       if i.ConceptNameCodeSequence[0].CodeValue == "126010"]  # Imaging Measurements
+    out: dict[str, list] = {}
+    for group in measurements.ContentSequence:
+        uid = [i.UID for i in group.ContentSequence if i.ValueType == "UIDREF"][0]
+        out.setdefault(uid, []).append(group)
+    return out
+
+
+def _scoords_on(item, sop_instance_uid: str) -> list:
+    """SCOORD children of ``item`` whose SELECTED FROM image is ``sop_instance_uid``."""
+    return [c for c in item.get("ContentSequence", []) if c.ValueType == "SCOORD"
+            and any(ref.ReferencedSOPInstanceUID == sop_instance_uid
+                    for img in c.ContentSequence for ref in img.ReferencedSOPSequence)]
+
+
+def test_every_vertebra_is_placed_on_the_key_image_as_a_viewer_needs(case):
+    """OHIF merges a finding's groups by Tracking UID and needs, for each, a SCOORD that
+    references an image (top level, or INFERRED FROM under a NUM); a NUM with children but no
+    SCOORD it skips with a warning. Without this the SR crashed OHIF 3.13 (issue 26)."""
+    _series, result, out = case
+    key = out.key_image.SOPInstanceUID
+    merged = _groups_by_tracking_uid(out.sr)
+    assert len(merged) == len(result.vertebrae)
+    for uid, groups in merged.items():
+        items = [i for g in groups for i in g.ContentSequence]
+        placed = [s for i in items for s in (_scoords_on(i, key) if i.ValueType == "NUM" else [])]
+        placed += [i for i in items if i.ValueType == "SCOORD"
+                   and i.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key]
+        assert placed, f"tracking UID {uid}: nothing on the key image"
+        for num in (i for i in items if i.ValueType == "NUM" and "ContentSequence" in i):
+            assert _scoords_on(num, key), num.ConceptNameCodeSequence[0].CodeMeaning
+    evidence = {item.ReferencedSOPInstanceUID
+                for study in out.sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert key in evidence
+
+
+def _with_keypoints(result):
+    """The synthetic vertebrae with Genant points on their mid-sagittal plane (x = 0): anterior
+    at y = -3, middle at y = 10, posterior at y = 23 (mm), heights as the box phantom's."""
+    out = []
+    for v in result.vertebrae:
+        zc = v.centroid_mm[2]
+        kp = {}
+        for tag, y, h in (("A", -3.0, v.heights_mm.anterior), ("M", 10.0, v.heights_mm.middle),
+                          ("P", 23.0, v.heights_mm.posterior)):
+            kp[f"{tag}1"], kp[f"{tag}2"] = (0.0, y, zc + h / 2), (0.0, y, zc - h / 2)
+        out.append(dataclasses.replace(v, keypoints_mm=kp, notes=list(v.notes)))
+    return dataclasses.replace(result, vertebrae=out)
+
+
+def test_heights_are_inferred_from_lines_between_the_genant_points_on_the_key_image(case, tmp_path):
+    series, result, _out = case
+    out = build_outputs(series, _with_keypoints(result), version=1)
+    pixel_mm = float(out.key_image.PixelSpacing[0])
+    rows, columns = int(out.key_image.Rows), int(out.key_image.Columns)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(out.sr, copy=True)
+    by_name = {str(g.tracking_identifier).removesuffix(" vertebra"): g
+               for g in sr.content.get_image_measurement_groups()}
+    topo = {codes.ANTERIOR.value: "anterior", codes.MIDDLE.value: "middle",
+            codes.POSTERIOR.value: "posterior"}
+    for v in result.vertebrae:
+        lines = {}
+        for m in by_name[v.name].get_measurements(name=codes.HEIGHT):
+            (coords,) = m.referenced_coordinates
+            assert coords.GraphicType == "POLYLINE"
+            (image,) = coords.ContentSequence
+            assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+                out.key_image.SOPInstanceUID
+            line = np.asarray(coords.GraphicData, dtype=float).reshape(-1, 2)
+            assert line.shape == (2, 2)
+            assert ((line >= 0) & (line <= [columns, rows])).all()
+            lines[topo[m.finding_sites[0].topographical_modifier.value]] = (line, float(m.value))
+        assert sorted(lines) == ["anterior", "middle", "posterior"]
+        for name, (line, value) in lines.items():
+            # The points are on the plane of the key image: the line is as long as the height.
+            assert np.linalg.norm(line[1] - line[0]) * pixel_mm == pytest.approx(value, abs=0.01)
+            assert value == pytest.approx(getattr(v.heights_mm, name), abs=0.01)
+        # Anterior is left of posterior on the key image (anterior left, head up).
+        assert lines["anterior"][0][:, 0].mean() < lines["posterior"][0][:, 0].mean()
+    reported = {r.name: r for r in read_vertebrae(out.sr)}
+    assert reported["L1"].heights_mm == pytest.approx(
+        {"anterior": 14.0, "middle": 18.0, "posterior": 22.0}, abs=0.01)
+    errors, output = synth.dciodvfy_errors(out.sr, tmp_path / "sr.dcm")
+    assert errors == [], output
+
+
+def test_a_vertebra_not_assessed_is_a_region_on_the_key_image_without_measurement(case):
+    series, result, _out = case
+    vertebrae = [dataclasses.replace(v, notes=list(v.notes)) for v in result.vertebrae]
+    vertebrae[0].partial = True                                   # T12
+    out = build_outputs(series, dataclasses.replace(result, vertebrae=vertebrae), version=1)
+    sr = hd.sr.Comprehensive3DSR.from_dataset(out.sr, copy=True)
+    (planar,) = sr.content.get_planar_roi_measurement_groups()
+    assert str(planar.tracking_identifier) == "T12 vertebra"
+    assert planar.roi.GraphicType == "ELLIPSE"
+    assert planar.get_measurements() == []
+    assert not [i for i in _walk(planar[0]) if i.ValueType == "NUM"]
+    image_groups = {str(g.tracking_identifier) for g in sr.content.get_image_measurement_groups()}
+    assert "T12 vertebra" not in image_groups and "L1 vertebra" in image_groups
+
+
+def test_each_vertebra_states_its_finding_in_words(case):
+    """The one line a viewer shows beside the vertebra (DCM 121106 "Comment")."""
+    _series, _result, out = case
+    comments = [str(i.TextValue) for g in _groups_by_tracking_uid(out.sr).values() for grp in g
+                for i in grp.ContentSequence
+                if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    assert sorted(comments) == sorted([
+        "T12: no fracture, Genant grade 0 (normal)",
+        "L1: fracture, Genant grade 2 (moderate), wedge deformity",
+        "L2: no fracture, Genant grade 0 (normal)",
+        "L3: no fracture, Genant grade 0 (normal)",
+        "L4: no fracture, Genant grade 0 (normal)"])

@@ -96,7 +96,7 @@ def test_every_position_finds_the_same_levels_at_the_truths_coordinates(results)
     truth = {v["name"]: np.array(v["centroid_mm"]) for v in ph.gt["vertebrae"] if not v.get("partial")}
     reference = {f.name: np.array(f.centroid_mm) for f in out["HFS"][1].vertebrae}
     assert set(truth) <= set(reference)
-    for name, (series, res) in out.items():
+    for name, (_series, res) in out.items():
         found = {f.name: np.array(f.centroid_mm) for f in res.vertebrae}
         assert set(found) == set(reference), name
         for level, p in found.items():

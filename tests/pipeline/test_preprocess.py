@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.preprocess import CLAMP_HU, AIR_HU, clamp, normalize, prepare, reorient, resample, zscore
+from pipeline.preprocess import AIR_HU, CLAMP_HU, clamp, normalize, prepare, reorient, resample, zscore
 
 
 def _image(array: np.ndarray, spacing=(0.8, 0.8, 1.5), direction=None, origin=(-10.0, 20.0, 30.0)) -> sitk.Image:

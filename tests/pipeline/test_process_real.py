@@ -30,10 +30,10 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     from dicom_node.cli import app
-    from pipeline.realdata.truth import axial_lps, truth_vertebrae
     from pipeline.realdata.pack import iter_pack_cases
     from pipeline.realdata.split import load_split
     from pipeline.realdata.to_dicom import write_ct_series
+    from pipeline.realdata.truth import axial_lps, truth_vertebrae
 
     assert SUBJECT in load_split().validation
     case = next(iter_pack_cases(PACK, [SUBJECT]))

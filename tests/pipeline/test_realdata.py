@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.realdata import pack as rp
-from pipeline.realdata.truth import axial_lps, truth_vertebrae
 from pipeline.realdata.split import SPLIT_FILE, load_split
+from pipeline.realdata.truth import axial_lps, truth_vertebrae
 
 PACK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real-spine"
 needs_pack = pytest.mark.skipif(not (PACK / "grades.json").exists(),

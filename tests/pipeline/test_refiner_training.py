@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline.registry import load_model, read_manifest
+from pipeline.segmentation.caches import refine_cache_path
 from pipeline.segmentation.model import UNet3D
 from pipeline.segmentation.train import SegTrainConfig, assemble, install
-from pipeline.segmentation.caches import refine_cache_path
 from pipeline.segmentation.train_refiner import RefineTrainConfig, train
 from pipeline.training import save_best
 

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from pipeline.nets import MSCN
-from pipeline.registry import (ModelWeightsError, install_weights, load_model, read_manifest, resolve_device,
-                               verify, weights_payload)
+from pipeline.registry import (
+    ModelWeightsError,
+    install_weights,
+    load_model,
+    read_manifest,
+    resolve_device,
+    verify,
+    weights_payload,
+)
 
 
 @pytest.fixture()

@@ -45,7 +45,9 @@ def test_smoke_training_lowers_the_loss_and_inference_labels_each_vertebra_once(
     for _ in range(40):
         x, t = augmented_batch(samples, rng, size=24)
         loss = dice_ce_loss(net(torch.from_numpy(x)), torch.from_numpy(t))
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
         losses.append(float(loss.detach()))
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     res = segment(ct, [(v["label"], v["centroid_mm"]) for v in gt["vertebrae"]], net, "cpu", size=24, spacing_mm=4.0)

@@ -48,11 +48,13 @@ def test_lr_schedule_cosine_anneals_and_plateau_steps_on_the_validation_loss():
     assert opt.param_groups[0]["lr"] == 1e-3
     cosine.before_step(Progress(lambda m: None, steps=200, start_step=100), 150)
     assert opt.param_groups[0]["lr"] == pytest.approx(cosine_lr(1e-3, 0.5))
-    cosine.validated(1.0); cosine.validated(2.0)                # the plateau scheduler is not stepped
+    cosine.validated(1.0)                                       # the plateau scheduler is not stepped
+    cosine.validated(2.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(cosine_lr(1e-3, 0.5))
     set_lr(opt, 1e-3)
     flat = LrSchedule("plateau", 1e-3, opt, plateau)
     flat.before_step(Progress(lambda m: None, steps=200), 150)  # no annealing
     assert opt.param_groups[0]["lr"] == 1e-3
-    flat.validated(1.0); flat.validated(2.0)                    # no improvement: halved
+    flat.validated(1.0)                                         # no improvement: halved
+    flat.validated(2.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)

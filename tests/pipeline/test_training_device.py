@@ -57,7 +57,9 @@ def test_prefetch_keeps_the_order_of_the_batches_and_hands_over_an_error():
     assert [next(pf) for _ in range(5)] == [0, 1, 2, 3, 4]
     pf.close()
 
-    def failing(state={"n": 0}):
+    state = {"n": 0}
+
+    def failing():
         state["n"] += 1
         if state["n"] > 2:
             raise RuntimeError("crop failed")

@@ -11,8 +11,15 @@ import SimpleITK as sitk
 
 from pipeline.phantom import generate
 from pipeline.phantom.writer import write_verse
-from pipeline.verse import (VerseError, ctd_to_lps, iter_verse_cases, load_verse_case, lps_to_ctd,
-                            read_centroids, write_centroids)
+from pipeline.verse import (
+    VerseError,
+    ctd_to_lps,
+    iter_verse_cases,
+    load_verse_case,
+    lps_to_ctd,
+    read_centroids,
+    write_centroids,
+)
 
 
 def _image(direction, spacing=(0.8, 1.1, 2.5), size=(20, 24, 16), origin=(12.0, -30.0, 100.0)):

@@ -10,7 +10,6 @@ import pytest
 from storage.db import Database, utcnow
 from storage.deliveries import Backoff, DeliveryQueue, DestinationWants, NewResult
 from storage.models import Job, JobState, Series, Study
-from tests.storage.test_index_queue import postgres_url  # noqa: F401 - a fixture
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
@@ -21,7 +20,7 @@ def db(request, tmp_path):
         database = Database(request.getfixturevalue("postgres_url"))
     database.upgrade()
     yield database
-    if request.param == "postgresql":  # one server for the module: empty it between tests
+    if request.param == "postgresql":  # postgres_url (tests/conftest.py): empty it between tests
         with database.engine.begin() as conn:
             conn.exec_driver_sql("TRUNCATE deliveries, results, jobs, series, studies "
                                  "RESTART IDENTITY CASCADE")

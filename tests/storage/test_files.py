@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from storage import direct_io
 from storage.files import TMP_PREFIX, BlobStore, OutOfSpaceError, UnsafePathError
 from storage.uids import InvalidUIDError, is_valid_uid, validate_uid
 
@@ -96,8 +97,6 @@ def test_temporaries_from_a_crash_are_removed(tmp_path):
 
 
 # -- direct I/O (issue 8) ------------------------------------------------------------------------
-from storage import direct_io
-
 SIZES = [0, 1, 4095, 4096, 4097, direct_io.DIRECT_CHUNK - 1, direct_io.DIRECT_CHUNK,
          direct_io.DIRECT_CHUNK + 1, 2 * direct_io.DIRECT_CHUNK + 4099]
 
@@ -107,7 +106,7 @@ def _created_flags(monkeypatch) -> list[int]:
     flags: list[int] = []
     real_open = os.open
 
-    def spy(path, mode, *args):  # noqa: ANN001, ANN002
+    def spy(path, mode, *args):
         if mode & os.O_CREAT:
             flags.append(mode)
         return real_open(path, mode, *args)
@@ -157,7 +156,7 @@ def test_a_file_system_that_refuses_o_direct_gets_the_page_cache(tmp_path, monke
     real_open = os.open
     tries = []
 
-    def refuse(path, mode, *args):  # noqa: ANN001, ANN002
+    def refuse(path, mode, *args):
         if mode & os.O_DIRECT:
             tries.append(path)
             raise OSError(errno.EINVAL, "Invalid argument")
@@ -180,7 +179,7 @@ def test_a_failed_direct_write_leaves_nothing(tmp_path, monkeypatch):
         pytest.skip("the file system under tmp_path refuses O_DIRECT")
     rel = store.instance_relpath("1.2", "1.2.3", "1.2.3.4")
 
-    def no_space(fd, buffers):  # noqa: ANN001
+    def no_space(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(direct_io, "write_all", no_space)

@@ -11,7 +11,6 @@ from storage.db import Database, utcnow
 from storage.index import Index, InstanceRecord
 from storage.models import Base, JobState
 from storage.queue import JobQueue
-from tests.conftest import postgres_url  # noqa: F401 - moved to conftest; re-exported for old imports
 
 
 def _record(k: int, series: str = "1.2.3.1", study: str = "1.2.3", modality: str = "CT"):
@@ -98,7 +97,7 @@ def test_skipped_series_and_queued_job_kept(sqlite_db):
 def test_concurrent_claimers_take_each_job_once(tmp_path):
     db = Database(f"sqlite:///{tmp_path}/index.db")
     db.upgrade()
-    index, queue = Index(db), JobQueue(db)
+    index = Index(db)
     for s in range(12):
         index.add_instance(_record(1, series=f"1.2.3.{s + 1}"))
     for series in index.stable_series(utcnow() + dt.timedelta(seconds=1)):

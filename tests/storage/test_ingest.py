@@ -186,15 +186,16 @@ def test_failed_commit_removes_the_directly_written_file(parts, monkeypatch):
 def test_same_instance_from_concurrent_senders_is_stored_once_and_intact(parts):
     _db, index, store = parts
     writer = InstanceWriter(store, index)
+
+    def send(rec, outcomes, barrier):
+        barrier.wait()
+        outcomes.append(writer.store_instance(rec, b"DICM"))
+
     for round_ in range(20):
         rec = _record(round_)
         outcomes, barrier = [], threading.Barrier(4)
-
-        def send():
-            barrier.wait()
-            outcomes.append(writer.store_instance(rec, b"DICM"))
-
-        threads = [threading.Thread(target=send) for _ in range(4)]
+        # each round's objects passed in: a sender still running after join(30) keeps its own
+        threads = [threading.Thread(target=send, args=(rec, outcomes, barrier)) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -269,8 +270,8 @@ def test_data_is_synced_after_the_insert_and_before_the_commit(parts, monkeypatc
     """Through the page cache the write-back is started at once; written directly
     (``O_DIRECT``) the data is on the device when the write returns. Either way the data is
     synced inside the leader's transaction, after the insert and the directory."""
-    from storage import direct_io
     import storage.files as files
+    from storage import direct_io
 
     _db, index, store = parts
     store = BlobStore(store.root, direct_io=direct)

@@ -48,7 +48,7 @@ def test_kept_connection_is_dropped_after_a_failed_group_and_the_next_one_works(
     assert index.add_instances([_record(1)]) == [True]
     first = index._writer_conn
 
-    def fail(_new, _known):  # noqa: ANN001
+    def fail(_new, _known):
         raise OSError("rename failed")
 
     with pytest.raises(OSError):

@@ -5,8 +5,8 @@ PostgreSQL queue instead of waiting out their lease.
 Revision ID: 0002
 Revises: 0001
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = "0002"
 down_revision = "0001"

@@ -4,8 +4,8 @@ one study, one answer), so that ``studies`` and ``jobs`` can show it.
 Revision ID: 0003
 Revises: 0002
 """
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
 revision = "0003"
 down_revision = "0002"
