@@ -61,7 +61,7 @@ COMMAND_MODULES = (
     "send",       # send
     "phantom",    # phantom
     "analysis",   # process, evaluate
-    "train",      # train localization|segmentation|keypoints
+    "train",      # train localization|segmentation|refiner|keypoints, keypoint-planes, calibrate-localization
 )
 
 for _name in COMMAND_MODULES:

@@ -91,7 +91,7 @@ def algorithm_info(settings: Any) -> AlgorithmInfo:
 
 def publish(*, job: Any, series: Any, result: Any, index: Any, store: "BlobStore",
             settings: Any, algorithm: AlgorithmInfo | None = None,
-            context: StudyContext | None = None, **_ignored: Any) -> Published:
+            context: StudyContext | None = None) -> Published:
     """Build, store and queue the SEG, SR and key image of ``job`` (a ``storage.queue.JobRef``).
 
     ``series``: ``pipeline.series_loader.LoadedSeries``; ``result``:

@@ -160,7 +160,7 @@ class Worker:
         except (ValueError, RuntimeError, OSError) as exc:
             raise JobFailed(f"analysis failed: {type(exc).__name__}: {exc}") from exc
 
-        summary = result.summary() if hasattr(result, "summary") else dict(result)
+        summary = result.summary()
         from dicom_node.results import study_context
 
         # Where this result stands in its study: one part of several, or replacing an earlier

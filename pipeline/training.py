@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from pipeline.seeds import refuse_evaluation_seeds
+
 Logger = Callable[[str], None]
 
 
@@ -61,7 +63,9 @@ def start_run(cfg: Any, log: Logger | None, evaluation_seeds: Iterable[int],
     say = log or (lambda m: log_line(out, m))
     bad = set(cfg.train_seeds + cfg.val_seeds) & set(evaluation_seeds)
     if bad:
-        raise ValueError(seeds_error or f"seeds {sorted(bad)} are evaluation seeds (9001-9010)")
+        if seeds_error:
+            raise ValueError(seeds_error)
+        refuse_evaluation_seeds(bad)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))

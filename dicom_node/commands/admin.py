@@ -192,14 +192,14 @@ def resend(study_uid: str = typer.Argument(..., help="Study Instance UID"),
     typer.echo(f"{n} deliveries queued for study {uid}")
 
 
-_PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
+PEER_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d{1,5})$")
 
 
 def echo(peer: str = typer.Argument(..., metavar="AE@HOST:PORT"),
          config: Path = CONFIG_OPTION,
          timeout: float = typer.Option(10.0, "--timeout", help="seconds")) -> None:
     """C-ECHO a DICOM peer, calling as node.ae_title."""
-    m = _PEER_RE.match(peer)
+    m = PEER_RE.match(peer)
     if not m:
         raise typer.BadParameter(f"{peer!r} is not AE@HOST:PORT")
     settings = settings_or_exit(config)

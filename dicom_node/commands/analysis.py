@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
-
-DEFAULT_DEVICE = os.environ.get("SPINE_NODE_PIPELINE__DEVICE", "auto")
 
 
 def dicom_files(directory: Path) -> list[Path]:
@@ -31,20 +28,18 @@ def dicom_files(directory: Path) -> list[Path]:
 
 
 def _device(config: Optional[Path], device: Optional[str]) -> str:
+    """``--device``, else ``pipeline.device`` of the configuration (``--config``,
+    $SPINE_NODE_CONFIG, the environment, the defaults); a bad configuration exits with status 2."""
     if device:
         return device
-    if config is not None or os.environ.get("SPINE_NODE_CONFIG"):
-        try:
-            from config import load_settings  # the configuration engineer's loader
+    from dicom_node.context import settings_or_exit
 
-            return str(load_settings(config).pipeline.device)
-        except Exception:  # noqa: BLE001 - fall back to the environment / auto
-            pass
-    return DEFAULT_DEVICE
+    return str(settings_or_exit(config).pipeline.device)
 
 
 def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> dict:
-    """Load, analyse and write ``summary.json`` (+ SEG/SR/key image where pipeline.outputs exists)."""
+    """Load, analyse and write ``summary.json``, the SEG (where a vertebra was segmented), the SR
+    and the key image into ``out_dir``."""
     from pipeline.run import analyse
     from pipeline.series_loader import load_series
 
@@ -71,7 +66,7 @@ def process_directory(dicom_dir: Path, out_dir: Path, device: str = "auto") -> d
         ds = getattr(objs, name, None)
         if ds is not None:
             path = out_dir / f"{name}.dcm"
-            ds.save_as(path, enforce_file_format=True) if _has_enforce() else ds.save_as(path)
+            ds.save_as(path, enforce_file_format=True)
             written.append(path.name)
     result.timings_s["outputs"] = time.perf_counter() - t
     result.timings_s["total"] = time.perf_counter() - t0
@@ -134,14 +129,6 @@ def vertebra_line(v: dict) -> str:
             f"{'FRACTURED' if v['fractured'] else 'normal   '}  "
             f"HA {h.get('anterior', float('nan')):5.1f}  HM {h.get('middle', float('nan')):5.1f}  "
             f"HP {h.get('posterior', float('nan')):5.1f} mm")
-
-
-def _has_enforce() -> bool:
-    import inspect
-
-    from pydicom.dataset import Dataset
-
-    return "enforce_file_format" in inspect.signature(Dataset.save_as).parameters
 
 
 def register(app: typer.Typer) -> None:

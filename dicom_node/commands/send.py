@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from dicom_node.commands.admin import _PEER_RE  # AE@HOST:PORT, as `echo` takes it
+from dicom_node.commands.admin import PEER_RE  # AE@HOST:PORT, as `echo` takes it
 from dicom_node.context import CONFIG_OPTION, settings_or_exit
 
 
@@ -34,7 +34,7 @@ def send(paths: list[Path] = typer.Argument(..., exists=True, metavar="PATH",
         host = "127.0.0.1" if node.host in ("0.0.0.0", "::", "") else node.host
         peer = Peer(ae_title=node.ae_title, host=host, port=node.port)
     else:
-        m = _PEER_RE.match(to)
+        m = PEER_RE.match(to)
         if not m or not 0 < int(m["port"]) < 65536:
             raise typer.BadParameter(f"{to!r} is not AE@HOST:PORT", param_hint="--to")
         peer = Peer(ae_title=m["ae"], host=m["host"].strip("[]"), port=int(m["port"]))

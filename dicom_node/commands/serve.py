@@ -168,11 +168,10 @@ def serve(config: Path = CONFIG_OPTION) -> None:
     scheduler.start()
     workers = start_worker_threads(_make_worker(ctx, "serve"), settings.worker.count)
     exporter = _exporter(ctx)
-    if exporter is not None:
-        exporter.start()
+    exporter.start()
     from dicom_node import audit
     audit.record(ctx.index, "node_started", "success", actor=settings.node.ae_title,
-                 port=scp.port, tls_port=scp.tls_port if hasattr(scp, "tls_port") else None,
+                 port=scp.port, tls_port=scp.tls_port,
                  workers=settings.worker.count)
     log.info("node ready", extra={"ae_title": settings.node.ae_title, "port": scp.port})
 
@@ -186,8 +185,7 @@ def serve(config: Path = CONFIG_OPTION) -> None:
         pool.wait(timeout_s=settings.node.dimse_timeout_s + 5)
     scheduler.stop()
     drain_workers(workers, ctx.queue, settings.worker.drain_seconds)
-    if exporter is not None:
-        exporter.stop()
+    exporter.stop()
     if http is not None:
         http.stop()
     audit.record(ctx.index, "node_stopped", "success", actor=settings.node.ae_title)

@@ -1,4 +1,5 @@
-"""``spine-node train localization|segmentation|keypoints``: train a model of the pipeline.
+"""``spine-node train ...``: train a model of the pipeline (localization, segmentation, refiner,
+keypoints), write extra keypoint planes, calibrate a localization weight file.
 
 One typer sub-app, :data:`train_app`. This module defines ``localization``; the other models
 add their subcommand from their own module: ``dicom_node/commands/train_<model>.py`` with a

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pipeline.levels import BY_LABEL, N_LEVELS
 from pipeline.localization.heatmaps import gaussian_heatmaps
 from pipeline.preprocess import prepare
-from pipeline.seeds import EVALUATION_SEEDS
+from pipeline.seeds import refuse_evaluation_seeds
 
 
 @dataclass
@@ -84,8 +84,7 @@ def make_case(name: str, ct: sitk.Image, centroids_mm: dict[int, Sequence[float]
 
 def phantom_case(seed: int, spacing_mm: float, phantom_spacing_mm: float = 2.0) -> Case:
     """A phantom study (``pipeline.phantom.generate``) as a :class:`Case`."""
-    if seed in EVALUATION_SEEDS:
-        raise ValueError(f"seed {seed} is an evaluation seed (9001-9010); do not train on it")
+    refuse_evaluation_seeds([seed])
     from pipeline.phantom import generate
 
     ph = generate(seed, spacing_mm=phantom_spacing_mm)

@@ -83,7 +83,7 @@ def _taper(patch: Sequence[int]) -> np.ndarray:
 
 
 #: Patches per forward pass on a GPU: one launch sequence for many patches (a GPU idles between
-#: small ones). On the CPU one at a time: batches of 4 took 6.4 s against 3.9 s there (phantom 9001).
+#: small ones). On the CPU one at a time: batching there was slower (docs/archive/bench-history.md).
 GPU_PATCH_BATCH = 8
 
 

@@ -26,7 +26,7 @@ The ``attention``, ``residual`` and ``multi_filter`` switches can override the v
 (Table 4 rows 5-7).
 
 CPU note: the GN kernel at the full-resolution level defaults to 3 (``gn_kernels=(7, 7, 7, 3)``,
-coarse to fine) because a 7^3 kernel there costs more than the whole LN on a 2-core CPU; the three
+coarse to fine) because a 7^3 kernel there costs more than the whole LN on a CPU; the three
 coarser levels use the paper's 7^3.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+from pipeline.segmentation.crops import CROP_SIZE, CROP_SPACING_MM
 
 
 def geometry_tag(size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM) -> str:

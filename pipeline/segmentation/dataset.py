@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.seeds import EVALUATION_SEEDS
+from pipeline.seeds import refuse_evaluation_seeds
 from pipeline.segmentation.caches import geometry_tag, keypoint_cache_path, seg_cache_path
 from pipeline.segmentation.crops import ct_crop, reference_grid, resample
 from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
@@ -74,8 +74,7 @@ def phantom_samples(seed: int, spacing_mm: float | None = None, keypoint_path: P
     With ``keypoint_path``, the keypoint network's samples of the same phantom are written there
     too (one phantom generation for both models).
     """
-    if seed in EVALUATION_SEEDS:
-        raise ValueError(f"seed {seed} is an evaluation seed (9001-9010); do not train on it")
+    refuse_evaluation_seeds([seed])
     from pipeline.phantom import generate
 
     ph = generate(seed, spacing_mm=spacing_mm)

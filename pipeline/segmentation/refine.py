@@ -1,7 +1,7 @@
 """Boundary refinement at 1 mm of the 2 mm segmentation (why: measured in docs/archive/model-card-history.md).
 
-The 3D U-Net works on 64^3 crops at 2 mm (the paper's 128^3 at 1 mm costs 7.8 s per training
-step on the 2-core CPU). Even a perfect 2 mm occupancy map, resampled linearly to the source grid,
+The 3D U-Net works on 64^3 crops at 2 mm (the paper's 128^3 at 1 mm has eight times the voxels,
+more than CPU training affords). Even a perfect 2 mm occupancy map, resampled linearly to the source grid,
 reaches only a Dice of about 0.91-0.93 per vertebra on the phantom (measured on seed 8001): the
 vertebra's processes are a few voxels thick at 2 mm; a fixed HU threshold in the uncertain band
 does no better (the PSF spreads the cortex outward). So a small 1 mm network

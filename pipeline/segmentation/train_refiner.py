@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.seeds import EVALUATION_SEEDS
+from pipeline.seeds import EVALUATION_SEEDS, refuse_evaluation_seeds
 from pipeline.segmentation.caches import refine_cache_path
 from pipeline.segmentation.model import ShallowRefiner
 from pipeline.segmentation.refine_training import error_points, refine_batch, surface_points
@@ -45,8 +45,7 @@ def phantom_refine_samples(seed: int) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.phantom import generate
     from pipeline.segmentation.refine_training import refine_samples
 
-    if seed in EVALUATION_SEEDS:
-        raise ValueError(f"seed {seed} is an evaluation seed (9001-9010); do not train on it")
+    refuse_evaluation_seeds([seed])
     ph = generate(seed)
     return refine_samples(ph.ct, ph.labels, [v for v in ph.gt["vertebrae"] if not v.get("partial")])
 
