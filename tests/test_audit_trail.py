@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import text
 
 from storage.db import Database
-from tests.conftest import DCMTK_ENV, REPO, dcmtk, free_port, storescu
-from tests.orthanc_server import Orthanc
+from tests.helpers import DCMTK_ENV, REPO, dcmtk, free_port, storescu
+from tests.helpers.orthanc_server import Orthanc
 
 pytestmark = pytest.mark.integration
 

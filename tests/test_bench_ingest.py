@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 from dicom_node import part10
-from tests.conftest import dcmtk
+from tests.helpers import dcmtk
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node import conformance
 from dicom_node.scp import StorageSCP
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STATEMENT = ROOT / "docs" / "conformance-statement.md"

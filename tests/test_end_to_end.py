@@ -25,8 +25,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.conftest import REPO, storescu
-from tests.orthanc_server import Orthanc
+from tests.helpers import REPO, storescu
+from tests.helpers.orthanc_server import Orthanc
 
 pytestmark = pytest.mark.integration
 

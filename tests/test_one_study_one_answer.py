@@ -17,7 +17,6 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from tests.conftest import storescu
 from tests.dicom_node.test_series_choice import (
     EXPECTED_RULE,
     _dose_screen,
@@ -25,7 +24,8 @@ from tests.dicom_node.test_series_choice import (
     _scout,
     _series,
 )
-from tests.orthanc_server import Orthanc
+from tests.helpers import storescu
+from tests.helpers.orthanc_server import Orthanc
 
 pytestmark = pytest.mark.integration
 

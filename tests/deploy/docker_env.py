@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 IMAGES = Path(__file__).resolve().parent / "images"
 #: Tags of the local images (repository names that no registry serves).

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, free_port, wait_for
+from tests.helpers import REPO, free_port, wait_for
 
 #: The OHIF release the test was written against (3.13.x); SPINE_NODE_OHIF_VERSION overrides.
 OHIF_VERSION = os.environ.get("SPINE_NODE_OHIF_VERSION", "3.13.2")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, storescu, write_ct_series
+from tests.helpers import REPO, storescu, write_ct_series
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ def test_guide_backup_of_a_running_node_restores_what_it_held(database, node_fac
         assert any(line.startswith("sqlite3 ") for line in backup)
         node = node_factory(worker={"count": 0})
     else:
-        from tests.conftest import create_pg_database
+        from tests.helpers import create_pg_database
 
         url = create_pg_database(request.getfixturevalue("postgres_url"), "backup_restore")
         pg_uri = url.replace("postgresql+psycopg2://", "postgresql://")

@@ -35,9 +35,9 @@ import pydicom
 import pytest
 import yaml
 
-from tests.conftest import DCMTK_ENV, REPO, dcmtk, free_port, wait_for
 from tests.deploy import docker_env
-from tests.orthanc_server import Orthanc
+from tests.helpers import DCMTK_ENV, REPO, dcmtk, free_port, wait_for
+from tests.helpers.orthanc_server import Orthanc
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DCMTK_ENV, REPO, NodeProcess, dcmtk, free_port, wait_for, write_config, write_ct_series
+from tests.helpers import DCMTK_ENV, REPO, NodeProcess, dcmtk, free_port, wait_for, write_config, write_ct_series
 
 pytestmark = pytest.mark.integration
 

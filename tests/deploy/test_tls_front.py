@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DCMTK_ENV, REPO, dcmtk, free_port, write_ct_series
+from tests.helpers import DCMTK_ENV, REPO, dcmtk, free_port, write_ct_series
 
 pytestmark = pytest.mark.integration
 

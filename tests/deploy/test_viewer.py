@@ -41,9 +41,9 @@ import pytest
 from PIL import Image
 
 from pipeline.outputs.sr_key_image import COMMENT
-from tests.conftest import REPO, wait_for
 from tests.deploy.ohif import Chromium, NginxFront, ohif_dist, require
 from tests.deploy.test_orthanc_routing import _phantom_study, _start
+from tests.helpers import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 

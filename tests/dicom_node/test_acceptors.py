@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import storescu, wait_for, write_ct_series
+from tests.helpers import storescu, wait_for, write_ct_series
 
 pytestmark = [pytest.mark.integration]
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from storage.db import Database
-from tests.conftest import DCMTK_ENV, NodeProcess, dcmtk, free_port, storescu, write_ct_series
+from tests.helpers import DCMTK_ENV, NodeProcess, dcmtk, free_port, storescu, write_ct_series
 
 pytestmark = pytest.mark.integration
 

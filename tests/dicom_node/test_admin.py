@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from dicom_node.cli import app
 from storage.db import Database
 from storage.index import Index
-from tests.conftest import free_port, write_config
 from tests.dicom_node.test_worker_scheduler import _ingest, _tick
+from tests.helpers import free_port, write_config
 
 runner = CliRunner()
 
@@ -51,7 +51,7 @@ def test_db_upgrade_studies_jobs_rerun(config, tmp_path):
 
     from config import load_settings
     from dicom_node.context import NodeContext
-    from tests.conftest import write_ct_series
+    from tests.helpers import write_ct_series
     ctx = NodeContext.open(load_settings(config))
     w = write_ct_series(tmp_path / "ct", n_slices=20, rows=8, columns=8)
     _ingest(ctx, w)

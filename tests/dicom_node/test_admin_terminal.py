@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from storage.db import Database
-from tests.conftest import free_port, write_ct_series
+from tests.helpers import free_port, write_ct_series
 
 
 @pytest.fixture

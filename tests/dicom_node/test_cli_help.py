@@ -12,7 +12,7 @@ import pytest
 import typer
 
 from dicom_node.cli import app
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _commands(command, path=()):

@@ -21,10 +21,10 @@ from pydicom.filewriter import dcmwrite
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
 from config import load_settings
-from tests import synthetic_results as synth
-from tests.conftest import free_port
 from tests.dicom_node.test_exporter import FAST_RETRY, Node
-from tests.orthanc_server import Orthanc
+from tests.helpers import free_port
+from tests.helpers import synthetic_results as synth
+from tests.helpers.orthanc_server import Orthanc
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Results reach a real Orthanc by C-STORE, with retries that need nobody (issue 6).
 
-Each test starts its own Orthanc on loopback (tests/orthanc_server.py) and publishes the
-results of a hand-made analysis of a small synthetic CT series (tests/synthetic_results.py)
+Each test starts its own Orthanc on loopback (tests/helpers/orthanc_server.py) and publishes the
+results of a hand-made analysis of a small synthetic CT series (tests/helpers/synthetic_results.py)
 through :func:`dicom_node.results.publish`, then lets :class:`dicom_node.exporter.Exporter`
 deliver them.
 """
@@ -23,9 +23,9 @@ from storage.files import BlobStore
 from storage.index import Index
 from storage.models import Job, JobState, Series, Study
 from storage.queue import JobRef
-from tests import synthetic_results as synth
-from tests.conftest import free_port, wait_for
-from tests.orthanc_server import Orthanc
+from tests.helpers import free_port, wait_for
+from tests.helpers import synthetic_results as synth
+from tests.helpers.orthanc_server import Orthanc
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node.acceptors import start_server
 from dicom_node.fastpath import codec, hooks
 from dicom_node.fastpath.hooks import SCPDIMSE, SCPDUL
-from tests.conftest import DCMTK_ENV, dcmtk, storescu
+from tests.helpers import DCMTK_ENV, dcmtk, storescu
 
 SLOW_TIMEOUT_S = 5.0
 

@@ -30,7 +30,7 @@ from dicom_node.context import NodeContext
 from dicom_node.fastpath.hooks import SCPDIMSE, SCPDUL, TESTED_PYNETDICOM_VERSIONS, SCPAssociation, SCPSocket
 from dicom_node.scp import StorageSCP
 from dicom_node.scu import Peer, Timeouts, store_files
-from tests.conftest import free_port, write_ct_series
+from tests.helpers import free_port, write_ct_series
 
 REPO = Path(__file__).resolve().parents[2]
 STOCK = (Association, DULServiceProvider, DIMSEServiceProvider, AssociationSocket)

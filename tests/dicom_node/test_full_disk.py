@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import storescu, write_config, write_ct_series
+from tests.helpers import storescu, write_config, write_ct_series
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from tests.hostile import CStoreHarness, check_loader, hostile_instance, hostile_series
+from tests.helpers.hostile import CStoreHarness, check_loader, hostile_instance, hostile_series
 
 EXAMPLES = int(os.environ.get("SPINE_NODE_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,

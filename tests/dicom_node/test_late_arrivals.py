@@ -27,7 +27,7 @@ from tests.dicom_node.test_study_parts import (  # noqa: F401
     tick,
     write_part,
 )
-from tests.synthetic_results import dciodvfy_errors
+from tests.helpers.synthetic_results import dciodvfy_errors
 
 
 def _with_kernel(folder: Path, kernel: str, thickness: str | None = None) -> None:

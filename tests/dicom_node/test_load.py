@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from storage.db import Database
-from tests.conftest import DCMTK_ENV, dcmtk, write_ct_series
+from tests.helpers import DCMTK_ENV, dcmtk, write_ct_series
 
 pytestmark = [pytest.mark.integration]
 

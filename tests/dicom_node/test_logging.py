@@ -24,7 +24,7 @@ import logging, sys, tempfile
 from pathlib import Path
 from dicom_node.logging import setup_logging
 from pipeline.outputs import build_outputs
-from tests import synthetic_results as sr
+from tests.helpers import synthetic_results as sr
 
 setup_logging("INFO", json_format=True)
 if sys.argv[1] == "library-loggers-left-alone":
@@ -39,7 +39,7 @@ def _log_of_building_results(mode: str) -> list[dict]:
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     res = subprocess.run([sys.executable, "-c", _BUILD_RESULTS, mode], check=False,
                          capture_output=True, text=True, cwd=REPO, timeout=300)

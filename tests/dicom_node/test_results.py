@@ -20,8 +20,8 @@ from storage.files import BlobStore
 from storage.index import Index, InstanceRecord
 from storage.models import JobState, Result
 from storage.queue import JobQueue
-from tests import synthetic_results as synth
-from tests.conftest import REPO, write_config
+from tests.helpers import REPO, write_config
+from tests.helpers import synthetic_results as synth
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import create_pg_database, storescu, write_ct_series
+from tests.helpers import create_pg_database, storescu, write_ct_series
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from storage.db import Database
-from tests.conftest import DCMTK_ENV, NodeProcess, dcmtk, free_port, storescu, write_ct_series
+from tests.helpers import DCMTK_ENV, NodeProcess, dcmtk, storescu, write_ct_series
 
 pytestmark = pytest.mark.integration
 
@@ -284,41 +284,6 @@ def test_out_of_resources_below_free_space_floor(node_factory, tmp_path, fast_pa
     assert "below storage.min_free_mb" in json.loads(body)["reasons"][0]
 
 
-@pytest.mark.slow
-def test_receive_speed_against_dcmtk_storescp(node_factory, big_series, tmp_path):
-    """Measures (does not judge): seconds for the 300-slice series, spine-node vs storescp."""
-    node = node_factory(worker={"count": 0}).start()
-    start = time.perf_counter()
-    assert storescu(node, big_series.directory).returncode == 0
-    ours = time.perf_counter() - start
-    node.stop()
-
-    port = free_port()
-    out = tmp_path / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen([dcmtk("storescp"), "-od", str(out), str(port)],
-                           env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if subprocess.run([dcmtk("echoscu"), "127.0.0.1", str(port)], env=DCMTK_ENV,
-                              capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        start = time.perf_counter()
-        res = subprocess.run([dcmtk("storescu"), "-aec", "STORESCP", "+sd", "127.0.0.1",
-                              str(port), str(big_series.directory)], env=DCMTK_ENV,
-                             capture_output=True, text=True)
-        theirs = time.perf_counter() - start
-        assert res.returncode == 0
-    finally:
-        scp.terminate()
-        scp.wait(10)
-    assert len(os.listdir(out)) == BIG_SLICES
-    print(f"\nreceive {BIG_SLICES} x 512x512: spine-node {ours:.2f} s, "
-          f"dcmtk storescp {theirs:.2f} s (ratio {ours / theirs:.1f})")
-
-
 def test_compressed_transfer_syntaxes_are_stored_as_received(node_factory, tmp_path, fast_path):
     """JPEG lossless, JPEG-LS, JPEG 2000 and RLE (dcmtk encoders) arrive byte for byte, over
     concurrent associations."""
@@ -379,7 +344,7 @@ def test_worker_command_claims_jobs_that_serve_leaves(node_factory, tmp_path):
 
 
 def test_postgresql_database_url_works_unchanged(node_factory, postgres_url, tmp_path):
-    from tests.conftest import create_pg_database
+    from tests.helpers import create_pg_database
     url = create_pg_database(postgres_url, "node_scp")
     node = node_factory(pipeline=FAKE_PIPELINE, storage={"database_url": url}).start()
     w = write_ct_series(tmp_path / "ct", n_slices=20, rows=16, columns=16)
@@ -394,7 +359,7 @@ def test_postgresql_database_url_works_unchanged(node_factory, postgres_url, tmp
 
 
 def test_job_running_at_kill9_is_requeued_and_finished_after_restart(node_factory, tmp_path):
-    from tests.conftest import write_config
+    from tests.helpers import write_config
     node = node_factory(pipeline={"entry_point": "tests.dicom_node.fake_pipeline:slow_analyse"})
     node.start()
     w = write_ct_series(tmp_path / "ct", n_slices=20, rows=16, columns=16)

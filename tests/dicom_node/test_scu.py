@@ -10,8 +10,8 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicom_node.scu import Peer, StoreError, Timeouts, store_files
 from pipeline.outputs import build_outputs
-from tests import synthetic_results as synth
-from tests.conftest import free_port
+from tests.helpers import free_port
+from tests.helpers import synthetic_results as synth
 
 FAST = Timeouts(connect_s=2, acse_s=2, dimse_s=10, network_s=10)
 

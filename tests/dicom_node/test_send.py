@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import free_port, write_ct_series
+from tests.helpers import free_port, write_ct_series
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from dicom_node.scheduler import schedule_stable_series
 from dicom_node.worker import Worker
 from storage.db import utcnow
 from storage.index import InstanceRecord
-from tests.conftest import write_config
 from tests.dicom_node import fake_pipeline
+from tests.helpers import write_config
 
 
 @pytest.fixture(scope="module")

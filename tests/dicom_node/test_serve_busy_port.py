@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, node_config, write_config
+from tests.helpers import REPO, node_config, write_config
 
 
 @pytest.fixture

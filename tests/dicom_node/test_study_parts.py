@@ -27,7 +27,7 @@ from pipeline.outputs.sr import read_context_statements
 from storage.db import utcnow
 from storage.index import InstanceRecord
 from tests.deploy.groundtruth_pipeline import from_ground_truth
-from tests.synthetic_results import dciodvfy_errors
+from tests.helpers.synthetic_results import dciodvfy_errors
 
 #: Where the phantom (T9-L3, 1 mm slices) is cut between T12 and L1, and the gap between the
 #: two acquisitions (mm): no z overlap.

@@ -13,8 +13,8 @@ from dicom_node.worker import Worker
 from storage.db import utcnow
 from storage.index import InstanceRecord
 from storage.models import JobState
-from tests.conftest import write_ct_series
 from tests.dicom_node import fake_pipeline
+from tests.helpers import write_ct_series
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.outputs import build_outputs
-from tests import synthetic_results as synth
+from tests.helpers import synthetic_results as synth
 
 
 @pytest.fixture(scope="module")

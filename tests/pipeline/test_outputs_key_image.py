@@ -20,7 +20,7 @@ from pipeline.outputs.key_image import (
     render,
     wrap,
 )
-from tests import synthetic_results as synth
+from tests.helpers import synthetic_results as synth
 
 
 def test_key_image_passes_dciodvfy_without_errors(case, tmp_path):

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from pipeline.outputs import ResultKind, build_outputs, codes
 from pipeline.outputs.common import output_identity
 from pipeline.outputs.seg import label_frames
-from tests import synthetic_results as synth
+from tests.helpers import synthetic_results as synth
 
 
 def test_seg_passes_dciodvfy_without_errors(case, tmp_path):

@@ -13,7 +13,7 @@ from pipeline.numbering import Anchor, Numbering
 from pipeline.outputs import build_outputs, codes
 from pipeline.outputs.enums import VerificationFlag
 from pipeline.outputs.sr import read_numbering, read_vertebrae
-from tests import synthetic_results as synth
+from tests.helpers import synthetic_results as synth
 
 
 def test_sr_passes_dciodvfy_without_errors(case, tmp_path):

@@ -21,7 +21,7 @@ from pipeline.findings import GenantGrade
 from pipeline.levels import BY_NAME, LEVELS
 from pipeline.phantom import generate, write_study
 from pipeline.phantom.fractures import parse_fractures
-from tests.conftest import DCMTK_ENV, REPO, dcmtk, free_port
+from tests.helpers import DCMTK_ENV, REPO, dcmtk, free_port
 
 SMALL = {"matrix": 160, "pixel_spacing": 1.0, "slice_spacing": 1.5, "slice_thickness": 1.5,
          "fov_dx": 0.0, "fov_dy": 10.0}

@@ -133,7 +133,7 @@ def test_process_runs_a_real_jpeg2000_ct_without_error(tmp_path):
     assert s["study_instance_uid"] and s["series_instance_uid"]
     import pydicom
 
-    from tests.synthetic_results import dciodvfy_errors
+    from tests.helpers.synthetic_results import dciodvfy_errors
 
     for path in sorted(out.glob("*.dcm")):
         ds = pydicom.dcmread(path)

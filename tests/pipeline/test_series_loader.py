@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import RLELossless
 
 from pipeline.series_loader import SeriesLoadError, load_series
-from tests.conftest import dcmtk, write_ct_series
+from tests.helpers import dcmtk, write_ct_series
 
 
 def test_regular_series_geometry_and_hu(tmp_path):

@@ -123,7 +123,7 @@ def test_concurrent_claimers_take_each_job_once(tmp_path):
 # -- PostgreSQL: the `postgres_url` fixture (tests/conftest.py) -------------------------------
 @pytest.mark.integration
 def test_index_and_queue_on_postgresql(postgres_url):
-    from tests.conftest import create_pg_database
+    from tests.helpers import create_pg_database
     db = Database(create_pg_database(postgres_url, "index_queue"))
     assert db.upgrade() == "0003"
     try:
@@ -193,7 +193,7 @@ def test_study_selection_on_sqlite(sqlite_db):
 
 @pytest.mark.integration
 def test_study_selection_on_postgresql(postgres_url):
-    from tests.conftest import create_pg_database
+    from tests.helpers import create_pg_database
     db = Database(create_pg_database(postgres_url, "study_selection"))
     db.upgrade()
     try:

@@ -88,7 +88,7 @@ def test_leases_on_sqlite(tmp_path):
 
 @pytest.mark.integration
 def test_leases_on_postgresql(postgres_url):
-    from tests.conftest import create_pg_database
+    from tests.helpers import create_pg_database
     db = Database(create_pg_database(postgres_url, "queue_leases"))
     db.upgrade()
     try:

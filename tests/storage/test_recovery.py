@@ -18,7 +18,7 @@ from storage.files import TMP_PREFIX, BlobStore
 from storage.index import Index, InstanceRecord
 from storage.ingest import InstanceWriter, Outcome
 from storage.recovery import QUARANTINE_DIR, SHARED_STORE_GRACE_S, recover_store
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 STUDY, SERIES = "1.2.3", "1.2.3.1"
 #: A payload of several blocks and a partial one (direct I/O writes whole blocks first).
@@ -127,7 +127,7 @@ def test_a_shared_store_leaves_files_another_node_may_be_indexing(node):
 @pytest.mark.integration
 def test_on_postgresql_the_grace_applies_by_default_and_indexed_files_stay(postgres_url,
                                                                            tmp_path):
-    from tests.conftest import create_pg_database
+    from tests.helpers import create_pg_database
     db = Database(create_pg_database(postgres_url, "recovery"))
     db.upgrade()
     try:

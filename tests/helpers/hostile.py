@@ -335,7 +335,7 @@ class CStoreHarness:
         from config import load_settings
         from dicom_node.context import NodeContext
         from dicom_node.scp import StorageSCP
-        from tests.conftest import free_port
+        from tests.helpers import free_port
         self._quiet = [(name, logging.getLogger(name).level)
                        for name in ("spine_node", "pynetdicom", "pydicom")]
         for name, _ in self._quiet:
