@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from dicom_node import part10
 from tests.helpers import dcmtk
 
@@ -55,6 +57,7 @@ def test_the_storage_path_writes_and_indexes_what_the_scp_would(tmp_path):
         assert size == len(stored)
 
 
+@pytest.mark.slow
 def test_bench_ingest_prints_the_storage_paths_share_of_the_nodes_time(tmp_path):
     dcmtk("storescu")   # the sender (.ci/run installs dcmtk)
     out = tmp_path / "ingest.json"
@@ -73,6 +76,7 @@ def test_bench_ingest_prints_the_storage_paths_share_of_the_nodes_time(tmp_path)
     assert not any("bound" in key for key in result["ratios"])
 
 
+@pytest.mark.slow
 def test_bench_ingest_runs_both_receive_paths_in_the_same_rounds(tmp_path):
     """``--both-paths``: the node's fast receive path and stock pynetdicom
     (``node.fast_path = false``) receive in the same rounds, compared per round."""

@@ -31,6 +31,7 @@ def _audit(node) -> list[tuple[str, str, dict]]:
     return [(t, o, json.loads(d) if isinstance(d, str) else d) for t, o, d in rows]
 
 
+@pytest.mark.integration
 def test_rerun_says_unknown_study_no_chosen_series_or_already_queued(node, tmp_path):
     written = write_ct_series(tmp_path / "ct", n_slices=4, rows=8, columns=8)
     node.cli("send", str(written.directory))

@@ -28,6 +28,7 @@ def harness(tmp_path_factory):
     h.close()
 
 
+@pytest.mark.slow
 def test_fuzzed_c_store_payloads_get_a_named_status_and_stay_in_the_store(harness):
     @FUZZ
     @given(hostile_instance())

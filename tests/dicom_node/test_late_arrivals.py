@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.worker import Worker
@@ -39,6 +40,7 @@ def _with_kernel(folder: Path, kernel: str, thickness: str | None = None) -> Non
         ds.save_as(p, enforce_file_format=True)
 
 
+@pytest.mark.slow
 def test_better_late_series_supersedes_the_answer_and_says_which_it_replaces(
         ctx, phantom, tmp_path):  # noqa: F811
     folder, slices = phantom
@@ -93,6 +95,7 @@ def test_better_late_series_supersedes_the_answer_and_says_which_it_replaces(
     assert not worker.run_once()
 
 
+@pytest.mark.slow
 def test_late_instance_of_the_chosen_series_replaces_its_previous_version(
         ctx, phantom, tmp_path):  # noqa: F811
     folder, slices = phantom

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from dicom_node.logging import JsonFormatter
 
 
@@ -47,6 +49,7 @@ def _log_of_building_results(mode: str) -> list[dict]:
     return [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_building_a_jobs_results_adds_no_library_info_lines_to_the_log():
     # The libraries do talk at INFO (else this test would prove nothing) ...
     chatty = [x for x in _log_of_building_results("library-loggers-left-alone")

@@ -239,6 +239,7 @@ def test_cli_shows_choice_and_rerun_series_overrides_it(ctx, phantom_slices, tmp
     assert event.details["series_instance_uid"] == soft and event.details["override"]
 
 
+@pytest.mark.integration
 def test_routed_study_sent_to_a_running_node_is_analysed_once(node_factory, phantom_slices,
                                                               tmp_path):
     """The same over the network: C-STORE to ``spine-node serve`` (default selection, fake

@@ -189,6 +189,7 @@ def _real_cases():
     return list(iter_pack_cases(pack))
 
 
+@pytest.mark.slow
 def test_real_spine_ct_is_in_view(tmp_path):
     """Every real CT of the pack (cervical to lumbar, cropped to the spine or a whole chest),
     written as an axial DICOM series as a scanner would send it."""

@@ -109,6 +109,7 @@ def result_files(ctx, job_id: int) -> tuple[dict, dict[str, pydicom.Dataset]]:
     return summary, {kind: pydicom.dcmread(path) for kind, path in rows.items()}
 
 
+@pytest.mark.slow
 def test_thoracic_and_lumbar_series_are_each_analysed_once_as_parts_of_one_study(
         ctx, phantom, tmp_path):
     folder, slices = phantom
@@ -155,6 +156,7 @@ def test_thoracic_and_lumbar_series_are_each_analysed_once_as_parts_of_one_study
     assert not names[thoracic] & names[lumbar]
 
 
+@pytest.mark.slow
 def test_a_single_series_says_nothing_of_parts(ctx, phantom, tmp_path):
     folder, slices = phantom
     uid = write_part(slices, tmp_path / "whole", 3)

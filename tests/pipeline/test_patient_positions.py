@@ -91,6 +91,7 @@ def results(tmp_path_factory):
     return ph, out
 
 
+@pytest.mark.slow
 def test_every_position_finds_the_same_levels_at_the_truths_coordinates(results):
     ph, out = results
     truth = {v["name"]: np.array(v["centroid_mm"]) for v in ph.gt["vertebrae"] if not v.get("partial")}

@@ -307,6 +307,7 @@ def test_storescu_sends_the_series_to_storescp(study, tmp_path):
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_cli_writes_a_realistic_study(tmp_path):
     """The one realistic-size run: the seed's own acquisition grid through ``spine-node phantom``."""
     out = tmp_path / "study"

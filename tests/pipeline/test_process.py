@@ -27,6 +27,7 @@ def study(tmp_path_factory):
 
 @pytest.mark.skipif(not {"localization", "segmentation", "keypoints"} <= set(read_manifest()),
                     reason="model weights not installed (pipeline/weights/manifest.json)")
+@pytest.mark.slow
 def test_process_writes_the_contract_summary(study, tmp_path):
     from dicom_node.cli import app
 
@@ -113,6 +114,7 @@ REAL_CT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real
 @pytest.mark.skipif(not REAL_CT.is_dir(), reason="the real CT fixture (../shared/data/real-ct) is absent")
 @pytest.mark.skipif(not {"localization", "segmentation", "keypoints"} <= set(read_manifest()),
                     reason="model weights not installed (pipeline/weights/manifest.json)")
+@pytest.mark.slow
 def test_process_runs_a_real_jpeg2000_ct_without_error(tmp_path):
     """20 real slices (JPEG 2000 lossless, empty Study/Series/SOP Instance UIDs in the data set,
     SOP Class only in the file meta): decoded, analysed and reported without an error, whatever

@@ -47,6 +47,7 @@ def processed(tmp_path_factory):
     return json.loads((out / "summary.json").read_text()), truth, out
 
 
+@pytest.mark.slow
 def test_real_ct_is_processed_with_levels_in_anatomical_order(processed):
     summary, _truth, out = processed
     names = [v["name"] for v in summary["vertebrae"]]

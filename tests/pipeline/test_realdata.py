@@ -143,6 +143,7 @@ def test_trainers_see_only_the_train_side_of_the_pack():
 
 
 @needs_pack
+@pytest.mark.slow
 def test_a_synthesised_localization_case_has_its_levels(tmp_path):
     """One whole volume synthesised from a real training mask, prepared for the localization
     network: the mask's levels are there, on the network's grid, and the cache returns it."""

@@ -268,6 +268,7 @@ def check_bone_brighter(labels: sitk.Image, rng: np.random.Generator) -> None:
     assert bone > soft + 100
 
 
+@pytest.mark.slow
 def test_same_seed_same_volume_other_seed_other_volume(toy):
     a = synthesize(toy[0], np.random.default_rng(7), toy[1], SMALL)
     b = synthesize(toy[0], np.random.default_rng(7), toy[1], SMALL)
@@ -304,6 +305,7 @@ def test_fractures_are_reported(toy):
 
 
 @needs_real
+@pytest.mark.slow
 def test_real_mask_synthesis(real_labels):
     a = synthesize(real_labels, np.random.default_rng(0), None, SMALL)
     b = synthesize(real_labels, np.random.default_rng(0), None, SMALL)

@@ -20,6 +20,7 @@ from pipeline.segmentation.train import SegTrainConfig, train
 from pipeline.training import Prefetch, autocast, batches, generate_parallel, train_device
 
 
+@pytest.mark.slow
 def test_generate_parallel_runs_each_seed_once_in_order_on_a_pool_of_processes():
     said: list[str] = []
     assert generate_parallel([3, 5, 4], math.factorial, 2, said.append) == [6, 120, 24]
@@ -113,6 +114,7 @@ def _fake_seg_cache(cache: Path, seeds) -> None:
                      seg_cache_path(cache, s))
 
 
+@pytest.mark.slow
 def test_a_segmentation_run_starts_from_another_runs_weights_and_refuses_another_network(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
