@@ -2,27 +2,33 @@
 
 A worker with a memory budget (``pipeline.memory_budget_mb``) fails a job whose series would
 need more, with the reason, instead of being killed by the kernel half way (issue 28). The peak
-(``bench/process.py --slices 300,1200,2000``, bench/README.md) has three parts:
+is the fixed part (the interpreter, torch, the three networks, the outputs' libraries) plus the
+larger of two phases:
 
-- a fixed part: the interpreter, torch and the three networks;
-- the series: while it is loaded, its int16 volume and SimpleITK's copy of it (4 bytes a
-  voxel); later the volume, the label map and the SEG's frames (about as much);
-- the localization's heatmaps: one float32 channel per level on the 4 mm grid of the whole
-  field of view, accumulated and normalised (two stacks).
+- loading: the int16 volume and SimpleITK's copy of it (4 bytes a voxel);
+- analysing: the volume and the label map with its copy (4 bytes a voxel), or the volume and the
+  localization's heatmaps (one float32 channel per level on the 4 mm grid of the whole field of
+  view), whichever is larger.
+
+For the phantoms of ``bench/process.py --slices 300,1200,2000`` (512 x 512 at 0.5625 mm, 3 mm
+slices) it says 1400, 2300 and 3100 MB where the benchmark measured 1318, 1813 and 2506 MB
+(bench/README.md): it errs on the safe side.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-#: Interpreter, libraries and the three networks (MB).
-FIXED_MB = 700.0
-#: Bytes per source voxel at the peak (see the module docstring).
+#: Interpreter, libraries, the three networks and the outputs' builders (MB).
+FIXED_MB = 1100.0
+#: Bytes per source voxel while loading (int16 volume + SimpleITK's copy) and while the label
+#: map is made (volume + label map + its copy).
 BYTES_PER_VOXEL = 4.0
-#: The localization grid (mm), its channels (levels) and the float32 stacks held at once.
+#: Bytes per source voxel held beside the heatmaps (the int16 volume).
+VOLUME_BYTES_PER_VOXEL = 2.0
+#: The localization grid (mm) and its channels (levels); one float32 stack is held.
 GRID_MM = 4.0
 HEATMAP_CHANNELS = 26
-HEATMAP_STACKS = 2
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,9 @@ class SeriesSize:
 def estimate_peak_mb(size: SeriesSize) -> float:
     """Peak resident memory (MB) of ``process`` / a worker's job on a series of ``size``."""
     grid = math.prod(max(1, math.ceil(e / GRID_MM)) for e in size.extent_mm)
-    heatmaps = grid * HEATMAP_CHANNELS * 4 * HEATMAP_STACKS
-    return FIXED_MB + (size.voxels * BYTES_PER_VOXEL + heatmaps) / 2**20
+    heatmaps = grid * HEATMAP_CHANNELS * 4
+    phases = (size.voxels * BYTES_PER_VOXEL, size.voxels * VOLUME_BYTES_PER_VOXEL + heatmaps)
+    return FIXED_MB + max(phases) / 2**20
 
 
 def over_budget(size: SeriesSize, budget_mb: float) -> str | None:
