@@ -2,7 +2,7 @@
 
     python bench/fuzz.py [--examples 10000] [--target cstore|loader|all] [--seed N] [--json FILE]
 
-The same hypothesis strategies and judges as tests/dicom_node/test_fuzz.py (tests/hostile.py),
+The same hypothesis strategies and judges as tests/dicom_node/test_fuzz.py (tests/helpers/hostile.py),
 with many more examples and a random seed (printed, so a failure can be replayed): C-STORE
 payloads go to a real StorageSCP in this process over a pynetdicom association, and what it
 accepted is then scheduled and run as jobs; series go to ``pipeline.series_loader``. Exits 1 on
@@ -34,7 +34,7 @@ def run_cstore(n: int, seed: int, work: Path) -> dict:
     from hypothesis import given
     from hypothesis import seed as hseed
 
-    from tests.hostile import CStoreHarness, hostile_instance
+    from tests.helpers.hostile import CStoreHarness, hostile_instance
     cfg, _ = _settings(n, seed)
     harness = CStoreHarness(work / "cstore")
     start = time.perf_counter()
@@ -57,7 +57,7 @@ def run_loader(n: int, seed: int, work: Path) -> dict:
     from hypothesis import given
     from hypothesis import seed as hseed
 
-    from tests.hostile import check_loader, hostile_series
+    from tests.helpers.hostile import check_loader, hostile_series
     cfg, _ = _settings(n, seed)
     folder = work / "loader"
     folder.mkdir()

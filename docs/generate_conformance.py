@@ -25,7 +25,7 @@ def example_objects() -> dict:
     """One SEG, SR and key image, by result kind, built for the synthetic test series."""
     sys.path.insert(0, str(ROOT))
     from pipeline.outputs import build_outputs
-    from tests import synthetic_results
+    from tests.helpers import synthetic_results
 
     with tempfile.TemporaryDirectory() as tmp:
         paths, _study, _series = synthetic_results.write_series(Path(tmp) / "ct")
