@@ -19,8 +19,7 @@ import SimpleITK as sitk
 
 from pipeline.seeds import refuse_evaluation_seeds
 from pipeline.segmentation.caches import geometry_tag, keypoint_cache_path, seg_cache_path
-from pipeline.segmentation.crops import ct_crop, reference_grid, resample
-from pipeline.segmentation.infer import CROP_SIZE, CROP_SPACING_MM
+from pipeline.segmentation.crops import CROP_SIZE, CROP_SPACING_MM, ct_crop, reference_grid, resample
 
 #: Extra voxels on each side of a training crop: random shifts up to +-MARGIN voxels (2 mm each).
 MARGIN = 4
