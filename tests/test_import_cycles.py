@@ -93,7 +93,8 @@ TRAINING_MODULES = ("pipeline.training", "pipeline.localization.train", "pipelin
                     "pipeline.segmentation.train_refiner", "pipeline.segmentation.refine_training",
                     "pipeline.segmentation.dataset", "pipeline.segmentation.coarse_prior",
                     "pipeline.keypoints.train", "pipeline.keypoints.dataset",
-                    "pipeline.keypoints.fracture_phantoms", "pipeline.synthesis", "pipeline.realdata")
+                    "pipeline.keypoints.fracture_phantoms", "pipeline.phantom_caches", "pipeline.synthesis",
+                    "pipeline.realdata")
 
 
 def test_inference_reaches_no_training_code():
@@ -108,3 +109,14 @@ def test_inference_reaches_no_training_code():
             todo.extend(graph.get(m, ()))
     reached = sorted(m for m in seen if m.startswith(TRAINING_MODULES))
     assert not reached, f"the inference path imports training code: {reached}"
+
+
+def test_the_keypoint_trainer_imports_no_other_models_training_code():
+    """Keypoint training reads the phantom caches (pipeline.phantom_caches), not segmentation's
+    dataset or trainer; segmentation training imports nothing of the keypoints' training."""
+    graph = import_graph()
+    for pkg, other in (("pipeline.keypoints", "pipeline.segmentation"),
+                       ("pipeline.segmentation", "pipeline.keypoints")):
+        crossing = sorted((m, t) for m, targets in graph.items() if m.startswith(pkg + ".")
+                          for t in targets if t.startswith(other + ".") and t in TRAINING_MODULES)
+        assert not crossing, crossing

@@ -44,8 +44,7 @@ def write_fracture_phantoms(seeds: Sequence[int], cache: Path, spacings: Sequenc
     from pipeline.phantom import generate
     from pipeline.seeds import refuse_evaluation_seeds
     from pipeline.segmentation.caches import keypoint_cache_path
-    from pipeline.segmentation.crops import array_image, reference_grid
-    from pipeline.segmentation.dataset import occupancy
+    from pipeline.segmentation.crops import array_image, occupancy, reference_grid
 
     refuse_evaluation_seeds(list(seeds))
     Path(cache).mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from pipeline.keypoints.dataset import KeypointSamples, load_keypoint_samples
 from pipeline.keypoints.train_config import KpTrainConfig
 from pipeline.localization.heatmaps import gaussian_heatmaps
 from pipeline.nets.mscn import MSCN
+from pipeline.phantom_caches import cached_phantom_samples
 from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.caches import keypoint_cache_path
-from pipeline.segmentation.dataset import cached_phantom_samples
 from pipeline.training import (
     Progress,
     keep_best,

@@ -90,3 +90,11 @@ def array_image(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
     img.CopyInformation(ref)
     return img
+
+
+def occupancy(labels: sitk.Image, label: int, centre_mm: Sequence[float], size: int,
+              spacing_mm: float) -> np.ndarray:
+    """Eighths (0..8) of each ``spacing_mm`` voxel of the crop that belong to ``label``."""
+    fine = reference_grid(centre_mm, 2 * size, spacing_mm / 2.0)
+    lab = resample(labels, fine, linear=False, default=0, pixel_type=sitk.sitkUInt8) == label
+    return lab.reshape(size, 2, size, 2, size, 2).sum(axis=(1, 3, 5)).astype(np.uint8)

@@ -50,7 +50,7 @@ def simulated_prior(occ_fine: np.ndarray, rng: np.random.Generator,
 def fine_occupancy(labels: sitk.Image, label: int, centre_mm: Sequence[float], size: int,
                    spacing_mm: float = REFINE_SPACING_MM) -> np.ndarray:
     """Fraction (0..1, in eighths) of each ``spacing_mm`` voxel inside ``label`` (labels at half spacing)."""
-    from pipeline.segmentation.dataset import occupancy
+    from pipeline.segmentation.crops import occupancy
 
     return occupancy(labels, label, centre_mm, size, spacing_mm).astype(np.float32) / 8.0
 
@@ -63,8 +63,7 @@ REFINE_PATCH = 40
 def refine_samples(ct: sitk.Image, labels: sitk.Image, vertebrae, size: int = REFINE_CROP
                    ) -> tuple[np.ndarray, np.ndarray]:
     """``(ct int16 [n, s, s, s], occupancy uint8 eighths [n, s, s, s])`` at 1 mm per vertebra."""
-    from pipeline.segmentation.crops import ct_crop
-    from pipeline.segmentation.dataset import occupancy
+    from pipeline.segmentation.crops import ct_crop, occupancy
 
     cts, occs = [], []
     for v in vertebrae:

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.phantom_caches import cached_phantom_samples
 from pipeline.seeds import EVALUATION_SEEDS
-from pipeline.segmentation.dataset import augmented_batch, cached_phantom_samples
+from pipeline.segmentation.dataset import augmented_batch
 from pipeline.segmentation.infer import CROP_SIZE, crop_geometry
 from pipeline.segmentation.model import UNet3D
 from pipeline.segmentation.train_config import SegTrainConfig

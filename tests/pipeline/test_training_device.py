@@ -177,8 +177,9 @@ def test_another_crop_geometry_is_cached_apart_trained_and_carried_into_the_weig
     """`train segmentation --crop-size 24 --crop-spacing-mm 3`: crops of that geometry (with the
     margin in mm of the shipped one), cached under their own names; the geometry goes with the
     checkpoint into the assembled model's meta, which inference crops by."""
+    from pipeline.phantom_caches import phantom_samples
     from pipeline.segmentation.caches import geometry_tag
-    from pipeline.segmentation.dataset import margin_for, phantom_samples
+    from pipeline.segmentation.dataset import margin_for
     from pipeline.segmentation.train import assemble
 
     assert geometry_tag() == "" and geometry_tag(24, 3.0) == "-c24x3mm"
