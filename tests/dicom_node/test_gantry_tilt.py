@@ -7,7 +7,6 @@ the same study is analysed.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import math
 from pathlib import Path
 
@@ -17,10 +16,8 @@ from pydicom.uid import generate_uid
 
 from config import load_settings
 from dicom_node.context import NodeContext
-from dicom_node.scheduler import schedule_stable_series
 from pipeline.series_loader import SeriesLoadError, load_series
-from storage.db import utcnow
-from storage.index import InstanceRecord
+from tests.helpers.indexing import ingest_folder, tick
 
 TILT_DEG = 15.0
 
@@ -59,18 +56,6 @@ def write(slices: list[pydicom.Dataset], out: Path, number: int, kernel: str,
     return uid
 
 
-def ingest(ctx, directory: Path) -> None:
-    for p in sorted(directory.glob("*.dcm")):
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        rel = ctx.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                         ds.SOPInstanceUID)
-        ctx.store.write_atomic(rel, p.read_bytes())
-        ctx.index.add_instance(InstanceRecord(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
-            ds.file_meta.TransferSyntaxUID, ds.Modality, rel, p.stat().st_size,
-            int(ds.InstanceNumber)))
-
-
 @pytest.fixture
 def ctx(tmp_path):
     settings = load_settings(None, storage={"root": tmp_path / "store", "min_free_mb": 0,
@@ -85,10 +70,9 @@ def test_tilted_series_is_refused_with_its_reason_and_the_upright_one_analysed(
         ctx, slices, tmp_path):
     tilted = write(slices, tmp_path / "tilted", 2, "B70f", tilt_deg=TILT_DEG)
     upright = write(slices, tmp_path / "upright", 3, "B30f")
-    ingest(ctx, tmp_path / "tilted")
-    ingest(ctx, tmp_path / "upright")
-    jobs = {j.series_instance_uid: j for j in schedule_stable_series(
-        ctx.index, ctx.settings, now=utcnow() + dt.timedelta(seconds=1), store=ctx.store)}
+    ingest_folder(ctx, tmp_path / "tilted")
+    ingest_folder(ctx, tmp_path / "upright")
+    jobs = {j.series_instance_uid: j for j in tick(ctx)}
     # The bone-kernel series would rank first; its shear rules it out.
     assert (jobs[upright].state, jobs[tilted].state) == ("queued", "skipped")
     coverage = float(slices[-1].ImagePositionPatient[2]) - float(slices[0].ImagePositionPatient[2])
@@ -119,8 +103,7 @@ def test_positions_rounded_by_the_scanner_are_not_a_tilt(ctx, slices, tmp_path):
         ds = pydicom.dcmread(p)
         jitter(ds, int(ds.InstanceNumber))
         ds.save_as(p, enforce_file_format=True)
-    ingest(ctx, out)
-    [job] = schedule_stable_series(ctx.index, ctx.settings,
-                                   now=utcnow() + dt.timedelta(seconds=1), store=ctx.store)
+    ingest_folder(ctx, out)
+    [job] = tick(ctx)
     assert (job.series_instance_uid, job.state) == (uid, "queued"), job.error
     load_series(sorted(out.glob("*.dcm")))

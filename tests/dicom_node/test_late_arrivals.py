@@ -22,12 +22,11 @@ from pipeline.outputs.sr import read_context_statements
 from tests.dicom_node.test_study_parts import (  # noqa: F401
     ctx,
     ground_truth,
-    ingest,
     phantom,
     result_files,
-    tick,
     write_part,
 )
+from tests.helpers.indexing import ingest_folder, tick
 from tests.helpers.synthetic_results import dciodvfy_errors
 
 
@@ -46,7 +45,7 @@ def test_better_late_series_supersedes_the_answer_and_says_which_it_replaces(
     folder, slices = phantom
     soft = write_part(slices, tmp_path / "soft", 3)
     _with_kernel(tmp_path / "soft", "B30f")
-    ingest(ctx, tmp_path / "soft")
+    ingest_folder(ctx, tmp_path / "soft")
     [first] = tick(ctx)
     assert (first.series_instance_uid, first.state) == (soft, "queued")
     worker = Worker(ctx.settings, ctx.index, ctx.queue, ctx.store, analyse=ground_truth(folder))
@@ -55,7 +54,7 @@ def test_better_late_series_supersedes_the_answer_and_says_which_it_replaces(
 
     # The bone-kernel reconstruction arrives after the soft one was analysed.
     bone = write_part(slices, tmp_path / "bone", 4)
-    ingest(ctx, tmp_path / "bone")
+    ingest_folder(ctx, tmp_path / "bone")
     jobs = {j.series_instance_uid: j for j in tick(ctx)}
     assert (jobs[bone].state, jobs[bone].version) == ("queued", 1)
     assert jobs[bone].reason == (
@@ -87,7 +86,7 @@ def test_better_late_series_supersedes_the_answer_and_says_which_it_replaces(
     # Worse series arriving later still: skipped, naming the series analysed; no new answer.
     thick = write_part(slices[::2], tmp_path / "thick", 5)
     _with_kernel(tmp_path / "thick", "B70f", thickness="2")
-    ingest(ctx, tmp_path / "thick")
+    ingest_folder(ctx, tmp_path / "thick")
     [late] = tick(ctx)
     assert (late.series_instance_uid, late.state) == (thick, "skipped")
     assert late.error == (f"not chosen: series {bone} (B70f bone kernel, 1 mm slices, 209 mm "
@@ -100,7 +99,7 @@ def test_late_instance_of_the_chosen_series_replaces_its_previous_version(
         ctx, phantom, tmp_path):  # noqa: F811
     folder, slices = phantom
     bone = write_part(slices[:-1], tmp_path / "bone", 4)
-    ingest(ctx, tmp_path / "bone")
+    ingest_folder(ctx, tmp_path / "bone")
     [first] = tick(ctx)
     worker = Worker(ctx.settings, ctx.index, ctx.queue, ctx.store, analyse=ground_truth(folder))
     assert worker.run_once()
@@ -115,7 +114,7 @@ def test_late_instance_of_the_chosen_series_replaces_its_previous_version(
     ds.ImagePositionPatient = last.ImagePositionPatient
     ds.PixelData = last.PixelData
     ds.save_as(extra / "late.dcm", enforce_file_format=True)
-    ingest(ctx, extra)
+    ingest_folder(ctx, extra)
     [again] = tick(ctx)
     assert (again.series_instance_uid, again.version, again.state) == (bone, 2, "queued")
     assert worker.run_once()

@@ -25,9 +25,9 @@ from dicom_node.context import NodeContext
 from dicom_node.scheduler import schedule_stable_series
 from dicom_node.worker import Worker
 from storage.db import utcnow
-from storage.index import InstanceRecord
 from tests.dicom_node import fake_pipeline
 from tests.helpers import write_config
+from tests.helpers.indexing import ingest_folder, tick
 
 
 @pytest.fixture(scope="module")
@@ -119,27 +119,6 @@ def ctx(tmp_path):
     c.close()
 
 
-def _ingest(ctx, directory: Path) -> None:
-    """Store and index the files as the SCP would (only classes the node accepts)."""
-    accepted = {"1.2.840.10008.5.1.4.1.1.2", *ctx.settings.node.extra_storage_sop_classes}
-    for p in sorted(directory.glob("*.dcm")):
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        if ds.SOPClassUID not in accepted:
-            continue
-        rel = ctx.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                         ds.SOPInstanceUID)
-        ctx.store.write_atomic(rel, p.read_bytes())
-        ctx.index.add_instance(InstanceRecord(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
-            ds.file_meta.TransferSyntaxUID, ds.Modality, rel, p.stat().st_size,
-            int(ds.InstanceNumber)))
-
-
-def _tick(ctx):
-    return schedule_stable_series(ctx.index, ctx.settings, now=utcnow() + dt.timedelta(seconds=1),
-                                  store=ctx.store)
-
-
 def _routed_study(s: list[pydicom.Dataset], out: Path) -> dict[str, str]:
     """The series of one study as a scanner routes it: name -> Series Instance UID."""
     return {
@@ -165,12 +144,12 @@ EXPECTED_RULE = {
 def test_routed_study_gives_one_job_for_the_thin_bone_axial(ctx, phantom_slices, tmp_path):
     uids = _routed_study(phantom_slices, tmp_path)
     for name in uids:
-        _ingest(ctx, tmp_path / name)
+        ingest_folder(ctx, tmp_path / name)
     # A study is decided once, when all of it is stable: nothing while a series still arrives.
     early = utcnow() - dt.timedelta(seconds=30)
     assert schedule_stable_series(ctx.index, ctx.settings, now=early, store=ctx.store) == []
 
-    jobs = {j.series_instance_uid: j for j in _tick(ctx)}
+    jobs = {j.series_instance_uid: j for j in tick(ctx)}
     assert set(jobs) == set(uids.values())
     by_name = {name: jobs[uid] for name, uid in uids.items()}
     assert [n for n, j in by_name.items() if j.state == "queued"] == ["bone"]
@@ -184,7 +163,7 @@ def test_routed_study_gives_one_job_for_the_thin_bone_axial(ctx, phantom_slices,
         assert rule in job.error, (name, job.error)
         assert job.error.endswith(f"; series {bone} is analysed"), (name, job.error)
     assert "axial_tilt_deg 90 is above 10" in by_name["sagittal"].error
-    assert _tick(ctx) == []                      # decided once
+    assert tick(ctx) == []                      # decided once
 
     worker = Worker(ctx.settings, ctx.index, ctx.queue, ctx.store,
                     analyse=fake_pipeline.analyse, publish=lambda **kw: None)
@@ -198,8 +177,8 @@ def test_routed_study_gives_one_job_for_the_thin_bone_axial(ctx, phantom_slices,
 def test_too_short_series_is_skipped_with_its_reason(ctx, phantom_slices, tmp_path):
     """30 slices of 1 mm (a head or a partial scan): not two vertebrae, nothing analysed."""
     uid = _series(phantom_slices[:30], tmp_path / "short", 2)
-    _ingest(ctx, tmp_path / "short")
-    [job] = _tick(ctx)
+    ingest_folder(ctx, tmp_path / "short")
+    [job] = tick(ctx)
     assert (job.series_instance_uid, job.state) == (uid, "skipped")
     assert job.error == "z_coverage_mm 29 is below 50 (selection.min_coverage_mm)"
 
@@ -211,9 +190,9 @@ def test_cli_shows_choice_and_rerun_series_overrides_it(ctx, phantom_slices, tmp
             monkeypatch.delenv(key)
     soft = _series(phantom_slices, tmp_path / "soft", 3, kernel="B30f")
     bone = _series(phantom_slices, tmp_path / "bone", 4, kernel="B70f")
-    _ingest(ctx, tmp_path / "soft")
-    _ingest(ctx, tmp_path / "bone")
-    _tick(ctx)
+    ingest_folder(ctx, tmp_path / "soft")
+    ingest_folder(ctx, tmp_path / "bone")
+    tick(ctx)
     config = write_config(tmp_path / "n.toml", {
         "storage": {"root": str(ctx.settings.storage.root), "min_free_mb": 0, "fsync": False}})
     runner = CliRunner()
@@ -287,12 +266,12 @@ def test_late_series_does_not_make_a_second_answer(ctx, phantom_slices, tmp_path
     has finished, the better one supersedes it); a late instance of the chosen series makes a
     new version of it."""
     soft = _series(phantom_slices, tmp_path / "soft", 3, kernel="B30f")
-    _ingest(ctx, tmp_path / "soft")
-    [first] = _tick(ctx)
+    ingest_folder(ctx, tmp_path / "soft")
+    [first] = tick(ctx)
     assert (first.series_instance_uid, first.state) == (soft, "queued")
     bone = _series(phantom_slices, tmp_path / "bone", 4, kernel="B70f")
-    _ingest(ctx, tmp_path / "bone")
-    [late] = _tick(ctx)
+    ingest_folder(ctx, tmp_path / "bone")
+    [late] = tick(ctx)
     assert (late.series_instance_uid, late.state) == (bone, "skipped")
     assert late.error.startswith(f"not chosen: series {soft} (B30f soft kernel")
     assert late.error.endswith("is analysed (chosen before this series arrived; its "
@@ -308,8 +287,8 @@ def test_late_series_does_not_make_a_second_answer(ctx, phantom_slices, tmp_path
     ds.InstanceNumber = len(phantom_slices) + 1
     ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 1.0
     ds.save_as(extra / "late.dcm", enforce_file_format=True)
-    _ingest(ctx, extra)
-    [again] = _tick(ctx)
+    ingest_folder(ctx, extra)
+    [again] = tick(ctx)
     assert (again.series_instance_uid, again.version, again.state) == (soft, 2, "queued")
     assert again.reason.endswith("(chosen before; new instances arrived)")
     assert worker.run_once()

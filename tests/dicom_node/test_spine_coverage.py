@@ -9,7 +9,6 @@ a new study), so that only the pixels differ from a spine series that passes.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import os
 from pathlib import Path
 
@@ -20,10 +19,8 @@ from pydicom.uid import generate_uid
 
 from config import load_settings
 from dicom_node.context import NodeContext
-from dicom_node.scheduler import schedule_stable_series
 from dicom_node.spine_coverage import read_spine_coverage
-from storage.db import utcnow
-from storage.index import InstanceRecord
+from tests.helpers.indexing import ingest_folder, tick
 from tests.pipeline.test_patient_positions import POSITIONS, flipped, write_series
 
 SAMPLES, MIN_FRACTION = 9, 0.5  # the defaults of selection.spine_check_slices / _min_fraction
@@ -103,24 +100,6 @@ def redrawn_series(template: list[pydicom.Dataset], out: Path, draw, z_mm: np.nd
     return series
 
 
-def _ingest(ctx, directory: Path) -> None:
-    """Store and index the files as the SCP would."""
-    for p in sorted(directory.glob("*.dcm")):
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        rel = ctx.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                         ds.SOPInstanceUID)
-        ctx.store.write_atomic(rel, p.read_bytes())
-        ctx.index.add_instance(InstanceRecord(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
-            ds.file_meta.TransferSyntaxUID, ds.Modality, rel, p.stat().st_size,
-            int(ds.InstanceNumber)))
-
-
-def _tick(ctx):
-    return schedule_stable_series(ctx.index, ctx.settings, now=utcnow() + dt.timedelta(seconds=1),
-                                  store=ctx.store)
-
-
 @pytest.fixture
 def ctx(tmp_path):
     settings = load_settings(None, storage={"root": tmp_path / "store", "min_free_mb": 0,
@@ -136,8 +115,8 @@ def test_head_and_legs_are_skipped_no_spine_in_view_and_the_spine_is_not(ctx, lu
     head = redrawn_series(lumbar, tmp_path / "head", head_hu, np.arange(-80.0, 90.0, 2.0))
     legs = redrawn_series(lumbar, tmp_path / "legs", legs_hu, np.arange(0.0, 160.0, 2.0))
     for name in ("head", "legs"):
-        _ingest(ctx, tmp_path / name)
-    jobs = {j.series_instance_uid: j for j in _tick(ctx)}
+        ingest_folder(ctx, tmp_path / name)
+    jobs = {j.series_instance_uid: j for j in tick(ctx)}
     for uid in (head, legs):
         assert jobs[uid].state == "skipped", jobs[uid].error
         assert jobs[uid].error.startswith("no spine in view: vertebra-like bone (deep in the "
@@ -151,8 +130,8 @@ def test_head_and_legs_are_skipped_no_spine_in_view_and_the_spine_is_not(ctx, lu
     spine.mkdir()
     for k, ds in enumerate(lumbar):
         ds.save_as(spine / f"{k:04d}.dcm", enforce_file_format=True)
-    _ingest(ctx, spine)
-    [job] = _tick(ctx)
+    ingest_folder(ctx, spine)
+    [job] = tick(ctx)
     assert (job.series_instance_uid, job.state) == (lumbar[0].SeriesInstanceUID, "queued")
 
 
@@ -163,8 +142,8 @@ def test_spine_check_off_lets_a_head_through(tmp_path, lumbar):
     c = NodeContext.open(settings)
     try:
         head = redrawn_series(lumbar, tmp_path / "head", head_hu, np.arange(-80.0, 90.0, 2.0))
-        _ingest(c, tmp_path / "head")
-        [job] = _tick(c)
+        ingest_folder(c, tmp_path / "head")
+        [job] = tick(c)
         assert (job.series_instance_uid, job.state) == (head, "queued")
     finally:
         c.close()

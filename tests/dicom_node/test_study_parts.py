@@ -10,7 +10,6 @@ ground truth stands in for the models (tests/deploy/groundtruth_pipeline.py).
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import json
 from pathlib import Path
 
@@ -21,12 +20,10 @@ from pydicom.uid import generate_uid
 
 from config import load_settings
 from dicom_node.context import NodeContext
-from dicom_node.scheduler import schedule_stable_series
 from dicom_node.worker import Worker
 from pipeline.outputs.sr import read_context_statements
-from storage.db import utcnow
-from storage.index import InstanceRecord
 from tests.deploy.groundtruth_pipeline import from_ground_truth
+from tests.helpers.indexing import ingest_folder, tick
 from tests.helpers.synthetic_results import dciodvfy_errors
 
 #: Where the phantom (T9-L3, 1 mm slices) is cut between T12 and L1, and the gap between the
@@ -76,23 +73,6 @@ def ground_truth(folder: Path):
     return analyse
 
 
-def ingest(ctx, directory: Path) -> None:
-    for p in sorted(directory.glob("*.dcm")):
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        rel = ctx.store.instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                         ds.SOPInstanceUID)
-        ctx.store.write_atomic(rel, p.read_bytes())
-        ctx.index.add_instance(InstanceRecord(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID,
-            ds.file_meta.TransferSyntaxUID, ds.Modality, rel, p.stat().st_size,
-            int(ds.InstanceNumber)))
-
-
-def tick(ctx):
-    return schedule_stable_series(ctx.index, ctx.settings,
-                                  now=utcnow() + dt.timedelta(seconds=1), store=ctx.store)
-
-
 @pytest.fixture
 def ctx(tmp_path):
     settings = load_settings(None, storage={"root": tmp_path / "store", "min_free_mb": 0,
@@ -118,8 +98,8 @@ def test_thoracic_and_lumbar_series_are_each_analysed_once_as_parts_of_one_study
                           tmp_path / "thoracic", 3)
     lumbar = write_part([s for s, v in zip(slices, z) if v < CUT_Z - GAP / 2],
                         tmp_path / "lumbar", 4)
-    ingest(ctx, tmp_path / "thoracic")
-    ingest(ctx, tmp_path / "lumbar")
+    ingest_folder(ctx, tmp_path / "thoracic")
+    ingest_folder(ctx, tmp_path / "lumbar")
     jobs = {j.series_instance_uid: j for j in tick(ctx)}
     assert {uid: j.state for uid, j in jobs.items()} == {thoracic: "queued", lumbar: "queued"}
     assert any("a part of the spine no other chosen series covers" in j.reason
@@ -160,7 +140,7 @@ def test_thoracic_and_lumbar_series_are_each_analysed_once_as_parts_of_one_study
 def test_a_single_series_says_nothing_of_parts(ctx, phantom, tmp_path):
     folder, slices = phantom
     uid = write_part(slices, tmp_path / "whole", 3)
-    ingest(ctx, tmp_path / "whole")
+    ingest_folder(ctx, tmp_path / "whole")
     [job] = tick(ctx)
     assert job.state == "queued"
     worker = Worker(ctx.settings, ctx.index, ctx.queue, ctx.store,
