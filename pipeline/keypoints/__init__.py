@@ -9,11 +9,9 @@ regresses six heatmaps, one per keypoint of :data:`pipeline.findings.KEYPOINT_NA
 combination shaped like a vertebral body; refined to sub-pixel by a parabola through the
 log-heatmap. :func:`locate_keypoints` runs two passes, the second centred on the first's points.
 """
-import importlib
+from pipeline.lazy import lazy_exports
 
-#: Where each public name lives; imported on first use, so that the package itself loads no torch
-#: (the command line reads the training configs without it).
-_PUBLIC = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "PLANE_SIZE": "pipeline.keypoints.plane",
     "PLANE_SPACING_MM": "pipeline.keypoints.plane",
     "SagittalPlane": "pipeline.keypoints.plane",
@@ -22,11 +20,4 @@ _PUBLIC = {
     "decode_keypoints": "pipeline.keypoints.infer",
     "locate_keypoints": "pipeline.keypoints.infer",
     "predict_keypoints": "pipeline.keypoints.infer",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

@@ -6,21 +6,12 @@
   source grid with one VerSe label per vertebra;
 - :mod:`pipeline.segmentation.dataset`, :mod:`~pipeline.segmentation.train`: training (eq. 12-13).
 """
-import importlib
+from pipeline.lazy import lazy_exports
 
-#: Where each public name lives; imported on first use, so that the package itself loads no torch
-#: (the command line reads the training configs without it).
-_PUBLIC = {
-    "CROP_SIZE": "pipeline.segmentation.infer",
-    "CROP_SPACING_MM": "pipeline.segmentation.infer",
+__all__, __getattr__ = lazy_exports(__name__, {
+    "CROP_SIZE": "pipeline.segmentation.crops",
+    "CROP_SPACING_MM": "pipeline.segmentation.crops",
     "SegmentationResult": "pipeline.segmentation.infer",
     "SegmentedVertebra": "pipeline.segmentation.infer",
     "segment": "pipeline.segmentation.infer",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})
