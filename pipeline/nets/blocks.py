@@ -13,8 +13,58 @@ from torch import nn
 NORMS = ("instance", "group", "batch", "none")
 
 
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1 x 1 (x 1) convolution of ``x [n, c, ...]`` as a matrix product over the channels, for
+    an input contiguous in either layout (channels first or channels last); ``None`` otherwise.
+
+    oneDNN runs such convolutions with few channels many times slower than the same product
+    (a 1 -> 8 channel one on two 64^3 crops: 19.5 ms against 0.7 ms); the sums are the same to
+    float32 rounding.
+    """
+    n, c = x.shape[:2]
+    o = weight.shape[0]
+    w = weight.reshape(o, c)
+    spatial = x.shape[2:]
+    if x.is_contiguous():
+        flat = x.reshape(n, c, -1)
+        y = (torch.matmul(w, flat) if bias is None else
+             torch.baddbmm(bias.view(1, o, 1).expand(n, o, 1), w.expand(n, o, c), flat))
+        return y.view(n, o, *spatial)
+    last = x.permute(0, *range(2, x.dim()), 1)
+    if last.is_contiguous():
+        y = torch.matmul(last.reshape(n, -1, c), w.t())
+        if bias is not None:
+            y = y + bias
+        return y.view(n, *spatial, o).permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    return None
+
+
+class _Pointwise:
+    """A 1 x 1 (x 1) convolution computed by :func:`pointwise` on the CPU (the convolution
+    elsewhere, or for a strided input); same parameters, so the same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            y = pointwise(x, self.weight, self.bias)
+            if y is not None:
+                return y
+        return super().forward(x)
+
+
+class PointwiseConv2d(_Pointwise, nn.Conv2d):
+    pass
+
+
+class PointwiseConv3d(_Pointwise, nn.Conv3d):
+    pass
+
+
 def conv(spatial_dims: int, cin: int, cout: int, kernel: int = 3, bias: bool = True) -> nn.Module:
-    """A same-padded convolution of ``spatial_dims`` dimensions."""
+    """A same-padded convolution of ``spatial_dims`` dimensions (:class:`PointwiseConv3d` or
+    :class:`PointwiseConv2d` for ``kernel`` 1)."""
+    if kernel == 1:
+        cls = {2: PointwiseConv2d, 3: PointwiseConv3d}[spatial_dims]
+        return cls(cin, cout, 1, bias=bias)
     cls = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
     return cls(cin, cout, kernel, padding=kernel // 2, bias=bias)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.nets.blocks import ConvBlock
+from pipeline.nets.blocks import conv as conv_nd
 
 N_CLASSES = 3
 BACKGROUND, NORMAL, FRACTURED = 0, 1, 2
@@ -40,7 +41,7 @@ class UNet3D(nn.Module):
         for i in range(depth - 1, 0, -1):
             self.upconv.append(nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2))
             self.up.append(ConvBlock(3, 2 * chans[i - 1], chans[i - 1]))
-        self.head = nn.Conv3d(chans[0], n_classes, 1)
+        self.head = conv_nd(3, chans[0], n_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -84,7 +85,7 @@ class ShallowRefiner(nn.Module):
         for conv in self.extra:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
-        self.out = nn.Conv3d(width, 1, 1)
+        self.out = conv_nd(3, width, 1, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -109,19 +110,37 @@ class ShallowRefiner(nn.Module):
         convolution, as the convolution's own zero padding would see them, so each box gets the
         values it gets alone.
         """
-        prior = x[:, 1:2].clamp(1e-3, 1 - 1e-3)
-        y = F.leaky_relu(self.c1(x), 0.1)
+        prior_logit = torch.logit(x[:, 1:2], eps=1e-3)
+        y = F.leaky_relu(self._first(x), 0.1, inplace=True)
         if mask is not None:
             y = y * mask
-        y = F.leaky_relu(self.c2(y), 0.1)
+        y = F.leaky_relu(self.c2(y), 0.1, inplace=True)
         if mask is not None:
             y = y * mask
-        y = F.leaky_relu(self.c3(y), 0.1)
+        y = F.leaky_relu(self.c3(y), 0.1, inplace=True)
         for conv in self.extra:
             if mask is not None:
                 y = y * mask
-            y = y + F.leaky_relu(conv(y), 0.1)
-        return torch.log(prior / (1 - prior)) + self.out(y)
+            y = y + F.leaky_relu(conv(y), 0.1, inplace=True)
+        return prior_logit + self.out(y)
+
+    #: Input channels the first convolution is given on the CPU (zero-padded): oneDNN has no fast
+    #: kernel for 2 input channels and falls back to a generic convolution about four times
+    #: slower than its kernel for 4; the zero channels, with zero weights, add exact zeros.
+    CPU_FIRST_CHANNELS = 4
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        """``c1`` of ``x``; on the CPU without autograd with input and weights zero-padded to
+        :data:`CPU_FIRST_CHANNELS` channels (the same values to float32 rounding)."""
+        extra = self.CPU_FIRST_CHANNELS - x.shape[1]
+        if x.device.type != "cpu" or torch.is_grad_enabled() or extra <= 0:
+            return self.c1(x)
+        w = F.pad(self.c1.weight, (0, 0, 0, 0, 0, 0, 0, extra))
+        xp = F.pad(x, (0, 0, 0, 0, 0, 0, 0, extra))
+        if self.c1.weight.is_contiguous(memory_format=torch.channels_last_3d):
+            w = w.contiguous(memory_format=torch.channels_last_3d)
+            xp = xp.contiguous(memory_format=torch.channels_last_3d)
+        return F.conv3d(xp, w, self.c1.bias, padding=self.c1.padding)
 
 
 class SegmentationModel(nn.Module):

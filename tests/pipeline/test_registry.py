@@ -9,6 +9,8 @@ import torch
 from pipeline.nets import MSCN
 from pipeline.registry import (
     ModelWeightsError,
+    build_from_checkpoint,
+    flush_subnormals,
     install_weights,
     load_model,
     read_manifest,
@@ -78,3 +80,37 @@ def test_shipped_manifest_matches_the_shipped_files():
     for name in manifest:
         verify(name)  # raises on a mismatch
     assert json.loads(json.dumps(manifest)) == manifest
+
+
+def test_subnormal_weights_are_flushed_to_zero_and_nothing_else_changes():
+    tiny = torch.finfo(torch.float32).tiny
+    t = torch.tensor([tiny / 4, -tiny / 1000, 0.0, tiny, -1e-30, 2.5])
+    assert torch.equal(flush_subnormals(t), torch.tensor([0.0, 0.0, 0.0, tiny, -1e-30, 2.5]))
+    assert torch.equal(flush_subnormals(torch.tensor([3, 0])), torch.tensor([3, 0]))
+
+    model = MSCN(spatial_dims=3, out_channels=3, base=2, variant="mscn")
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[:5] = tiny / 8
+    ckpt = weights_payload(model, "pipeline.nets.mscn:build_mscn", {})
+    loaded = build_from_checkpoint(ckpt)
+    flushed = next(loaded.parameters()).view(-1)[:5]
+    assert torch.equal(flushed, torch.zeros(5))
+
+
+def test_the_shipped_localization_network_gives_the_same_heatmaps_with_subnormals_flushed():
+    """The shipped weights hold subnormal values (the reason for the flush: they slow CPU
+    convolutions many times); flushing them must not change one output bit."""
+    from pipeline.registry import WEIGHTS_DIR
+
+    path = verify("localization", WEIGHTS_DIR)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    tiny = torch.finfo(torch.float32).tiny
+    assert sum(int(((v != 0) & (v.abs() < tiny)).sum()) for v in state.values()
+               if v.is_floating_point()) > 0, "no subnormal weights left: this test checks nothing"
+    flushed = build_from_checkpoint(ckpt)
+    raw = build_from_checkpoint(ckpt)
+    raw.load_state_dict(state)
+    x = torch.randn(1, 1, 32, 24, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(flushed(x), raw(x))
