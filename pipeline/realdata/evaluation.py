@@ -108,10 +108,17 @@ def _block(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     report["detection_recall"] = report["recall"]
     report.update(segmentation_grading_report([r["seg"] for r in results],
                                               [r["pairs"] for r in results]))
-    graded_normal = [p for r in results for p in r["pairs"] if p["gt_grade"] == 0]
-    severe = [p for r in results for p in r["pairs"] if p["gt_grade"] >= 2]
-    report["grade0_called_normal"] = (sum(p["grade"] == GenantGrade.NORMAL for p in graded_normal)
+    graded = [p for r in results for p in r["pairs"]]
+    graded_normal = [p for p in graded if p["gt_grade"] == 0]
+    severe = [p for p in graded if p["gt_grade"] >= 2]
+    # Called normal: found, assessed and graded 0; a vertebra missed or reported as not assessed
+    # was not called normal (nor fractured).
+    report["grade0_called_normal"] = (sum(p["found"] and p["assessed"]
+                                          and p["grade"] == GenantGrade.NORMAL
+                                          for p in graded_normal)
                                       / len(graded_normal) if graded_normal else None)
+    report["graded_vertebrae_assessed"] = (sum(p["found"] and p["assessed"] for p in graded)
+                                           / len(graded) if graded else None)
     report["grade2plus_called_fractured"] = (sum(p["fractured"] for p in severe) / len(severe)
                                              if severe else None)
     report["vertebrae_reported_where_none"] = sum(len(r["loc"].false_positives) for r in results)
@@ -137,6 +144,7 @@ def evaluate_cases(cases: Iterable[RealCase], device: str = "auto",
                          "annotation": case.annotation,
                          **{k: block.get(k) for k in REPORT_KEYS},
                          "grade0_called_normal": block["grade0_called_normal"],
+                         "graded_vertebrae_assessed": block["graded_vertebrae_assessed"],
                          "grade2plus_called_fractured": block["grade2plus_called_fractured"],
                          "false_positive_vertebrae": r["loc"].false_positives,
                          "missed": r["loc"].missed,
