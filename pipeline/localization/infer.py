@@ -87,16 +87,32 @@ def _taper(patch: Sequence[int]) -> np.ndarray:
 GPU_PATCH_BATCH = 8
 
 
+#: A patch without one voxel at or above this (HU, on the localization grid) holds no vertebra:
+#: its heatmaps are taken as zero without running the network (:func:`predict_heatmaps`). Below
+#: the cortical and trabecular bone of any vertebra, even an osteoporotic one averaged over 4 mm
+#: voxels; above blood, muscle and unenhanced organs (30-70 HU).
+BONE_FREE_BELOW_HU = 100.0
+
+
+def bone_bearing(hu: np.ndarray, threshold_hu: float = BONE_FREE_BELOW_HU) -> np.ndarray:
+    """Where the localization grid (``[z, y, x]`` HU) may show bone."""
+    return np.asarray(hu) >= threshold_hu
+
+
 @torch.no_grad()
 def predict_heatmaps(model: torch.nn.Module, array: np.ndarray, patch: Sequence[int], pad_value: float,
                      overlap: float = 0.25, device: torch.device | str = "cpu",
-                     batch: int | None = None) -> np.ndarray:
+                     batch: int | None = None, bone: np.ndarray | None = None) -> np.ndarray:
     """Heatmaps ``(C, *array.shape)`` from overlapping patches over the whole volume.
 
     The volume, the blend and the weights stay on ``device``; patches go through the network
     ``batch`` at a time (default: :data:`GPU_PATCH_BATCH` on a GPU, 1 on the CPU), the last batch
     filled up with copies of its first patch so that every call has the same shape (a GPU library
-    picks its kernels per shape). Returns a float32 array on the CPU.
+    picks its kernels per shape). With ``bone`` (bool, the shape of ``array``:
+    :func:`bone_bearing`) a patch without any bone is not run: it adds zero heatmaps with its
+    blending weight, so that the spine's patches are blended as before. A long series (a
+    whole-body CT, legs included) then costs the network only where the skeleton is. Returns a
+    float32 array on the CPU.
     """
     device = torch.device(device)
     if batch is None:
@@ -112,6 +128,11 @@ def predict_heatmaps(model: torch.nn.Module, array: np.ndarray, patch: Sequence[
     starts = [_starts(s, p, overlap) for s, p in zip(padded_shape, patch)]
     windows = [(slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
                for z in starts[0] for y in starts[1] for x in starts[2]]
+    if bone is not None:
+        for sl in windows:
+            weight[sl] += taper                     # every window blends, run or not
+        # at least one patch runs: the heatmaps get the network's channels
+        windows = [sl for sl in windows if bone[sl].any()] or windows[:1]
     model.eval()
     for i in range(0, len(windows), batch):
         group = windows[i:i + batch]
@@ -123,7 +144,8 @@ def predict_heatmaps(model: torch.nn.Module, array: np.ndarray, patch: Sequence[
             out = torch.zeros((h.shape[1],) + padded_shape, dtype=torch.float32, device=device)
         for k, sl in enumerate(group):
             out[(slice(None),) + sl] += h[k] * taper
-            weight[sl] += taper
+            if bone is None:
+                weight[sl] += taper
     out /= weight
     return out[(slice(None),) + tuple(slice(0, s) for s in shape)].cpu().numpy()
 
@@ -456,7 +478,8 @@ def localize(image: sitk.Image, device: str = "auto", model: torch.nn.Module | N
     prep = prepare(image, float(meta.get("spacing_mm", 4.0)))
     t2 = time.perf_counter()
     heatmaps = predict_heatmaps(model, prep.array, meta.get("patch", (64, 64, 64)), prep.pad_value,
-                                float(meta.get("overlap", 0.25)), dev)
+                                float(meta.get("overlap", 0.25)), dev,
+                                bone=bone_bearing(sitk.GetArrayViewFromImage(prep.image)))
     heatmaps /= float(meta.get("amplitude", 1.0))  # in place: one channel stack per series
     t3 = time.perf_counter()
     found = decode(heatmaps, prep, float(meta.get("threshold", 0.3)), meta.get("decoder", "argmax"),

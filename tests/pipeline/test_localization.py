@@ -9,7 +9,7 @@ import torch
 from pipeline.levels import BY_LABEL, BY_NAME, LEVELS, N_LEVELS
 from pipeline.localization.dataset import Case, PatchSampler, make_case
 from pipeline.localization.heatmaps import channel_peaks, gaussian_heatmaps
-from pipeline.localization.infer import decode, plausible_chain, predict_heatmaps
+from pipeline.localization.infer import bone_bearing, decode, plausible_chain, predict_heatmaps
 from pipeline.localization.train import TrainConfig, heatmap_loss, train
 from pipeline.nets import MSCN, VARIANTS
 from pipeline.preprocess import prepare
@@ -115,6 +115,40 @@ def test_overlapping_patches_blend_back_to_the_whole_volume():
     h = predict_heatmaps(_Echo(), a, (16, 16, 16), pad_value=0.0, overlap=0.25)
     assert h.shape == (2,) + a.shape
     assert np.allclose(h[0], a, atol=1e-5) and np.allclose(h[1], 2 * a, atol=1e-5)
+
+
+class _CountingEcho(_Echo):
+    """An echo that counts the patches it was given and outputs zeros where the input is zero
+    (as the network's heatmaps are near zero where there is no bone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += x.shape[0]
+        return super().forward(x)
+
+
+def test_patches_without_bone_are_not_run_and_the_others_blend_as_before():
+    a = np.zeros((80, 20, 20), np.float32)
+    a[4:30] = np.random.default_rng(2).normal(size=(26, 20, 20))     # the skeleton's end of a
+    bone = bone_bearing(np.where(a != 0, 400.0, 40.0))              # long series; soft tissue on
+    every, skipping = _CountingEcho(), _CountingEcho()
+    h_all = predict_heatmaps(every, a, (16, 16, 16), pad_value=0.0, overlap=0.25)
+    h_bone = predict_heatmaps(skipping, a, (16, 16, 16), pad_value=0.0, overlap=0.25, bone=bone)
+    assert skipping.calls < every.calls / 2
+    assert np.allclose(h_bone, h_all, atol=1e-6)
+    assert np.allclose(h_bone[0], a, atol=1e-5)
+    one = _CountingEcho()
+    nothing = predict_heatmaps(one, np.zeros_like(a), (16, 16, 16), 0.0, 0.25,
+                               bone=np.zeros(a.shape, bool))
+    assert one.calls == 1 and nothing.shape == (2,) + a.shape and not nothing.any()
+
+
+def test_bone_bearing_starts_above_soft_tissue():
+    hu = np.array([-1000.0, 40.0, 70.0, 99.0, 100.0, 250.0, 1200.0])
+    assert bone_bearing(hu).tolist() == [False, False, False, False, True, True, True]
 
 
 def test_decode_reports_lps_millimetres_and_drops_weak_channels():
