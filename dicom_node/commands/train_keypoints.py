@@ -29,6 +29,9 @@ def register(train_app: typer.Typer) -> None:
         init_from: Optional[Path] = typer.Option(None, help="Start from these weights (a best.pt): fine-tuning."),
         fracture_share: float = o.option(C, "fracture_share",
                                          help="Share of each batch drawn from fractured vertebrae."),
+        real_data: Optional[Path] = o.real_data_opt(
+            "; the six points are placed on each expert mask's body section"),
+        real_repeat: int = o.option(C, "real_repeat", "Each real plane counts this many times.", min=1),
         install: bool = o.install_opt(),
     ) -> None:
         """Train the keypoint network: six heatmaps A1 A2 M1 M2 P1 P2 on the mid-sagittal plane."""
@@ -38,7 +41,8 @@ def register(train_app: typer.Typer) -> None:
         cfg = o.phantom_config(C, seeds=seeds, val_seeds=val_seeds, out=out, cache=cache,
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr, base=base,
                                threads=threads, seed=seed, use_mask=use_mask,
-                               init_from=str(init_from) if init_from else None, fracture_share=fracture_share)
+                               init_from=str(init_from) if init_from else None, fracture_share=fracture_share,
+                               real_data=str(real_data) if real_data else None, real_repeat=real_repeat)
         o.run_training(train, install_weights, cfg, install)
 
     @train_app.command("keypoint-planes")

@@ -81,6 +81,13 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
     # Validation: only the unjittered plane of each vertebra (every n_aug-th sample, its first).
     first = np.r_[True, va.names[1:] != va.names[:-1]]
     va = KeypointSamples(va.inputs[first], va.points[first], va.grades[first], va.names[first])
+    if cfg.real_data:
+        from pipeline.keypoints.real_samples import cached_real_keypoint_samples
+
+        real = cached_real_keypoint_samples(Path(cfg.real_data), cache, cfg.real_aug, cfg.seed, say)
+        say(f"{len(real.inputs)} real planes ({cfg.real_data}), each drawn {cfg.real_repeat}x")
+        tr = KeypointSamples(*(np.concatenate([getattr(tr, f)] + [getattr(real, f)] * cfg.real_repeat)
+                               for f in ("inputs", "points", "grades", "names")))
     say(f"{len(tr.inputs)} training planes, {len(va.inputs)} validation planes")
     size = tr.inputs.shape[-1]
 

@@ -29,3 +29,6 @@ class KpTrainConfig:
     fracture_share: float = 0.3          # share of each batch drawn from fractured vertebrae
     init_from: str | None = None         # start from these weights (a best.pt), e.g. to fine-tune
     use_mask: bool = False               # True: read the vertebra mask channel too (shipped: CT only)
+    real_data: str | None = None         # real CT in VerSe layout (the pack: its train side)
+    real_repeat: int = 3                 # each real plane counts this many times in the draw
+    real_aug: int = 6                    # jittered planes per real vertebra (the first unjittered)
