@@ -32,6 +32,11 @@ def register(train_app: typer.Typer) -> None:
         real_data: Optional[Path] = o.real_data_opt(
             "; the six points are placed on each expert mask's body section"),
         real_repeat: int = o.option(C, "real_repeat", "Each real plane counts this many times.", min=1),
+        synth_from: Optional[Path] = typer.Option(
+            None, "--synth-from", exists=True, file_okay=False,
+            help="Real vertebra masks (the real-spine pack: its train side) to synthesise CT "
+                 "from (pipeline/synthesis: real anatomy, randomised appearance)."),
+        synth_cases: int = o.option(C, "synth_cases", "Synthesised cases (cached).", min=1),
         install: bool = o.install_opt(),
     ) -> None:
         """Train the keypoint network: six heatmaps A1 A2 M1 M2 P1 P2 on the mid-sagittal plane."""
@@ -42,7 +47,8 @@ def register(train_app: typer.Typer) -> None:
                                time_limit_min=time_limit_min, steps=steps, batch=batch, lr=lr, base=base,
                                threads=threads, seed=seed, use_mask=use_mask,
                                init_from=str(init_from) if init_from else None, fracture_share=fracture_share,
-                               real_data=str(real_data) if real_data else None, real_repeat=real_repeat)
+                               real_data=str(real_data) if real_data else None, real_repeat=real_repeat,
+                               synth_from=str(synth_from) if synth_from else None, synth_cases=synth_cases)
         o.run_training(train, install_weights, cfg, install)
 
     @train_app.command("keypoint-planes")

@@ -87,3 +87,86 @@ def cached_real_keypoint_samples(data: Path, cache_dir: Path, n_aug: int, seed: 
         path.parent.mkdir(parents=True, exist_ok=True)
         save_keypoint_samples(real_keypoint_samples(cases(), n_aug, seed, log), path)
     return load_keypoint_samples([path])
+
+
+def synth_keypoint_samples(masks, cases: int, n_aug: int, seed: int = 0, crops: int = 3,
+                           fractured_share: float = 0.33,
+                           log: Callable[[str], None] = lambda s: None) -> KeypointSamples:
+    """Planes of CT synthesised from real masks (:mod:`pipeline.synthesis`: re-posed, fractured,
+    rendered with random appearance), ``cases`` cases round robin over ``masks``
+    (:func:`pipeline.synthesis.seg_source.find_masks`, the train side of the split): per case a
+    random level and its neighbours (``crops`` levels), the first fractured with probability
+    ``fractured_share``; each whole one gives ``n_aug`` planes with its points placed on its
+    posed (and fractured) mask, graded as synthesised."""
+    from pipeline.synthesis.extend import truncated_labels
+    from pipeline.synthesis.generate import render_case, synthesize_labels
+    from pipeline.synthesis.geometry import label_centroids, level_sorted, on_grid_of
+    from pipeline.synthesis.seg_source import (
+        SEG_SYNTH_OPTIONS,
+        WINDOW_MM,
+        crop_targets,
+        whole_vertebrae,
+        window,
+    )
+
+    rng = np.random.default_rng(seed)
+    parts: list[KeypointSamples] = []
+    for k in range(cases):
+        mask = masks[k % len(masks)]
+        labels = sitk.ReadImage(str(mask.labels))
+        sub = sitk.ReadImage(str(mask.subregions)) if mask.subregions is not None else None
+        if sub is not None:
+            sub = on_grid_of(sub, labels)
+        targets = crop_targets(labels, mask.grades, rng, crops)
+        if not targets:
+            continue
+        labels, sub = window(labels, sub, label_centroids(labels)[targets[0]], WINDOW_MM)
+        fracture = rng.random() < fractured_share
+        case = synthesize_labels(labels, rng, sub, SEG_SYNTH_OPTIONS, mask.grades,
+                                 fracture_at=targets[:1] if fracture else (), keep=targets)
+        whole = set(whole_vertebrae(case, set(truncated_labels(labels)) | set(case.added)))
+        cents = label_centroids(case.labels)
+        rendered = render_case(case, rng, SEG_SYNTH_OPTIONS, focus_mm=cents[targets[0]],
+                               half_width_mm=70.0)
+        order = level_sorted(cents)
+        ups = dict(zip(order, spine_axes([level(int(lab)).order for lab in order],
+                                         [cents[lab] for lab in order])))
+        verts, fgs = [], []
+        for lab in targets:
+            if lab not in whole or lab not in rendered.centroids_mm:
+                continue
+            kp = mask_keypoints_mm(rendered.labels, lab, cents[lab], ups[lab])
+            if kp is None:
+                continue
+            grade = rendered.fractures.get(lab, (0, "normal"))[0]
+            verts.append({"label": int(lab), "name": level(int(lab)).name,
+                          "centroid_mm": cents[lab], "keypoints_mm": kp, "genant_grade": int(grade)})
+            fgs.append(sitk.Cast(rendered.labels == int(lab), sitk.sitkFloat32))
+        if verts:
+            parts.append(keypoint_samples(rendered.ct, verts, fgs, rng, n_aug,
+                                          f"synth-{k}/{mask.subject}"))
+        log(f"synthetic case {k + 1}/{cases} from {mask.subject}: {len(verts)} vertebrae")
+    if not parts:
+        raise ValueError("no synthetic vertebra with a body section: no keypoint planes")
+    return KeypointSamples(*(np.concatenate([getattr(p, f) for p in parts])
+                             for f in ("inputs", "points", "grades", "names")))
+
+
+def cached_synth_keypoint_samples(data: Path, cache_dir: Path, cases: int, n_aug: int,
+                                  seed: int = 0, log: Callable[[str], None] = lambda s: None
+                                  ) -> KeypointSamples:
+    """:func:`synth_keypoint_samples` from the masks of ``data`` (the real-spine pack: its train
+    side only; another folder: all its masks), cached under ``cache_dir``."""
+    from pipeline.realdata.pack import is_pack
+    from pipeline.synthesis.seg_source import CACHE_VERSION, find_masks, training_subjects
+
+    data = Path(data)
+    masks = find_masks(data, training_subjects() if is_pack(data) else None)
+    if not masks:
+        raise ValueError(f"no VerSe vertebra mask under {data}: nothing to synthesise from")
+    key = "pack-train" if is_pack(data) else f"folder-{data.name}"
+    path = Path(cache_dir) / f"kp-synth{CACHE_VERSION}-{key}-n{cases}-a{n_aug}-s{seed}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_keypoint_samples(synth_keypoint_samples(masks, cases, n_aug, seed, log=log), path)
+    return load_keypoint_samples([path])

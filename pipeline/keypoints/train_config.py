@@ -32,3 +32,5 @@ class KpTrainConfig:
     real_data: str | None = None         # real CT in VerSe layout (the pack: its train side)
     real_repeat: int = 3                 # each real plane counts this many times in the draw
     real_aug: int = 6                    # jittered planes per real vertebra (the first unjittered)
+    synth_from: str | None = None        # real masks to synthesise CT from (pipeline.synthesis)
+    synth_cases: int = 60                # synthesised cases (up to 3 vertebrae each), cached

@@ -79,3 +79,20 @@ def test_train_keypoints_reads_real_data(verse_folder, tmp_path):
     assert r.exit_code == 0, r.output
     assert "18 real planes" in r.output and "each drawn 2x" in r.output
     assert (out / "best.pt").exists()
+
+
+def test_planes_of_ct_synthesised_from_masks_carry_points_and_grades(tmp_path):
+    from pipeline.keypoints.real_samples import synth_keypoint_samples
+    from pipeline.synthesis.seg_source import find_masks
+
+    _ct, labels, _gt = box_spine(levels=("T12", "L1", "L2", "L3", "L4"))
+    subject = tmp_path / "sub-box"
+    subject.mkdir()
+    sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt8), str(subject / "sub-box_seg-vert_msk.nii.gz"))
+    masks = find_masks(tmp_path)
+    s = synth_keypoint_samples(masks, cases=2, n_aug=2, seed=3, fractured_share=1.0)
+    assert len(s.inputs) >= 2 and s.points.shape[1:] == (6, 2)
+    assert all(str(n).startswith("synth-") for n in s.names)
+    assert (s.grades > 0).any()                      # the first level of each case fractured
+    for pts in s.points[::2]:                        # unjittered planes: plausible body heights
+        assert all(5.0 < h < 30.0 for h in _heights(pts))
