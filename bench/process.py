@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,18 @@ def main(argv: list[str] | None = None) -> dict:
     if a.child:
         return _child(Path(a.child[0]), Path(a.child[1]), a.device, a.localization)
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="spine-bench-"))
+    try:
+        return _bench(a, work)
+    finally:
+        if not a.keep:                 # the studies (about 0.5 MB a slice) and the worktree go
+            for tree in work.glob("baseline-*"):
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                               capture_output=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(a: argparse.Namespace, work: Path) -> dict:
+    """Every length of ``a.slices`` (and the baseline) in the work folder ``work``."""
     baseline = _worktree(a.baseline, work) if a.baseline else None
     runs = []
     for n in [int(v) for v in str(a.slices).split(",") if v.strip()]:
