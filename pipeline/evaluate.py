@@ -324,7 +324,7 @@ def grading_pairs(gt_vertebrae: Sequence[dict], findings: Sequence[Any]) -> list
                     "grade": int(f.genant_grade) if f is not None else 0,
                     "morphology": f.morphology.value if f is not None else None,
                     "found": f is not None,
-                    "assessed": bool(getattr(f, "assessed", True)) if f is not None else False,
+                    "assessed": bool(f.assessed) if f is not None else False,
                     "gt_heights_mm": v.get("heights_mm"),
                     "heights_mm": f.heights_mm.as_dict() if f is not None and f.heights_mm else None,
                     "source": f.grading_source if f is not None else None})

@@ -239,10 +239,9 @@ def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> N
     their grades differ by more than one, the finding says so in ``notes``; the keypoint grade
     decides unless the keypoint heights are implausible (outside 3-60 mm: :func:`_plausible`), in
     which case the mask decides (``grading_source = "mask"``). Keypoint heights further than
-    :data:`KP_MASK_TOLERANCE` from the mask's are noted, and still decide: with keypoints trained
-    on real and synthesised anatomy the mask's section, cut by a poor outline, was the one in
-    error (phantom validation seeds 8005-8014: specificity 0.990 -> 1.000, kappa 0.731 -> 0.841
-    when the keypoints decide; the train side of the real pack: sensitivity 0.50 -> 0.75).
+    :data:`KP_MASK_TOLERANCE` from the mask's are noted, and still decide: the keypoints are
+    trained on real and synthesised anatomy, while the mask's section follows the segmentation's
+    outline, which a metal implant or low contrast cuts short (pipeline/MODEL_CARD.md).
     """
     kp = [f.heights_mm for f in findings]
     mk = [f.mask_heights_mm for f in findings]

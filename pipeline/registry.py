@@ -98,11 +98,10 @@ def flush_subnormals(t: torch.Tensor) -> torch.Tensor:
     """``t`` with its subnormal values (nonzero, below ``torch.finfo(dtype).tiny``: 1.2e-38 in
     float32) set to zero; other tensors unchanged.
 
-    Weight decay leaves such values in trained weights (the shipped localization network held
-    23,319, most in the global network's 7^3 kernels). x86 CPUs compute with subnormal operands
-    in microcode, many times slower: one 7^3 convolution on a 16 x 12 x 12 map took longer than
-    the rest of the network. Their contribution to any output is below float32 resolution, so
-    the outputs stay the same (``tests/test_registry.py`` checks bit-equality on the shipped
+    Weight decay leaves such values in trained weights (the shipped localization network holds
+    thousands, in the global network's 7^3 kernels). x86 CPUs compute with subnormal operands
+    in microcode, many times slower. Their contribution to any output is below float32
+    resolution, so the outputs stay the same (``tests/test_registry.py`` checks bit-equality on the shipped
     localization weights).
     """
     if not t.is_floating_point():

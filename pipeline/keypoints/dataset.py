@@ -31,6 +31,13 @@ class KeypointSamples:
     grades: np.ndarray      # int8 [n] gt Genant grade of the vertebra (for stratified checks)
     names: np.ndarray       # str [n]
 
+    @classmethod
+    def concat(cls, parts: Iterable["KeypointSamples"]) -> "KeypointSamples":
+        """The samples of ``parts``, one after another."""
+        parts = list(parts)
+        return cls(*(np.concatenate([getattr(p, f) for p in parts])
+                     for f in ("inputs", "points", "grades", "names")))
+
 
 def vertebra_planes(ct: sitk.Image, fg: sitk.Image, vertebra: dict, up: np.ndarray,
                     rng: np.random.Generator, n_aug: int, max_angle: float = 6.0, max_shift_mm: float = 5.0,
@@ -82,8 +89,6 @@ def save_keypoint_samples(s: KeypointSamples, path: Path) -> None:
 
 
 def load_keypoint_samples(paths: Iterable[Path]) -> KeypointSamples:
-    parts = [np.load(p) for p in paths]
-    return KeypointSamples(np.concatenate([z["inputs"] for z in parts]),
-                           np.concatenate([z["points"] for z in parts]),
-                           np.concatenate([z["grades"] for z in parts]),
-                           np.concatenate([z["names"] for z in parts]))
+    return KeypointSamples.concat(
+        KeypointSamples(z["inputs"], z["points"], z["grades"], z["names"])
+        for z in (np.load(p) for p in paths))

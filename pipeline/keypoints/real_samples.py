@@ -71,8 +71,7 @@ def real_keypoint_samples(cases: Iterable[RealCase], n_aug: int, seed: int = 0,
         parts.append(part)
     if not parts or not sum(len(p.inputs) for p in parts):
         raise ValueError("no real vertebra with a body section: no keypoint planes")
-    return KeypointSamples(*(np.concatenate([getattr(p, f) for p in parts])
-                             for f in ("inputs", "points", "grades", "names")))
+    return KeypointSamples.concat(parts)
 
 
 def cached_real_keypoint_samples(data: Path, cache_dir: Path, n_aug: int, seed: int = 0,
@@ -98,33 +97,18 @@ def synth_keypoint_samples(masks, cases: int, n_aug: int, seed: int = 0, crops: 
     random level and its neighbours (``crops`` levels), the first fractured with probability
     ``fractured_share``; each whole one gives ``n_aug`` planes with its points placed on its
     posed (and fractured) mask, graded as synthesised."""
-    from pipeline.synthesis.extend import truncated_labels
-    from pipeline.synthesis.generate import render_case, synthesize_labels
-    from pipeline.synthesis.geometry import label_centroids, level_sorted, on_grid_of
-    from pipeline.synthesis.seg_source import (
-        SEG_SYNTH_OPTIONS,
-        WINDOW_MM,
-        crop_targets,
-        whole_vertebrae,
-        window,
-    )
+    from pipeline.synthesis.generate import render_case
+    from pipeline.synthesis.geometry import label_centroids, level_sorted
+    from pipeline.synthesis.seg_source import SEG_SYNTH_OPTIONS, posed_case
 
     rng = np.random.default_rng(seed)
     parts: list[KeypointSamples] = []
     for k in range(cases):
         mask = masks[k % len(masks)]
-        labels = sitk.ReadImage(str(mask.labels))
-        sub = sitk.ReadImage(str(mask.subregions)) if mask.subregions is not None else None
-        if sub is not None:
-            sub = on_grid_of(sub, labels)
-        targets = crop_targets(labels, mask.grades, rng, crops)
-        if not targets:
+        posed = posed_case(mask, rng, SEG_SYNTH_OPTIONS, crops, fractured_share)
+        if posed is None:
             continue
-        labels, sub = window(labels, sub, label_centroids(labels)[targets[0]], WINDOW_MM)
-        fracture = rng.random() < fractured_share
-        case = synthesize_labels(labels, rng, sub, SEG_SYNTH_OPTIONS, mask.grades,
-                                 fracture_at=targets[:1] if fracture else (), keep=targets)
-        whole = set(whole_vertebrae(case, set(truncated_labels(labels)) | set(case.added)))
+        case, targets, whole = posed
         cents = label_centroids(case.labels)
         rendered = render_case(case, rng, SEG_SYNTH_OPTIONS, focus_mm=cents[targets[0]],
                                half_width_mm=70.0)
@@ -148,8 +132,7 @@ def synth_keypoint_samples(masks, cases: int, n_aug: int, seed: int = 0, crops: 
         log(f"synthetic case {k + 1}/{cases} from {mask.subject}: {len(verts)} vertebrae")
     if not parts:
         raise ValueError("no synthetic vertebra with a body section: no keypoint planes")
-    return KeypointSamples(*(np.concatenate([getattr(p, f) for p in parts])
-                             for f in ("inputs", "points", "grades", "names")))
+    return KeypointSamples.concat(parts)
 
 
 def cached_synth_keypoint_samples(data: Path, cache_dir: Path, cases: int, n_aug: int,

@@ -86,16 +86,14 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
 
         real = cached_real_keypoint_samples(Path(cfg.real_data), cache, cfg.real_aug, cfg.seed, say)
         say(f"{len(real.inputs)} real planes ({cfg.real_data}), each drawn {cfg.real_repeat}x")
-        tr = KeypointSamples(*(np.concatenate([getattr(tr, f)] + [getattr(real, f)] * cfg.real_repeat)
-                               for f in ("inputs", "points", "grades", "names")))
+        tr = KeypointSamples.concat([tr] + [real] * cfg.real_repeat)
     if cfg.synth_from:
         from pipeline.keypoints.real_samples import cached_synth_keypoint_samples
 
         synth = cached_synth_keypoint_samples(Path(cfg.synth_from), cache, cfg.synth_cases,
                                               cfg.real_aug, cfg.seed, say)
         say(f"{len(synth.inputs)} planes of CT synthesised from the masks of {cfg.synth_from}")
-        tr = KeypointSamples(*(np.concatenate([getattr(tr, f), getattr(synth, f)])
-                               for f in ("inputs", "points", "grades", "names")))
+        tr = KeypointSamples.concat([tr, synth])
     say(f"{len(tr.inputs)} training planes, {len(va.inputs)} validation planes")
     size = tr.inputs.shape[-1]
 

@@ -128,9 +128,9 @@ def predict_heatmaps(model: torch.nn.Module, array: np.ndarray, patch: Sequence[
     starts = [_starts(s, p, overlap) for s, p in zip(padded_shape, patch)]
     windows = [(slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
                for z in starts[0] for y in starts[1] for x in starts[2]]
+    for sl in windows:
+        weight[sl] += taper                         # every window blends, run or not
     if bone is not None:
-        for sl in windows:
-            weight[sl] += taper                     # every window blends, run or not
         # at least one patch runs: the heatmaps get the network's channels
         windows = [sl for sl in windows if bone[sl].any()] or windows[:1]
     model.eval()
@@ -144,8 +144,6 @@ def predict_heatmaps(model: torch.nn.Module, array: np.ndarray, patch: Sequence[
             out = torch.zeros((h.shape[1],) + padded_shape, dtype=torch.float32, device=device)
         for k, sl in enumerate(group):
             out[(slice(None),) + sl] += h[k] * taper
-            if bone is None:
-                weight[sl] += taper
     out /= weight
     return out[(slice(None),) + tuple(slice(0, s) for s in shape)].cpu().numpy()
 

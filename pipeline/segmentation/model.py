@@ -125,8 +125,8 @@ class ShallowRefiner(nn.Module):
         return prior_logit + self.out(y)
 
     #: Input channels the first convolution is given on the CPU (zero-padded): oneDNN has no fast
-    #: kernel for 2 input channels and falls back to a generic convolution about four times
-    #: slower than its kernel for 4; the zero channels, with zero weights, add exact zeros.
+    #: kernel for 2 input channels and falls back to a slower generic convolution; the zero
+    #: channels, with zero weights, add exact zeros.
     CPU_FIRST_CHANNELS = 4
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:

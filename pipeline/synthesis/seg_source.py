@@ -194,14 +194,15 @@ def crop_targets(labels: sitk.Image, grades: dict[int, int], rng: np.random.Gene
     return [levels[i] for i in near[:crops]]
 
 
-def case_crops(mask: RealMask, rng: np.random.Generator, options: SynthOptions,
-               crops: int = 1, fractured_share: float = 0.33, crop_size: int = CROP_SIZE,
-               crop_spacing_mm: float = CROP_SPACING_MM, name: str = "synth",
-               window_mm: float | None = WINDOW_MM) -> list[Sample]:
-    """Up to ``crops`` segmentation samples from one synthetic case of ``mask``: a random level
-    and its neighbours (:func:`crop_targets`); with probability ``fractured_share`` the first
-    is fractured (simulated, unless it is a real fracture). Only the part of the mask within
-    ``window_mm`` of the first level is synthesised (:func:`window`)."""
+def posed_case(mask: RealMask, rng: np.random.Generator, options: SynthOptions, crops: int,
+               fractured_share: float, window_mm: float | None = WINDOW_MM
+               ) -> tuple[SynthLabels, list[int], set[int]] | None:
+    """Steps 1-4 of the synthesis for ``crops`` target levels of ``mask``: a random level and
+    its neighbours (:func:`crop_targets`), the first fractured with probability
+    ``fractured_share`` (simulated, unless it is a real fracture), only the part of the mask
+    within ``window_mm`` of the first level (:func:`window`). Returns the posed labels, the
+    targets and the vertebrae whole in them (:func:`whole_vertebrae`); ``None`` without a
+    target."""
     from pipeline.synthesis.extend import truncated_labels
 
     labels = sitk.ReadImage(str(mask.labels))
@@ -210,13 +211,28 @@ def case_crops(mask: RealMask, rng: np.random.Generator, options: SynthOptions,
         sub = on_grid_of(sub, labels)
     targets = crop_targets(labels, mask.grades, rng, crops)
     if not targets:
-        return []
+        return None
     if window_mm is not None:
         labels, sub = window(labels, sub, label_centroids(labels)[targets[0]], window_mm)
     want_fracture = rng.random() < fractured_share
     case = synthesize_labels(labels, rng, sub, options, mask.grades,
                              fracture_at=targets[:1] if want_fracture else (), keep=targets)
     whole = set(whole_vertebrae(case, set(truncated_labels(labels)) | set(case.added)))
+    return case, targets, whole
+
+
+def case_crops(mask: RealMask, rng: np.random.Generator, options: SynthOptions,
+               crops: int = 1, fractured_share: float = 0.33, crop_size: int = CROP_SIZE,
+               crop_spacing_mm: float = CROP_SPACING_MM, name: str = "synth",
+               window_mm: float | None = WINDOW_MM) -> list[Sample]:
+    """Up to ``crops`` segmentation samples from one synthetic case of ``mask``: a random level
+    and its neighbours (:func:`crop_targets`); with probability ``fractured_share`` the first
+    is fractured (simulated, unless it is a real fracture). Only the part of the mask within
+    ``window_mm`` of the first level is synthesised (:func:`window`)."""
+    posed = posed_case(mask, rng, options, crops, fractured_share, window_mm)
+    if posed is None:
+        return []
+    case, targets, whole = posed
     cents = label_centroids(case.labels)
     margin = margin_for(crop_spacing_mm)
     half = 0.5 * (crop_size + 2 * margin) * crop_spacing_mm + RENDER_PAD_MM
