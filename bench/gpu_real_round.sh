@@ -2,14 +2,15 @@
 # One real-data training round on a lent GPU (issue 24), within a fixed wall-clock budget:
 # the localization and the 2 mm segmentation networks fine-tuned side by side from the installed
 # weights on phantoms, the real-spine pack's train-side CT and CT synthesised from its train-side
-# masks (pipeline/synthesis), cosine-annealed over the budget; then the 1 mm refiner on the same
+# masks (pipeline/synthesis), cosine-annealed over the budget, each checkpoint chosen on phantom
+# validation seeds and volumes synthesised from the train side's masks with a seed of their own; then the 1 mm refiner on the same
 # real crops. Results into OUT: the best.pt of each run and logs.tar.gz. Choosing and installing
 # happens on the CPU machine, on phantom validation seeds and the pack's train side only
 # (`spine-node evaluate --data ../shared/data/real-spine --split train --segmentation ...`;
 # the validation side is for the figures reported, once).
 #
 #   bench/gpu_real_round.sh OUT_DIR [BUDGET_S]
-#   DEVICE=cpu STEPS_SCALE=0.001 SYNTH_LOC=2 SYNTH_SEG=2 LOC_SEEDS=1-2 SEG_SEEDS=100-101 \
+#   DEVICE=cpu STEPS_SCALE=0.001 SYNTH_LOC=2 SYNTH_SEG=2 VAL_SYNTH=2 LOC_SEEDS=1-2 SEG_SEEDS=100-101 \
 #     REF_SEEDS=100-101 bench/gpu_real_round.sh /tmp/dry 300      # a dry run without a GPU
 set -u
 OUT=${1:?usage: bench/gpu_real_round.sh OUT_DIR [BUDGET_S]}
@@ -22,6 +23,7 @@ DEVICE=${DEVICE:-cuda}
 SCALE=${STEPS_SCALE:-1}
 SYNTH_LOC=${SYNTH_LOC:-160}
 SYNTH_SEG=${SYNTH_SEG:-150}
+VAL_SYNTH=${VAL_SYNTH:-26}   # validation volumes synthesised with their own seed (1000)
 LOC_SEEDS=${LOC_SEEDS:-1-120}
 SEG_SEEDS=${SEG_SEEDS:-100-149}
 REF_SEEDS=${REF_SEEDS:-100-119}
@@ -39,13 +41,13 @@ say "1. localization and segmentation side by side, $TRAIN_MIN min each"
 spine-node train localization --device "$DEVICE" --seeds "$LOC_SEEDS" --val-seeds 8001-8004 \
     --iterations "$(steps 4000)" --lr 5e-4 --schedule cosine --init-from shipped --relabel \
     --real-data "$PACK" --real-repeat 3 --synth-from "$PACK" --synth-cases "$SYNTH_LOC" \
-    --out "$WORK/loc" --cache-dir "$WORK/cache-loc" --workers 4 --val-every 250 \
+    --val-synth-cases "$VAL_SYNTH" --val-synth-seed 1000 --out "$WORK/loc" --cache-dir "$WORK/cache-loc" --workers 4 --val-every 250 \
     --time-limit-min "$TRAIN_MIN" > "$WORK/loc.log" 2>&1 &
 LOC=$!
 spine-node train segmentation --device "$DEVICE" --seeds "$SEG_SEEDS" --val-seeds 8001-8002 \
     --steps "$(steps 6000)" --batch 8 --lr 3e-4 --schedule cosine --init-from shipped \
     --real-data "$PACK" --real-fraction 0.3 --synth-from "$PACK" --synth-cases "$SYNTH_SEG" \
-    --synth-fraction 0.3 --out "$WORK/seg" --cache "$WORK/cache" --workers 4 \
+    --synth-fraction 0.3 --val-synth-cases "$VAL_SYNTH" --val-synth-seed 1000 --out "$WORK/seg" --cache "$WORK/cache" --workers 4 \
     --time-limit-min "$TRAIN_MIN" > "$WORK/seg.log" 2>&1 &
 SEG=$!
 wait $LOC; say "   localization rc $?: $(grep 'val it' "$WORK/loc.log" | tail -1)"

@@ -58,6 +58,10 @@ def localization(
         None, "--synth-from", exists=True, file_okay=False,
         help="Real vertebra masks (the pack: its train side) to synthesise whole CT volumes from."),
     synth_cases: int = o.option(C, "synth_cases", "Volumes synthesised from --synth-from (cached).", min=0),
+    val_synth_cases: int = o.option(
+        C, "val_synth_cases", "Also validate on this many volumes synthesised from --synth-from with "
+                              "--val-synth-seed (each group's score counts equally).", min=0),
+    val_synth_seed: int = o.option(C, "val_synth_seed", "Seed of the synthesised validation volumes."),
     relabel: Optional[bool] = typer.Option(
         None, "--relabel/--no-relabel",
         help="Write into the weights whether inference relabels the found spine jointly "
@@ -76,7 +80,8 @@ def localization(
         workers=workers, time_limit_s=None if time_limit_min is None else 60 * time_limit_min,
         init_from=init_from, real_data=str(real_data) if real_data else None,
         real_repeat=real_repeat, synth_real_dir=str(synth_from) if synth_from else None,
-        synth_cases=synth_cases, relabel=relabel)
+        synth_cases=synth_cases, val_synth_cases=val_synth_cases, val_synth_seed=val_synth_seed,
+        relabel=relabel)
     best = train(cfg, log=typer.echo)
     typer.echo(f"best weights: {best}")
     if install:

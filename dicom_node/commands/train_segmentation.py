@@ -35,6 +35,10 @@ def register(train_app: typer.Typer) -> None:
         synth_cases: int = o.option(C, "synth_cases", "Synthesised cases (cached).", min=1),
         synth_fraction: float = o.option(C, "synth_fraction", min=0.0, max=1.0,
                                              help="Share of each batch drawn from --synth-from."),
+        val_synth_cases: int = o.option(
+            C, "val_synth_cases", "Also validate on crops of this many cases synthesised from "
+                                  "--synth-from with --val-synth-seed (each group counts equally).", min=0),
+        val_synth_seed: int = o.option(C, "val_synth_seed", "Seed of the synthesised validation cases."),
         device: str = o.device_opt(C),
         workers: int = o.workers_opt(C),
         out: Path = o.out_opt(C),
@@ -57,5 +61,6 @@ def register(train_app: typer.Typer) -> None:
                                real_data=str(real_data) if real_data else None,
                                real_fraction=real_fraction,
                                synth_real_dir=str(synth_from) if synth_from else None,
-                               synth_cases=synth_cases, synth_fraction=synth_fraction)
+                               synth_cases=synth_cases, synth_fraction=synth_fraction,
+                               val_synth_cases=val_synth_cases, val_synth_seed=val_synth_seed)
         o.run_training(train, install_weights, cfg, install)

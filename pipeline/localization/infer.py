@@ -226,17 +226,25 @@ def _evidence(heatmaps: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return ev
 
 
-def _label_chain(ev: np.ndarray, skip_penalty: float) -> list[int] | None:
+def _label_chain(ev: np.ndarray, skip_penalty: float,
+                 expected_skips: Sequence[float] | None = None) -> list[int] | None:
     """Strictly caudal-ward levels for detections ordered cranial to caudal that maximise the
     summed evidence ``ev[i, level]``, skipping a non-optional level costing ``skip_penalty``
-    (dynamic programming); ``None`` when no labelling fits (more detections than levels)."""
+    (dynamic programming); ``None`` when no labelling fits (more detections than levels).
+
+    ``expected_skips[i - 1]``: how many levels the gap between detections ``i - 1`` and ``i``
+    holds by its length (NaN for an ordinary step); there the cost is ``skip_penalty`` per level
+    skipped more or fewer than that (:func:`gap_skips`)."""
     n, c = ev.shape
     best = np.full((n, c), -np.inf)
     prev = np.zeros((n, c), dtype=int)
     best[0] = ev[0]
-    pen = np.where(_STEPS >= 0, -skip_penalty * np.maximum(_STEPS, 0), -np.inf)
+    skipped = np.maximum(_STEPS, 0)
+    pen = np.where(_STEPS >= 0, -skip_penalty * skipped, -np.inf)
     for i in range(1, n):
-        cand = best[i - 1][:, None] + pen  # [previous level, level]
+        gap = np.nan if expected_skips is None else float(expected_skips[i - 1])
+        step_pen = pen if np.isnan(gap) else np.where(_STEPS >= 0, -skip_penalty * np.abs(skipped - gap), -np.inf)
+        cand = best[i - 1][:, None] + step_pen  # [previous level, level]
         prev[i] = cand.argmax(axis=0)
         best[i] = cand.max(axis=0) + ev[i]
     if not np.isfinite(best[-1].max()):
@@ -288,18 +296,55 @@ def _agnostic_detections(heatmaps: np.ndarray, threshold: float, spacing_mm: flo
     return pos, np.array([total[tuple(int(v) for v in p)] for p in kept])
 
 
+#: A step between consecutive bodies longer than this many times the chain's median step is a
+#: gap: vertebrae between them were not found (a chest CT whose localizer output holds C7-T3 and
+#: T12-L3: named contiguously, T12-L3 would be called T4-T7).
+GAP_STEP_FACTOR = 1.6
+
+
+def gap_skips(mm: np.ndarray) -> np.ndarray:
+    """Per step between consecutive bodies (``[x, y, z]`` mm, cranial to caudal) the number of
+    levels a gap holds by its length, ``length / local step - 1``; NaN for an ordinary step
+    (not longer than :data:`GAP_STEP_FACTOR` median steps). The local step is the mean of the
+    ordinary steps right above and below the gap (the median step where there are none): steps
+    grow from about 16 mm in the neck to 35 mm in the lumbar spine, so a chain's median misjudges
+    a gap in the thoracic spine by levels. The labelling then charges the levels skipped against
+    this number instead of against none (:func:`_label_chain`)."""
+    if len(mm) < 3:
+        return np.full(max(len(mm) - 1, 0), np.nan)
+    d = np.linalg.norm(np.diff(np.asarray(mm, dtype=float), axis=0), axis=1)
+    median = float(np.median(d))
+    gap = d > GAP_STEP_FACTOR * median
+    out = np.full(len(d), np.nan)
+    for i in np.flatnonzero(gap):
+        near = [d[j] for j in (i - 1, i + 1) if 0 <= j < len(d) and not gap[j]]
+        step = float(np.mean(near)) if near else median
+        out[i] = d[i] / max(step, 1e-6) - 1.0
+    return out
+
+
+#: Off-axis reach of :func:`_on_path` across a gap (:func:`gap_skips`) as a fraction of the gap's
+#: length, where that is more than the fixed reach: the gap holds unfound vertebrae, and the
+#: spine's curve (the thoracic kyphosis) leaves the straight line between its ends by up to a
+#: quarter of it.
+OFF_AXIS_FRACTION = 0.25
+
+
 def _on_path(found_mm: np.ndarray, mm: np.ndarray, max_off_axis_mm: float) -> list[tuple[float, int]]:
     """Level-agnostic detections ``mm`` that lie along the polyline through ``found_mm`` (within
-    ``max_off_axis_mm`` of one of its segments, strictly between its ends) and at least
-    :data:`MIN_SEPARATION_MM` from every one of its points: ``(position along the path, index)``."""
+    ``max_off_axis_mm`` of one of its segments, or across a gap :data:`OFF_AXIS_FRACTION` of
+    its length where that is more, strictly between its ends) and at least :data:`MIN_SEPARATION_MM`
+    from every one of its points: ``(position along the path, index)``."""
     out = []
+    gaps = ~np.isnan(gap_skips(found_mm))
     for i, p in enumerate(mm):
         if np.min(np.linalg.norm(found_mm - p, axis=1)) < MIN_SEPARATION_MM:
             continue
         for s_idx, (a, b) in enumerate(zip(found_mm[:-1], found_mm[1:])):
             seg = b - a
             t = float((p - a) @ seg) / float(seg @ seg)
-            if 0.0 < t < 1.0 and np.linalg.norm(p - (a + t * seg)) <= max_off_axis_mm:
+            reach = max(max_off_axis_mm, OFF_AXIS_FRACTION * float(np.linalg.norm(seg)) if gaps[s_idx] else 0.0)
+            if 0.0 < t < 1.0 and np.linalg.norm(p - (a + t * seg)) <= reach:
                 out.append((s_idx + t, i))
                 break
     return out
@@ -386,7 +431,9 @@ def relabel_on_path(found: list[tuple[int, np.ndarray, float]], heatmaps: np.nda
     left out); they get strictly caudal-ward levels, cranial to caudal, maximising the summed
     evidence of each body's channel (its maximum in the 3^3 neighbourhood), with
     ``skip_penalty`` (default :data:`RELABEL_SKIP_PENALTY`) per non-optional level skipped
-    (:func:`_label_chain`, as :func:`_joint_candidates`).
+    (:func:`_label_chain`, as :func:`_joint_candidates`); across a gap in the found spine (a
+    step far longer than the others, :func:`gap_skips`) per level skipped more or fewer than
+    the gap's length holds.
     Nothing is added beyond the found ends.
     """
     found = drop_doubled_ends(merge_crowded(found, spacing_mm), spacing_mm, heatmaps.shape[1])
@@ -400,7 +447,7 @@ def relabel_on_path(found: list[tuple[int, np.ndarray, float]], heatmaps: np.nda
     bodies = sorted([(float(i), fpos[i]) for i in range(len(found))] + [(t, pos[i]) for t, i in extra],
                     key=lambda b: b[0])
     ev = _evidence(heatmaps, np.array([p for _, p in bodies]))
-    labels = _label_chain(ev, skip_penalty)
+    labels = _label_chain(ev, skip_penalty, gap_skips(_grid_mm(np.array([p for _, p in bodies]), spacing_mm)))
     if labels is None:
         return found
     return [(k, p, float(ev[i, k])) for i, (k, (_, p)) in enumerate(zip(labels, bodies))]

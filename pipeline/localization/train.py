@@ -9,7 +9,11 @@ on a 2-core CPU the paper's SGD at lr 1e-4 barely moves in the iterations we can
 
 Every ``val_every`` iterations the whole validation volumes go through the real inference
 (:mod:`pipeline.localization.infer`); the presence threshold is chosen on them, and the best
-checkpoint by validation score is kept as a shippable weight file (``best.pt``). ``last.pt``
+checkpoint by validation score is kept as a shippable weight file (``best.pt``). The validation
+volumes are the phantom validation seeds and, with ``val_synth_cases``, volumes synthesised
+from the train side's real masks with a seed of their own (``val_synth_seed``: none of them is
+a training volume); each group's score counts equally, so that a checkpoint that learns the
+phantom and forgets real anatomy is not chosen. ``last.pt``
 holds everything needed to resume (model, optimiser, scheduler, sampler RNG, history).
 """
 from __future__ import annotations
@@ -52,12 +56,14 @@ def heatmap_loss(pred: torch.Tensor, target: torch.Tensor, fg_weight: float = 0.
 
 
 def case_detections(heatmaps: np.ndarray, case: Case, threshold: float,
-                    method: str = "argmax") -> dict[int, np.ndarray]:
+                    method: str = "argmax", relabel: bool = False) -> dict[int, np.ndarray]:
     """Decoded detections of a case in grid millimetres: level order -> [x, y, z] (z cranial).
 
-    ``heatmaps`` in units of the target peak (divided by the amplitude).
+    ``heatmaps`` in units of the target peak (divided by the amplitude); ``relabel``: the joint
+    relabelling along the found spine, as inference does where the weights ask for it.
     """
-    return {k: pos[::-1] * case.spacing_mm for k, pos, _ in detect(heatmaps, threshold, case.spacing_mm, method)}
+    return {k: pos[::-1] * case.spacing_mm
+            for k, pos, _ in detect(heatmaps, threshold, case.spacing_mm, method, relabel=relabel)}
 
 
 def case_score(found: dict[int, np.ndarray], case: Case) -> dict[str, float]:
@@ -81,25 +87,56 @@ def case_score(found: dict[int, np.ndarray], case: Case) -> dict[str, float]:
 
 
 def validate(model: torch.nn.Module, cases: Sequence[Case], cfg: TrainConfig,
-             device: torch.device | str = "cpu") -> dict[str, Any]:
+             device: torch.device | str = "cpu",
+             groups: dict[str, Sequence[Case]] | None = None) -> dict[str, Any]:
     """Whole-volume inference on the validation cases; the decoder and threshold with the lowest
-    penalty."""
-    maps = [predict_heatmaps(model, c.array, cfg.patch, c.pad_value, cfg.overlap, device) / cfg.amplitude
-            for c in cases]
-    return choose_decoder(maps, cases)
+    penalty. ``groups`` (name -> cases) replaces ``cases``: each group's penalty counts
+    equally (:func:`choose_decoder_groups`)."""
+    groups = dict(groups) if groups else {"phantom": cases}
+
+    def maps(cs: Sequence[Case]) -> list[np.ndarray]:
+        return [predict_heatmaps(model, c.array, cfg.patch, c.pad_value, cfg.overlap, device) / cfg.amplitude
+                for c in cs]
+
+    return choose_decoder_groups({name: (maps(cs), cs) for name, cs in groups.items()},
+                                 relabel=bool(cfg.relabel))
+
+
+def _figures(maps: Sequence[np.ndarray], cases: Sequence[Case], method: str, t: float,
+             relabel: bool) -> dict[str, Any]:
+    scores = [case_score(case_detections(h, c, t, method, relabel), c) for h, c in zip(maps, cases)]
+    n = sum(s["n"] for s in scores)
+    ident = sum(s["identified"] for s in scores)
+    return {"id_rate": ident / max(n, 1), "error_mm": sum(s["error_sum"] for s in scores) / max(ident, 1),
+            "fp": sum(s["fp"] for s in scores), "score": sum(s["penalty"] for s in scores) / max(n, 1)}
 
 
 def choose_decoder(maps: Sequence[np.ndarray], cases: Sequence[Case],
-                   methods: Sequence[str] = ("argmax", "joint")) -> dict[str, Any]:
+                   methods: Sequence[str] = ("argmax", "joint"), relabel: bool = False) -> dict[str, Any]:
     """The (decoder, threshold) with the lowest validation penalty, and its figures."""
     best = None
     for method, t in [(m, t) for m in methods for t in THRESHOLDS]:
-        scores = [case_score(case_detections(h, c, t, method), c) for h, c in zip(maps, cases)]
-        n = sum(s["n"] for s in scores)
-        ident = sum(s["identified"] for s in scores)
-        res = {"decoder": method, "threshold": t, "id_rate": ident / max(n, 1),
-               "error_mm": sum(s["error_sum"] for s in scores) / max(ident, 1),
-               "fp": sum(s["fp"] for s in scores), "score": sum(s["penalty"] for s in scores) / max(n, 1)}
+        res = {"decoder": method, "threshold": t, **_figures(maps, cases, method, t, relabel)}
+        if best is None or res["score"] < best["score"]:
+            best = res
+    return best
+
+
+def choose_decoder_groups(groups: dict[str, tuple[Sequence[np.ndarray], Sequence[Case]]],
+                          methods: Sequence[str] = ("argmax", "joint"), relabel: bool = False
+                          ) -> dict[str, Any]:
+    """As :func:`choose_decoder` over several validation groups (name -> (maps, cases)): the
+    score is the mean of the groups' scores; the figures of the first group are the top-level
+    ones, every group's are under ``groups``."""
+    if len(groups) == 1:
+        (maps, cases), = groups.values()
+        return choose_decoder(maps, cases, methods, relabel)
+    best = None
+    for method, t in [(m, t) for m in methods for t in THRESHOLDS]:
+        per = {name: _figures(maps, cases, method, t, relabel) for name, (maps, cases) in groups.items()}
+        first = next(iter(per.values()))
+        res = {"decoder": method, "threshold": t, **first,
+               "score": float(np.mean([g["score"] for g in per.values()])), "groups": per}
         if best is None or res["score"] < best["score"]:
             best = res
     return best
@@ -132,6 +169,22 @@ def extra_cases(cfg: TrainConfig, say: Callable[[str], None]) -> list[Case]:
         out += cached_synth_cases(Path(cfg.synth_real_dir), cfg.synth_cases, cfg.spacing_mm,
                                   cache, cfg.seed, say)
     return out
+
+
+def synth_validation_cases(cfg: TrainConfig, say: Callable[[str], None]) -> list[Case]:
+    """``cfg.val_synth_cases`` volumes synthesised from the train side's masks with the seed
+    ``cfg.val_synth_seed`` (never the training volumes' seed)."""
+    from pipeline.synthesis.loc_source import cached_synth_cases
+
+    if not cfg.synth_real_dir:
+        raise ValueError("val_synth_cases needs synth_real_dir (--synth-from)")
+    if cfg.val_synth_seed == cfg.seed:
+        raise ValueError(f"val_synth_seed {cfg.val_synth_seed} is the training volumes' seed; choose another")
+    cache = Path(cfg.cache_dir or Path(cfg.out_dir).parent / "cache")
+    cases = cached_synth_cases(Path(cfg.synth_real_dir), cfg.val_synth_cases, cfg.spacing_mm,
+                               cache, cfg.val_synth_seed, say)
+    say(f"{len(cases)} synthesised validation volumes (seed {cfg.val_synth_seed})")
+    return cases
 
 
 def init_localization(model: torch.nn.Module, source: str, say: Callable[[str], None]) -> None:
@@ -194,6 +247,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
     extra = extra_cases(cfg, say)
     if extra:
         train_cases = list(train_cases) + extra
+    val_groups = {"phantom": list(val_cases)}
+    if cfg.val_synth_cases:
+        val_groups["synth"] = synth_validation_cases(cfg, say)
     torch.manual_seed(cfg.seed)
     device = train_device(cfg.device)
     model = build_model(cfg).to(device)
@@ -266,14 +322,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, train_cases: Seq
         stop = cfg.time_limit_s is not None and elapsed > cfg.time_limit_s
         if it % cfg.val_every == 0 or it == cfg.iterations or stop:
             model.eval()
-            v = validate(model, val_cases, cfg, device)
+            v = validate(model, val_cases, cfg, device, groups=val_groups)
             model.train()
             if cfg.schedule == "plateau":
                 sched.step(v["score"])
             v.update({"iteration": it, "loss": running, "elapsed_s": round(elapsed, 1)})
             history.append(v)
             say(f"val it {it}: id {v['id_rate']:.3f} err {v['error_mm']:.2f} mm fp {v['fp']} "
-                f"{v['decoder']} thr {v['threshold']} score {v['score']:.3f}")
+                f"{v['decoder']} thr {v['threshold']} score {v['score']:.3f}"
+                + "".join(f" | {name} id {g['id_rate']:.3f} fp {g['fp']} score {g['score']:.3f}"
+                          for name, g in v.get("groups", {}).items()))
             if v["score"] < best_score:
                 best_score = v["score"]
                 torch.save(weights_payload(model, BUILDER, meta(v)), out / "best.pt")

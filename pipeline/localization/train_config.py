@@ -47,6 +47,8 @@ class TrainConfig:
     real_repeat: int = 3                    # each real case counts this many times
     synth_real_dir: str | None = None       # real masks to synthesise CT from (pipeline.synthesis)
     synth_cases: int = 0                    # synthesised whole volumes (2 mm, cached)
+    val_synth_cases: int = 0                # synthesised validation volumes (train-side masks)
+    val_synth_seed: int = 1000              # their seed (not ``seed``: no training volume)
     relabel: bool | None = None             # meta "relabel" of the weights (None: inference's default)
 
     def jsonable(self) -> dict[str, Any]:

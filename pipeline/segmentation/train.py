@@ -84,6 +84,36 @@ def validate(model: torch.nn.Module, val, batch: int = 2, device: torch.device |
     return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices)), "fracture_acc": correct / len(val)}
 
 
+def validate_groups(model: torch.nn.Module, groups: dict[str, list], device: torch.device | None = None,
+                    size: int = CROP_SIZE) -> dict:
+    """:func:`validate` on each group of validation crops (name -> crops); with more than one,
+    the loss and Dice are the means of the groups' (each group counts equally), the fracture
+    accuracy the first group's, and every group's figures are under ``groups``."""
+    per = {name: validate(model, crops, device=device, size=size) for name, crops in groups.items()}
+    if len(per) == 1:
+        return next(iter(per.values()))
+    first = next(iter(per.values()))
+    return {"loss": float(np.mean([g["loss"] for g in per.values()])),
+            "dice": float(np.mean([g["dice"] for g in per.values()])),
+            "fracture_acc": first["fracture_acc"], "groups": per}
+
+
+def synth_validation_samples(cfg: SegTrainConfig, cache: Path, say) -> list:
+    """Validation crops synthesised from the train side's masks (``cfg.val_synth_cases`` cases,
+    seed ``cfg.val_synth_seed``, never the training crops' seed)."""
+    from pipeline.synthesis.seg_source import cached_synth_samples, find_masks, training_subjects
+
+    if not cfg.synth_real_dir:
+        raise ValueError("val_synth_cases needs synth_real_dir (--synth-from)")
+    if cfg.val_synth_seed == cfg.seed:
+        raise ValueError(f"val_synth_seed {cfg.val_synth_seed} is the training crops' seed; choose another")
+    crops = cached_synth_samples(find_masks(cfg.synth_real_dir, training_subjects()), cfg.val_synth_cases,
+                                 cache, seed=cfg.val_synth_seed, crop_size=cfg.crop_size,
+                                 crop_spacing_mm=cfg.crop_spacing_mm, workers=cfg.workers, log=say)
+    say(f"{len(crops)} synthesised validation crops (seed {cfg.val_synth_seed})")
+    return crops
+
+
 def train(cfg: SegTrainConfig, log=None) -> Path:
     """Train (or resume) and return the path of the best checkpoint."""
     LrSchedule.check(cfg.schedule)
@@ -133,6 +163,9 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         synth_pool = MixedPools([], synth_s, 1.0)   # keeps the fractured share
         say(f"{len(synth_s)} synthesised crops from the real masks of {cfg.synth_real_dir}, "
             f"{cfg.synth_fraction:.0%} of each batch")
+    val_groups = {"phantom": val_s}
+    if cfg.val_synth_cases:
+        val_groups["synth"] = synth_validation_samples(cfg, cache, say)
     frac_idx = [i for i, s in enumerate(train_s) if s.fractured]
     norm_idx = [i for i, s in enumerate(train_s) if not s.fractured]
     model.train()
@@ -162,10 +195,12 @@ def train(cfg: SegTrainConfig, log=None) -> Path:
         last = step == cfg.steps
         timed_out = progress.timed_out()
         if validation_due(step, cfg.val_every, cfg.steps, timed_out):
-            v = validate(model, val_s, device=device, size=cfg.crop_size)
+            v = validate_groups(model, val_groups, device=device, size=cfg.crop_size)
             schedule.validated(v["loss"])
             say(f"val step {step}: loss {v['loss']:.4f} dice {v['dice']:.4f} "
-                f"fracture acc {v['fracture_acc']:.3f} lr {opt.param_groups[0]['lr']:.2e}")
+                f"fracture acc {v['fracture_acc']:.3f} lr {opt.param_groups[0]['lr']:.2e}"
+                + "".join(f" | {name} loss {g['loss']:.4f} dice {g['dice']:.4f}"
+                          for name, g in v.get("groups", {}).items()))
             best = keep_best(v["loss"], best, out / "best.pt", model, step, v, cfg)
         if step % cfg.ckpt_every == 0 or last or timed_out:
             save_last(ckpt, model, opt, sched, step, best, rng)

@@ -40,6 +40,8 @@ class SegTrainConfig:
     synth_real_dir: str | None = None         # real masks to synthesise CT from (pipeline.synthesis)
     synth_cases: int = 200                    # synthesised cases (2 crops each), cached
     synth_fraction: float = 0.0               # share of each batch's crops drawn from them
+    val_synth_cases: int = 0                  # synthesised validation cases (train-side masks)
+    val_synth_seed: int = 1000                # their seed (not ``seed``: no training crop)
 
 
 @dataclass

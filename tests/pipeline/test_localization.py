@@ -189,6 +189,29 @@ def test_smoke_training_writes_resumable_checkpoints_and_shippable_weights(tmp_p
     assert "resumed from" in log and "it 5/5" in log
 
 
+def test_validation_groups_count_equally_and_synthesised_validation_needs_its_own_seed(tmp_path):
+    from pipeline.localization.train import choose_decoder_groups, synth_validation_cases
+
+    img, mm = _toy_volume()
+    case = make_case("toy", img, mm, 4.0)
+    right = gaussian_heatmaps(case.array.shape, case.centers, 1.5).numpy()
+    empty = np.zeros_like(right)
+    one = choose_decoder_groups({"phantom": ([right], [case])})
+    assert one["id_rate"] == 1.0 and "groups" not in one
+    both = choose_decoder_groups({"phantom": ([right], [case]), "synth": ([empty], [case])})
+    # the phantom group is perfect, the other finds nothing: the score is the mean of the two
+    assert both["groups"]["phantom"]["id_rate"] == 1.0 and both["groups"]["synth"]["id_rate"] == 0.0
+    assert both["id_rate"] == 1.0
+    assert both["score"] == pytest.approx(0.5 * (both["groups"]["phantom"]["score"]
+                                                 + both["groups"]["synth"]["score"]))
+    assert both["groups"]["synth"]["score"] == pytest.approx(20.0)  # every vertebra missed
+    with pytest.raises(ValueError, match="training volumes' seed"):
+        synth_validation_cases(TrainConfig(out_dir=tmp_path, synth_real_dir=str(tmp_path),
+                                           val_synth_cases=2, seed=3, val_synth_seed=3), print)
+    with pytest.raises(ValueError, match="synth-from"):
+        synth_validation_cases(TrainConfig(out_dir=tmp_path, val_synth_cases=2), print)
+
+
 def test_localize_runs_end_to_end_with_a_given_model():
     from pipeline.localization.infer import localize
 
@@ -305,6 +328,48 @@ def test_relabelling_undoes_two_labels_shifted_onto_the_next_bodies():
     assert [LEVELS[k].name for k, _, _ in found] == names
     for k, p, _ in found:
         assert abs(p[0] - zs[LEVELS[k].name]) < 0.3
+
+
+def test_gap_length_counts_the_levels_it_holds():
+    from pipeline.localization.infer import gap_skips
+
+    z = [0.0, -20.0, -40.0, -60.0, -160.0, -180.0, -200.0]   # 20 mm steps, one 100 mm gap
+    mm = np.array([[0.0, 0.0, v] for v in z])
+    out = gap_skips(mm)
+    assert np.isnan(out[[0, 1, 2, 4, 5]]).all()
+    assert out[3] == pytest.approx(4.0)              # 100 mm of 20 mm steps: four vertebrae missing
+    assert np.isnan(gap_skips(mm[:2])).all() and len(gap_skips(mm[:1])) == 0
+
+
+def test_relabelling_across_a_gap_names_the_far_side_by_its_distance_and_fills_the_curve():
+    """A kyphotic thoracic spine T2-T12, 20 mm per level: the channels peak on T2-T4 and T10-T12
+    only; the bodies between (T5-T9) bow 40 mm backwards, off the straight line from T4 to T10,
+    and carry level-agnostic evidence only. Named one after the other, T10-T12 would become
+    T5-T7; across the gap the labelling counts the levels that its length holds, and the bodies
+    of the curve, near enough to the gap's chord, are found and named."""
+    from pipeline.localization.infer import detect
+
+    names = [f"T{i}" for i in range(2, 13)]
+    z = {n: 230.0 - 20.0 * i for i, n in enumerate(names)}
+    bow = {n: 40.0 * np.sin(np.pi * i / (len(names) - 1)) for i, n in enumerate(names)}  # y, mm
+    shape = (64, 40, 12)  # 4 mm grid: z, y, x
+    h = np.zeros((N_LEVELS,) + shape, np.float32)
+
+    def blob(n):
+        return gaussian_heatmaps(shape, np.array([[z[n] / 4.0, 4.0 + bow[n] / 4.0, 6.0]]), 1.0).numpy()[0]
+
+    for n in names:
+        if n in ("T2", "T3", "T4", "T10", "T11", "T12"):
+            h[BY_NAME[n].order] += blob(n)
+        else:   # seen as a vertebra, but the network cannot tell which
+            for m in ("T5", "T6", "T7", "T8", "T9"):
+                h[BY_NAME[m].order] += 0.12 * blob(n)
+    plain = detect(h, threshold=0.3, spacing_mm=4.0, method="argmax")
+    assert [LEVELS[k].name for k, _, _ in plain] == ["T2", "T3", "T4", "T10", "T11", "T12"]
+    found = detect(h, threshold=0.3, spacing_mm=4.0, method="argmax", relabel=True)
+    assert [LEVELS[k].name for k, _, _ in found] == names
+    for k, p, _ in found:
+        assert abs(p[0] * 4.0 - z[LEVELS[k].name]) < 1.0
 
 
 def test_two_labels_on_one_body_are_merged_but_a_cut_end_vertebra_is_kept():

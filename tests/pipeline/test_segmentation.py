@@ -93,3 +93,27 @@ def test_the_refiners_box_covers_the_vertebra_not_a_faint_response_elsewhere_in_
     # the rim is inside: 11 voxels of 2 mm in x (10..21) + 4 mm margins -> at least 30 mm
     assert alone.GetSize()[0] * alone.GetSpacing()[0] >= 24 * 2.0 / 2 + 8
     assert refine_grid(np.zeros_like(fg), crop) is None
+
+
+def test_validation_groups_count_equally_and_synthesised_validation_needs_its_own_seed(tmp_path):
+    import pytest
+
+    from pipeline.segmentation.train import synth_validation_samples, validate, validate_groups
+    from pipeline.segmentation.train_config import SegTrainConfig
+
+    torch.manual_seed(0)
+    ct, labels, gt = box_spine(levels=("L1", "L2"), spacing=(1.5, 1.5, 2.0))
+    samples = case_samples("box", ct, labels, gt["vertebrae"], size=16, spacing_mm=4.0, margin=2)
+    net = UNet3D(base=2, depth=2)
+    a, b = validate(net, samples[:1], size=16), validate(net, samples[1:], size=16)
+    one = validate_groups(net, {"phantom": samples[:1]}, size=16)
+    assert one == a and "groups" not in one
+    both = validate_groups(net, {"phantom": samples[:1], "synth": samples[1:]}, size=16)
+    assert both["loss"] == pytest.approx(0.5 * (a["loss"] + b["loss"]))
+    assert both["dice"] == pytest.approx(0.5 * (a["dice"] + b["dice"]))
+    assert both["groups"] == {"phantom": a, "synth": b}
+    with pytest.raises(ValueError, match="training crops' seed"):
+        synth_validation_samples(SegTrainConfig(synth_real_dir=str(tmp_path), val_synth_cases=2, seed=4,
+                                                val_synth_seed=4), tmp_path, print)
+    with pytest.raises(ValueError, match="synth-from"):
+        synth_validation_samples(SegTrainConfig(val_synth_cases=2), tmp_path, print)
