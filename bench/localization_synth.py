@@ -30,7 +30,7 @@ def _load(spec: str) -> torch.nn.Module:
 
     if spec == "shipped":
         return load_model("localization", "cpu")
-    return build_from_checkpoint(torch.load(spec, map_location="cpu", weights_only=False))
+    return build_from_checkpoint(torch.load(spec, map_location="cpu", weights_only=True))
 
 
 def main(argv: list[str] | None = None) -> dict:

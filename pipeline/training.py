@@ -21,7 +21,8 @@ Used by :mod:`pipeline.segmentation.train`, :mod:`pipeline.segmentation.train_re
 - :func:`train_device`, :func:`autocast`, :func:`train_step`: the device of a run (``cpu`` |
   ``cuda`` | ``auto``), bf16 autocasting of the forward pass on a GPU, one step on a numpy batch;
 - :class:`Prefetch`: training batches assembled in a background thread while the GPU computes;
-- :func:`generate_parallel`: a trainer's missing phantom caches written by a process pool.
+- :func:`generate_parallel`: a trainer's missing phantom caches written by a process pool;
+- :func:`check_synth_validation`: the guards of a validation group synthesised from real masks.
 """
 from __future__ import annotations
 
@@ -334,3 +335,12 @@ def generate_parallel(missing: list[int], work: Callable[[int], Any], workers: i
 def validation_due(step: int, every: int, steps: int, timed_out: bool) -> bool:
     """Validate every ``every`` steps, at the last step and when stopping on the time limit."""
     return step % every == 0 or step == steps or timed_out
+
+
+def check_synth_validation(synth_real_dir: str | None, seed: int, val_seed: int, what: str) -> None:
+    """Refuse a synthesised validation group without masks to synthesise from, or with the
+    training ``what``'s own seed (it would validate on training data)."""
+    if not synth_real_dir:
+        raise ValueError("val_synth_cases needs synth_real_dir (--synth-from)")
+    if val_seed == seed:
+        raise ValueError(f"val_synth_seed {val_seed} is the training {what}' seed; choose another")

@@ -35,7 +35,7 @@ from pipeline.localization.train_config import TrainConfig
 from pipeline.nets import MSCN
 from pipeline.registry import weights_payload
 from pipeline.seeds import EVALUATION_SEEDS
-from pipeline.training import cosine_lr, train_device, train_step
+from pipeline.training import check_synth_validation, cosine_lr, train_device, train_step
 
 BUILDER = "pipeline.nets.mscn:build_mscn"
 THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
@@ -114,12 +114,7 @@ def _figures(maps: Sequence[np.ndarray], cases: Sequence[Case], method: str, t: 
 def choose_decoder(maps: Sequence[np.ndarray], cases: Sequence[Case],
                    methods: Sequence[str] = ("argmax", "joint"), relabel: bool = False) -> dict[str, Any]:
     """The (decoder, threshold) with the lowest validation penalty, and its figures."""
-    best = None
-    for method, t in [(m, t) for m in methods for t in THRESHOLDS]:
-        res = {"decoder": method, "threshold": t, **_figures(maps, cases, method, t, relabel)}
-        if best is None or res["score"] < best["score"]:
-            best = res
-    return best
+    return choose_decoder_groups({"cases": (maps, cases)}, methods, relabel)
 
 
 def choose_decoder_groups(groups: dict[str, tuple[Sequence[np.ndarray], Sequence[Case]]],
@@ -127,16 +122,14 @@ def choose_decoder_groups(groups: dict[str, tuple[Sequence[np.ndarray], Sequence
                           ) -> dict[str, Any]:
     """As :func:`choose_decoder` over several validation groups (name -> (maps, cases)): the
     score is the mean of the groups' scores; the figures of the first group are the top-level
-    ones, every group's are under ``groups``."""
-    if len(groups) == 1:
-        (maps, cases), = groups.values()
-        return choose_decoder(maps, cases, methods, relabel)
+    ones, and with more than one group every group's are under ``groups``."""
     best = None
     for method, t in [(m, t) for m in methods for t in THRESHOLDS]:
         per = {name: _figures(maps, cases, method, t, relabel) for name, (maps, cases) in groups.items()}
-        first = next(iter(per.values()))
-        res = {"decoder": method, "threshold": t, **first,
-               "score": float(np.mean([g["score"] for g in per.values()])), "groups": per}
+        res = {"decoder": method, "threshold": t, **next(iter(per.values())),
+               "score": float(np.mean([g["score"] for g in per.values()]))}
+        if len(per) > 1:
+            res["groups"] = per
         if best is None or res["score"] < best["score"]:
             best = res
     return best
@@ -176,10 +169,7 @@ def synth_validation_cases(cfg: TrainConfig, say: Callable[[str], None]) -> list
     ``cfg.val_synth_seed`` (never the training volumes' seed)."""
     from pipeline.synthesis.loc_source import cached_synth_cases
 
-    if not cfg.synth_real_dir:
-        raise ValueError("val_synth_cases needs synth_real_dir (--synth-from)")
-    if cfg.val_synth_seed == cfg.seed:
-        raise ValueError(f"val_synth_seed {cfg.val_synth_seed} is the training volumes' seed; choose another")
+    check_synth_validation(cfg.synth_real_dir, cfg.seed, cfg.val_synth_seed, "volumes")
     cache = Path(cfg.cache_dir or Path(cfg.out_dir).parent / "cache")
     cases = cached_synth_cases(Path(cfg.synth_real_dir), cfg.val_synth_cases, cfg.spacing_mm,
                                cache, cfg.val_synth_seed, say)

@@ -32,6 +32,7 @@ from pipeline.training import (
     LrSchedule,
     Progress,
     batches,
+    check_synth_validation,
     init_from,
     keep_best,
     make_optimizer,
@@ -103,10 +104,7 @@ def synth_validation_samples(cfg: SegTrainConfig, cache: Path, say) -> list:
     seed ``cfg.val_synth_seed``, never the training crops' seed)."""
     from pipeline.synthesis.seg_source import cached_synth_samples, find_masks, training_subjects
 
-    if not cfg.synth_real_dir:
-        raise ValueError("val_synth_cases needs synth_real_dir (--synth-from)")
-    if cfg.val_synth_seed == cfg.seed:
-        raise ValueError(f"val_synth_seed {cfg.val_synth_seed} is the training crops' seed; choose another")
+    check_synth_validation(cfg.synth_real_dir, cfg.seed, cfg.val_synth_seed, "crops")
     crops = cached_synth_samples(find_masks(cfg.synth_real_dir, training_subjects()), cfg.val_synth_cases,
                                  cache, seed=cfg.val_synth_seed, crop_size=cfg.crop_size,
                                  crop_spacing_mm=cfg.crop_spacing_mm, workers=cfg.workers, log=say)
