@@ -196,7 +196,7 @@ def _warm(dicom_dir: Path, device: str, runs: int, profile: Path | None = None) 
     t_load = time.perf_counter() - t0
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    models = {n: load_model(n, str(dev)) for n in ("localization", "segmentation", "keypoints")}
+    models = {n: load_model(n, str(dev)) for n in ("localization", "junction", "segmentation", "keypoints")}
     t_models = time.perf_counter() - t0
     per_run = [analyse(series, device=str(dev), models=models).timings_s for _ in range(max(runs, 1))]
     steady = per_run[1:] or per_run

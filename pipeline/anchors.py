@@ -30,6 +30,7 @@ available for tuning) and is set conservatively.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +49,9 @@ from pipeline.numbering import (
     sequence,
     steps,
 )
+
+if TYPE_CHECKING:
+    from pipeline.junction.infer import Junction
 
 __all__ = ["Anchor", "DetectedVertebra", "Numbering", "RibEvidence", "RibSide", "apply_numbering",
            "decide", "find_numbering", "position", "rib_evidence", "sacrum_below", "sequence",
@@ -243,10 +247,16 @@ def skull_above(image: sitk.Image, highest: Sequence[float]) -> tuple[str, float
     return "none", None
 
 
-def find_numbering(image: sitk.Image, vertebrae: Sequence[DetectedVertebra]) -> Numbering:
+def find_numbering(image: sitk.Image, vertebrae: Sequence[DetectedVertebra],
+                   junction: Junction | None = None) -> Numbering:
     """Measure the anchors of ``vertebrae`` (any order; label and LPS centroid) on ``image``
     (HU, any orientation) and decide the numbering. ``names`` of the result follow the
-    vertebrae in anatomical (label) order."""
+    vertebrae in anatomical (label) order.
+
+    ``junction`` (:func:`pipeline.junction.infer.find_junction` on the same chain) stands in
+    for the sacrum test where that cannot see the sacrum: its ``"last"`` makes the lowest
+    vertebra the one above the sacrum. Where the sacrum test saw the region below and found no
+    sacrum, a ``"last"`` contradicts it and fixes nothing."""
     chain = sorted(vertebrae, key=lambda v: BY_LABEL[int(v.label)].order)
     if not chain:
         return Numbering("uncertain", "no vertebra found")
@@ -255,5 +265,9 @@ def find_numbering(image: sitk.Image, vertebrae: Sequence[DetectedVertebra]) -> 
     local, _close = steps(names, cents)
     ribs = [rib_evidence(image, n, c, s) for n, c, s in zip(names, cents, local)]
     sac = sacrum_below(image, cents[-1], cents[-2] if len(cents) > 1 else None, local[-1])
+    if junction is not None and junction.state != "none" and sac[0] != "sacrum":
+        sac = (("sacrum", junction.detail) if sac[0] == "not visible" else
+               ("contradicted", f"the sacrum test found no wide bone below ({sac[1]}), the "
+                                f"{junction.detail}"))
     skull = skull_above(image, cents[0]) if BY_NAME[names[0]].region == "C" else None
     return decide(names, cents, ribs, sac, skull)

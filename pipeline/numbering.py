@@ -225,8 +225,10 @@ def decide(names: Sequence[str], cents: Sequence[Sequence[float]], ribs: Sequenc
            sacrum: tuple[str, str], skull: tuple[str, float | None] | None) -> Numbering:
     """The numbering from the measurements (no image here: unit-testable).
 
-    ``names`` are the localizer's, cranial to caudal; ``skull`` is ``None`` where the highest
-    vertebra is not cervical (the skull base is not looked for).
+    ``names`` are the localizer's, cranial to caudal; ``sacrum`` is ``(state, detail)`` with
+    state ``"sacrum"``, ``"none"``, ``"not visible"`` or ``"contradicted"`` (the sacrum test and
+    the junction classifier disagree: :func:`pipeline.anchors.find_numbering`); ``skull`` is
+    ``None`` where the highest vertebra is not cervical (the skull base is not looked for).
     """
     cents_ = [np.asarray(c, dtype=float) for c in cents]
     ranks = _ranks(names)
@@ -314,6 +316,8 @@ def _missing(names: Sequence[str], ribs: Sequence[RibEvidence], sacrum: tuple[st
     if sacrum[0] == "not visible":
         sac = "sacrum not assessable (field of view too narrow or too short below the lowest " \
               "vertebra)"
+    elif sacrum[0] == "contradicted":
+        sac = f"the sacrum tests disagree: {sacrum[1]}"
     else:
         sac = "no sacrum below the lowest vertebra"
     if skull is None:

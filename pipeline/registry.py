@@ -27,7 +27,7 @@ import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST = "manifest.json"
-MODEL_NAMES = ("localization", "segmentation", "keypoints")
+MODEL_NAMES = ("localization", "segmentation", "keypoints", "junction")
 
 
 class ModelWeightsError(RuntimeError):

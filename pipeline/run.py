@@ -65,8 +65,8 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
 
     Args:
         device: ``auto`` | ``cpu`` | ``cuda``.
-        models: optional preloaded models by name (``localization``, ``segmentation``,
-            ``keypoints``); the others come from :func:`pipeline.registry.load_model`.
+        models: optional preloaded models by name (``localization``, ``junction``,
+            ``segmentation``, ``keypoints``); the others come from :func:`pipeline.registry.load_model`.
         centroids: skip localization and use these (objects with ``label``, ``centroid_mm`` and
             optionally ``partial``), e.g. ground truth for evaluating later steps alone.
     """
@@ -86,7 +86,8 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
     image = series.image  # int16 or float32 HU; every stage resamples what it needs to float32
 
     t = time.perf_counter()
-    for name in ("segmentation", "keypoints") + (() if centroids is not None else ("localization",)):
+    for name in ("segmentation", "keypoints") + (() if centroids is not None
+                                                 else ("localization", "junction")):
         if name not in models:
             models[name] = load_model(name, str(dev))
     timings["load_models"] = time.perf_counter() - t
@@ -97,7 +98,8 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
             found = _localize(image, str(dev), models["localization"])
     else:
         found = list(centroids)
-    found, numbering = _anchor_levels(image, found, renumber=centroids is None)
+    found, numbering = _anchor_levels(image, found, renumber=centroids is None,
+                                      junction_model=models.get("junction"))
     timings["localization"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -154,21 +156,44 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
                           timings_s=timings, numbering=numbering)
 
 
-def _anchor_levels(image: sitk.Image, found: list, renumber: bool) -> tuple[list, Numbering]:
+#: The junction classifier is asked only where the localizer named the lowest vertebra this
+#: level or lower: a chain named higher ends far above the sacrum even where its names are a
+#: few levels off.
+JUNCTION_FROM = "T10"
+
+
+def _anchor_levels(image: sitk.Image, found: list, renumber: bool,
+                   junction_model=None) -> tuple[list, Numbering]:
     """The found vertebrae in anatomical order and the numbering of their levels.
 
     The anchors (:func:`pipeline.anchors.find_numbering`) are measured right after
     localization; where they fix the levels and contradict the localizer, the whole chain is
-    renamed consistently (``renumber``). Labels the caller supplied are kept; where the anchors
-    name them otherwise the numbering says so and is uncertain.
+    renamed consistently (``renumber``). With ``junction_model`` the lumbosacral junction
+    classifier (:mod:`pipeline.junction`) is asked first, where the localizer named the lowest
+    vertebra :data:`JUNCTION_FROM` or lower: a vertebra it finds missed right above the sacrum
+    joins the chain, and it fixes L5 where the sacrum test cannot see. Labels
+    the caller supplied are kept; where the anchors name them otherwise the numbering says so
+    and is uncertain.
     """
     from dataclasses import replace
 
     from pipeline.anchors import find_numbering
-    from pipeline.numbering import apply_numbering
+    from pipeline.numbering import TYPICAL_STEP_MM, apply_numbering, position
 
     found = sorted(found, key=lambda v: BY_LABEL[int(v.label)].order)
-    numbering = find_numbering(image, found)
+    junction = None
+    if renumber and junction_model is not None and found and \
+            position(BY_LABEL[int(found[-1].label)].name) >= position(JUNCTION_FROM):
+        from pipeline.junction.chain import with_missed_last
+        from pipeline.junction.infer import find_junction
+
+        junction = find_junction(image, [v.centroid_mm for v in found], TYPICAL_STEP_MM["L"],
+                                 junction_model)
+        completed = with_missed_last(found, junction)
+        if junction.state == "below" and len(completed) == len(found):
+            junction = None                  # a chain with variant names: nothing added
+        found = completed
+    numbering = find_numbering(image, found, junction)
     if renumber:
         return apply_numbering(found, numbering)
     names = [BY_LABEL[int(v.label)].name for v in found]

@@ -1,5 +1,5 @@
 """``spine-node train ...``: train a model of the pipeline (localization, segmentation, refiner,
-keypoints), write extra keypoint planes, calibrate a localization weight file.
+keypoints, junction), write extra keypoint planes, calibrate a localization weight file.
 
 One typer sub-app, :data:`train_app`. This module defines ``localization``; the other models
 add their subcommand from their own module: ``dicom_node/commands/train_<model>.py`` with a
@@ -20,7 +20,7 @@ from pipeline.localization.train_config import TrainConfig as C
 train_app = typer.Typer(help="Train a model of the pipeline (phantom or VerSe data).", no_args_is_help=True)
 
 #: Modules that add a ``train`` subcommand through ``register(train_app)``.
-TRAIN_MODULES = ("train_segmentation", "train_refiner", "train_keypoints")
+TRAIN_MODULES = ("train_segmentation", "train_refiner", "train_keypoints", "train_junction")
 
 
 @train_app.command("localization")

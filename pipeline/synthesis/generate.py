@@ -38,7 +38,7 @@ from pipeline.synthesis.geometry import (
     pseudo_subregions,
 )
 from pipeline.synthesis.pose import PoseOptions, random_pose, to_lps_grid
-from pipeline.synthesis.render import RenderOptions, render_ct
+from pipeline.synthesis.render import RenderOptions, render_ct_scene
 
 #: Grade value of ``known_grades`` for a vertebra whose state is not known (a lesion, a
 #: non-osteoporotic fracture, an unreadable rating): never a crop centre, never fractured here.
@@ -101,6 +101,8 @@ class SynthCase:
         fractures: level label -> (Genant grade, morphology) of the fractured vertebrae present.
         centroids_mm: level label -> centroid (LPS mm) of every vertebra present in ``labels``.
         uncertain: labels whose real state is not known: leave them out of fracture targets.
+        s1_mm: centre (LPS mm) of the S1 body where a sacrum was drawn below the last lumbar
+            vertebra (it may lie outside the rendered grid), else ``None``.
     """
 
     ct: sitk.Image
@@ -108,6 +110,7 @@ class SynthCase:
     fractures: dict[int, tuple[int, str]]
     centroids_mm: dict[int, tuple[float, float, float]]
     uncertain: frozenset[int] = frozenset()
+    s1_mm: tuple[float, float, float] | None = None
 
 
 def synthesize_labels(labels: sitk.Image, rng: np.random.Generator,
@@ -188,10 +191,11 @@ def render_case(case: SynthLabels, rng: np.random.Generator,
         context = (labels, sub)
         labels = sitk.RegionOfInterest(labels, size, index)
         sub = sitk.RegionOfInterest(sub, size, index)
-    ct = render_ct(labels, rng, sub, options.render, context=context)
+    ct, scene = render_ct_scene(labels, rng, sub, options.render, context=context)
     cents = {k: tuple(float(c) for c in v) for k, v in label_centroids(labels).items()}
+    s1 = None if scene.s1_centre is None else tuple(float(c) for c in scene.s1_centre)
     return SynthCase(ct, labels, {k: v for k, v in case.fractures.items() if k in cents}, cents,
-                     frozenset(k for k in case.uncertain if k in cents))
+                     frozenset(k for k in case.uncertain if k in cents), s1)
 
 
 def synthesize(labels: sitk.Image, rng: np.random.Generator,

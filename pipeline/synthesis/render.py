@@ -378,7 +378,18 @@ def acquire(vol: np.ndarray, ref: sitk.Image, rng: np.random.Generator, app: App
 def render_ct(labels: sitk.Image, rng: np.random.Generator,
               subregions: sitk.Image | None = None, options: RenderOptions = RenderOptions(),
               context: tuple[sitk.Image, sitk.Image] | None = None) -> sitk.Image:
-    """A float32 HU image on the grid of ``labels`` (an axis-aligned grid, as posed).
+    """A float32 HU image on the grid of ``labels`` (:func:`render_ct_scene` without its
+    scene)."""
+    return render_ct_scene(labels, rng, subregions, options, context)[0]
+
+
+def render_ct_scene(labels: sitk.Image, rng: np.random.Generator,
+                    subregions: sitk.Image | None = None,
+                    options: RenderOptions = RenderOptions(),
+                    context: tuple[sitk.Image, sitk.Image] | None = None
+                    ) -> tuple[sitk.Image, Scene]:
+    """A float32 HU image on the grid of ``labels`` (an axis-aligned grid, as posed), and the
+    scene drawn around the labels (where the sacrum and the ribs are).
 
     ``subregions`` (VerSe 41-50) tells body from posterior elements; where absent the body is
     approximated (:func:`pipeline.synthesis.geometry.pseudo_subregions`). ``context`` = the
@@ -428,4 +439,4 @@ def render_ct(labels: sitk.Image, rng: np.random.Generator,
         paint(vol, values(grid, piece))
     for s in scene.streaks:
         _streaks(vol, grid, s)
-    return acquire(vol, labels, rng, app, options)
+    return acquire(vol, labels, rng, app, options), scene

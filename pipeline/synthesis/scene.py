@@ -126,6 +126,7 @@ class Scene:
     bone: list = field(default_factory=list)        # Solid | Tube, drawn with bone texture
     discs: list = field(default_factory=list)       # Solid: disc spaces not between labels
     sacrum: bool = False
+    s1_centre: np.ndarray | None = None              # centre of the S1 body, where drawn
     ends: tuple[int, ...] = ()                       # first and last level of the whole spine
     vessels: list = field(default_factory=list)     # Tube
     metal: list = field(default_factory=list)       # Solid | Tube
@@ -338,6 +339,7 @@ def plan_scene(labels: sitk.Image, subregions: sitk.Image, rng: np.random.Genera
         scene.bone += solids
         scene.discs.append(disc)
         scene.sacrum = True
+        scene.s1_centre = solids[0].centre.copy()
     if rng.random() < options.ribs:
         for lab in order:
             if lab in THORACIC:

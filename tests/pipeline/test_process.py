@@ -59,9 +59,10 @@ def test_process_refuses_a_folder_without_dicom(tmp_path):
 
 
 def _tiny_weights(weights_dir):
-    """Untrained, tiny models of all three names, installed into ``weights_dir``."""
+    """Untrained, tiny models of every name, installed into ``weights_dir``."""
     import torch
 
+    from pipeline.junction.net import build_junction
     from pipeline.keypoints.train import build_keypoint_model
     from pipeline.nets.mscn import build_mscn
     from pipeline.registry import install_weights, weights_payload
@@ -77,6 +78,7 @@ def _tiny_weights(weights_dir):
         ("segmentation", seg, "pipeline.segmentation.model:build_segmentation",
          {"crop_size": 32, "crop_spacing_mm": 4.0}),
         ("keypoints", kp, "pipeline.nets.mscn:build_mscn", {"plane_size": 96, "plane_spacing_mm": 0.75}),
+        ("junction", build_junction(2), "pipeline.junction.net:build_junction", {"threshold": 0.5}),
     ):
         path = weights_dir / f"{name}-src.pt"
         torch.save(weights_payload(model, builder, meta), path)

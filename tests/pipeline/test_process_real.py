@@ -22,7 +22,8 @@ SUBJECT = "sub-ctfu00106"
 
 pytestmark = [
     pytest.mark.skipif(not (PACK / SUBJECT).is_dir(), reason="the real-spine pack is absent"),
-    pytest.mark.skipif(not {"localization", "segmentation", "keypoints"} <= set(read_manifest()),
+    pytest.mark.skipif(not {"localization", "segmentation", "keypoints", "junction"}
+                       <= set(read_manifest()),
                        reason="model weights not installed"),
 ]
 
@@ -77,3 +78,15 @@ def test_real_ct_normal_spine_gets_no_severe_fracture(processed):
     summary, _truth, _out = processed
     severe = [(v["name"], v["genant_grade"]) for v in summary["vertebrae"] if v["genant_grade"] >= 2]
     assert not severe, severe
+
+
+def test_real_ct_numbering_is_anchored_at_the_sacrum(processed):
+    """The sacrum is in view below L5 but the field is too narrow for the sacrum test: the
+    junction classifier finds L5 (which the localizer alone misses) right above it, and the
+    numbering is anchored there instead of being reported uncertain."""
+    summary, _truth, _out = processed
+    num = summary["numbering"]
+    assert num["status"] == "anchored", num["reason"]
+    assert [(a["kind"], a["anatomical_name"]) for a in num["anchors"]] == [("sacrum", "L5")]
+    assert "junction classifier" in num["reason"]
+    assert summary["vertebrae"][-1]["name"] == "L5"
