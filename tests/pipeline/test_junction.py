@@ -181,3 +181,27 @@ def test_validation_subjects_never_become_training_volumes():
 
     with pytest.raises(ValueError, match="train side"):
         real_volumes(REAL, ["sub-verse008"])
+
+
+@needs_real
+def test_the_shipped_classifier_finds_the_junction_of_a_training_ct():
+    """totalseg-example (train side, its S1 labelled): the shipped weights call its L5 the last
+    mobile vertebra, find the L5 missing from a chain that ends at L4, and fix nothing for a
+    chain that ends at L2 (two vertebrae above the sacrum)."""
+    from pipeline.junction.infer import find_junction
+    from pipeline.realdata.pack import iter_pack_cases
+    from pipeline.realdata.truth import axial_lps, truth_vertebrae
+    from pipeline.registry import read_manifest
+
+    if "junction" not in read_manifest():
+        pytest.skip("junction weights not installed")
+    case = next(iter_pack_cases(REAL, ["totalseg-example"]))
+    ct = axial_lps(case.ct)
+    truth = sorted(truth_vertebrae(case, axial_lps(case.mask)), key=lambda v: -v["centroid_mm"][2])
+    cents = [v["centroid_mm"] for v in truth]
+    assert [v["name"] for v in truth][-1] == "L5"
+    assert find_junction(ct, cents, 34.0).state == "last"
+    below = find_junction(ct, cents[:-1], 34.0)
+    assert below.state == "below"
+    assert np.linalg.norm(np.array(below.below_mm) - np.array(cents[-1])) < 15.0
+    assert find_junction(ct, cents[:-3], 34.0).state == "none"
