@@ -132,6 +132,10 @@ def analyse(series, device: str = "auto", models: dict[str, Any] | None = None,
                             centroid_mm=tuple(float(c) for c in v.centroid_mm),
                             keypoints_mm=kp, heights_mm=heights_from_keypoints(kp), mask_heights_mm=mh)
         f.partial = bool(getattr(v, "partial", False)) or _cut_by_fov(sv, z_lo, z_hi)
+        if getattr(v, "found_by", "localizer") == "junction":
+            f.notes.append(f"missed by the localizer; placed one chain step below the vertebra "
+                           f"above by the junction classifier (probability {v.score:.2f} that "
+                           f"it is the last mobile vertebra above the sacrum)")
         if sv.voxels == 0:
             f.notes.append("the segmentation found no voxels of this vertebra")
         findings.append((f, sv))

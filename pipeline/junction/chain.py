@@ -14,11 +14,11 @@ from pipeline.numbering import sequence
 
 
 def with_missed_last(found: Sequence, junction: Junction) -> list:
-    """``found`` (dataclasses with ``label``, ``name``, ``centroid_mm``, ``score``, ``partial``,
-    cranial to caudal) with the vertebra below added when ``junction.state == "below"``. The
-    new one takes the next standard name; where the chain already ends at L5, every name moves
-    up one level instead (the sacrum decides the names anyway). Chains with a variant name
-    (T13, L6) or that would run above C1 come back unchanged."""
+    """``found`` (:class:`pipeline.localization.infer.LocalizedVertebra`, cranial to caudal)
+    with the vertebra below added (``found_by="junction"``) when ``junction.state ==
+    "below"``. The new one takes the next standard name; where the chain already ends at L5,
+    every name moves up one level instead (the sacrum decides the names anyway). Chains with a
+    variant name (T13, L6) or that would run above C1 come back unchanged."""
     found = list(found)
     if junction.state != "below" or not found or junction.below_mm is None:
         return found
@@ -34,6 +34,6 @@ def with_missed_last(found: Sequence, junction: Junction) -> list:
     else:
         return found
     added = replace(found[-1], centroid_mm=tuple(junction.below_mm), score=junction.p_below,
-                    partial=False)
+                    partial=False, found_by="junction")
     chain = found + [added]
     return [replace(v, label=BY_NAME[n].label, name=n) for v, n in zip(chain, new_names)]

@@ -55,6 +55,9 @@ class LocalizedVertebra:
         score: peak height of the heatmap in units of the target peak (about 1 when confident).
         partial: the vertebra seems cut by the field of view (its centroid lies within half a
             vertebra of the first or last slice).
+        found_by: ``"localizer"``, or ``"junction"`` for the vertebra right above the sacrum
+            that the junction classifier added (:mod:`pipeline.junction.chain`; ``score`` is
+            then its probability).
     """
 
     label: int
@@ -62,6 +65,7 @@ class LocalizedVertebra:
     centroid_mm: tuple[float, float, float]
     score: float
     partial: bool = False
+    found_by: str = "localizer"
 
 
 def _starts(size: int, patch: int, overlap: float) -> list[int]:

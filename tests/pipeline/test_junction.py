@@ -95,6 +95,7 @@ def test_a_missed_last_vertebra_joins_the_chain_with_the_next_name():
     assert [v.name for v in chain] == ["L2", "L3", "L4", "L5"]
     assert [v.label for v in chain] == [BY_NAME[n].label for n in ("L2", "L3", "L4", "L5")]
     assert chain[-1].centroid_mm == (0.0, 0.0, -999.0) and chain[-1].score == 0.9
+    assert [v.found_by for v in chain] == ["localizer"] * 3 + ["junction"]
 
 
 def test_a_chain_ending_at_l5_moves_up_one_level_to_make_room():

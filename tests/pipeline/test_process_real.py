@@ -90,3 +90,4 @@ def test_real_ct_numbering_is_anchored_at_the_sacrum(processed):
     assert [(a["kind"], a["anatomical_name"]) for a in num["anchors"]] == [("sacrum", "L5")]
     assert "junction classifier" in num["reason"]
     assert summary["vertebrae"][-1]["name"] == "L5"
+    assert any("junction classifier" in n for n in summary["vertebrae"][-1]["notes"])
