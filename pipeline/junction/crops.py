@@ -35,6 +35,6 @@ def crop(hu: np.ndarray, point_zyx: np.ndarray, spacing_mm: float = SPACING_MM,
     if rotation is not None:
         grid = np.asarray(rotation, float) @ grid
     grid += point[:, None]
-    out = ndimage.map_coordinates(np.asarray(hu, np.float32), grid, order=1,
-                                  mode="constant", cval=AIR_HU)
+    out = ndimage.map_coordinates(hu, grid, output=np.float32, order=1, mode="constant",
+                                  cval=AIR_HU)   # int16 volumes are read as they are, not copied
     return normalise(out.reshape(CROP, CROP, CROP))

@@ -94,7 +94,7 @@ def find_junction(image: sitk.Image, cents_mm: Sequence[Sequence[float]], fallba
         model = load_model("junction", "cpu")
     threshold = float(model.meta["threshold"])
     img = hu_grid(image)
-    hu = sitk.GetArrayFromImage(img).astype(np.float32)
+    hu = sitk.GetArrayViewFromImage(img)
 
     def index(p) -> np.ndarray:
         x, y, z = img.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in p))

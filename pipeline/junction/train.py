@@ -34,14 +34,12 @@ from pipeline.junction.volumes import JunctionVolume, Query, cached_volumes, que
 
 
 def _seeds(spec: str) -> list[int]:
+    from pipeline.evaluate import parse_seeds
     from pipeline.seeds import refuse_evaluation_seeds
 
-    out: list[int] = []
-    for part in filter(None, spec.split(",")):
-        a, _, b = part.partition("-")
-        out += list(range(int(a), int(b or a) + 1))
-    refuse_evaluation_seeds(out)
-    return out
+    seeds = parse_seeds(spec)
+    refuse_evaluation_seeds(seeds)
+    return seeds
 
 
 #: Largest sagittal turn of a training crop (degrees); coronal turns reach half of it.
@@ -195,7 +193,7 @@ def install(best: Path, weights_dir: Path | None = None) -> Path:
     """Install a ``best.pt`` as the shipped ``junction`` weights (registry + manifest; into
     ``weights_dir`` instead of the package's where given)."""
     from pipeline.junction.crops import BELOW_MM
-    from pipeline.junction.volumes import SPACING_MM
+    from pipeline.junction.grid import SPACING_MM
     from pipeline.registry import WEIGHTS_DIR, install_weights, weights_payload
 
     ck = torch.load(best, map_location="cpu", weights_only=False)
@@ -212,9 +210,7 @@ def install(best: Path, weights_dir: Path | None = None) -> Path:
 def _trials(vol: JunctionVolume) -> list[tuple[np.ndarray, np.ndarray, JunctionState]]:
     """The situations a volume offers at its true centroids: the whole chain (the truth is
     "last" where S1 is in view) and the chain without its lowest vertebra ("below")."""
-    rows = [k for k in range(len(vol.centers)) if not np.isnan(vol.centers[k, 0])]
-    order = sorted(rows, key=lambda k: -vol.centers[k, 0])
-    cents = [vol.centers[k] for k in order]
+    cents = [vol.centers[k] for k in vol.chain()]
     s1 = not np.isnan(vol.s1[0])
     out = []
     if len(cents) >= 2:
@@ -232,7 +228,7 @@ def choose_threshold(model: torch.nn.Module, volumes: Sequence[JunctionVolume],
     rows = []
     for vol in volumes:
         for lowest, step, truth in _trials(vol):
-            p = scores(model, vol.hu.astype(np.float32), [lowest, lowest + step], vol.spacing_mm)
+            p = scores(model, vol.hu, [lowest, lowest + step], vol.spacing_mm)
             rows.append((float(p[0]), float(p[1]), truth))
     best, best_key, report = grid[-1], None, {}
     for t in grid:

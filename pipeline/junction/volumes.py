@@ -57,10 +57,15 @@ class JunctionVolume:
         z = np.load(path)
         return cls(str(z["name"]), z["hu"], z["centers"], z["s1"], float(z["spacing_mm"]))
 
+    def chain(self) -> list[int]:
+        """Rows of the vertebrae present, cranial to caudal."""
+        rows = [k for k in range(len(self.centers)) if not np.isnan(self.centers[k, 0])]
+        return sorted(rows, key=lambda k: -self.centers[k, 0])
+
     def last_mobile(self) -> int | None:
         """Row of the lowest vertebra present (the last mobile one when S1 is in view)."""
-        rows = [k for k in range(len(LEVELS)) if not np.isnan(self.centers[k, 0])]
-        return max(rows, key=lambda k: LEVELS[k].order) if rows else None
+        order = self.chain()
+        return order[-1] if order else None
 
 
 def make_volume(name: str, ct: sitk.Image, centroids_mm: dict[int, tuple[float, float, float]],
@@ -220,10 +225,9 @@ class Query:
 def queries(vol: JunctionVolume) -> list[Query]:
     """Every query point of ``vol``: each vertebra's centroid, S1 and the point a step below
     the last vertebra (the bone or emptiness a missed vertebra would leave)."""
-    rows = [k for k in range(len(vol.centers)) if not np.isnan(vol.centers[k, 0])]
-    if not rows:
+    order = vol.chain()
+    if not order:
         return []
-    order = sorted(rows, key=lambda k: -vol.centers[k, 0])        # cranial to caudal
     last = order[-1]
     has_s1 = not np.isnan(vol.s1[0])
     out = []
