@@ -19,7 +19,9 @@ on MRI", AJR 2006):
   (or C2 where C1 was not found).
 
 Every anchor is measured in physical LPS millimetres on small LPS-aligned resamplings of the CT,
-so the series may have any orientation. An anchor that is itself ambiguous (a rib on one side
+so the series may have any orientation. What a test looks for (a rib, the sacrum's width, the
+skull base's span) counts wherever the field of view shows it; only its absence needs the test's
+whole region in view. An anchor that is itself ambiguous (a rib on one side
 only, a field of view too narrow or too short to see it, a count of lumbar vertebrae other than
 5 or 6) makes the numbering ``"uncertain"`` and shifts nothing (the decision and the renaming:
 :mod:`pipeline.numbering`, whose types this module re-exports). The thresholds were chosen on the
@@ -203,9 +205,9 @@ def sacrum_below(image: sitk.Image, lowest: Sequence[float], above: Sequence[flo
         x = _axis(sl.shape[1], lo[0]) - centre[0]
         y = _axis(sl.shape[0], lo[1]) - centre[1]
         wide = np.abs(x) <= SACRUM_HALF_WIDTH_MM + 4.0
-        if (sl[:, wide] > OUTSIDE / 2).mean() < VISIBLE_FRACTION:
-            continue
-        seen += 1
+        # a slice counts towards "none" only where its whole width is in view; bone that
+        # reaches both sides is a hit wherever the field shows it
+        seen += int((sl[:, wide] > OUTSIDE / 2).mean() >= VISIBLE_FRACTION)
         labels, _ = ndimage.label(sl > SACRUM_HU, structure=np.ones((3, 3)))
         core = (np.abs(x)[None, :] <= 12.0) & (np.abs(y)[:, None] <= 30.0)
         ids = np.setdiff1d(np.unique(labels[core]), [0])
@@ -233,9 +235,8 @@ def skull_above(image: sitk.Image, highest: Sequence[float]) -> tuple[str, float
     hi = (c[0] + half, c[1] + SKULL_Y_MM[1], c[2] + SKULL_SEARCH_MM)
     hu = _box(image, lo, hi)
     x = _axis(hu.shape[2], lo[0]) - c[0]
-    inside = (hu > OUTSIDE / 2).mean(axis=(1, 2))
-    if inside.mean() < VISIBLE_FRACTION:
-        return "not visible", None
+    # Bone that spans the skull base's width is evidence wherever the field shows it; only its
+    # absence needs the whole box in view (as the rib test's "rib" against "none").
     for k in range(hu.shape[0]):
         cols = (hu[k] > SKULL_HU).any(axis=0)
         if not cols.any():
@@ -244,6 +245,8 @@ def skull_above(image: sitk.Image, highest: Sequence[float]) -> tuple[str, float
         if xs.max() - xs.min() >= SKULL_SPAN_MM and xs.min() <= -SKULL_SIDE_MM \
                 and xs.max() >= SKULL_SIDE_MM:
             return "skull", float(k * GRID_MM)
+    if (hu > OUTSIDE / 2).mean() < VISIBLE_FRACTION:
+        return "not visible", None
     return "none", None
 
 

@@ -188,6 +188,68 @@ def test_the_skull_base_right_above_names_the_highest_vertebra():
     assert num.status == "anchored" and num.names == ("C2", "C3", "C4") and num.shift == -1
 
 
+def neck_volume(half_width_mm: float, skull: bool):
+    """A synthetic CT (LPS, 2 mm) of C1-C4 (16 mm apart, C1 at z = 0) in a field of view
+    ``half_width_mm`` to each side, with (``skull``) an occipital plate 10 mm above C1 behind the
+    canal, wider than the field; their centroids."""
+    origin = (-half_width_mm, -60.0, -80.0)
+    size = (int(2 * half_width_mm / SPACING_MM) + 1, 81, 81)
+    arr = np.full(size[::-1], 40.0, np.float32)
+    cents = []
+    for i in range(4):
+        cz = -16.0 * i
+        cents.append((0.0, 0.0, cz))
+        _box(arr, origin, (-12, -10, cz - 6), (12, 8, cz + 6), 300.0)       # body
+        _box(arr, origin, (-25, 8, cz - 4), (25, 30, cz + 4), 300.0)        # arch
+    if skull:
+        _box(arr, origin, (-200, 10, 10), (200, 70, 18), 700.0)
+    img = sitk.GetImageFromArray(arr)
+    img.SetOrigin(origin)
+    img.SetSpacing((SPACING_MM,) * 3)
+    return img, cents
+
+
+@pytest.mark.parametrize("half_width_mm", [70.0, 120.0])
+def test_a_skull_base_in_view_anchors_even_where_the_field_is_narrower_than_the_test(half_width_mm):
+    """Bone spanning the skull base's width is evidence wherever the field shows it; only its
+    absence needs the whole search box in view (the box reaches 85 mm to each side)."""
+    from pipeline.anchors import skull_above
+
+    img, cents = neck_volume(half_width_mm, skull=True)
+    state, gap = skull_above(img, cents[0])
+    assert state == "skull" and 8.0 <= gap <= 12.0
+    names = ["C3", "C4", "C5", "C6"]                            # two levels low
+    num = find_numbering(img, [Detected(BY_NAME[n].label, c) for n, c in zip(names, cents)])
+    assert num.status == "anchored" and num.names == ("C1", "C2", "C3", "C4")
+
+
+def test_no_skull_base_is_none_in_a_wide_field_and_not_visible_in_a_narrow_one():
+    from pipeline.anchors import skull_above
+
+    assert skull_above(*(lambda v: (v[0], v[1][0]))(neck_volume(120.0, skull=False)))[0] == "none"
+    assert skull_above(*(lambda v: (v[0], v[1][0]))(neck_volume(70.0, skull=False)))[0] == \
+        "not visible"
+
+
+def test_a_sacrum_seen_in_a_field_cut_in_front_of_the_spine_still_counts():
+    """The slices below the lowest vertebra lack their anterior quarter (the field of view ends
+    at the vertebral bodies' centre): the sacrum's width is still seen, and it anchors."""
+    from pipeline.anchors import sacrum_below
+
+    names = ["L1", "L2", "L3", "L4", "L5"]
+    img, cents = spine_volume(names)
+    front = int(round((0.0 - img.GetOrigin()[1]) / SPACING_MM))            # y >= 0 only
+    cut = sitk.RegionOfInterest(img, [img.GetSize()[0], img.GetSize()[1] - front, img.GetSize()[2]],
+                                [0, front, 0])
+    state, _ = sacrum_below(cut, cents[-1], cents[-2], STEP_MM)
+    assert state == "sacrum"
+    num = find_numbering(cut, detected(names, cents, -1))
+    assert num.status == "anchored" and num.names == tuple(names)
+    no_sacrum, _ = spine_volume(names, sacrum=False)
+    cut_none = sitk.RegionOfInterest(no_sacrum, cut.GetSize(), [0, front, 0])
+    assert sacrum_below(cut_none, cents[-1], cents[-2], STEP_MM)[0] == "not visible"
+
+
 def test_the_pipeline_renames_the_localizers_chain_but_keeps_supplied_labels(thoracolumbar):
     from pipeline.localization.infer import LocalizedVertebra
     from pipeline.run import _anchor_levels
