@@ -5,9 +5,12 @@ U-Net; its foreground probability (normal + fractured), refined at 1 mm where th
 a refiner (:mod:`pipeline.segmentation.refine`), is resampled linearly back onto the source grid,
 where every voxel goes to the vertebra whose crop gives it the highest probability, if that
 is above 0.5 ("overlaps between neighbouring crops": each crop only ever labels the vertebra in
-its centre, so the neighbour's crop is the one that claims a neighbour's voxel). Each vertebra
-then keeps its largest 6-connected component. The fractured flag of a vertebra is the share of its
-foreground probability that the network gives to the fractured class.
+its centre, so the neighbour's crop is the one that claims a neighbour's voxel). Where two crops
+both claim a voxel, each probability is weighed by the voxel's distance from that crop's centroid
+(:data:`CONTESTED_SIGMA_MM`): on real cervical CT a crop often claims the body below its own as
+well, with as high a probability. Each vertebra then keeps its largest 6-connected component.
+The fractured flag of a vertebra is the share of its foreground probability that the network
+gives to the fractured class.
 """
 from __future__ import annotations
 
@@ -85,6 +88,30 @@ def predict_crops(model: torch.nn.Module, crops: np.ndarray, device: str | torch
                            fixed_shape=on_gpu)
 
 
+#: Width (mm) of the Gaussian distance weight that decides a voxel two crops claim (> 0.5 each):
+#: ``p * exp(-d^2 / (2 sigma^2))``, ``d`` the voxel's distance from the crop's centroid. A voxel
+#: only one crop claims keeps it whatever the weight. Chosen on CT synthesised from the train
+#: side's masks (bench/segmentation_synth.py) and checked on phantom validation seeds (MODEL_CARD).
+CONTESTED_SIGMA_MM = 25.0
+
+
+def distance_weight(grid: sitk.Image, centroid_mm: Sequence[float],
+                    sigma_mm: float = CONTESTED_SIGMA_MM) -> np.ndarray:
+    """``exp(-d^2 / (2 sigma^2))`` on ``grid`` (``[z, y, x]``, float32), ``d`` the distance (mm)
+    of each voxel centre from ``centroid_mm`` (LPS), for any direction of the grid."""
+    size = grid.GetSize()
+    d = np.array(grid.GetDirection(), dtype=float).reshape(3, 3) * np.array(grid.GetSpacing())
+    off = np.array(grid.GetOrigin(), dtype=float) - np.asarray(centroid_mm, dtype=float)
+    axes = [np.arange(n, dtype=np.float32) for n in size]                 # x, y, z indices
+    d2 = np.zeros(size[::-1], np.float32)
+    for j in range(3):                                                   # physical axis j
+        comp = (np.float32(off[j]) + np.float32(d[j, 0]) * axes[0][None, None, :]
+                + np.float32(d[j, 1]) * axes[1][None, :, None]
+                + np.float32(d[j, 2]) * axes[2][:, None, None])
+        d2 += comp * comp
+    return np.exp(d2 * np.float32(-0.5 / sigma_mm ** 2))
+
+
 def _sub_grid(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> sitk.Image:
     ref = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
     ref.SetSpacing(image.GetSpacing())
@@ -95,8 +122,12 @@ def _sub_grid(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> sitk.Image:
 
 def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
             model: torch.nn.Module, device: str | torch.device = "cpu",
-            size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM) -> SegmentationResult:
-    """Segment every vertebra of ``centroids`` (``(label, centroid_mm)``) in ``image`` (HU)."""
+            size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM,
+            contested_sigma_mm: float | None = CONTESTED_SIGMA_MM) -> SegmentationResult:
+    """Segment every vertebra of ``centroids`` (``(label, centroid_mm)``) in ``image`` (HU).
+
+    ``contested_sigma_mm``: the distance weight of a voxel two crops claim
+    (:data:`CONTESTED_SIGMA_MM`); ``None`` lets the higher probability alone decide."""
     refs = [reference_grid(c, size, spacing_mm) for _, c in centroids]
     # (not on host threads: each crop's RegionOfInterest sets the shared CT's requested region;
     # see pipeline.host_threads)
@@ -128,25 +159,30 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
         best = np.zeros(shape, np.float32)
         owner = np.zeros(shape, np.uint8)
 
-        def on_source(k: int) -> np.ndarray | None:
+        def on_source(k: int) -> tuple[np.ndarray, np.ndarray] | None:
             if boxes[k] is None:
                 return None
             sub = _sub_grid(image, *boxes[k])
-            return sitk.GetArrayFromImage(sitk.Resample(fines[k], sub, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                        sitk.sitkFloat32))
+            p = sitk.GetArrayFromImage(sitk.Resample(fines[k], sub, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                     sitk.sitkFloat32))
+            if contested_sigma_mm is None:
+                return p, p
+            return p, p * distance_weight(sub, centroids[k][1], contested_sigma_mm)
 
         # Next to a GPU all resampled at once on the host threads (every vertebra's map on its
         # source box held together); on the CPU one at a time.
         from pipeline.host_threads import host_iter
 
-        for k, p in enumerate(host_iter(on_source, range(len(fines)), device)):
-            if p is None:
+        for k, pw in enumerate(host_iter(on_source, range(len(fines)), device)):
+            if pw is None:
                 continue
+            p, weighed = pw
             lo, hi = boxes[k]
             a, b = lo - roi_lo, hi - roi_lo
             sl = (slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0]))
-            win = (p > best[sl]) & (p > 0.5)
-            best[sl][win] = p[win]
+            # claimed (> 0.5); against an earlier claim the distance-weighed probability decides
+            win = (p > 0.5) & ((owner[sl] == 0) | (weighed > best[sl]))
+            best[sl][win] = weighed[win]
             owner[sl][win] = k + 1
         owner = _largest_components(owner)
         labels_lut = np.zeros(256, np.uint8)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -77,6 +78,39 @@ def test_overlapping_crops_give_each_voxel_to_the_most_confident_one():
     arr = sitk.GetArrayFromImage(res.label_map)
     assert arr[10, 20, 20] == 20 and arr[29, 20, 20] == 21
     assert arr[19, 20, 20] == 20 and arr[21, 20, 20] == 21   # the boundary falls halfway
+
+
+def test_a_voxel_both_crops_claim_as_surely_goes_to_the_nearer_centroid():
+    """A crop that claims its neighbour's body as surely as its own (real cervical CT): the
+    distance weight gives the shared voxels to the nearer centroid; without it the first crop
+    keeps all it claimed."""
+    class Everything(torch.nn.Module):
+        """A fake network: foreground (0.9) over the whole crop."""
+        def forward(self, x):
+            fg = torch.full_like(x, 0.9)
+            return torch.log(torch.cat([1 - fg, fg, torch.full_like(fg, 1e-4)], 1))
+    img = sitk.Image([40, 40, 40], sitk.sitkFloat32)
+    cents = [(20, (19.5, 19.5, 14.0)), (21, (19.5, 19.5, 26.0))]
+    near = sitk.GetArrayFromImage(segment(img, cents, Everything(), size=16, spacing_mm=2.0).label_map)
+    assert near[17, 20, 20] == 20 and near[23, 20, 20] == 21 and near[10, 20, 20] == 20
+    assert near[19, 20, 20] == 20 and near[21, 20, 20] == 21   # the boundary falls halfway
+    first = sitk.GetArrayFromImage(segment(img, cents, Everything(), size=16, spacing_mm=2.0,
+                                           contested_sigma_mm=None).label_map)
+    assert first[23, 20, 20] == 20 and first[30, 20, 20] == 21
+
+
+def test_the_distance_weight_is_physical_whatever_the_grid_direction():
+    from pipeline.segmentation.infer import distance_weight
+
+    grid = sitk.Image([5, 6, 7], sitk.sitkUInt8)
+    grid.SetSpacing((1.0, 2.0, 3.0))
+    grid.SetOrigin((10.0, -4.0, 7.0))
+    grid.SetDirection((0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0))    # a sagittal series
+    c = (12.0, -1.0, 9.5)
+    w = distance_weight(grid, c, sigma_mm=10.0)
+    for idx in [(0, 0, 0), (4, 5, 6), (2, 3, 1)]:
+        d2 = float(np.sum((np.array(grid.TransformIndexToPhysicalPoint(idx)) - c) ** 2))
+        assert w[idx[2], idx[1], idx[0]] == pytest.approx(np.exp(-d2 / 200.0), rel=1e-5)
 
 
 def test_the_refiners_box_covers_the_vertebra_not_a_faint_response_elsewhere_in_the_crop():
