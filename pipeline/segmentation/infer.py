@@ -159,24 +159,24 @@ def segment(image: sitk.Image, centroids: Sequence[tuple[int, Sequence[float]]],
         best = np.zeros(shape, np.float32)
         owner = np.zeros(shape, np.uint8)
 
-        def on_source(k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        def on_source(k: int) -> tuple[np.ndarray, sitk.Image] | None:
             if boxes[k] is None:
                 return None
             sub = _sub_grid(image, *boxes[k])
-            p = sitk.GetArrayFromImage(sitk.Resample(fines[k], sub, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                     sitk.sitkFloat32))
-            if contested_sigma_mm is None:
-                return p, p
-            return p, p * distance_weight(sub, centroids[k][1], contested_sigma_mm)
+            return sitk.GetArrayFromImage(sitk.Resample(fines[k], sub, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                        sitk.sitkFloat32)), sub
 
         # Next to a GPU all resampled at once on the host threads (every vertebra's map on its
         # source box held together); on the CPU one at a time.
         from pipeline.host_threads import host_iter
 
-        for k, pw in enumerate(host_iter(on_source, range(len(fines)), device)):
-            if pw is None:
+        for k, ps in enumerate(host_iter(on_source, range(len(fines)), device)):
+            if ps is None:
                 continue
-            p, weighed = pw
+            p, sub = ps
+            # (weighed here, one map at a time, also where the maps were resampled all at once)
+            weighed = p if contested_sigma_mm is None else \
+                p * distance_weight(sub, centroids[k][1], contested_sigma_mm)
             lo, hi = boxes[k]
             a, b = lo - roi_lo, hi - roi_lo
             sl = (slice(a[2], b[2]), slice(a[1], b[1]), slice(a[0], b[0]))
