@@ -24,15 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import SimpleITK as sitk
     import torch
 
     from pipeline.realdata.evaluation import _Centroid, _Series
     from pipeline.run import analyse
-    from pipeline.synthesis.extend import truncated_labels
-    from pipeline.synthesis.generate import SynthOptions, synthesize
-    from pipeline.synthesis.geometry import on_grid_of
-    from pipeline.synthesis.seg_source import find_masks, training_subjects
+    from pipeline.synthesis.held_out import held_out_volumes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "real-spine")
@@ -42,34 +38,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    if a.seed == 0:
-        ap.error("seed 0 synthesises the training crops; choose another")
     torch.set_num_threads(a.threads)
-    train = training_subjects()
-    subjects = a.subjects.split(",") if a.subjects else train
-    outside = sorted(set(subjects) - set(train))
-    if outside:
-        ap.error(f"not on the train side of the split: {', '.join(outside)}")
+    try:
+        volumes = held_out_volumes(a.data, a.subjects.split(",") if a.subjects else None, a.seed,
+                                   a.reps)
+    except ValueError as e:
+        ap.error(str(e))
     truth, called = [], []
-    for mi, mask in enumerate(find_masks(a.data, subjects)):
-        labels0 = sitk.ReadImage(str(mask.labels))
-        sub = sitk.ReadImage(str(mask.subregions)) if mask.subregions is not None else None
-        if sub is not None:
-            sub = on_grid_of(sub, labels0)
-        cut_in_source = set(truncated_labels(labels0))
-        for r in range(a.reps):
-            rng = np.random.default_rng([a.seed, mi, r])
-            case = synthesize(labels0, rng, sub, SynthOptions(), mask.grades)
-            cut = set(truncated_labels(case.labels)) | cut_in_source
-            cents = [_Centroid(k, tuple(c), k in cut)
-                     for k, c in sorted(case.centroids_mm.items(), key=lambda t: -t[1][2])]
-            result = analyse(_Series(case.ct, "synth", "synth"), "cpu", centroids=cents)
-            for f in result.vertebrae:
-                k = int(f.label)
-                if k in cut or k in case.uncertain or not f.assessed:
-                    continue
-                truth.append(case.fractures.get(k, (0, "normal"))[0])
-                called.append(int(f.genant_grade))
+    for case, cut, _rng in volumes:
+        cents = [_Centroid(k, tuple(c), k in cut)
+                 for k, c in sorted(case.centroids_mm.items(), key=lambda t: -t[1][2])]
+        result = analyse(_Series(case.ct, "synth", "synth"), "cpu", centroids=cents)
+        for f in result.vertebrae:
+            k = int(f.label)
+            if k in cut or k in case.uncertain or not f.assessed:
+                continue
+            truth.append(case.fractures.get(k, (0, "normal"))[0])
+            called.append(int(f.genant_grade))
     t, p = np.array(truth), np.array(called)
 
     def share(sel: np.ndarray, ok: np.ndarray) -> dict:

@@ -33,10 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.levels import BY_LABEL
     from pipeline.registry import load_model
     from pipeline.segmentation.infer import segment
-    from pipeline.synthesis.extend import truncated_labels
-    from pipeline.synthesis.generate import SynthOptions, synthesize
-    from pipeline.synthesis.geometry import on_grid_of
-    from pipeline.synthesis.seg_source import find_masks, training_subjects
+    from pipeline.synthesis.held_out import held_out_volumes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "real-spine")
@@ -52,44 +49,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    if a.seed == 0:
-        ap.error("seed 0 synthesises the training crops; choose another")
     torch.set_num_threads(a.threads)
-    train = training_subjects()
-    subjects = a.subjects.split(",") if a.subjects else train
-    outside = sorted(set(subjects) - set(train))
-    if outside:
-        ap.error(f"not on the train side of the split: {', '.join(outside)}")
-    masks = find_masks(a.data, subjects)
     model = load_model("segmentation", "cpu")
     sigmas = [float(v) for v in a.sigma.split(",")]
     scores: dict[float, dict[str, list[float]]] = {s: {} for s in sigmas}
-    for mi, mask in enumerate(masks):
-        labels0 = sitk.ReadImage(str(mask.labels))
-        sub = sitk.ReadImage(str(mask.subregions)) if mask.subregions is not None else None
-        if sub is not None:
-            sub = on_grid_of(sub, labels0)
-        cut_in_source = set(truncated_labels(labels0))
-        for r in range(a.reps):
-            rng = np.random.default_rng([a.seed, mi, r])
-            case = synthesize(labels0, rng, sub, SynthOptions(), mask.grades)
-            cut = set(truncated_labels(case.labels)) | cut_in_source
-            cents = sorted(case.centroids_mm.items(), key=lambda t: -t[1][2])
-            if a.offset_mm:
-                cents = [(k, (c[0], c[1], c[2] + a.offset_mm)) for k, c in cents]
-            if a.jitter_mm > 0:
-                cents = [(k, tuple(np.asarray(c) + rng.normal(0.0, a.jitter_mm, 3))) for k, c in cents]
-            truth = sitk.GetArrayFromImage(case.labels)
-            for s in sigmas:
-                res = segment(case.ct, cents, model, "cpu", contested_sigma_mm=s or None)
-                pred = sitk.GetArrayFromImage(sitk.Resample(res.label_map, case.labels, sitk.Transform(),
-                                                            sitk.sitkNearestNeighbor, 0))
-                for k, _ in cents:
-                    if k in cut:
-                        continue
-                    p, t = pred == k, truth == k
-                    dice = 2.0 * float((p & t).sum()) / max(float(p.sum() + t.sum()), 1.0)
-                    scores[s].setdefault(BY_LABEL[k].region, []).append(dice)
+    try:
+        volumes = held_out_volumes(a.data, a.subjects.split(",") if a.subjects else None, a.seed,
+                                   a.reps)
+    except ValueError as e:
+        ap.error(str(e))
+    for case, cut, rng in volumes:
+        cents = sorted(case.centroids_mm.items(), key=lambda t: -t[1][2])
+        if a.offset_mm:
+            cents = [(k, (c[0], c[1], c[2] + a.offset_mm)) for k, c in cents]
+        if a.jitter_mm > 0:
+            cents = [(k, tuple(np.asarray(c) + rng.normal(0.0, a.jitter_mm, 3))) for k, c in cents]
+        truth = sitk.GetArrayFromImage(case.labels)
+        for s in sigmas:
+            res = segment(case.ct, cents, model, "cpu", contested_sigma_mm=s or None)
+            pred = sitk.GetArrayFromImage(sitk.Resample(res.label_map, case.labels, sitk.Transform(),
+                                                        sitk.sitkNearestNeighbor, 0))
+            for k, _ in cents:
+                if k in cut:
+                    continue
+                p, t = pred == k, truth == k
+                dice = 2.0 * float((p & t).sum()) / max(float(p.sum() + t.sum()), 1.0)
+                scores[s].setdefault(BY_LABEL[k].region, []).append(dice)
     report = {}
     for s in sigmas:
         every = [d for v in scores[s].values() for d in v]

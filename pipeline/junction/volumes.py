@@ -107,13 +107,9 @@ def synth_volume(mask, rng: np.random.Generator, name: str, options=None,
     from dataclasses import replace
 
     from pipeline.synthesis.generate import SynthOptions, render_case, synthesize_labels
-    from pipeline.synthesis.geometry import on_grid_of
     from pipeline.synthesis.scene import LAST_LUMBAR
 
-    labels = sitk.ReadImage(str(mask.labels))
-    sub = sitk.ReadImage(str(mask.subregions)) if mask.subregions is not None else None
-    if sub is not None:
-        sub = on_grid_of(sub, labels)
+    labels, sub = mask.read()
     base = options or SynthOptions()
     options = replace(base, pose=replace(base.pose, spacing_mm=2.0))
     present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())

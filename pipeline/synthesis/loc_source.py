@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import SimpleITK as sitk
 
 from pipeline.synthesis.generate import SynthOptions, synthesize
-from pipeline.synthesis.geometry import on_grid_of
 from pipeline.synthesis.seg_source import RealMask, find_masks, training_subjects
 
 #: Spacing of the synthesised volumes (mm).
@@ -30,10 +28,7 @@ def synth_case(mask: RealMask, rng: np.random.Generator, spacing_mm: float, name
     from pipeline.localization.dataset import make_case
     from pipeline.synthesis.extend import truncated_labels
 
-    labels = sitk.ReadImage(str(mask.labels))
-    sub = sitk.ReadImage(str(mask.subregions)) if mask.subregions is not None else None
-    if sub is not None:
-        sub = on_grid_of(sub, labels)
+    labels, sub = mask.read()
     base = SynthOptions()
     options = replace(base, pose=replace(base.pose, spacing_mm=SYNTH_SPACING_MM))
     cut_in_source = set(truncated_labels(labels))

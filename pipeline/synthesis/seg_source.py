@@ -84,6 +84,13 @@ class RealMask:
     subject: str
     grades: dict[int, int] = field(default_factory=dict)
 
+    def read(self) -> tuple[sitk.Image, sitk.Image | None]:
+        """The label map and its subregion mask (``None`` where there is none), the latter on
+        the label map's grid."""
+        labels = sitk.ReadImage(str(self.labels))
+        sub = sitk.ReadImage(str(self.subregions)) if self.subregions is not None else None
+        return labels, (on_grid_of(sub, labels) if sub is not None else None)
+
 
 def training_subjects(split_json: Path = SPLIT_JSON) -> list[str]:
     """The ``train`` subjects of the real-data split."""
@@ -205,10 +212,7 @@ def posed_case(mask: RealMask, rng: np.random.Generator, options: SynthOptions, 
     target."""
     from pipeline.synthesis.extend import truncated_labels
 
-    labels = sitk.ReadImage(str(mask.labels))
-    sub = sitk.ReadImage(str(mask.subregions)) if mask.subregions is not None else None
-    if sub is not None:
-        sub = on_grid_of(sub, labels)
+    labels, sub = mask.read()
     targets = crop_targets(labels, mask.grades, rng, crops)
     if not targets:
         return None

@@ -226,9 +226,10 @@ def test_a_skull_base_in_view_anchors_even_where_the_field_is_narrower_than_the_
 def test_no_skull_base_is_none_in_a_wide_field_and_not_visible_in_a_narrow_one():
     from pipeline.anchors import skull_above
 
-    assert skull_above(*(lambda v: (v[0], v[1][0]))(neck_volume(120.0, skull=False)))[0] == "none"
-    assert skull_above(*(lambda v: (v[0], v[1][0]))(neck_volume(70.0, skull=False)))[0] == \
-        "not visible"
+    wide, cents = neck_volume(120.0, skull=False)
+    assert skull_above(wide, cents[0])[0] == "none"
+    narrow, cents = neck_volume(70.0, skull=False)
+    assert skull_above(narrow, cents[0])[0] == "not visible"
 
 
 def test_a_sacrum_seen_in_a_field_cut_in_front_of_the_spine_still_counts():

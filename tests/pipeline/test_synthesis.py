@@ -379,3 +379,17 @@ def test_real_masks_of_the_training_split_with_their_grades():
     assert all(m.grades[20] == 1 and m.grades[21] == 0 for m in ctfu)     # L1 grade 1
     verse = [m for m in masks if m.subject == "sub-verse004"][0]
     assert verse.subregions is None and verse.grades[20] == 3 and verse.grades[16] == 2
+
+
+def test_held_out_volumes_refuse_the_training_seed_and_validation_subjects():
+    """The benches that choose settings without the validation subjects cannot be pointed at
+    them, nor at the training caches' seed; both refused before anything is synthesised."""
+    from pipeline.realdata.split import load_split
+    from pipeline.synthesis.held_out import held_out_volumes, train_side
+
+    validation = sorted(load_split().side("validation"))
+    with pytest.raises(ValueError, match="train side"):
+        held_out_volumes(Path("/nonexistent"), validation[:1], seed=2000)
+    with pytest.raises(ValueError, match="seed 0"):
+        held_out_volumes(Path("/nonexistent"), None, seed=0)
+    assert set(train_side()).isdisjoint(validation)
