@@ -37,6 +37,10 @@ def register(train_app: typer.Typer) -> None:
             help="Real vertebra masks (the real-spine pack: its train side) to synthesise CT "
                  "from (pipeline/synthesis: real anatomy, randomised appearance)."),
         synth_cases: int = o.option(C, "synth_cases", "Synthesised cases (cached).", min=1),
+        val_synth_cases: int = o.option(
+            C, "val_synth_cases", "Also validate on the planes of this many cases synthesised from "
+                                  "--synth-from with --val-synth-seed (each group counts equally).", min=0),
+        val_synth_seed: int = o.option(C, "val_synth_seed", "Seed of the synthesised validation cases."),
         install: bool = o.install_opt(),
     ) -> None:
         """Train the keypoint network: six heatmaps A1 A2 M1 M2 P1 P2 on the mid-sagittal plane."""
@@ -48,7 +52,8 @@ def register(train_app: typer.Typer) -> None:
                                threads=threads, seed=seed, use_mask=use_mask,
                                init_from=str(init_from) if init_from else None, fracture_share=fracture_share,
                                real_data=str(real_data) if real_data else None, real_repeat=real_repeat,
-                               synth_from=str(synth_from) if synth_from else None, synth_cases=synth_cases)
+                               synth_from=str(synth_from) if synth_from else None, synth_cases=synth_cases,
+                               val_synth_cases=val_synth_cases, val_synth_seed=val_synth_seed)
         o.run_training(train, install_weights, cfg, install)
 
     @train_app.command("keypoint-planes")

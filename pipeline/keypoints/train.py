@@ -5,6 +5,11 @@ with ``spatial_dims=2``, two input channels (CT, vertebra mask) and six output h
 Targets: Gaussians (sigma ``sigma_px``, peak ``amplitude``) at the six points; loss Smooth-L1 as
 for localization (section 2.2.3). Paper settings kept: clipping 2.0, weight decay 5e-4, plateau
 scheduler; Adam instead of SGD at 1e-4 for the CPU budget (docs/archive/model-card-history.md).
+
+Checkpoints are scored by the mean point error of the unjittered planes of the phantom
+validation seeds and, with ``val_synth_cases``, of planes of CT synthesised from the train side's
+masks with a seed of their own (``val_synth_seed``; each group counts equally): phantom planes
+alone reward the phantom's look, which the real anatomy does not share.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pipeline.seeds import EVALUATION_SEEDS
 from pipeline.segmentation.caches import keypoint_cache_path
 from pipeline.training import (
     Progress,
+    check_synth_validation,
     keep_best,
     make_optimizer,
     optimizer_step,
@@ -66,9 +72,39 @@ def validate(model: torch.nn.Module, val: KeypointSamples, spacing_mm: float, ba
     return {"point_error_mm": float(np.mean(errs)), "height_error_mm": float(np.mean(herrs))}
 
 
+def unjittered(samples: KeypointSamples) -> KeypointSamples:
+    """The first (unjittered) plane of each vertebra: samples come ``n_aug`` per vertebra."""
+    first = np.r_[True, samples.names[1:] != samples.names[:-1]]
+    return KeypointSamples(samples.inputs[first], samples.points[first], samples.grades[first],
+                           samples.names[first])
+
+
+def validate_groups(model: torch.nn.Module, groups: dict[str, KeypointSamples],
+                    spacing_mm: float) -> dict:
+    """:func:`validate` per group; ``point_error_mm`` and ``height_error_mm`` are the means over
+    the groups (each counts equally), ``groups`` holds each group's own figures."""
+    per = {name: validate(model, val, spacing_mm) for name, val in groups.items()}
+    return {key: float(np.mean([g[key] for g in per.values()]))
+            for key in ("point_error_mm", "height_error_mm")} | {"groups": per}
+
+
+def synth_validation_planes(cfg: KpTrainConfig, cache: Path, say) -> KeypointSamples:
+    """Unjittered planes of ``cfg.val_synth_cases`` cases synthesised from the train side's
+    masks with the seed ``cfg.val_synth_seed`` (never the training planes' seed)."""
+    from pipeline.keypoints.real_samples import cached_synth_keypoint_samples
+
+    planes = unjittered(cached_synth_keypoint_samples(Path(cfg.synth_from), cache,
+                                                      cfg.val_synth_cases, cfg.real_aug,
+                                                      cfg.val_synth_seed, say))
+    say(f"{len(planes.inputs)} synthesised validation planes (seed {cfg.val_synth_seed})")
+    return planes
+
+
 def train(cfg: KpTrainConfig, log=None) -> Path:
     from pipeline.keypoints.plane import PLANE_SPACING_MM
 
+    if cfg.val_synth_cases:              # refused before any phantom is generated
+        check_synth_validation(cfg.synth_from, cfg.seed, cfg.val_synth_seed, "planes")
     out, say = start_run(cfg, log, EVALUATION_SEEDS)
     cache = Path(cfg.cache_dir)
     # Generating a phantom writes both models' samples; reuse the segmentation cache.
@@ -79,8 +115,9 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
     tr = load_keypoint_samples([keypoint_cache_path(cache, s, cfg.phantom_spacing_mm) for s in cfg.train_seeds])
     va = load_keypoint_samples([keypoint_cache_path(cache, s, cfg.phantom_spacing_mm) for s in cfg.val_seeds])
     # Validation: only the unjittered plane of each vertebra (every n_aug-th sample, its first).
-    first = np.r_[True, va.names[1:] != va.names[:-1]]
-    va = KeypointSamples(va.inputs[first], va.points[first], va.grades[first], va.names[first])
+    groups = {"phantom": unjittered(va)}
+    if cfg.val_synth_cases:
+        groups["synth"] = synth_validation_planes(cfg, cache, say)
     if cfg.real_data:
         from pipeline.keypoints.real_samples import cached_real_keypoint_samples
 
@@ -94,7 +131,8 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
                                               cfg.real_aug, cfg.seed, say)
         say(f"{len(synth.inputs)} planes of CT synthesised from the masks of {cfg.synth_from}")
         tr = KeypointSamples.concat([tr, synth])
-    say(f"{len(tr.inputs)} training planes, {len(va.inputs)} validation planes")
+    say(f"{len(tr.inputs)} training planes, "
+        + ", ".join(f"{len(g.inputs)} {name} validation planes" for name, g in groups.items()))
     size = tr.inputs.shape[-1]
 
     model = build_keypoint_model(cfg.base, cfg.depth)
@@ -127,10 +165,12 @@ def train(cfg: KpTrainConfig, log=None) -> Path:
         last = step == cfg.steps
         timed_out = progress.timed_out()
         if validation_due(step, cfg.val_every, cfg.steps, timed_out):
-            v = validate(model, va, PLANE_SPACING_MM)
+            v = validate_groups(model, groups, PLANE_SPACING_MM)
             sched.step(v["point_error_mm"])
             say(f"val step {step}: point error {v['point_error_mm']:.3f} mm, height error "
-                f"{v['height_error_mm']:.3f} mm, lr {opt.param_groups[0]['lr']:.2e}")
+                f"{v['height_error_mm']:.3f} mm, lr {opt.param_groups[0]['lr']:.2e}"
+                + ("".join(f" | {name} {g['point_error_mm']:.3f} / {g['height_error_mm']:.3f} mm"
+                           for name, g in v["groups"].items()) if len(groups) > 1 else ""))
             best = keep_best(v["point_error_mm"], best, out / "best.pt", model, step, v, cfg)
         if step % cfg.ckpt_every == 0 or last or timed_out:
             save_last(ckpt, model, opt, sched, step, best, rng)

@@ -34,3 +34,5 @@ class KpTrainConfig:
     real_aug: int = 6                    # jittered planes per real vertebra (the first unjittered)
     synth_from: str | None = None        # real masks to synthesise CT from (pipeline.synthesis)
     synth_cases: int = 60                # synthesised cases (up to 3 vertebrae each), cached
+    val_synth_cases: int = 0             # synthesised validation cases (train-side masks)
+    val_synth_seed: int = 1000           # their seed (not ``seed``: no training plane)

@@ -124,13 +124,16 @@ def real_grades(mask: Path, subject: str, grades: dict) -> dict[int, int]:
 def find_masks(root: Path | str, subjects: Iterable[str] | None = None) -> list[RealMask]:
     """Every VerSe-labelled vertebra mask under ``root`` (``*_seg-vert_msk.nii.gz``, and
     HealthiVert's ``NNNN_msk.nii.gz``), of ``subjects`` only where given, with its subregion
-    mask and real grades. Binary masks (one label 1) are left out: they are not VerSe labels."""
+    mask and real grades. Subject folders lie in ``root`` (the real-spine pack) or in its
+    ``derivatives`` (the VerSe layout). Binary masks (one label 1) are left out: they are not
+    VerSe labels."""
     root = Path(root)
     keep = None if subjects is None else set(subjects)
     grades_path = root / "grades.json"
     grades = json.loads(grades_path.read_text()) if grades_path.exists() else {}
     out = []
-    for sub_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    bases = [root] + [root / "derivatives"] * (root / "derivatives").is_dir()
+    for sub_dir in sorted(p for base in bases for p in base.iterdir() if p.is_dir()):
         subject = sub_dir.name
         if keep is not None and subject not in keep:
             continue

@@ -67,6 +67,7 @@ def test_a_folder_without_a_body_section_is_a_clear_error(tmp_path):
 
 
 def test_train_keypoints_reads_real_data(verse_folder, tmp_path):
+    """Real planes in the draw; checkpoints scored on phantom and synthesised planes."""
     from typer.testing import CliRunner
 
     from dicom_node.cli import app
@@ -75,9 +76,14 @@ def test_train_keypoints_reads_real_data(verse_folder, tmp_path):
     r = CliRunner().invoke(app, ["train", "keypoints", "--seeds", "101", "--val-seeds", "8001",
                                  "--steps", "2", "--base", "4", "--real-data", str(verse_folder),
                                  "--real-repeat", "2", "--out", str(out),
-                                 "--cache", str(tmp_path / "cache")])
+                                 "--cache", str(tmp_path / "cache"),
+                                 "--synth-from", str(verse_folder), "--synth-cases", "1",
+                                 "--val-synth-cases", "1", "--val-synth-seed", "5"])
     assert r.exit_code == 0, r.output
     assert "18 real planes" in r.output and "each drawn 2x" in r.output
+    assert "synthesised validation planes (seed 5)" in r.output
+    val = [line for line in r.output.splitlines() if line.startswith("val step")]
+    assert val and " | phantom " in val[-1] and " | synth " in val[-1]
     assert (out / "best.pt").exists()
 
 
@@ -96,3 +102,51 @@ def test_planes_of_ct_synthesised_from_masks_carry_points_and_grades(tmp_path):
     assert (s.grades > 0).any()                      # the first level of each case fractured
     for pts in s.points[::2]:                        # unjittered planes: plausible body heights
         assert all(5.0 < h < 30.0 for h in _heights(pts))
+
+
+def test_checkpoints_are_scored_on_phantom_and_synthesised_planes_alike():
+    import torch
+
+    from pipeline.keypoints.dataset import KeypointSamples
+    from pipeline.keypoints.train import build_keypoint_model, unjittered, validate, validate_groups
+
+    rng = np.random.default_rng(0)
+
+    def planes(names):
+        n = len(names)
+        return KeypointSamples(rng.normal(size=(n, 2, 32, 32)).astype(np.float32),
+                               rng.uniform(8, 24, size=(n, 6, 2)), np.zeros(n, int), np.array(names))
+
+    s = planes(["a", "a", "a", "b", "b", "c"])
+    first = unjittered(s)
+    assert list(first.names) == ["a", "b", "c"]
+    assert np.array_equal(first.points, s.points[[0, 3, 5]])
+    torch.manual_seed(0)
+    model = build_keypoint_model(4, 2).eval()
+    groups = {"phantom": planes(["p1", "p2"]), "synth": planes(["s1", "s2", "s3"])}
+    v = validate_groups(model, groups, 0.75)
+    own = {k: validate(model, g, 0.75) for k, g in groups.items()}
+    assert v["groups"] == own
+    # each group counts equally, whatever its number of planes
+    assert v["point_error_mm"] == pytest.approx(
+        (own["phantom"]["point_error_mm"] + own["synth"]["point_error_mm"]) / 2)
+
+
+def test_train_keypoints_refuses_to_validate_on_the_training_planes_seed(tmp_path):
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    _ct, labels, _gt = box_spine(levels=("L1", "L2", "L3"))
+    (tmp_path / "sub-box").mkdir()
+    sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt8),
+                    str(tmp_path / "sub-box" / "sub-box_seg-vert_msk.nii.gz"))
+    common = ["train", "keypoints", "--seeds", "101", "--val-seeds", "8001", "--steps", "2",
+              "--base", "4", "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"),
+              "--val-synth-cases", "2"]
+    r = CliRunner().invoke(app, common + ["--synth-from", str(tmp_path), "--seed", "7",
+                                          "--val-synth-seed", "7"])
+    assert r.exit_code != 0 and "training planes' seed" in str(r.exception or r.output)
+    r = CliRunner().invoke(app, common)
+    assert r.exit_code != 0 and "--synth-from" in str(r.exception or r.output)
+    assert not (tmp_path / "cache").exists()        # refused before any phantom was generated
