@@ -1,7 +1,8 @@
 """Segmentation at true centroids on CT synthesised from the train side's real masks.
 
     python bench/segmentation_synth.py [--subjects S,...] [--seed 2000] [--reps 1]
-                                       [--sigma 0,20] [--json FILE]
+                                       [--sigma 0,20] [--segmentation PATH] [--refiner PATH|none]
+                                       [--json FILE]
 
 For every mask of the subjects (default: every mask of the split's train side) ``--reps`` volumes
 are synthesised (``pipeline.synthesis.generate.synthesize``: real anatomy posed and fractured at
@@ -13,7 +14,8 @@ would. ``--sigma``: the
 distance weight of voxels that two crops claim (``CONTESTED_SIGMA_MM``), 0 for none (the higher
 probability alone decides); each setting is scored on the same volumes. The subjects are training
 subjects: this chooses settings without the validation subjects, and does not replace the
-validation figures (``spine-node evaluate --data ... --gt-centroids``).
+validation figures (``spine-node evaluate --data ... --gt-centroids``). ``--segmentation`` and
+``--refiner`` score candidate weights instead of the installed ones (as ``spine-node evaluate``).
 """
 from __future__ import annotations
 
@@ -47,10 +49,20 @@ def main(argv: list[str] | None = None) -> dict:
                     help="move all centroids of a volume together by this much along the spine "
                          "(cranially): a localizer's systematic error")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--segmentation", type=Path, help="a 2 mm network's best.pt instead of the installed one")
+    ap.add_argument("--refiner", help="a refiner's best.pt instead of the installed one, or 'none'")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model = load_model("segmentation", "cpu")
+    if a.segmentation is None and a.refiner is None:
+        model = load_model("segmentation", "cpu")
+    else:
+        from pipeline.segmentation.train import assemble
+
+        none = a.refiner is not None and a.refiner.lower() == "none"
+        model, _meta = assemble(a.segmentation, None if none or a.refiner is None else Path(a.refiner),
+                                drop_refiner=none)
+        model.eval()
     sigmas = [float(v) for v in a.sigma.split(",")]
     scores: dict[float, dict[str, list[float]]] = {s: {} for s in sigmas}
     try:

@@ -32,8 +32,15 @@ def register(train_app: typer.Typer) -> None:
         schedule: str = o.schedule_opt(C, "as the segmentation"),
         reset_lr: bool = o.reset_lr_opt(C),
         init_from: Optional[str] = o.init_from_weights_opt("refiner"),
-        real_data: Optional[Path] = o.real_data_opt("; --prior simulated"),
+        real_data: Optional[Path] = o.real_data_opt(
+            "; with --prior coarse, the 2 mm network's prior of each real crop"),
         real_repeat: int = o.option(C, "real_repeat", min=1, help="Each real crop counts this many times."),
+        synth_from: Optional[Path] = typer.Option(
+            None, "--synth-from", exists=True, file_okay=False,
+            help="Real vertebra masks (the real-spine pack: its train side) to synthesise CT "
+                 "from (pipeline/synthesis: real anatomy, randomised appearance)."),
+        synth_cases: int = o.option(C, "synth_cases", min=1,
+                                    help="Synthesised cases (up to two 1 mm crops each; cached)."),
         device: str = o.device_opt(C),
         workers: int = o.workers_opt(C),
         out: Path = o.out_opt(C),
@@ -54,5 +61,6 @@ def register(train_app: typer.Typer) -> None:
                                prior=prior, coarse_from=str(coarse_from) if coarse_from else None, reset_lr=reset_lr,
                                init_from=str(init_from) if init_from else None, threads=threads, seed=seed,
                                device=device, workers=workers,
-                               real_data=str(real_data) if real_data else None, real_repeat=real_repeat)
+                               real_data=str(real_data) if real_data else None, real_repeat=real_repeat,
+                               synth_from=str(synth_from) if synth_from else None, synth_cases=synth_cases)
         o.run_training(train, install_weights, cfg, install)

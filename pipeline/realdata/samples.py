@@ -60,6 +60,36 @@ def real_refine_samples(cases: Iterable[RealCase], cache_dir: Path, key: str,
     return ct_all, occ_all
 
 
+def real_cascade_priors(cases: Iterable[RealCase], cache_dir: Path, key: str, coarse,
+                        log: Callable[[str], None] = lambda s: None) -> np.ndarray:
+    """The 2 mm network's priors (:func:`pipeline.segmentation.coarse_prior.priors_on_ct`) of
+    the crops of :func:`real_refine_samples` (same cases, same vertebrae, same order), cached
+    under ``cache_dir`` by ``key`` and the network's tag."""
+    from pipeline.segmentation.coarse_prior import network_tag, priors_on_ct
+    from pipeline.segmentation.refine_training import REFINE_CROP
+
+    path = Path(cache_dir) / f"cas-real-{key}-{network_tag(coarse)}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return z["prior"]
+    rng = np.random.default_rng(0)
+    parts = []
+    for case in cases:
+        ct, mask = axial_lps(case.ct), axial_lps(case.mask)
+        verts = [v for v in truth_vertebrae(case, mask)
+                 if not v["partial"] and np.all(np.isfinite(v["centroid_mm"]))]
+        if verts:
+            parts.append(priors_on_ct(coarse, ct, [v["centroid_mm"] for v in verts], REFINE_CROP,
+                                      rng))
+        log(f"real case {case.case_id}: {len(verts)} coarse priors")
+    if not parts:
+        raise ValueError(f"no whole vertebra in the real data ({key})")
+    prior = np.concatenate(parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, prior=prior)
+    return prior
+
+
 def cached_real_samples(cases: Callable[[], Iterable[RealCase]], key: str, cache_dir: Path,
                         size: int, spacing_mm: float,
                         log: Callable[[str], None] = lambda s: None) -> list[Sample]:

@@ -84,6 +84,19 @@ def coarse_priors(coarse: torch.nn.Module, seg_ct: np.ndarray, fine_size: int,
     return out, shifts.astype(np.int8)
 
 
+def priors_on_ct(coarse: torch.nn.Module, image, centroids_mm, fine_size: int,
+                 rng: np.random.Generator, max_shift: int = 1) -> np.ndarray:
+    """:func:`coarse_priors` of the 1 mm crops of ``fine_size`` around ``centroids_mm`` (LPS) of
+    a CT (``image``, HU): the 2 mm crops with their margin are cut from the CT itself (real or
+    synthesised scans, which have no segmentation cache)."""
+    from pipeline.segmentation.crops import ct_crop
+
+    side = CROP_SIZE + 2 * MARGIN
+    seg_ct = np.stack([ct_crop(image, c, side, CROP_SPACING_MM) for c in centroids_mm]) \
+        if len(centroids_mm) else np.zeros((0, side, side, side), np.float32)
+    return coarse_priors(coarse, seg_ct.astype(np.float32), fine_size, rng, max_shift)[0]
+
+
 def write_cascade_cache(seed: int, cache_dir: Path, coarse: torch.nn.Module, tag: str) -> Path:
     """The network's priors for phantom ``seed``'s ``ref`` crops (both caches must exist)."""
     from pipeline.segmentation.caches import refine_cache_path, seg_cache_path

@@ -71,4 +71,6 @@ class RefineTrainConfig:
     extra_dilations: str = ""                 # e.g. "4,8": residual dilated layers (ShallowRefiner)
     patch: int = 40                           # side of the training patches (1 mm voxels)
     real_data: str | None = None              # real CT in VerSe layout (the pack: its train side)
-    real_repeat: int = 4                      # each real crop counts this many times (prior=simulated)
+    real_repeat: int = 4                      # each real crop counts this many times
+    synth_from: str | None = None             # real masks to synthesise CT from (pipeline.synthesis)
+    synth_cases: int = 100                    # synthesised cases (up to 2 crops each), cached

@@ -90,22 +90,35 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     cts, occs = load_refine(Path(cfg.cache_dir), cfg.train_seeds, say, cfg.workers)
     vcts, voccs = load_refine(Path(cfg.cache_dir), cfg.val_seeds, say, cfg.workers)
     say(f"{len(cts)} training crops, {len(vcts)} validation crops")
+    if cfg.prior not in ("simulated", "coarse"):
+        raise ValueError(f"prior {cfg.prior!r}: simulated or coarse")
+    coarse = coarse_tag = None
+    priors = vpriors = errors = verrors = None
+    if cfg.prior == "coarse":
+        coarse, coarse_tag = coarse_network(cfg)
+        priors, vpriors = phantom_coarse_priors(cfg, coarse, say)
     if cfg.real_data:
-        if cfg.prior != "simulated":
-            raise ValueError("--real-data trains on simulated priors only (prior=simulated)")
-        from pipeline.realdata.samples import real_refine_samples, training_cases
+        from pipeline.realdata.samples import real_cascade_priors, real_refine_samples, training_cases
 
         key, cases = training_cases(Path(cfg.real_data))
         rcts, roccs = real_refine_samples(cases(), Path(cfg.cache_dir), key, say)
         cts = np.concatenate([cts] + [rcts] * cfg.real_repeat)
         occs = np.concatenate([occs] + [roccs] * cfg.real_repeat)
+        if coarse is not None:
+            rpriors = real_cascade_priors(cases(), Path(cfg.cache_dir), key, coarse, say)
+            priors = np.concatenate([priors] + [rpriors] * cfg.real_repeat)
         say(f"{len(rcts)} real training crops from {cfg.real_data} ({key}), each x{cfg.real_repeat}")
-    priors = vpriors = errors = verrors = coarse_tag = None
-    if cfg.prior == "coarse":
-        priors, vpriors, coarse_tag = coarse_priors_of(cfg, say)
+    if cfg.synth_from:
+        from pipeline.segmentation.refine_synth import cached_synth_refine_samples
+
+        scts, soccs, spriors = cached_synth_refine_samples(Path(cfg.synth_from), Path(cfg.cache_dir),
+                                                           cfg.synth_cases, cfg.seed, coarse, say)
+        cts, occs = np.concatenate([cts, scts]), np.concatenate([occs, soccs])
+        if coarse is not None:
+            priors = np.concatenate([priors, spriors])
+        say(f"{len(scts)} crops of CT synthesised from the masks of {cfg.synth_from}")
+    if coarse is not None:
         errors, verrors = error_points(occs, priors), error_points(voccs, vpriors)
-    elif cfg.prior != "simulated":
-        raise ValueError(f"prior {cfg.prior!r}: simulated or coarse")
     vx, vt = refine_batch(vcts, voccs, np.random.default_rng(123), 16, cfg.patch, priors=vpriors, errors=verrors)
     extra = tuple(int(d) for d in str(cfg.extra_dilations).replace(" ", "").split(",") if d)
     model = ShallowRefiner(in_channels=2, width=cfg.width, extra_dilations=extra).to(device)
@@ -168,19 +181,27 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     return out / "best.pt"
 
 
-def coarse_priors_of(cfg: RefineTrainConfig, say) -> tuple[np.ndarray, np.ndarray, str]:
-    """The 2 mm network's priors (``cfg.coarse_from``, else the shipped network) of the training
-    and validation crops, and the network's tag (:mod:`pipeline.segmentation.coarse_prior`)."""
+def coarse_network(cfg: RefineTrainConfig) -> tuple[torch.nn.Module, str]:
+    """The 2 mm network whose priors the refiner learns to correct (``cfg.coarse_from``, else
+    the shipped one) and its tag (:mod:`pipeline.segmentation.coarse_prior`)."""
     from pipeline.registry import load_model
-    from pipeline.segmentation.coarse_prior import load_cascade, network_tag
+    from pipeline.segmentation.coarse_prior import network_tag
 
     coarse = load_coarse(cfg.coarse_from) if cfg.coarse_from else load_model("segmentation", "cpu").coarse
     coarse.eval()
-    tag = network_tag(coarse)
+    return coarse, network_tag(coarse)
+
+
+def phantom_coarse_priors(cfg: RefineTrainConfig, coarse: torch.nn.Module, say
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """The network's priors of the phantom training and validation crops."""
+    from pipeline.segmentation.coarse_prior import load_cascade, network_tag
+
     priors = load_cascade(Path(cfg.cache_dir), cfg.train_seeds, coarse, say)
     vpriors = load_cascade(Path(cfg.cache_dir), cfg.val_seeds, coarse, say)
-    say(f"coarse priors of network {tag}: {len(priors)} training, {len(vpriors)} validation crops")
-    return priors, vpriors, tag
+    say(f"coarse priors of network {network_tag(coarse)}: {len(priors)} training, "
+        f"{len(vpriors)} validation crops")
+    return priors, vpriors
 
 
 def load_coarse(path: str | Path) -> torch.nn.Module:

@@ -155,3 +155,75 @@ def test_a_coarse_network_of_another_crop_geometry_is_refused(tmp_path):
     save_best(best, UNet3D(base=2, depth=2), 1, {"loss": 1.0}, SegTrainConfig(train_seeds=[100], val_seeds=[8001]))
     assert isinstance(load_coarse(best), UNet3D)
 
+
+
+def test_priors_cut_from_a_ct_land_on_its_vertebra():
+    """Real and synthesised scans have no segmentation cache: the 2 mm crops are cut from the
+    CT itself, and the prior must still lie on the 1 mm crop where the vertebra is."""
+    import SimpleITK as sitk
+
+    from pipeline.segmentation.coarse_prior import priors_on_ct
+
+    n = 160
+    centre = np.array([6.0, -4.0, 9.0])                     # the ball, off the crop centre (x, y, z)
+    ct = np.where(_ball(n, 1.0, centre) < 0, 800.0, -20.0).astype(np.float32)
+    image = sitk.GetImageFromArray(ct)
+    origin = -(n - 1) / 2.0
+    image.SetOrigin((origin, origin, origin))
+    crop_centre = (2.0, 1.0, 3.0)
+    prior = priors_on_ct(_Threshold(), image, [crop_centre], 96, np.random.default_rng(0))
+    assert prior.shape == (1, 96, 96, 96) and prior.dtype == np.uint8
+    truth = _ball(96, 1.0, centre - np.array(crop_centre)) < 0
+    p = prior[0] >= 128
+    assert 2 * (p & truth).sum() / (p.sum() + truth.sum()) > 0.85   # a 2 mm outline, 1 mm thicker
+    zz, yy, xx = np.nonzero(p)
+    got = np.array([xx.mean(), yy.mean(), zz.mean()]) - 47.5
+    assert np.allclose(got, centre - np.array(crop_centre), atol=1.0), got
+
+
+def test_refiner_learns_from_real_and_synthesised_crops_with_the_networks_priors(tmp_path):
+    """--real-data and --synth-from with --prior coarse: every crop carries the 2 mm network's
+    own prior, cached per network."""
+    import SimpleITK as sitk
+
+    from tests.pipeline.synthetic import box_spine
+
+    torch.manual_seed(0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    n2, n1 = CROP_SIZE + 2 * MARGIN, 96                       # real crops are 96^3 at 1 mm
+    for seed in (100, 8001):
+        d2, d1 = _ball(n2, 2.0), _ball(n1, 1.0)
+        ct2 = np.where(d2 < 0, 700.0, 40.0).astype(np.float16)
+        occ2 = np.clip(np.round(-d2 * 4 + 4), 0, 8).astype(np.uint8)
+        save_samples([Sample(ct2, occ2, False, 2, "w")], seg_cache_path(cache, seed))
+        np.savez(refine_cache_path(cache, seed), ct=np.where(d1 < 0, 700, 40).astype(np.int16)[None],
+                 occ=np.clip(np.round(-d1 * 8 + 4), 0, 8).astype(np.uint8)[None])
+    ct, labels, _gt = box_spine(levels=("T12", "L1", "L2", "L3"))
+    real = tmp_path / "real"
+    (real / "rawdata" / "sub-box").mkdir(parents=True)
+    (real / "derivatives" / "sub-box").mkdir(parents=True)
+    sitk.WriteImage(ct, str(real / "rawdata" / "sub-box" / "sub-box_ct.nii.gz"))
+    sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt8),
+                    str(real / "derivatives" / "sub-box" / "sub-box_seg-vert_msk.nii.gz"))
+    coarse = UNet3D(base=2, depth=2)
+    coarse_best = tmp_path / "coarse" / "best.pt"
+    coarse_best.parent.mkdir()
+    save_best(coarse_best, coarse, 3, {"loss": 1.0}, RefineTrainConfig())
+    lines: list[str] = []
+    best = train(RefineTrainConfig(out_dir=str(tmp_path / "run"), train_seeds=[100], val_seeds=[8001],
+                                   cache_dir=str(cache), steps=2, batch=1, patch=24, val_every=2,
+                                   prior="coarse", coarse_from=str(coarse_best), real_data=str(real),
+                                   real_repeat=2, synth_from=str(real), synth_cases=2),
+                 log=lines.append)
+    tag = network_tag(coarse)
+    assert list(cache.glob(f"cas-real-*-{tag}.npz"))
+    synth = list(cache.glob(f"ref-synth*-n2-s0-{tag}.npz"))
+    assert synth
+    with np.load(synth[0]) as z:
+        assert z["ct"].shape[1:] == (96, 96, 96) and z["prior"].shape == z["occ"].shape
+        n_synth = len(z["ct"])
+    assert n_synth >= 1
+    assert any("real training crops" in m and "each x2" in m for m in lines)
+    assert any(f"{n_synth} crops of CT synthesised" in m for m in lines)
+    assert torch.load(best, weights_only=False)["val"]["coarse_network"] == tag
