@@ -41,6 +41,9 @@ def register(train_app: typer.Typer) -> None:
                  "from (pipeline/synthesis: real anatomy, randomised appearance)."),
         synth_cases: int = o.option(C, "synth_cases", min=1,
                                     help="Synthesised cases (up to two 1 mm crops each; cached)."),
+        synth_exclude: str = o.option(C, "synth_exclude",
+                                      help="Subjects (comma-separated) left out of the synthesis, "
+                                           "to judge on them: bench/segmentation_synth.py --subjects."),
         device: str = o.device_opt(C),
         workers: int = o.workers_opt(C),
         out: Path = o.out_opt(C),
@@ -62,5 +65,6 @@ def register(train_app: typer.Typer) -> None:
                                init_from=str(init_from) if init_from else None, threads=threads, seed=seed,
                                device=device, workers=workers,
                                real_data=str(real_data) if real_data else None, real_repeat=real_repeat,
-                               synth_from=str(synth_from) if synth_from else None, synth_cases=synth_cases)
+                               synth_from=str(synth_from) if synth_from else None, synth_cases=synth_cases,
+                               synth_exclude=synth_exclude)
         o.run_training(train, install_weights, cfg, install)

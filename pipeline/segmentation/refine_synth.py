@@ -83,20 +83,26 @@ def synth_refine_samples(masks: Sequence, cases: int, seed: int, coarse=None,
 
 
 def cached_synth_refine_samples(data: Path, cache_dir: Path, cases: int, seed: int, coarse=None,
-                                log: Callable[[str], None] = lambda s: None
+                                log: Callable[[str], None] = lambda s: None,
+                                exclude: Sequence[str] = ()
                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """:func:`synth_refine_samples` from the masks of ``data`` (the real-spine pack: its train
-    side only; another folder: all its masks), cached under ``cache_dir`` by the masks, the
-    number of cases, the seed and, with ``coarse``, the network's tag."""
+    side only; another folder: all its masks) but ``exclude``'s subjects (held out for a bench
+    that judges on them: ``bench/segmentation_synth.py --subjects``), cached under
+    ``cache_dir`` by the masks, the number of cases, the seed and, with ``coarse``, the
+    network's tag."""
     from pipeline.realdata.pack import is_pack
     from pipeline.segmentation.coarse_prior import network_tag
     from pipeline.synthesis.seg_source import CACHE_VERSION, find_masks, training_subjects
 
     data = Path(data)
-    masks = find_masks(data, training_subjects() if is_pack(data) else None)
+    masks = [m for m in find_masks(data, training_subjects() if is_pack(data) else None)
+             if m.subject not in set(exclude)]
     if not masks:
-        raise ValueError(f"no VerSe vertebra mask under {data}: nothing to synthesise from")
-    key = "pack-train" if is_pack(data) else f"folder-{data.name}"
+        raise ValueError(f"no VerSe vertebra mask under {data} (subjects excluded: "
+                         f"{', '.join(exclude) or 'none'}): nothing to synthesise from")
+    key = ("pack-train" if is_pack(data) else f"folder-{data.name}") + \
+        ("-without-" + "-".join(sorted(set(exclude))) if exclude else "")
     tag = network_tag(coarse) if coarse is not None else "sim"
     path = Path(cache_dir) / f"ref-synth{CACHE_VERSION}-{key}-n{cases}-s{seed}-{tag}.npz"
     if path.exists():

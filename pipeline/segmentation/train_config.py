@@ -74,3 +74,4 @@ class RefineTrainConfig:
     real_repeat: int = 4                      # each real crop counts this many times
     synth_from: str | None = None             # real masks to synthesise CT from (pipeline.synthesis)
     synth_cases: int = 100                    # synthesised cases (up to 2 crops each), cached
+    synth_exclude: str = ""                   # subjects left out of the synthesis (held out for a bench)

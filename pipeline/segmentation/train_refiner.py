@@ -111,8 +111,10 @@ def train(cfg: RefineTrainConfig, log=None) -> Path:
     if cfg.synth_from:
         from pipeline.segmentation.refine_synth import cached_synth_refine_samples
 
+        exclude = [v for v in str(cfg.synth_exclude).replace(" ", "").split(",") if v]
         scts, soccs, spriors = cached_synth_refine_samples(Path(cfg.synth_from), Path(cfg.cache_dir),
-                                                           cfg.synth_cases, cfg.seed, coarse, say)
+                                                           cfg.synth_cases, cfg.seed, coarse, say,
+                                                           exclude)
         cts, occs = np.concatenate([cts, scts]), np.concatenate([occs, soccs])
         if coarse is not None:
             priors = np.concatenate([priors, spriors])

@@ -227,3 +227,24 @@ def test_refiner_learns_from_real_and_synthesised_crops_with_the_networks_priors
     assert any("real training crops" in m and "each x2" in m for m in lines)
     assert any(f"{n_synth} crops of CT synthesised" in m for m in lines)
     assert torch.load(best, weights_only=False)["val"]["coarse_network"] == tag
+
+
+def test_subjects_held_out_of_the_synthesis_are_left_out_and_named_in_the_cache(tmp_path):
+    import SimpleITK as sitk
+
+    from pipeline.segmentation.refine_synth import cached_synth_refine_samples
+    from tests.pipeline.synthetic import box_spine
+
+    _ct, labels, _gt = box_spine(levels=("L1", "L2", "L3"))
+    for subject in ("sub-a", "sub-b"):
+        (tmp_path / "masks" / subject).mkdir(parents=True)
+        sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt8),
+                        str(tmp_path / "masks" / subject / f"{subject}_seg-vert_msk.nii.gz"))
+    with pytest.raises(ValueError, match="subjects excluded: sub-a, sub-b"):
+        cached_synth_refine_samples(tmp_path / "masks", tmp_path / "cache", 1, 3,
+                                    exclude=["sub-a", "sub-b"])
+    ct, occ, prior = cached_synth_refine_samples(tmp_path / "masks", tmp_path / "cache", 1, 3,
+                                                 exclude=["sub-a"])
+    assert prior is None and len(ct) == len(occ)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == \
+        ["ref-synth1-folder-masks-without-sub-a-n1-s3-sim.npz"]
