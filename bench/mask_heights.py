@@ -9,6 +9,8 @@ HA, HM, HP graded by the product's rule (``pipeline.genant.within_loss``: 1 - mi
 per level: the vertebrae that are normal or unrated, their median HA/HP and HM/max ratios, and
 how many of them the within-vertebra rule alone would call fractured (loss >= 20 %). This is the
 floor that perfect keypoints would leave on real anatomy; the rated fractures are listed apart.
+Also printed: every whole vertebra's largest height against its level's typical height
+(``pipeline.genant.TYPICAL_BODY_HEIGHT_MM``), the spread that ``MAX_TYPICAL_FACTOR`` must allow.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def mask_heights(data: Path, subjects: list[str] | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.genant import FRACTURE_LOSS
+    from pipeline.genant import FRACTURE_LOSS, TYPICAL_BODY_HEIGHT_MM
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "real-spine")
@@ -92,6 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"{len(report['rated_fractures'])} rated fractures: "
           + ", ".join(f"{r['subject']} {r['level']} grade {r['grade']} loss {r['within_loss']:.2f}"
                       for r in report["rated_fractures"]))
+    ratios = np.array([max(r["heights_mm"]) / TYPICAL_BODY_HEIGHT_MM[r["level"]] for r in rows
+                       if r["level"] in TYPICAL_BODY_HEIGHT_MM])
+    if len(ratios):
+        report["largest_height_over_typical"] = {"vertebrae": len(ratios), "median": float(np.median(ratios)),
+                                                 "max": float(ratios.max())}
+        print(f"largest height / typical height of the level: median {np.median(ratios):.2f}, "
+              f"max {ratios.max():.2f} ({len(ratios)} whole vertebrae)")
     if a.json:
         a.json.write_text(json.dumps(report, indent=1))
     return report

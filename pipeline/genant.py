@@ -56,6 +56,13 @@ TYPICAL_BODY_HEIGHT_MM: dict[str, float] = {
     "T8": 20.0, "T9": 21.0, "T10": 22.0, "T11": 23.0, "T12": 24.0, "T13": 24.5,
     "L1": 25.0, "L2": 26.0, "L3": 26.5, "L4": 26.5, "L5": 26.0, "L6": 26.0,
 }
+#: Heights of one vertebral body stay within this factor of its level's typical height
+#: (:data:`TYPICAL_BODY_HEIGHT_MM`): on the expert masks of the real-data split's train side the
+#: largest height is at most 1.60 times it (median 1.16, 136 whole vertebrae:
+#: ``python bench/mask_heights.py``), and a fracture only lowers a body. Heights beyond it span
+#: more than one body: a keypoint on a neighbour's endplate, a segmentation that merged two
+#: bodies, or an atlas or axis taken for a lower level.
+MAX_TYPICAL_FACTOR = 1.8
 #: Regions whose neighbours may stand in, scaled by :data:`TYPICAL_BODY_HEIGHT_MM`, for a
 #: vertebra with no normal neighbour of its own region (a T12 at the top of a lumbar scan).
 #: Never between cervical and thoracic: the step from C7 to T1 is too large and too variable
@@ -148,14 +155,15 @@ def reference_heights(orders: Sequence[int], heights: Sequence[Heights | None],
     its own heights show less than 20 % within-vertebra loss and its largest height is neither
     20 % below nor 30 % above the median of the candidates of its region within two levels (a
     crushed neighbour would lower the reference, a keypoint blunder raise it); ``names`` in
-    :data:`NO_REFERENCE` never serve.
+    :data:`NO_REFERENCE` never serve, nor heights too tall for one body of the level
+    (:func:`body_sized`).
     """
     from pipeline.levels import BY_NAME, LEVELS
 
     tops = [None if h is None else max(h.anterior, h.middle, h.posterior) for h in heights]
     ok = [t is not None and within_loss(h)[0] < FRACTURE_LOSS for t, h in zip(tops, heights)]
     if names is not None:
-        ok = [o and n not in NO_REFERENCE for o, n in zip(ok, names)]
+        ok = [o and n not in NO_REFERENCE and body_sized(h, n) for o, n, h in zip(ok, names, heights)]
     level_names = list(names) if names is not None else [LEVELS[int(o)].name for o in orders]
     region = [BY_NAME[n].region if n in BY_NAME else "?" for n in level_names]
 
@@ -238,7 +246,9 @@ def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> N
     Uses ``heights_mm`` (keypoints) where present, else ``mask_heights_mm``. When both exist and
     their grades differ by more than one, the finding says so in ``notes``; the keypoint grade
     decides unless the keypoint heights are implausible (outside 3-60 mm: :func:`_plausible`), in
-    which case the mask decides (``grading_source = "mask"``). Keypoint heights further than
+    which case the mask decides (``grading_source = "mask"``). Heights too tall for one body of
+    the level (:func:`body_sized`: keypoints, or the mask where it decides) leave the vertebra
+    not assessed, and serve as no neighbour's reference. Keypoint heights further than
     :data:`KP_MASK_TOLERANCE` from the mask's are noted, and still decide: the keypoints are
     trained on real and synthesised anatomy, while the mask's section follows the segmentation's
     outline, which a metal implant or low contrast cuts short (pipeline/MODEL_CARD.md).
@@ -259,9 +269,25 @@ def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> N
         chosen, source = a_kp, "keypoints"
         if a_kp is None or not _plausible(hk):
             chosen, source = a_mk, "mask"
+        elif not body_sized(hk, f.name):
+            # The plane holds more than one body (or no body of this level): the mask's section
+            # on the same plane is no better, and grading it would report a finding nobody made.
+            f.notes.append(f"keypoint heights up to {max(hk.anterior, hk.middle, hk.posterior):.0f} "
+                           f"mm exceed {MAX_TYPICAL_FACTOR:g} times a typical {f.name} body "
+                           f"({TYPICAL_BODY_HEIGHT_MM[f.name]:.0f} mm): not one body's; not graded")
+            f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
+            f.heights_mm, f.grading_source = None, "none"
+            continue
         elif hm is not None and not _plausible(hk, hm):
             f.notes.append(f"keypoint and mask heights differ by more than "
                            f"{100 * KP_MASK_TOLERANCE:.0f} % of the body height; the keypoints decided")
+        if source == "mask" and chosen is not None and not body_sized(hm, f.name):
+            f.notes.append(f"mask heights up to {max(hm.anterior, hm.middle, hm.posterior):.0f} mm "
+                           f"exceed {MAX_TYPICAL_FACTOR:g} times a typical {f.name} body: not one "
+                           f"body's; not graded")
+            f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
+            f.heights_mm, f.grading_source = None, "none"
+            continue
         if chosen is None:
             f.notes.append("no heights: neither keypoints nor a mask slice were usable")
             f.grading_source = "none"
@@ -304,6 +330,14 @@ def note_measurement_uncertainty(f: VertebraFinding, slice_spacing_mm: float) ->
         f.notes.append(f"mild grade within the measurement uncertainty of this series: at "
                        f"{slice_spacing_mm:.1f} mm slices the height loss is known to about "
                        f"+-{100 * sd:.0f} % (SD)")
+
+
+def body_sized(h: Heights | None, name: str) -> bool:
+    """Whether ``h`` can be the heights of one ``name`` body: the largest within
+    :data:`MAX_TYPICAL_FACTOR` of the level's typical height (levels without one: always)."""
+    typical = TYPICAL_BODY_HEIGHT_MM.get(name)
+    return h is None or typical is None or \
+        max(h.anterior, h.middle, h.posterior) <= MAX_TYPICAL_FACTOR * typical
 
 
 def _plausible(hk: Heights | None, hm: Heights | None = None) -> bool:

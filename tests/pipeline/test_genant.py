@@ -251,3 +251,37 @@ def test_a_vertebra_without_any_heights_is_marked_not_assessed():
     grade_spine(fs, orders)
     assert fs[1].grading_source == "none" and fs[1].genant_grade == GenantGrade.NORMAL
     assert any("no heights" in n for n in fs[1].notes)
+
+
+def test_keypoint_heights_too_tall_for_one_body_of_the_level_are_not_graded():
+    """Points spanning more than one body (a keypoint on a neighbour's endplate, an atlas taken
+    for C3) would report a fracture nobody made: such a vertebra is not assessed."""
+    from pipeline.genant import MAX_TYPICAL_FACTOR, TYPICAL_BODY_HEIGHT_MM, body_sized
+
+    fs, orders = _spine([("T6", 19.0), ("T7", 19.5), ("T8", 20.0)])
+    fs[1].heights_mm = Heights(25.0, 36.0, 23.0)          # 36 mm > 1.8 x 19.5 mm
+    fs[1].mask_heights_mm = Heights(20.0, 19.0, 21.0)
+    grade_spine(fs, orders)
+    t7 = fs[1]
+    assert t7.grading_source == "none" and not t7.assessed and t7.heights_mm is None
+    assert t7.genant_grade == GenantGrade.NORMAL and t7.height_loss is None
+    assert any("not one body's" in n for n in t7.notes)
+    assert t7.not_assessed_reason == "heights not measurable"
+    assert fs[0].assessed and fs[2].assessed
+    # a large but possible body is graded as it is (the train side's masks reach 1.60 x typical)
+    big = 1.6 * TYPICAL_BODY_HEIGHT_MM["T7"]
+    assert body_sized(Heights(big, big, big), "T7")
+    assert not body_sized(Heights(10, 10, MAX_TYPICAL_FACTOR * TYPICAL_BODY_HEIGHT_MM["T7"] + 0.1), "T7")
+    assert body_sized(Heights(40, 40, 40), "C1")          # no typical height: not judged
+
+
+def test_neighbours_too_tall_for_one_body_serve_as_no_reference():
+    """A cervical segmentation that merged two bodies gives its sections 30 mm heights: graded
+    against them, a normal 13 mm body would be a grade 3 crush."""
+    fs, orders = _spine([("C4", 13.0), ("C5", 30.0), ("C6", 31.0), ("C7", 30.0)])
+    refs = reference_heights(orders, [f.heights_mm for f in fs], [f.name for f in fs])
+    assert refs[0] is None
+    fs[0].heights_mm = Heights(13.0, 12.0, 13.0)
+    fs[0].mask_heights_mm = None
+    grade_spine(fs[:1] + [_spine([("C5", 30.0)])[0][0]], orders[:2])
+    assert fs[0].genant_grade == GenantGrade.NORMAL and fs[0].assessed
