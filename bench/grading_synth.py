@@ -28,22 +28,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.realdata.evaluation import _Centroid, _Series
     from pipeline.run import analyse
-    from pipeline.synthesis.held_out import held_out_volumes
+    from pipeline.synthesis.held_out import add_volume_options, volumes_of_options
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "real-spine")
-    ap.add_argument("--subjects", help="train-side subjects separated by commas (default: all)")
-    ap.add_argument("--seed", type=int, default=2000)
-    ap.add_argument("--reps", type=int, default=1)
+    add_volume_options(ap, REPO.parent / "shared" / "data" / "real-spine")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    try:
-        volumes = held_out_volumes(a.data, a.subjects.split(",") if a.subjects else None, a.seed,
-                                   a.reps)
-    except ValueError as e:
-        ap.error(str(e))
+    volumes = volumes_of_options(ap, a)
     truth, called = [], []
     for case, cut, _rng in volumes:
         cents = [_Centroid(k, tuple(c), k in cut)

@@ -35,13 +35,10 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.levels import BY_LABEL
     from pipeline.registry import load_model
     from pipeline.segmentation.infer import segment
-    from pipeline.synthesis.held_out import held_out_volumes
+    from pipeline.synthesis.held_out import add_volume_options, volumes_of_options
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "real-spine")
-    ap.add_argument("--subjects", help="train-side subjects separated by commas (default: all)")
-    ap.add_argument("--seed", type=int, default=2000)
-    ap.add_argument("--reps", type=int, default=1)
+    add_volume_options(ap, REPO.parent / "shared" / "data" / "real-spine")
     ap.add_argument("--sigma", default="0,20", help="distance weights in mm (0: none)")
     ap.add_argument("--jitter-mm", type=float, default=0.0,
                     help="move each centroid by this much (SD per axis): a localizer's error")
@@ -57,19 +54,15 @@ def main(argv: list[str] | None = None) -> dict:
     if a.segmentation is None and a.refiner is None:
         model = load_model("segmentation", "cpu")
     else:
-        from pipeline.segmentation.train import assemble
+        from pipeline.segmentation.train import candidate_model
 
-        none = a.refiner is not None and a.refiner.lower() == "none"
-        model, _meta = assemble(a.segmentation, None if none or a.refiner is None else Path(a.refiner),
-                                drop_refiner=none)
-        model.eval()
+        try:
+            model = candidate_model(a.segmentation, a.refiner)
+        except FileNotFoundError as e:
+            ap.error(str(e))
     sigmas = [float(v) for v in a.sigma.split(",")]
     scores: dict[float, dict[str, list[float]]] = {s: {} for s in sigmas}
-    try:
-        volumes = held_out_volumes(a.data, a.subjects.split(",") if a.subjects else None, a.seed,
-                                   a.reps)
-    except ValueError as e:
-        ap.error(str(e))
+    volumes = volumes_of_options(ap, a)
     for case, cut, rng in volumes:
         cents = sorted(case.centroids_mm.items(), key=lambda t: -t[1][2])
         if a.offset_mm:

@@ -53,6 +53,10 @@ class Heights:
     middle: float
     posterior: float
 
+    @property
+    def largest(self) -> float:
+        return max(self.anterior, self.middle, self.posterior)
+
     def as_dict(self) -> dict[str, float]:
         return {"anterior": round(self.anterior, 2), "middle": round(self.middle, 2),
                 "posterior": round(self.posterior, 2)}

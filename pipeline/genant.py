@@ -125,7 +125,7 @@ def assess(h: Heights, reference_mm: float | None = None) -> GenantAssessment:
     loss_ref = None
     loss, morph = loss_in, shape
     if reference_mm is not None and reference_mm > 0:
-        loss_ref = max(0.0, 1.0 - max(h.anterior, h.middle, h.posterior) / reference_mm)
+        loss_ref = max(0.0, 1.0 - h.largest / reference_mm)
         # A whole-body reduction (crush) is the one the within-vertebra ratio cannot see; it wins
         # when the body as a whole lost more than any one part lost against the others.
         if loss_ref >= FRACTURE_LOSS and loss_ref > loss_in:
@@ -160,7 +160,7 @@ def reference_heights(orders: Sequence[int], heights: Sequence[Heights | None],
     """
     from pipeline.levels import BY_NAME, LEVELS
 
-    tops = [None if h is None else max(h.anterior, h.middle, h.posterior) for h in heights]
+    tops = [None if h is None else h.largest for h in heights]
     ok = [t is not None and within_loss(h)[0] < FRACTURE_LOSS for t, h in zip(tops, heights)]
     if names is not None:
         ok = [o and n not in NO_REFERENCE and body_sized(h, n) for o, n, h in zip(ok, names, heights)]
@@ -260,34 +260,26 @@ def grade_spine(findings: Sequence[VertebraFinding], orders: Sequence[int]) -> N
     ref_mk = reference_heights(orders, mk, names)
     for f, hk, hm, rk, rm in zip(findings, kp, mk, ref_kp, ref_mk):
         if f.name in NOT_GRADED:
-            f.notes.append(f"{f.name} has no vertebral body of Genant's shape: not graded")
-            f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
-            f.heights_mm, f.grading_source = None, "none"
+            _leave_ungraded(f, f"{f.name} has no vertebral body of Genant's shape: not graded")
             continue
         a_kp = assess(hk, rk) if hk is not None else None
         a_mk = assess(hm, rm) if hm is not None else None
         chosen, source = a_kp, "keypoints"
         if a_kp is None or not _plausible(hk):
             chosen, source = a_mk, "mask"
-        elif not body_sized(hk, f.name):
-            # The plane holds more than one body (or no body of this level): the mask's section
-            # on the same plane is no better, and grading it would report a finding nobody made.
-            f.notes.append(f"keypoint heights up to {max(hk.anterior, hk.middle, hk.posterior):.0f} "
-                           f"mm exceed {MAX_TYPICAL_FACTOR:g} times a typical {f.name} body "
-                           f"({TYPICAL_BODY_HEIGHT_MM[f.name]:.0f} mm): not one body's; not graded")
-            f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
-            f.heights_mm, f.grading_source = None, "none"
+        deciding = hk if source == "keypoints" else hm
+        if chosen is not None and not body_sized(deciding, f.name):
+            # The plane holds more than one body (or no body of this level): the other
+            # measurement on the same plane is no better, and grading would report a finding
+            # nobody made.
+            _leave_ungraded(f, f"{'keypoint' if source == 'keypoints' else 'mask'} heights up to "
+                               f"{deciding.largest:.0f} mm exceed {MAX_TYPICAL_FACTOR:g} times a "
+                               f"typical {f.name} body ({TYPICAL_BODY_HEIGHT_MM[f.name]:.0f} mm): "
+                               f"not one body's; not graded")
             continue
-        elif hm is not None and not _plausible(hk, hm):
+        if source == "keypoints" and hm is not None and not _plausible(hk, hm):
             f.notes.append(f"keypoint and mask heights differ by more than "
                            f"{100 * KP_MASK_TOLERANCE:.0f} % of the body height; the keypoints decided")
-        if source == "mask" and chosen is not None and not body_sized(hm, f.name):
-            f.notes.append(f"mask heights up to {max(hm.anterior, hm.middle, hm.posterior):.0f} mm "
-                           f"exceed {MAX_TYPICAL_FACTOR:g} times a typical {f.name} body: not one "
-                           f"body's; not graded")
-            f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
-            f.heights_mm, f.grading_source = None, "none"
-            continue
         if chosen is None:
             f.notes.append("no heights: neither keypoints nor a mask slice were usable")
             f.grading_source = "none"
@@ -312,7 +304,7 @@ def loss_uncertainty(h: Heights, slice_spacing_mm: float) -> float:
     compares two heights, so its SD is about ``sqrt(2) * s / sqrt(6) / max(H)``. At 3 mm slices
     on a 13 mm cervical body that is 13 %, more than half of a grade 1's margin.
     """
-    top = max(h.anterior, h.middle, h.posterior)
+    top = h.largest
     if top <= 0 or slice_spacing_mm <= 0:
         return 0.0
     return math.sqrt(2.0) * slice_spacing_mm / math.sqrt(6.0) / top
@@ -332,12 +324,18 @@ def note_measurement_uncertainty(f: VertebraFinding, slice_spacing_mm: float) ->
                        f"+-{100 * sd:.0f} % (SD)")
 
 
+def _leave_ungraded(f: VertebraFinding, note: str) -> None:
+    """Report ``f`` as not assessed (no grade, no heights), ``note`` saying why."""
+    f.notes.append(note)
+    f.genant_grade, f.morphology, f.height_loss = GenantGrade.NORMAL, Morphology.NORMAL, None
+    f.heights_mm, f.grading_source = None, "none"
+
+
 def body_sized(h: Heights | None, name: str) -> bool:
     """Whether ``h`` can be the heights of one ``name`` body: the largest within
     :data:`MAX_TYPICAL_FACTOR` of the level's typical height (levels without one: always)."""
     typical = TYPICAL_BODY_HEIGHT_MM.get(name)
-    return h is None or typical is None or \
-        max(h.anterior, h.middle, h.posterior) <= MAX_TYPICAL_FACTOR * typical
+    return h is None or typical is None or h.largest <= MAX_TYPICAL_FACTOR * typical
 
 
 def _plausible(hk: Heights | None, hm: Heights | None = None) -> bool:

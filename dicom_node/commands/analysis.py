@@ -278,16 +278,13 @@ def _candidate_models(segmentation: Optional[Path], refiner: Optional[str]) -> O
     """The models to evaluate instead of the installed ones (``--segmentation``, ``--refiner``)."""
     if segmentation is None and refiner is None:
         return None
-    from pipeline.segmentation.train import assemble
+    from pipeline.segmentation.train import candidate_model
 
-    none = refiner is not None and refiner.lower() == "none"
-    if refiner is not None and not none and not Path(refiner).is_file():
-        typer.echo(f"evaluate: --refiner {refiner}: no such file (or 'none')", err=True)
-        raise typer.Exit(2)
-    seg, meta = assemble(segmentation, None if none or refiner is None else Path(refiner),
-                         drop_refiner=none)
-    seg.meta = meta
-    return {"segmentation": seg}
+    try:
+        return {"segmentation": candidate_model(segmentation, refiner)}
+    except FileNotFoundError as e:
+        typer.echo(f"evaluate: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _evaluate_real(data: Path, split: str, device: str, json_out: Optional[Path],

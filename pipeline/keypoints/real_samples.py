@@ -31,7 +31,7 @@ from pipeline.keypoints.plane import PLANE_SIZE, PLANE_SPACING_MM, sagittal_plan
 from pipeline.keypoints.truth import keypoints_from_mask
 from pipeline.levels import level
 from pipeline.realdata.pack import RealCase
-from pipeline.realdata.truth import axial_lps, truth_vertebrae
+from pipeline.realdata.truth import whole_truth
 
 
 def mask_keypoints_mm(mask: sitk.Image, label: int, centroid_mm, up) -> dict[str, tuple] | None:
@@ -53,9 +53,7 @@ def real_keypoint_samples(cases: Iterable[RealCase], n_aug: int, seed: int = 0,
     rng = np.random.default_rng(seed)
     parts: list[KeypointSamples] = []
     for case in cases:
-        ct, mask = axial_lps(case.ct), axial_lps(case.mask)
-        verts = [v for v in truth_vertebrae(case, mask)
-                 if not v["partial"] and np.all(np.isfinite(v["centroid_mm"]))]
+        ct, mask, verts = whole_truth(case)
         ups = spine_axes([level(int(v["label"])).order for v in verts],
                          [v["centroid_mm"] for v in verts])
         usable, fgs = [], []

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from pipeline.realdata.pack import RealCase
-from pipeline.realdata.truth import axial_lps, truth_vertebrae
+from pipeline.realdata.truth import axial_lps, truth_vertebrae, whole_truth
 from pipeline.segmentation.dataset import Sample, case_samples, margin_for
 
 
@@ -44,9 +44,7 @@ def real_refine_samples(cases: Iterable[RealCase], cache_dir: Path, key: str,
             return z["ct"], z["occ"]
     cts, occs = [], []
     for case in cases:
-        ct, mask = axial_lps(case.ct), axial_lps(case.mask)
-        verts = [v for v in truth_vertebrae(case, mask)
-                 if not v["partial"] and np.all(np.isfinite(v["centroid_mm"]))]
+        ct, mask, verts = whole_truth(case)
         if verts:
             c, o = refine_samples(ct, mask, verts)
             cts.append(c)
@@ -75,9 +73,7 @@ def real_cascade_priors(cases: Iterable[RealCase], cache_dir: Path, key: str, co
     rng = np.random.default_rng(0)
     parts = []
     for case in cases:
-        ct, mask = axial_lps(case.ct), axial_lps(case.mask)
-        verts = [v for v in truth_vertebrae(case, mask)
-                 if not v["partial"] and np.all(np.isfinite(v["centroid_mm"]))]
+        ct, mask, verts = whole_truth(case)
         if verts:
             parts.append(priors_on_ct(coarse, ct, [v["centroid_mm"] for v in verts], REFINE_CROP,
                                       rng))

@@ -42,3 +42,12 @@ def truth_vertebrae(case: RealCase, mask_lps: sitk.Image) -> list[dict[str, Any]
                     "partial_reason": "cut by the field of view" if cut else ("sliver" if sliver else None),
                     "genant_grade": grade, "fractured": None if grade is None else grade >= 1})
     return out
+
+
+def whole_truth(case: RealCase) -> tuple[sitk.Image, sitk.Image, list[dict[str, Any]]]:
+    """The case's CT and mask in the axial LPS layout and its whole vertebrae (not cut by the
+    field of view, with a finite centroid), as :func:`truth_vertebrae` gives them."""
+    ct, mask = axial_lps(case.ct), axial_lps(case.mask)
+    verts = [v for v in truth_vertebrae(case, mask)
+             if not v["partial"] and np.all(np.isfinite(v["centroid_mm"]))]
+    return ct, mask, verts

@@ -221,6 +221,19 @@ def _init_from_shipped(model: torch.nn.Module, say) -> None:
     say(f"initialised from the installed segmentation network (step {shipped.meta.get('step')})")
 
 
+def candidate_model(segmentation: Path | None, refiner: str | None):
+    """The segmentation model to measure instead of the installed one: a 2 mm network's
+    ``best.pt`` and/or a refiner's ``best.pt`` or ``"none"`` (no refiner), the rest shipped
+    (:func:`assemble`); its ``meta`` attached. ``FileNotFoundError`` for a missing refiner."""
+    none = refiner is not None and refiner.lower() == "none"
+    if refiner is not None and not none and not Path(refiner).is_file():
+        raise FileNotFoundError(f"--refiner {refiner}: no such file (or 'none')")
+    model, meta = assemble(segmentation, None if none or refiner is None else Path(refiner),
+                           drop_refiner=none)
+    model.meta = meta
+    return model.eval()
+
+
 def assemble(best: Path | None, refiner: Path | None = None, drop_refiner: bool = False,
              weights_dir: Path | None = None):
     """A :class:`~pipeline.segmentation.model.SegmentationModel` and its ``meta`` from a 2 mm network

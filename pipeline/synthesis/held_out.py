@@ -45,6 +45,25 @@ def held_out_volumes(data: Path, subjects: Sequence[str] | None, seed: int, reps
     return _volumes(find_masks(data, train_side(subjects)), seed, reps)
 
 
+def add_volume_options(ap, data_default: Path) -> None:
+    """The benches' options that choose the held-out volumes: ``--data``, ``--subjects``,
+    ``--seed``, ``--reps`` (an :class:`argparse.ArgumentParser`)."""
+    ap.add_argument("--data", type=Path, default=data_default)
+    ap.add_argument("--subjects", help="train-side subjects separated by commas (default: all)")
+    ap.add_argument("--seed", type=int, default=2000)
+    ap.add_argument("--reps", type=int, default=1)
+
+
+def volumes_of_options(ap, a) -> Iterator[HeldOutVolume]:
+    """:func:`held_out_volumes` of the options :func:`add_volume_options` added (parsed as
+    ``a``); a refused seed or subject is the parser's error."""
+    try:
+        return held_out_volumes(a.data, a.subjects.split(",") if a.subjects else None, a.seed,
+                                a.reps)
+    except ValueError as e:
+        ap.error(str(e))
+
+
 def _volumes(masks, seed: int, reps: int) -> Iterator[HeldOutVolume]:
     from pipeline.synthesis.extend import truncated_labels
 
