@@ -35,23 +35,39 @@ def train_side(subjects: Sequence[str] | None = None) -> list[str]:
     return list(subjects)
 
 
-def held_out_volumes(data: Path, subjects: Sequence[str] | None, seed: int, reps: int = 1
-                     ) -> Iterator[HeldOutVolume]:
+def held_out_volumes(data: Path, subjects: Sequence[str] | None, seed: int, reps: int = 1,
+                     options: SynthOptions | None = None) -> Iterator[HeldOutVolume]:
     """``reps`` volumes per mask of ``subjects`` (:func:`train_side`) under ``data``, each from
-    its own generator ``[seed, mask index, rep]``, synthesised as they are iterated.
-    ``ValueError`` at once for seed 0 or a subject off the train side."""
+    its own generator ``[seed, mask index, rep]``, synthesised as they are iterated with
+    ``options`` (default :class:`SynthOptions`). ``ValueError`` at once for seed 0 or a subject
+    off the train side."""
     if seed == 0:
         raise ValueError("seed 0 synthesises the training crops; choose another")
-    return _volumes(find_masks(data, train_side(subjects)), seed, reps)
+    return _volumes(find_masks(data, train_side(subjects)), seed, reps, options or SynthOptions())
 
 
 def add_volume_options(ap, data_default: Path) -> None:
     """The benches' options that choose the held-out volumes: ``--data``, ``--subjects``,
-    ``--seed``, ``--reps`` (an :class:`argparse.ArgumentParser`)."""
+    ``--seed``, ``--reps``, ``--myelography`` (an :class:`argparse.ArgumentParser`)."""
     ap.add_argument("--data", type=Path, default=data_default)
     ap.add_argument("--subjects", help="train-side subjects separated by commas (default: all)")
     ap.add_argument("--seed", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--myelography", type=float,
+                    help="share of volumes with contrast in the spinal canal (default: the "
+                         "synthesis default, SceneOptions.myelography)")
+
+
+def options_of(a) -> SynthOptions:
+    """The synthesis options of parsed :func:`add_volume_options`: the defaults, with
+    ``--myelography`` where given."""
+    from dataclasses import replace
+
+    base = SynthOptions()
+    if a.myelography is None:
+        return base
+    scene = replace(base.render.scene, myelography=a.myelography)
+    return replace(base, render=replace(base.render, scene=scene))
 
 
 def volumes_of_options(ap, a) -> Iterator[HeldOutVolume]:
@@ -59,12 +75,12 @@ def volumes_of_options(ap, a) -> Iterator[HeldOutVolume]:
     ``a``); a refused seed or subject is the parser's error."""
     try:
         return held_out_volumes(a.data, a.subjects.split(",") if a.subjects else None, a.seed,
-                                a.reps)
+                                a.reps, options_of(a))
     except ValueError as e:
         ap.error(str(e))
 
 
-def _volumes(masks, seed: int, reps: int) -> Iterator[HeldOutVolume]:
+def _volumes(masks, seed: int, reps: int, options: SynthOptions) -> Iterator[HeldOutVolume]:
     from pipeline.synthesis.extend import truncated_labels
 
     for mi, mask in enumerate(masks):
@@ -72,5 +88,5 @@ def _volumes(masks, seed: int, reps: int) -> Iterator[HeldOutVolume]:
         cut_in_source = set(truncated_labels(labels))
         for r in range(reps):
             rng = np.random.default_rng([seed, mi, r])
-            case = synthesize(labels, rng, sub, SynthOptions(), mask.grades)
+            case = synthesize(labels, rng, sub, options, mask.grades)
             yield HeldOutVolume(case, set(truncated_labels(case.labels)) | cut_in_source, rng)

@@ -10,7 +10,8 @@ The label map fixes the anatomy; everything else is drawn anew for every volume 
 - intervertebral discs (40-120 HU) in the space between consecutive bodies, column by column
   along the spine, so that a fracture's lost height becomes disc space as it does in a patient;
 - the scene (:mod:`pipeline.synthesis.scene`): sacrum, iliac wings, ribs, aorta and vena cava
-  (contrast media or not), skin, subcutaneous fat, table, lungs, bowel gas, metal;
+  (contrast media or not), skin, subcutaneous fat, table, lungs, bowel gas, metal, the dural sac
+  of a CT myelogram (contrast in the spinal canal);
 - soft tissue: a random mixture of fat (-150..-60 HU) and muscle (20..80 HU) in low-frequency
   blobs, muscle-rich around the spine;
 - acquisition: a multiplicative bias on the attenuation (cupping, beam hardening), Gaussian blur
@@ -203,7 +204,7 @@ def soft_tissue(ref: sitk.Image, grid: Grid, scene: Scene, app: Appearance,
         field_ = smooth_field(ref, rng, rng.uniform(8, 18))
         gas = (field_ > rng.uniform(1.2, 2.0)) & (y < cy - rng.uniform(35, 60)) & wall
         vol[gas] = rng.uniform(*o.air_hu)
-    for tube in scene.vessels:
+    for tube in scene.vessels + ([scene.theca] if scene.theca is not None else []):
         got = tube_values(grid, tube)
         if got is not None:
             box, vals = got

@@ -3,7 +3,8 @@
 A network that sees vertebrae floating in uniform soft tissue learns that anything bright is a
 vertebra. Real scans show the sacrum and iliac wings below the lumbar spine, ribs on every
 thoracic level, the aorta and the vena cava in front of the spine (bright with contrast media),
-lungs beside the thoracic spine, bowel gas, the skin and the table, sometimes metal. This module
+lungs beside the thoracic spine, bowel gas, the skin and the table, sometimes metal, and in CT
+myelography a dural sac as bright as bone inside the spinal canal. This module
 decides, at random but anchored on the vertebrae's own frames, where these structures are; it
 only describes them in patient millimetres (:mod:`pipeline.synthesis.raster` solids), so that
 one description renders on the whole grid or on a crop of it.
@@ -50,7 +51,15 @@ class SceneOptions:
     lungs: float = 0.95
     gas: float = 0.6
     metal: float = 0.05
+    #: Contrast in the dural sac (CT myelography, :func:`plan_theca`); at 0 no random number is
+    #: drawn for it.
+    myelography: float = 0.0
 
+
+#: HU of the dural sac filled with iodinated contrast at CT myelography (as bright as cancellous
+#: to cortical bone), and its radius (mm).
+THECA_HU = (200.0, 1200.0)
+THECA_RADIUS_MM = (5.0, 8.0)
 
 @dataclass(frozen=True)
 class VertebraInfo:
@@ -134,6 +143,7 @@ class Scene:
     outline: Outline | None = None
     lungs: Lungs | None = None
     gas: bool = False
+    theca: Tube | None = None                       # contrast-filled dural sac (myelography)
 
 
 def vertebra_infos(labels: sitk.Image, subregions: sitk.Image) -> dict[int, VertebraInfo]:
@@ -294,6 +304,20 @@ def _vessel(infos: dict[int, VertebraInfo], levels: tuple[str, str], side: float
     return Tube(densify(np.array(pts), 1.0), r, hu)
 
 
+def plan_theca(infos: dict[int, VertebraInfo], order: list[int], rng: np.random.Generator
+               ) -> Tube:
+    """The dural sac of a CT myelogram: a tube of contrast through the spinal canal, right
+    behind each body's posterior wall, from above the highest vertebra to below the lowest (the
+    sac ends at S2). Bone is painted over it, so only the canal and what the masks leave
+    unlabelled show it."""
+    r = _u(rng, *THECA_RADIUS_MM)
+    pts = [infos[lab].point(0.0, -(0.5 * infos[lab].depth + r + _u(rng, 0.5, 2.5)), 0.0)
+           for lab in order]
+    pts.insert(0, pts[0] + infos[order[0]].frame.up * 30.0)
+    pts.append(pts[-1] - infos[order[-1]].frame.up * 25.0)
+    return Tube(densify(np.array(pts), 1.0), r, _u(rng, *THECA_HU))
+
+
 def _label(name: str) -> int:
     from pipeline.levels import BY_NAME
 
@@ -369,4 +393,6 @@ def plan_scene(labels: sitk.Image, subregions: sitk.Image, rng: np.random.Genera
     scene.gas = any(lab in LUMBAR for lab in order) and rng.random() < options.gas
     if rng.random() < options.metal:
         scene.metal, scene.streaks = plan_metal(infos, rng)
+    if options.myelography > 0 and rng.random() < options.myelography:
+        scene.theca = plan_theca(infos, order, rng)
     return scene

@@ -291,6 +291,28 @@ def test_bone_brighter_than_disc_and_soft_tissue(toy):
         check_bone_brighter(posed.labels, np.random.default_rng(seed))
 
 
+def test_myelography_fills_the_spinal_canal_with_contrast(toy):
+    """CT myelography: the canal between the toy's bodies (posterior wall y = -18 mm) and
+    laminae (y = -4 mm) is as bright as bone with the option, soft tissue without it."""
+    from pipeline.synthesis.scene import SceneOptions
+
+    lab, sub = (sitk.DICOMOrient(im, "LPS") for im in toy)
+
+    def canal_hu(myelography: float, seed: int) -> list[float]:
+        opts = RenderOptions(scene=SceneOptions(myelography=myelography))
+        ct = render_ct(lab, np.random.default_rng(seed), sub, opts)
+        arr = sitk.GetArrayFromImage(ct)
+        out = []
+        for z in (0.0, -17.0, -34.0, -68.0):
+            i, j, k = ct.TransformPhysicalPointToIndex((0.0, -11.0, z))
+            out.append(float(arr[k - 1:k + 2, j - 1:j + 2, i - 1:i + 2].mean()))
+        return out
+
+    for seed in (0, 1, 2):
+        assert min(canal_hu(1.0, seed)) > 150.0
+        assert max(canal_hu(0.0, seed)) < 150.0
+
+
 def test_fractures_are_reported(toy):
     opts = SynthOptions(pose=SMALL_POSE, extend_probability=0.0, z_room_mm=20.0,
                         fracture_probability=1.0, max_fractures=1, grades=(3,),
@@ -393,3 +415,19 @@ def test_held_out_volumes_refuse_the_training_seed_and_validation_subjects():
     with pytest.raises(ValueError, match="seed 0"):
         held_out_volumes(Path("/nonexistent"), None, seed=0)
     assert set(train_side()).isdisjoint(validation)
+
+
+def test_bench_volume_options_draw_myelography_only_where_asked():
+    """``--myelography`` sets the share of held-out volumes with contrast in the canal; without
+    it the benches synthesise with the defaults, which draw none."""
+    import argparse
+
+    from pipeline.synthesis.held_out import add_volume_options, options_of
+
+    ap = argparse.ArgumentParser()
+    add_volume_options(ap, Path("/nonexistent"))
+    assert options_of(ap.parse_args([])) == SynthOptions()
+    assert SynthOptions().render.scene.myelography == 0.0
+    asked = options_of(ap.parse_args(["--myelography", "0.5"]))
+    assert asked.render.scene.myelography == 0.5
+    assert asked.pose == SynthOptions().pose
