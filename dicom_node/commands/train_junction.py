@@ -18,6 +18,9 @@ def register(train_app: typer.Typer) -> None:
                                   help="The real-spine pack: its train-side masks are synthesised."),
         synth_seed: int = typer.Option(_D.synth_seed, help="Synthesis seed of the training volumes."),
         synth_cases: int = typer.Option(_D.synth_cases, min=1, help="Synthesised training volumes."),
+        myelography: float = typer.Option(_D.myelography, min=0.0, max=1.0,
+                                          help="Share of the synthesised volumes (training and "
+                                               "validation) with contrast in the spinal canal."),
         phantom_seeds: str = typer.Option(_D.phantom_seeds, help="Phantom seeds added to them."),
         real_subjects: str = typer.Option(_D.real_subjects,
                                           help="Real CTs added: 'train' (the split's train side), "
@@ -46,6 +49,7 @@ def register(train_app: typer.Typer) -> None:
         from pipeline.junction.train import train
 
         cfg = C(data=str(data), synth_seed=synth_seed, synth_cases=synth_cases,
+                myelography=myelography,
                 phantom_seeds=phantom_seeds, real_subjects=real_subjects,
                 real_repeat=real_repeat, val_synth_seed=val_synth_seed,
                 val_synth_cases=val_synth_cases, steps=steps, batch=batch, lr=lr, width=width,

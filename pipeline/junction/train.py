@@ -138,7 +138,7 @@ def train(cfg: JunctionTrainConfig, log=print) -> Path:
                + [("phantom", s) for s in _seeds(cfg.phantom_seeds)])
     if cfg.val_synth_seed == cfg.synth_seed:
         raise ValueError("--val-synth-seed must differ from --synth-seed")
-    volumes = cached_volumes(Path(cfg.cache), sources, pack, log)
+    volumes = cached_volumes(Path(cfg.cache), sources, pack, log, cfg.myelography)
     repeat = [1] * len(volumes)
     if cfg.real_subjects:
         from pipeline.realdata.split import load_split
@@ -150,7 +150,8 @@ def train(cfg: JunctionTrainConfig, log=print) -> Path:
         volumes += real
         repeat += [cfg.real_repeat] * len(real)
     val_volumes = cached_volumes(Path(cfg.cache), [(f"synth-{cfg.val_synth_seed}", k)
-                                                   for k in range(cfg.val_synth_cases)], pack, log)
+                                                   for k in range(cfg.val_synth_cases)], pack, log,
+                                 cfg.myelography)
     pools = _pools(volumes, repeat)
     log(f"{len(volumes)} training volumes: {len(pools['positive'])} junctions, "
         f"{len(pools['hard'])} near misses, {len(pools['other'])} other vertebrae")

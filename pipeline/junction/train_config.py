@@ -12,6 +12,9 @@ class JunctionTrainConfig:
     data: str = "../shared/data/real-spine"
     synth_seed: int = 100
     synth_cases: int = 240
+    #: Share of the synthesised volumes (training and validation) with contrast in the spinal
+    #: canal (CT myelography).
+    myelography: float = 0.0
     phantom_seeds: str = "1-40"
     real_subjects: str = "train"
     real_repeat: int = 30

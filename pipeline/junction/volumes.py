@@ -137,19 +137,37 @@ def phantom_volume(seed: int) -> JunctionVolume:
     return make_volume(f"phantom-{seed}", ph.ct, cents, s1)
 
 
+def myelography_options(share: float):
+    """The trainers' synthesis options (:class:`SynthOptions` defaults) with contrast in the
+    spinal canal in ``share`` of the volumes (CT myelography; 0: the defaults themselves)."""
+    from dataclasses import replace
+
+    from pipeline.synthesis.generate import SynthOptions
+
+    base = SynthOptions()
+    if share <= 0:
+        return base
+    scene = replace(base.render.scene, myelography=share)
+    return replace(base, render=replace(base.render, scene=scene))
+
+
 def cached_volumes(cache_dir: Path, sources: list[tuple[str, int]], pack: Path | None,
-                   log: Callable[[str], None] = lambda s: None) -> list[JunctionVolume]:
+                   log: Callable[[str], None] = lambda s: None,
+                   myelography: float = 0.0) -> list[JunctionVolume]:
     """The volumes of ``sources`` (``("phantom", seed)`` or ``("synth-<S>", k)``: the k-th
-    volume of synthesis seed S, round robin over the train-side masks of ``pack``), each made
-    once and cached under ``cache_dir``."""
+    volume of synthesis seed S, round robin over the train-side masks of ``pack``, with
+    contrast in the spinal canal in ``myelography`` of them), each made once and cached under
+    ``cache_dir``."""
     from pipeline.synthesis.seg_source import find_masks, training_subjects
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     masks = None
+    options = myelography_options(myelography)
     out = []
     for i, (kind, k) in enumerate(sources):
-        path = cache_dir / f"junction-{kind}-{k}-v{VERSION}.npz"
+        tag = f"-my{myelography:g}" if kind != "phantom" and myelography > 0 else ""
+        path = cache_dir / f"junction-{kind}-{k}{tag}-v{VERSION}.npz"
         if not path.exists():
             if kind == "phantom":
                 vol = phantom_volume(k)
@@ -163,7 +181,7 @@ def cached_volumes(cache_dir: Path, sources: list[tuple[str, int]], pack: Path |
                 seed = int(kind.split("-", 1)[1])
                 mask = masks[k % len(masks)]
                 vol = synth_volume(mask, np.random.default_rng([seed, k]),
-                                   f"{kind}-{k}-{mask.subject}")
+                                   f"{kind}-{k}{tag}-{mask.subject}", options)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")   # writers may race
             vol.save(tmp)
             tmp.replace(path)

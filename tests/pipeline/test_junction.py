@@ -206,3 +206,15 @@ def test_the_shipped_classifier_finds_the_junction_of_a_training_ct():
     assert below.state == "below"
     assert np.linalg.norm(np.array(below.below_mm) - np.array(cents[-1])) < 15.0
     assert find_junction(ct, cents[:-3], 34.0).state == "none"
+
+
+def test_myelography_options_leave_the_defaults_alone_at_zero():
+    """The junction trainer's ``--myelography``: 0 synthesises with the defaults (the cached
+    volumes of earlier runs stay valid), a share sets the scene's chance of canal contrast."""
+    from pipeline.junction.volumes import myelography_options
+    from pipeline.synthesis.generate import SynthOptions
+
+    assert myelography_options(0.0) == SynthOptions()
+    opts = myelography_options(0.3)
+    assert opts.render.scene.myelography == 0.3
+    assert opts.pose == SynthOptions().pose and opts.render.noise_hu == SynthOptions().render.noise_hu
