@@ -60,12 +60,16 @@ def decide(p_last: float, p_below: float, threshold: float) -> JunctionState:
 @torch.no_grad()
 def scores(model: torch.nn.Module, hu: np.ndarray, points_zyx: Sequence[np.ndarray],
            spacing_mm: float = SPACING_MM) -> np.ndarray:
-    """Probabilities for query points (continuous ``[z, y, x]`` indices of ``hu``)."""
+    """Probabilities for query points (continuous ``[z, y, x]`` indices of ``hu``): the mean of
+    the model's on each crop and on its left-right mirror (a turn the training crops are given,
+    so both are crops it knows; the threshold is chosen on the same mean)."""
     if not len(points_zyx):
         return np.zeros(0)
     x = torch.from_numpy(np.stack([crop(hu, p, spacing_mm) for p in points_zyx])[:, None])
     dev = next(model.parameters()).device
-    return torch.sigmoid(model(x.to(dev))).cpu().numpy().astype(float)
+    x = torch.cat([x, torch.flip(x, dims=[4])]).to(dev)          # [n + n, 1, z, y, x]
+    p = torch.sigmoid(model(x)).cpu().numpy().astype(float)
+    return 0.5 * (p[:len(points_zyx)] + p[len(points_zyx):])
 
 
 def step_below(cents: Sequence[np.ndarray], fallback_mm: float) -> np.ndarray:

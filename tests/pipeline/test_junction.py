@@ -218,3 +218,24 @@ def test_myelography_options_leave_the_defaults_alone_at_zero():
     opts = myelography_options(0.3)
     assert opts.render.scene.myelography == 0.3
     assert opts.pose == SynthOptions().pose and opts.render.noise_hu == SynthOptions().render.noise_hu
+
+
+def test_scores_do_not_depend_on_the_patients_side():
+    """The score is the mean over a crop and its left-right mirror: a mirrored volume, asked at
+    the mirrored points, scores the same (for any weights), and the score differs from the
+    plain crop's where the weights are not symmetric."""
+    from pipeline.junction.infer import scores
+    from pipeline.junction.net import build_junction
+
+    torch.manual_seed(0)
+    model = build_junction(4).eval()
+    rng = np.random.default_rng(1)
+    hu = rng.normal(0, 300, (30, 28, 26)).astype(np.float32)
+    pts = [np.array([15.0, 14.0, 10.0]), np.array([12.0, 13.5, 16.5])]
+    mirrored = [np.array([p[0], p[1], hu.shape[2] - 1 - p[2]]) for p in pts]
+    a = scores(model, hu, pts)
+    b = scores(model, np.ascontiguousarray(hu[:, :, ::-1]), mirrored)
+    assert np.allclose(a, b, atol=1e-6)
+    with torch.no_grad():
+        plain = torch.sigmoid(model(torch.from_numpy(np.stack([crop(hu, p) for p in pts])[:, None])))
+    assert not np.allclose(a, plain.numpy(), atol=1e-6)
