@@ -26,12 +26,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from dataclasses import replace
-
     from junction_real import _load
 
     from pipeline.junction.infer import decide, scores, step_below
-    from pipeline.junction.volumes import myelography_options, synth_volume
+    from pipeline.junction.volumes import synth_volume
+    from pipeline.synthesis.generate import SynthOptions
     from pipeline.synthesis.held_out import train_side
     from pipeline.synthesis.seg_source import find_masks
 
@@ -54,9 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
         mask = masks[k % len(masks)]
         got = {}
         for share in shares:
-            base = myelography_options(share)
-            opts = replace(base, render=replace(base.render, scene=replace(base.render.scene,
-                                                                            sacrum=1.0)))
+            opts = SynthOptions().with_scene(sacrum=1.0, myelography=share)
             vol = synth_volume(mask, np.random.default_rng([a.seed, k]), f"{a.seed}-{k}", opts,
                                keep_last=True)
             cents = [vol.centers[r] for r in vol.chain()]

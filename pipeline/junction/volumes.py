@@ -137,20 +137,6 @@ def phantom_volume(seed: int) -> JunctionVolume:
     return make_volume(f"phantom-{seed}", ph.ct, cents, s1)
 
 
-def myelography_options(share: float):
-    """The trainers' synthesis options (:class:`SynthOptions` defaults) with contrast in the
-    spinal canal in ``share`` of the volumes (CT myelography; 0: the defaults themselves)."""
-    from dataclasses import replace
-
-    from pipeline.synthesis.generate import SynthOptions
-
-    base = SynthOptions()
-    if share <= 0:
-        return base
-    scene = replace(base.render.scene, myelography=share)
-    return replace(base, render=replace(base.render, scene=scene))
-
-
 def cached_volumes(cache_dir: Path, sources: list[tuple[str, int]], pack: Path | None,
                    log: Callable[[str], None] = lambda s: None,
                    myelography: float = 0.0) -> list[JunctionVolume]:
@@ -158,12 +144,13 @@ def cached_volumes(cache_dir: Path, sources: list[tuple[str, int]], pack: Path |
     volume of synthesis seed S, round robin over the train-side masks of ``pack``, with
     contrast in the spinal canal in ``myelography`` of them), each made once and cached under
     ``cache_dir``."""
+    from pipeline.synthesis.generate import SynthOptions
     from pipeline.synthesis.seg_source import find_masks, training_subjects
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     masks = None
-    options = myelography_options(myelography)
+    options = SynthOptions().with_scene(myelography=myelography)
     out = []
     for i, (kind, k) in enumerate(sources):
         tag = f"-my{myelography:g}" if kind != "phantom" and myelography > 0 else ""

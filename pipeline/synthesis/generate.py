@@ -19,7 +19,7 @@ choose the vertebra before paying for the rendering. Every random draw comes fro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -69,6 +69,12 @@ class SynthOptions:
     morphologies: tuple[str, ...] = MORPHOLOGIES
     extend_probability: float = 0.7
     z_room_mm: float = 50.0
+
+    def with_scene(self, **changes) -> "SynthOptions":
+        """These options with the scene's probabilities changed
+        (:class:`~pipeline.synthesis.scene.SceneOptions` fields, e.g. ``myelography=0.3``)."""
+        scene = replace(self.render.scene, **changes)
+        return replace(self, render=replace(self.render, scene=scene))
 
 
 @dataclass

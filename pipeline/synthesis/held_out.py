@@ -61,13 +61,8 @@ def add_volume_options(ap, data_default: Path) -> None:
 def options_of(a) -> SynthOptions:
     """The synthesis options of parsed :func:`add_volume_options`: the defaults, with
     ``--myelography`` where given."""
-    from dataclasses import replace
-
     base = SynthOptions()
-    if a.myelography is None:
-        return base
-    scene = replace(base.render.scene, myelography=a.myelography)
-    return replace(base, render=replace(base.render, scene=scene))
+    return base if a.myelography is None else base.with_scene(myelography=a.myelography)
 
 
 def volumes_of_options(ap, a) -> Iterator[HeldOutVolume]:

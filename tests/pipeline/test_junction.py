@@ -159,16 +159,12 @@ def test_a_short_training_run_writes_weights_with_a_threshold(tmp_path):
 
 @needs_real
 def test_a_synthesised_volume_records_where_its_sacrum_is():
-    from dataclasses import replace
-
     from pipeline.junction.volumes import synth_volume
     from pipeline.synthesis.generate import SynthOptions
     from pipeline.synthesis.seg_source import find_masks
 
     mask = next(m for m in find_masks(REAL, ["sub-verse010"]))
-    base = SynthOptions()
-    options = replace(base, render=replace(base.render, scene=replace(base.render.scene,
-                                                                      sacrum=1.0)))
+    options = SynthOptions().with_scene(sacrum=1.0)
     vol = synth_volume(mask, np.random.default_rng(3), "t", options, keep_last=True)
     l5 = vol.centers[row("L5")]
     assert not np.isnan(l5).any() and not np.isnan(vol.s1).any()
@@ -208,16 +204,17 @@ def test_the_shipped_classifier_finds_the_junction_of_a_training_ct():
     assert find_junction(ct, cents[:-3], 34.0).state == "none"
 
 
-def test_myelography_options_leave_the_defaults_alone_at_zero():
-    """The junction trainer's ``--myelography``: 0 synthesises with the defaults (the cached
-    volumes of earlier runs stay valid), a share sets the scene's chance of canal contrast."""
-    from pipeline.junction.volumes import myelography_options
+def test_synth_options_change_only_the_scene_asked():
+    """``SynthOptions.with_scene``, which the junction trainer's ``--myelography`` uses: 0
+    synthesises with the defaults (the cached volumes of earlier runs stay valid), a share sets
+    the scene's chance of canal contrast and nothing else."""
     from pipeline.synthesis.generate import SynthOptions
 
-    assert myelography_options(0.0) == SynthOptions()
-    opts = myelography_options(0.3)
+    assert SynthOptions().with_scene(myelography=0.0) == SynthOptions()
+    opts = SynthOptions().with_scene(myelography=0.3)
     assert opts.render.scene.myelography == 0.3
     assert opts.pose == SynthOptions().pose and opts.render.noise_hu == SynthOptions().render.noise_hu
+    assert opts.render.scene.sacrum == SynthOptions().render.scene.sacrum
 
 
 def test_scores_do_not_depend_on_the_patients_side():
